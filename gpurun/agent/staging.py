@@ -1,0 +1,128 @@
+"""Take a consistent copy of the checkpoint directory while training keeps writing.
+
+Each changed file is copied to a staging directory while it is hashed, and
+its stat is compared before and after: a file that changed during the copy
+is retried, so a half-written file is never uploaded. Files whose stat
+matches the previous snapshot are not read at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpurun.store.snapshots import StagedFile
+
+# Files that training frameworks write before an atomic rename.
+TEMPORARY_SUFFIXES = (".tmp", ".part", ".partial", ".gpurun-part")
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    size: int
+    mtime_ns: int
+    inode: int
+
+
+def _identity(stat: os.stat_result) -> FileIdentity:
+    return FileIdentity(stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+def list_checkpoint_files(directory: Path) -> dict[str, FileIdentity]:
+    found = {}
+    if not directory.is_dir():
+        return found
+    for current, dirs, files in os.walk(directory):
+        dirs[:] = [d for d in dirs if not d.startswith(".gpurun")]
+        for name in files:
+            if name.endswith(TEMPORARY_SUFFIXES) or name.startswith(".gpurun"):
+                continue
+            full = os.path.join(current, name)
+            try:
+                stat = os.stat(full, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not os.path.isfile(full) or os.path.islink(full):
+                continue
+            found[os.path.relpath(full, directory).replace(os.sep, "/")] = _identity(stat)
+    return found
+
+
+def _copy_and_hash(source: str, dest: str) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(source, "rb") as reader, open(dest, "wb") as writer:
+        while chunk := reader.read(_CHUNK):
+            digest.update(chunk)
+            writer.write(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+class Stager:
+    """Remembers what the last snapshot held so unchanged files cost nothing."""
+
+    def __init__(self, watch_dir: Path, staging_dir: Path) -> None:
+        self.watch_dir = Path(watch_dir)
+        self.staging_dir = Path(staging_dir)
+        self.known: dict[str, tuple[FileIdentity, str]] = {}
+        self._pending: dict[str, tuple[FileIdentity, str]] = {}
+
+    def remember(self, manifest: dict | None) -> None:
+        """Seed from the previous snapshot's manifest when current files still match by size."""
+        if not manifest:
+            return
+        current = list_checkpoint_files(self.watch_dir)
+        for entry in manifest["files"]:
+            identity = current.get(entry["path"])
+            if identity and identity.size == entry["size"]:
+                # Trust size alone only after checking the hash once.
+                path = self.watch_dir / entry["path"]
+                digest = hashlib.sha256()
+                with open(path, "rb") as handle:
+                    while chunk := handle.read(_CHUNK):
+                        digest.update(chunk)
+                if digest.hexdigest() == entry["sha256"]:
+                    self.known[entry["path"]] = (identity, entry["sha256"])
+
+    def stage(self, attempts: int = 5) -> tuple[list[StagedFile], bool]:
+        """Files for the next snapshot, and whether anything changed since the last one."""
+        if self.staging_dir.exists():
+            shutil.rmtree(self.staging_dir)
+        self.staging_dir.mkdir(parents=True)
+        current = list_checkpoint_files(self.watch_dir)
+        staged: list[StagedFile] = []
+        self._pending = {}
+        changed = set(current) != set(self.known)
+        for path, identity in sorted(current.items()):
+            known = self.known.get(path)
+            if known and known[0] == identity:
+                staged.append(StagedFile(path, identity.size, known[1], None))
+                self._pending[path] = known
+                continue
+            changed = True
+            source = str(self.watch_dir / path)
+            dest = self.staging_dir / path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            for _attempt in range(attempts):
+                try:
+                    before = _identity(os.stat(source))
+                    digest, size = _copy_and_hash(source, str(dest))
+                    after = _identity(os.stat(source))
+                except FileNotFoundError:
+                    break  # removed while we looked: it is simply not in this snapshot
+                if before == after and size == after.size:
+                    staged.append(StagedFile(path, size, digest, str(dest)))
+                    self._pending[path] = (after, digest)
+                    break
+            else:
+                raise OSError(f"{path} kept changing while it was copied; will retry")
+        return staged, changed
+
+    def committed(self) -> None:
+        """After a snapshot landed: the identities seen while staging are now known."""
+        self.known = dict(self._pending)

@@ -1,0 +1,1 @@
+"""The workflows: launch, status, logs, checkpoints, teardown, init."""

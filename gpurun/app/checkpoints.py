@@ -1,0 +1,94 @@
+"""`gpurun checkpoint-sync`: sync now, list, download; and the agent mode (--watch)."""
+
+from __future__ import annotations
+
+import secrets
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+from gpurun import jobs, runs
+from gpurun.app import common
+from gpurun.errors import BadInput, GpurunError
+from gpurun.providers import get_provider
+from gpurun.store import open_store
+from gpurun.store import snapshots as snaps
+from gpurun.ui import Ui
+
+SYNC_TIMEOUT = 900.0
+
+
+def _record_and_store(run: str, store_url: str | None) -> tuple[dict[str, Any] | None, Any]:
+    try:
+        record = runs.load(run)
+    except BadInput:
+        if store_url is None:
+            raise
+        record = None
+    if store_url is not None:
+        return record, open_store(store_url)
+    return record, common.open_run_store(record)
+
+
+def list_snapshots(run: str, *, store_url: str | None = None) -> list[dict[str, Any]]:
+    _record, store = _record_and_store(run, store_url)
+    found = snaps.list_snapshots(store, run)
+    if not found and snaps.get_run_record(store, run) is None and _record is None:
+        raise BadInput(f"unknown run {run!r} in {store.url}")
+    return found
+
+
+def download(run: str, dest: Path, *, seq: int | None, ui: Ui, store_url: str | None = None) -> dict[str, Any]:
+    _record, store = _record_and_store(run, store_url)
+    manifest = snaps.resolve_seq(store, run, seq)
+    dest.mkdir(parents=True, exist_ok=True)
+    with ui.progress(f"downloading snapshot {manifest['seq']}", manifest["bytes"]) as advance:
+        info = snaps.download_snapshot(store, run, dest, seq=manifest["seq"], progress=advance)
+    return {**info, "dir": str(dest), "verified": True}
+
+
+def sync_now(run: str, ui: Ui, *, timeout: float = SYNC_TIMEOUT) -> dict[str, Any]:
+    """Ask the agent for a snapshot now and wait for it; runs a one-off sync when no agent is alive."""
+    record = runs.load(run)
+    if not record.get("machines"):
+        raise BadInput(f"run {run} has no machine; nothing to sync")
+    if record["state"] == "ended":
+        raise BadInput(f"run {run} has ended; `gpurun checkpoint-sync {run} --list` shows its snapshots")
+    machine = common.agent_machines(record)[0]
+    provider = get_provider(record["provider"])
+    with provider.connect(record, machine) as transport:
+        state = jobs.read_state(transport, machine["run_dir"])
+        before = (state.get("agent") or {}).get("last_seq")
+        if state["agent_alive"]:
+            nonce = secrets.token_hex(8)
+            path = shlex.quote(f"{machine['run_dir']}/sync.request")
+            transport.check(f"echo {nonce} > {path}", what="asking the agent to sync")
+            deadline = time.monotonic() + timeout
+            with ui.spinner(f"waiting for the agent of {run} to take a snapshot"):
+                while time.monotonic() < deadline:
+                    state = jobs.read_state(transport, machine["run_dir"])
+                    agent = state.get("agent") or {}
+                    if agent.get("handled_request") == nonce:
+                        break
+                    if not state["agent_alive"]:
+                        break
+                    time.sleep(0.3)
+                else:
+                    raise GpurunError(f"the agent of {run} did not answer in {timeout:.0f}s; see its agent.log")
+            agent = state.get("agent") or {}
+        else:
+            python = provider.agent_python(record, machine, transport, ui.say)
+            with ui.spinner(f"taking a snapshot of {run} (its agent is not running)"):
+                transport.run(common.agent_command(python, common.agent_arguments(record, machine, once=True)))
+            agent = jobs.read_state(transport, machine["run_dir"]).get("agent") or {}
+    if agent.get("last_error") and agent.get("failures"):
+        raise GpurunError(f"snapshot of {run} failed: {agent['last_error']}")
+    if agent.get("last_seq") is None:
+        raise GpurunError(f"run {run} has no checkpoint files yet in {record['spec']['checkpoint']['dir']}")
+    store = common.open_run_store(record)
+    manifest = snaps.read_manifest(store, run, agent["last_seq"])
+    info = snaps.summary(manifest) if manifest else {"seq": agent["last_seq"], "at": agent["last_at"]}
+    info["new"] = agent["last_seq"] != before
+    info["sent_bytes"] = agent.get("last_sent_bytes") if info["new"] else 0
+    return info

@@ -1,0 +1,119 @@
+"""Small pieces the workflows share: store of a run, machine layout, agent arguments."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+from gpurun import paths
+from gpurun.errors import BadInput
+from gpurun.store import open_store
+from gpurun.store.base import ObjectStore
+
+MASTER_PORT = 29500
+
+
+def store_url_for(spec) -> str:
+    url = spec.checkpoint.store
+    if spec.provider == "aws":
+        if url is None or not url.startswith("s3://"):
+            raise BadInput(
+                "checkpoint.store: provider aws needs an s3:// store (the machine's disk goes with it), "
+                "like s3://my-bucket/gpurun"
+            )
+    return url or paths.default_store_url()
+
+
+def store_options(record_or_spec: Any) -> dict[str, Any]:
+    if isinstance(record_or_spec, dict):
+        spec = record_or_spec.get("spec", {})
+        aws = spec.get("aws", {})
+        url = record_or_spec.get("store", "")
+        region, profile = aws.get("region"), aws.get("profile")
+    else:
+        url = record_or_spec.checkpoint.store or ""
+        region, profile = record_or_spec.aws.region, record_or_spec.aws.profile
+    if url.startswith("s3://"):
+        return {"region": region, "profile": profile}
+    return {}
+
+
+def open_run_store(record: dict[str, Any]) -> ObjectStore:
+    return open_store(record["store"], **store_options(record))
+
+
+def work_dir(machine: dict[str, Any]) -> str:
+    return f"{machine['run_dir']}/work"
+
+
+def checkpoint_dir(record: dict[str, Any], machine: dict[str, Any]) -> str:
+    return f"{work_dir(machine)}/{record['spec']['checkpoint']['dir']}"
+
+
+def agent_arguments(record: dict[str, Any], machine: dict[str, Any], *, once: bool = False) -> list[str]:
+    spec = record["spec"]
+    arguments = [
+        "--watch",
+        checkpoint_dir(record, machine),
+        "--to",
+        agent_store_url(record, machine),
+        "--run",
+        agent_run_name(record, machine),
+        "--every",
+        str(spec["checkpoint"]["every"]),
+        "--keep",
+        str(spec["checkpoint"]["keep"]),
+        "--run-dir",
+        machine["run_dir"],
+    ]
+    if record["provider"] == "aws" and spec["aws"].get("spot"):
+        arguments.append("--spot-notice")
+    if record["store"].startswith("s3://") and spec.get("aws", {}).get("region"):
+        arguments += ["--region", spec["aws"]["region"]]
+    if once:
+        arguments.append("--once")
+    return arguments
+
+
+def agent_run_name(record: dict[str, Any], machine: dict[str, Any]) -> str:
+    """Rank 0 writes under the run; with checkpoint.nodes=all, other ranks write under <run>/rank-K."""
+    if machine.get("rank", 0) == 0:
+        return record["run"]
+    return f"{record['run']}/rank-{machine['rank']}"
+
+
+def agent_store_url(record: dict[str, Any], machine: dict[str, Any]) -> str:
+    return record["store"]
+
+
+def agent_machines(record: dict[str, Any]) -> list[dict[str, Any]]:
+    machines = record.get("machines", [])
+    if record["spec"]["checkpoint"].get("nodes") == "all":
+        return machines
+    return machines[:1]
+
+
+def job_environment(record: dict[str, Any], machine: dict[str, Any], resume_from: str | None) -> dict[str, str]:
+    spec = record["spec"]
+    machines = record.get("machines", [])
+    ips = [m.get("private_ip") or m.get("host") for m in machines]
+    env = dict(spec.get("env", {}))
+    env.update(
+        {
+            "GPURUN_RUN": record["run"],
+            "GPURUN_CHECKPOINT_DIR": checkpoint_dir(record, machine),
+            "GPURUN_NODE_RANK": str(machine.get("rank", 0)),
+            "GPURUN_NUM_NODES": str(len(machines) or 1),
+            "GPURUN_MASTER_ADDR": ips[0] if ips else "127.0.0.1",
+            "GPURUN_MASTER_PORT": str(MASTER_PORT),
+            "GPURUN_NODE_IPS": ",".join(ip for ip in ips if ip),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    if resume_from:
+        env["GPURUN_RESUME_FROM"] = resume_from
+    return env
+
+
+def agent_command(python: str, arguments: list[str]) -> str:
+    return f"{python} -m gpurun.agent " + " ".join(shlex.quote(a) for a in arguments)

@@ -1,0 +1,236 @@
+"""`gpurun launch`: plan, acquire machines, sync, restore, start agent and job; roll back on failure."""
+
+from __future__ import annotations
+
+import getpass
+import shlex
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from gpurun import jobs, paths, runs
+from gpurun.app import common
+from gpurun.durations import format_duration
+from gpurun.errors import BadInput, GpurunError, Interrupted
+from gpurun.providers import get_provider
+from gpurun.spec import NAME_PATTERN, Spec
+from gpurun.store import open_store
+from gpurun.store import snapshots as snaps
+from gpurun.sync.push import LARGE_SYNC_BYTES, scan, sync_tree
+from gpurun.ui import Ui, human_bytes
+
+
+def find_resume_source(spec: Spec, store_url: str, resume: str | None) -> dict[str, Any] | None:
+    """Which run and snapshot to restore from, or None. Raises BadInput for a bad --resume."""
+    if resume is None and spec.checkpoint.resume == "never":
+        return None
+    source_url = store_url
+    if resume is not None:
+        try:
+            source_url = runs.load(resume)["store"]
+        except BadInput:
+            pass  # a run launched from another computer: look in this spec's store
+        store = open_store(source_url, **common.store_options(spec))
+        pointer = snaps.latest(store, resume)
+        if pointer is None:
+            raise BadInput(f"--resume {resume}: that run has no snapshot in {source_url}")
+        return {"run": resume, "seq": pointer["seq"], "store": source_url, "bytes": pointer["bytes"]}
+    store = open_store(store_url, **common.store_options(spec))
+    prefix = runs.new_run_name(spec.name).rsplit("-", 1)[0] + "-"
+    candidates = []
+    for record in snaps.list_run_records(store):
+        name = record.get("run", "")
+        if name.startswith(prefix) and len(name) == len(prefix) + 6:
+            pointer = snaps.latest(store, name)
+            if pointer:
+                candidates.append((pointer.get("at", ""), name, pointer))
+    if not candidates:
+        return None
+    _at, name, pointer = max(candidates)
+    return {"run": name, "seq": pointer["seq"], "store": store_url, "bytes": pointer["bytes"]}
+
+
+def _choose_name(spec: Spec, name: str | None) -> str:
+    if name is None:
+        return runs.new_run_name(spec.name)
+    if not NAME_PATTERN.match(name):
+        raise BadInput(f"--name {name!r}: use letters, digits, '-' and '_' (at most 40)")
+    if runs.record_path(name).exists():
+        raise BadInput(f"--name {name}: a run by that name exists; pick another or tear it down first")
+    return name
+
+
+def launch(
+    spec: Spec, ui: Ui, *, name: str | None = None, resume: str | None = None, dry_run: bool = False
+) -> dict[str, Any]:
+    provider = get_provider(spec.provider)
+    store_url = common.store_url_for(spec)
+    run = _choose_name(spec, name)
+    files = scan(spec.workdir_path, [*spec.sync.exclude, f"/{spec.checkpoint.dir.strip('/')}/"])
+    total = sum(f.size for f in files)
+    rows = [("run", run), ("provider", spec.provider)]
+    rows += provider.plan(spec, run)
+    source = find_resume_source(spec, store_url, resume)
+    rows += [
+        ("code", f"{spec.workdir_path} ({len(files)} files, {human_bytes(total)})"),
+        ("setup", spec.setup or "-"),
+        ("run", spec.run),
+        ("checkpoints", f"{spec.checkpoint.dir} -> {store_url}/{run} every {format_duration(spec.checkpoint.every)}, keep {spec.checkpoint.keep}"),
+        ("resume", f"from {source['run']} snapshot {source['seq']}" if source else "no (fresh start)"),
+    ]
+    if dry_run:
+        return {"run": run, "dry_run": True, "plan": [{"item": label, "value": value} for label, value in rows]}
+    if total > LARGE_SYNC_BYTES:
+        largest = ", ".join(f"{f.path} ({human_bytes(f.size)})" for f in sorted(files, key=lambda f: -f.size)[:5])
+        ui.warn(f"the code to sync is {human_bytes(total)}; largest: {largest}. Exclude data with sync.exclude or .gpurunignore")
+
+    store = open_store(store_url, **common.store_options(spec))
+    store.check_writable()
+    record: dict[str, Any] = {
+        "run": run,
+        "provider": spec.provider,
+        "state": "launching",
+        "exit_code": None,
+        "created_at": runs.now_iso(),
+        "owner": _owner(),
+        "store": store_url,
+        "spec": spec.to_record(),
+        "machines": [],
+        "resources": {},
+        "resumed_from": source,
+        "last_checkpoint": None,
+        "cost_usd": None,
+    }
+    lock = threading.Lock()
+
+    def on_change(updated: dict[str, Any]) -> None:
+        with lock:
+            runs.save(updated)
+
+    runs.save(record)
+    ui.say(f"launching {run} on {spec.provider}")
+    step = "acquiring machines"
+    started: list[tuple[Any, dict[str, Any]]] = []
+    try:
+        machines = provider.acquire(spec, record, on_change, ui.say)
+        record["machines"] = machines
+        on_change(record)
+        step = "preparing machines"
+        _prepare_all(provider, record, files, source, ui, started)
+        record["state"] = "running"
+        on_change(record)
+        snaps.put_run_record(store, run, record)
+    except BaseException as error:
+        _rollback(provider, record, started, ui, on_change)
+        if isinstance(error, KeyboardInterrupt):
+            raise Interrupted(f"launch of {run} interrupted while {step}; everything it created was removed") from None
+        if isinstance(error, GpurunError):
+            error.args = (f"launch of {run} failed while {step}: {error}; everything it created was removed",)
+            raise
+        raise
+    ui.say(f"{run} is running: `gpurun logs {run} -f` follows it, `gpurun teardown {run}` ends it")
+    return runs.public_view(record)
+
+
+def _owner() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "unknown"
+
+
+def _prepare_all(provider, record, files, source, ui: Ui, started: list) -> None:
+    machines = record["machines"]
+    agents = {id(m) for m in common.agent_machines(record)}
+    if len(machines) == 1:
+        _prepare(provider, record, machines[0], files, source, ui, started, id(machines[0]) in agents)
+        return
+    with ThreadPoolExecutor(max_workers=min(16, len(machines))) as pool:
+        futures = [
+            pool.submit(_prepare, provider, record, machine, files, source, ui, started, id(machine) in agents)
+            for machine in machines
+        ]
+        for future in futures:
+            future.result()
+
+
+def _prepare(provider, record, machine, files, source, ui: Ui, started: list, with_agent: bool) -> None:
+    spec = record["spec"]
+    prefix = f"[node {machine['rank']}] " if len(record["machines"]) > 1 else ""
+    transport = provider.connect(record, machine)
+    started.append((transport, machine))
+    run_dir = machine["run_dir"]
+    qdir = shlex.quote(run_dir)
+    transport.check(f"mkdir -p {qdir}/work && chmod 700 {qdir}", what="creating the run directory")
+    total = sum(f.size for f in files)
+    with ui.progress(f"{prefix}syncing code", total) as advance:
+        last = [0]
+
+        def progress(_files: int, sent: int) -> None:
+            advance(sent - last[0])
+            last[0] = sent
+
+        result = sync_tree(
+            transport,
+            Path(spec["workdir"]),
+            common.work_dir(machine),
+            f"{run_dir}/sync.manifest.json",
+            files=files,
+            progress=progress,
+        )
+    ui.say(f"{prefix}synced {result.files_sent} files ({human_bytes(result.bytes_sent)}) to {transport.label}")
+    python = None
+    if with_agent or source:
+        python = provider.agent_python(record, machine, transport, ui.say)
+    resume_from = None
+    if source:
+        # Every node gets the snapshot it needs: rank 0's, or its own with checkpoint.nodes=all.
+        rank = machine.get("rank", 0)
+        own = spec["checkpoint"].get("nodes") == "all" and rank > 0
+        source_run = f"{source['run']}/rank-{rank}" if own else source["run"]
+        into = common.checkpoint_dir(record, machine)
+        arguments = ["--to", source["store"], "--restore-from", source_run, "--seq", str(source["seq"]), "--into", into]
+        region = common.store_options(record).get("region")
+        if region:
+            arguments += ["--region", region]
+        transport.check(
+            common.agent_command(python, arguments), what=f"restoring snapshot {source['seq']} of {source['run']}"
+        )
+        ui.say(f"{prefix}restored snapshot {source['seq']} of {source['run']} into {spec['checkpoint']['dir']}")
+        resume_from = into
+    if with_agent:
+        machine["agent_pid"] = jobs.start_agent(transport, run_dir, python, common.agent_arguments(record, machine))
+    env = common.job_environment(record, machine, resume_from)
+    env.update(provider.machine_env(record, machine))
+    machine["job_pid"] = jobs.start_job(
+        transport, run_dir, common.work_dir(machine), env, spec.get("setup"), spec["run"]
+    )
+
+
+def _rollback(provider, record, started, ui: Ui, on_change) -> None:
+    removed: list[str] = []
+    for transport, machine in started:
+        try:
+            for name in ("job", "agent"):
+                jobs.signal_group(transport, machine["run_dir"], name, "KILL")
+            if record["provider"] != "aws":
+                transport.run(f"rm -rf {shlex.quote(machine['run_dir'])}", timeout=60)
+                removed.append(f"run directory {machine['run_dir']} on {transport.label}")
+        except BaseException as error:  # keep rolling back what else we can
+            ui.warn(f"could not clean {machine.get('run_dir')} on {transport.label}: {error}")
+    try:
+        removed += provider.release(record, on_change, ui.say)
+    except BaseException as error:
+        ui.error(
+            f"rollback of {record['run']} is incomplete: {error}. Run `gpurun teardown {record['run']}` to finish it"
+        )
+        record["state"] = "failed"
+        on_change(record)
+        return
+    if record["provider"] == "local":
+        shutil.rmtree(paths.local_runs_dir() / record["run"], ignore_errors=True)
+    for item in removed:
+        ui.say(f"removed {item}")
+    runs.delete(record["run"])

@@ -1,0 +1,95 @@
+"""`gpurun logs`: the job's output, followed until the job ends, across dropped connections."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gpurun import jobs, runs
+from gpurun.errors import BadInput, GpurunError, TransportError
+from gpurun.providers import get_provider
+
+q = shlex.quote
+
+
+def _follow_command(run_dir: str, offset: int | None, tail: int | None, follow: bool) -> str:
+    log = q(f"{run_dir}/job.log")
+    pid = q(f"{run_dir}/job.pid")
+    if offset is None:
+        # Start `tail` lines back (or at 0) and report the byte offset first, so a
+        # reconnect can continue exactly where the stream stopped.
+        start = (
+            f"s=$(stat -c %s {log} 2>/dev/null || echo 0); t=$(tail -n {int(tail)} {log} 2>/dev/null | wc -c); o=$((s - t))"
+            if tail is not None
+            else "o=0"
+        )
+    else:
+        start = f"o={int(offset)}"
+    reader = f"tail -c +$((o + 1)) -f --pid=\"$p\" {log}" if follow else f"tail -c +$((o + 1)) {log}"
+    return (
+        f"{start}; echo \"@@gpurun-offset $o\"; p=$(cat {pid} 2>/dev/null || echo 1); "
+        f"[ -e {log} ] || {{ sleep 0.2; }}; exec {reader} 2>/dev/null"
+    )
+
+
+def show_logs(
+    run: str, *, follow: bool, tail: int | None, node: int | None, write: Callable[[bytes], None] | None = None
+) -> dict[str, Any]:
+    record = runs.load(run)
+    machines = record.get("machines", [])
+    if not machines:
+        raise BadInput(f"run {run} has no machine (it never started); nothing to show")
+    rank = node or 0
+    if rank >= len(machines):
+        raise BadInput(f"--node {rank}: run {run} has nodes 0..{len(machines) - 1}")
+    machine = machines[rank]
+    provider = get_provider(record["provider"])
+    write = write or _stdout
+    offset: int | None = None
+    received = 0
+    failures = 0
+    while True:
+        try:
+            with provider.connect(record, machine) as transport:
+                header = bytearray()
+                state = {"started": False}
+
+                def on_output(chunk: bytes) -> None:
+                    nonlocal received, offset
+                    if not state["started"]:
+                        header.extend(chunk)
+                        if b"\n" not in header:
+                            return
+                        line, _, rest = bytes(header).partition(b"\n")
+                        offset = int(line.split()[-1]) if line.startswith(b"@@gpurun-offset") else 0
+                        received = 0
+                        state["started"] = True
+                        chunk = rest
+                    if chunk:
+                        received += len(chunk)
+                        write(chunk)
+
+                current = None if offset is None else offset + received
+                transport.stream(_follow_command(machine["run_dir"], current, tail, follow), on_output)
+                if offset is not None:
+                    offset += received
+                    received = 0
+                if not follow:
+                    return {"run": run}
+                job = jobs.read_state(transport, machine["run_dir"])
+                if not job["job_alive"]:
+                    return {"run": run, "exit_code": job["exit_code"], "interrupted": job["interrupted"]}
+        except TransportError as error:
+            failures += 1
+            if failures > 30:
+                raise GpurunError(f"lost the connection to {run} and could not reconnect: {error}") from None
+            print(f"[gpurun] connection lost ({error}); reconnecting...", file=sys.stderr, flush=True)
+            time.sleep(min(2.0 * failures, 10.0))
+
+
+def _stdout(chunk: bytes) -> None:
+    sys.stdout.buffer.write(chunk)
+    sys.stdout.buffer.flush()

@@ -1,0 +1,117 @@
+"""`gpurun status`: every run with its job, machines, cost and last checkpoint.
+
+Local runs are read straight from their files (fast); remote runs are asked
+over their transport; AWS instance states come from one batched describe.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from gpurun import jobs, runs
+from gpurun.errors import GpurunError
+from gpurun.providers import get_provider
+from gpurun.ui import Ui
+
+ACTIVE = ("launching", "running")
+
+
+def _job_outcome(record: dict[str, Any], state: dict[str, Any]) -> None:
+    record["job"] = {"phase": state["phase"], "alive": state["job_alive"]}
+    agent = state.get("agent")
+    if agent:
+        if agent.get("last_seq") is not None:
+            record["last_checkpoint"] = {
+                "seq": agent["last_seq"],
+                "at": agent["last_at"],
+                "bytes": agent["last_bytes"],
+            }
+        record["checkpoint_error"] = (
+            {"error": agent["last_error"], "at": agent.get("last_error_at"), "failures": agent.get("failures")}
+            if agent.get("last_error")
+            else None
+        )
+        record["agent_alive"] = state["agent_alive"]
+    if record["state"] != "running":
+        return
+    if state["exit_code"] is not None:
+        record["exit_code"] = state["exit_code"]
+        if state["interrupted"]:
+            record["state"] = "interrupted"
+        else:
+            record["state"] = "succeeded" if state["exit_code"] == 0 else "failed"
+    elif state["job_started"] and not state["job_alive"]:
+        record["state"] = "interrupted" if state["interrupted"] else "failed"
+        record["job"]["note"] = "the job ended without recording its exit status (killed?)"
+
+
+def reconcile(record: dict[str, Any]) -> dict[str, Any]:
+    """Ask the machine how the job is doing; returns the updated record."""
+    if record["state"] not in ACTIVE or not record.get("machines"):
+        return record
+    before = repr(record)
+    provider = None
+    for machine in record["machines"]:
+        if machine.get("state") in ("terminated", "gone", "shutting-down"):
+            continue
+        try:
+            if record["provider"] == "local":
+                state = jobs.read_state_here(machine["run_dir"])
+            else:
+                provider = provider or get_provider(record["provider"])
+                with provider.connect(record, machine) as transport:
+                    state = jobs.read_state(transport, machine["run_dir"])
+            machine.pop("unreachable", None)
+        except GpurunError as error:
+            machine["unreachable"] = str(error)
+            continue
+        if machine.get("rank", 0) == 0:
+            _job_outcome(record, state)
+    if record["provider"] == "aws" and record["state"] == "running":
+        if record["machines"] and all(m.get("state") in ("terminated", "gone") for m in record["machines"]):
+            record["state"] = "interrupted"
+    if repr(record) != before:
+        with runs.locked(record["run"]):
+            runs.save(record)
+    return record
+
+
+def collect(run: str | None = None, *, ui: Ui | None = None, store_url: str | None = None) -> tuple[list[dict], list[str]]:
+    if run is not None:
+        records, problems = [runs.load(run)], []
+    else:
+        records, problems = runs.load_all()
+    if store_url:
+        from gpurun.store import open_store
+        from gpurun.store.snapshots import list_run_records
+
+        known = {r["run"] for r in records}
+        for remote in list_run_records(open_store(store_url)):
+            if remote.get("run") not in known:
+                remote.setdefault("source", "store")
+                records.append(remote)
+    aws_active = [r for r in records if r["provider"] == "aws" and r["state"] not in ("ended",)]
+    if aws_active:
+        try:
+            get_provider("aws").refresh(aws_active)
+        except GpurunError as error:
+            problems.append(f"AWS: {error}")
+    for record in records:
+        if record.get("source") == "store":
+            continue
+        reconcile(record)
+    return records, problems
+
+
+def age(iso: str | None) -> str:
+    if not iso:
+        return "-"
+    try:
+        then = datetime.fromisoformat(iso)
+    except ValueError:
+        return "-"
+    seconds = (datetime.now(timezone.utc) - then).total_seconds()
+    from gpurun.durations import format_duration
+
+    return format_duration(max(seconds, 0)) + " ago"

@@ -1,0 +1,123 @@
+"""`gpurun teardown`: final sync, stop the job and the agent, release everything; idempotent."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import time
+from typing import Any
+
+from gpurun import jobs, paths, runs
+from gpurun.app import common
+from gpurun.errors import GpurunError, Interrupted
+from gpurun.providers import get_provider
+from gpurun.store import snapshots as snaps
+from gpurun.ui import Ui
+
+JOB_GRACE = 20.0
+AGENT_FINAL_SYNC_TIMEOUT = 600.0
+
+
+def teardown(run: str, ui: Ui, *, final_sync: bool = True, keep_files: bool = False) -> dict[str, Any]:
+    with runs.locked(run):
+        record = runs.load(run)
+    provider = get_provider(record["provider"])
+    removed: list[str] = []
+    final_checkpoint = None
+    gone_states = ("terminated", "gone", "shutting-down")
+    try:
+        for machine in record.get("machines", []):
+            if machine.get("state") in gone_states or machine.get("cleaned"):
+                continue
+            final_checkpoint = _stop_machine(provider, record, machine, ui, final_sync, keep_files, removed) or final_checkpoint
+        removed += provider.release(record, lambda r: runs.save(r), ui.say)
+    except KeyboardInterrupt:
+        runs.save(record)
+        raise Interrupted(f"teardown of {run} interrupted; run `gpurun teardown {run}` again to finish it") from None
+    if record["provider"] == "local" and not keep_files:
+        local_dir = paths.local_runs_dir() / run
+        if local_dir.exists():
+            shutil.rmtree(local_dir, ignore_errors=True)
+    if final_checkpoint is None and record.get("last_checkpoint"):
+        final_checkpoint = None  # nothing new was taken; the last one stands
+    with runs.locked(run):
+        current = runs.load(run)
+        current.update({k: record[k] for k in ("machines", "resources") if k in record})
+        if current["state"] in ("launching", "running"):
+            current["state"] = "ended"
+        current["ended_at"] = runs.now_iso()
+        current["state"] = "ended"
+        if final_checkpoint:
+            current["last_checkpoint"] = {k: final_checkpoint[k] for k in ("seq", "at", "bytes")}
+        runs.save(current)
+    try:
+        snaps.put_run_record(common.open_run_store(current), run, current)
+    except GpurunError as error:
+        ui.warn(f"could not update run.json in {current['store']}: {error}")
+    return {"run": run, "removed": removed, "final_checkpoint": final_checkpoint}
+
+
+def _stop_machine(provider, record, machine, ui: Ui, final_sync: bool, keep_files: bool, removed: list[str]):
+    run_dir = machine["run_dir"]
+    local = record["provider"] == "local"
+    try:
+        transport = provider.connect(record, machine)
+    except GpurunError as error:
+        ui.warn(f"node {machine.get('rank', 0)} is unreachable ({error}); releasing it without a final sync")
+        return None
+    final = None
+    with transport:
+        if not final_sync:
+            if jobs.stop(transport, run_dir, "agent", grace=0.1, here=local):
+                pass
+            jobs.signal_group(transport, run_dir, "agent", "KILL")
+        before = _agent_seq(transport, run_dir, local)
+        with ui.spinner(f"stopping the job of {record['run']} on {transport.label}"):
+            killed = jobs.stop(transport, run_dir, "job", grace=JOB_GRACE, here=local)
+        if killed:
+            ui.warn(f"the job did not stop within {JOB_GRACE:.0f}s of SIGTERM and was killed")
+        removed.append(f"job on {transport.label}")
+        if final_sync and machine in common.agent_machines(record):
+            final = _final_sync(provider, record, machine, transport, ui, before)
+        jobs.stop(transport, run_dir, "agent", grace=10, here=local)
+        if not keep_files and not local:
+            transport.run(f"rm -rf {shlex.quote(run_dir)}", timeout=120)
+            removed.append(f"run directory {run_dir} on {transport.label}")
+    machine["cleaned"] = True
+    runs.save(record)
+    return final
+
+
+def _agent_seq(transport, run_dir: str, local: bool) -> int | None:
+    state = jobs.read_state_here(run_dir) if local else jobs.read_state(transport, run_dir)
+    return (state.get("agent") or {}).get("last_seq")
+
+
+def _final_sync(provider, record, machine, transport, ui: Ui, before: int | None) -> dict[str, Any] | None:
+    """The agent sees the job exit and takes the final snapshot; wait for it, or take it ourselves."""
+    run_dir = machine["run_dir"]
+    local = record["provider"] == "local"
+    deadline = time.monotonic() + AGENT_FINAL_SYNC_TIMEOUT
+    with ui.spinner("final checkpoint sync"):
+        while time.monotonic() < deadline:
+            state = jobs.read_state_here(run_dir) if local else jobs.read_state(transport, run_dir)
+            if not state["agent_alive"]:
+                break
+            time.sleep(0.3)
+        agent = state.get("agent") or {}
+        if state["agent_alive"] or agent.get("state") != "stopped" or agent.get("last_error"):
+            python = provider.agent_python(record, machine, transport, ui.say)
+            jobs.signal_group(transport, run_dir, "agent", "KILL")
+            transport.run(common.agent_command(python, common.agent_arguments(record, machine, once=True)))
+            state = jobs.read_state_here(run_dir) if local else jobs.read_state(transport, run_dir)
+            agent = state.get("agent") or {}
+    if agent.get("last_error"):
+        ui.error(f"final checkpoint sync failed: {agent['last_error']}; last good snapshot: {agent.get('last_seq')}")
+        return None
+    if agent.get("last_seq") is None:
+        ui.say("no checkpoint files to sync")
+        return None
+    info = {"seq": agent["last_seq"], "at": agent["last_at"], "bytes": agent["last_bytes"], "files": agent["last_files"]}
+    info["new"] = agent["last_seq"] != before
+    ui.say(f"final checkpoint: snapshot {info['seq']} ({info['files']} files)")
+    return info

@@ -1,0 +1,337 @@
+"""The command line: thin click commands over gpurun.app. The one place errors are printed.
+
+Only click is imported at start-up; each command imports what it needs, so
+`gpurun --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gpurun import __version__
+from gpurun.errors import BadInput, GpurunError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _ui(json_mode: bool = False):
+    from gpurun.ui import Ui
+
+    ctx = click.get_current_context()
+    return Ui(json_mode=json_mode, debug=bool(ctx.find_root().params.get("debug")))
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="gpurun")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def cli(debug: bool) -> None:
+    """Rent GPU machines for training runs and give them back safely.
+
+    \b
+    gpurun launch experiment.yaml      plan, provision, sync, start job and checkpoint agent
+    gpurun status                      runs, jobs, cost, last checkpoint
+    gpurun logs RUN -f                 follow the job's output
+    gpurun checkpoint-sync RUN         snapshot now (--list, --download DIR)
+    gpurun teardown RUN                final sync, stop, release everything
+    """
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("spec_file", metavar="SPEC", type=click.Path(dir_okay=True, path_type=Path))
+@click.option("--name", help="Run name (default: <spec name>-<6 chars>).")
+@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE", help="Override a spec field, e.g. aws.spot=false.")
+@click.option("--dry-run", is_flag=True, help="Print the plan; create nothing.")
+@click.option("--follow", "-f", is_flag=True, help="Follow the job's output after launch.")
+@click.option("--resume", metavar="RUN", help="Restore RUN's latest snapshot before the job starts.")
+@click.option("--json", "json_mode", is_flag=True, help="Print one JSON document.")
+def launch(spec_file: Path, name: str | None, overrides: tuple[str, ...], dry_run: bool, follow: bool, resume: str | None, json_mode: bool) -> None:
+    """Launch the experiment described in SPEC."""
+    from gpurun.app.launch import launch as do_launch
+    from gpurun.spec import load_spec
+
+    ui = _ui(json_mode)
+    spec = load_spec(spec_file, overrides)
+    result = do_launch(spec, ui, name=name, resume=resume, dry_run=dry_run)
+    if json_mode:
+        ui.emit_json(result)
+    elif dry_run:
+        ui.rows([(row["item"], row["value"]) for row in result["plan"]])
+        ui.say("dry run: nothing was created")
+    else:
+        ui.result(result["run"])
+    if follow and not dry_run:
+        _follow_logs(result["run"], tail=None)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("run", required=False)
+@click.option("--store", "store_url", metavar="URL", help="Also list runs recorded in this store (from other computers).")
+@click.option("--json", "json_mode", is_flag=True, help="Print one JSON document.")
+def status(run: str | None, store_url: str | None, json_mode: bool) -> None:
+    """Runs with their state, job, machine, cost and last checkpoint."""
+    from gpurun.app.status import collect
+    from gpurun.runs import public_view
+
+    ui = _ui(json_mode)
+    records, problems = collect(run, ui=ui, store_url=store_url)
+    for problem in problems:
+        ui.warn(problem)
+    if json_mode:
+        ui.emit_json([public_view(record) for record in records])
+        return
+    if not records:
+        ui.say("no runs yet: `gpurun launch SPEC` starts one")
+        return
+    _status_table(ui, records)
+
+
+def _status_table(ui, records: list[dict[str, Any]]) -> None:
+    from gpurun.app.status import age
+    from gpurun.ui import human_bytes
+
+    rows = []
+    for record in records:
+        machines = record.get("machines", [])
+        job = record.get("job") or {}
+        if record["state"] in ("succeeded", "failed", "interrupted") or record.get("exit_code") is not None:
+            job_text = f"exit {record.get('exit_code')}" if record.get("exit_code") is not None else job.get("note", "ended")
+        elif job.get("alive"):
+            job_text = job.get("phase") or "running"
+        else:
+            job_text = "-"
+        if record["provider"] == "local":
+            where = "local"
+        else:
+            where = ", ".join(
+                f"{m.get('instance_type') or m.get('host')} {m.get('state') or ''}".strip() + (" (unreachable)" if m.get("unreachable") else "")
+                for m in machines
+            ) or "-"
+        checkpoint = record.get("last_checkpoint")
+        text = f"{age(checkpoint['at'])}, {human_bytes(checkpoint['bytes'])} (#{checkpoint['seq']})" if checkpoint else "none yet"
+        error = record.get("checkpoint_error")
+        if error:
+            text += f"; SYNC FAILING: {error['error']}"
+        cost = record.get("cost_usd")
+        rows.append([
+            record["run"],
+            record["state"],
+            job_text,
+            where,
+            age(record.get("created_at")).replace(" ago", ""),
+            f"${cost:.2f}" if isinstance(cost, (int, float)) else "-",
+            text,
+        ])
+    ui.table(["RUN", "STATE", "JOB", "MACHINE", "AGE", "COST", "LAST CHECKPOINT"], rows)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("run")
+@click.option("--follow", "-f", is_flag=True, help="Keep following until the job ends.")
+@click.option("--tail", type=click.IntRange(min=0), help="Start with the last N lines.")
+@click.option("--node", type=click.IntRange(min=0), help="Show one node's output (default: rank 0).")
+def logs(run: str, follow: bool, tail: int | None, node: int | None) -> None:
+    """The job's output (stdout and stderr)."""
+    _follow_logs(run, tail=tail, follow=follow, node=node)
+
+
+def _follow_logs(run: str, *, tail: int | None, follow: bool = True, node: int | None = None) -> None:
+    from gpurun.app.logs import show_logs
+
+    outcome = show_logs(run, follow=follow, tail=tail, node=node)
+    if follow:
+        code = outcome.get("exit_code")
+        if outcome.get("interrupted"):
+            message = "the job was interrupted (spot reclaim)"
+        elif code is None:
+            message = "the job ended without recording an exit status (killed)"
+        else:
+            message = f"the job exited with status {code}"
+        click.echo(f"[gpurun] {message}", err=True)
+
+
+@cli.command("checkpoint-sync", context_settings=CONTEXT)
+@click.argument("run", required=False)
+@click.option("--list", "list_mode", is_flag=True, help="List the run's snapshots.")
+@click.option("--download", type=click.Path(file_okay=False, path_type=Path), metavar="DIR", help="Download a snapshot into DIR, verified.")
+@click.option("--seq", type=click.IntRange(min=1), help="Which snapshot (default: LATEST).")
+@click.option("--store", "store_url", metavar="URL", help="Store to read (for runs launched elsewhere).")
+@click.option("--watch", type=click.Path(file_okay=False, path_type=Path), metavar="DIR", help="Agent mode: snapshot DIR on a schedule.")
+@click.option("--to", "to_url", metavar="URL", help="Agent mode: the store URL.")
+@click.option("--every", default="5m", show_default=True, help="Agent mode: interval (90s, 5m, 1h).")
+@click.option("--keep", type=click.IntRange(min=1), default=3, show_default=True, help="Agent mode: snapshots to keep.")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), hidden=True)
+@click.option("--spot-notice", is_flag=True, hidden=True)
+@click.option("--json", "json_mode", is_flag=True, help="Print one JSON document.")
+def checkpoint_sync(run, list_mode, download, seq, store_url, watch, to_url, every, keep, run_dir, spot_notice, json_mode) -> None:
+    """Sync RUN's checkpoints now, list them, or download one.
+
+    With --watch DIR --to URL it is the checkpoint agent itself.
+    """
+    ui = _ui(json_mode)
+    if watch is not None:
+        _agent_mode(run, watch, to_url, every, keep, run_dir, spot_notice, ui)
+        return
+    if not run:
+        raise BadInput("checkpoint-sync needs a RUN (or --watch DIR --to URL for agent mode)")
+    from gpurun.app import checkpoints
+
+    if list_mode:
+        found = checkpoints.list_snapshots(run, store_url=store_url)
+        if json_mode:
+            ui.emit_json(found)
+            return
+        from gpurun.app.status import age
+        from gpurun.ui import human_bytes
+
+        if not found:
+            ui.say(f"run {run} has no snapshot yet")
+            return
+        ui.table(["SEQ", "TAKEN", "FILES", "SIZE"], [[str(s["seq"]), age(s["at"]), str(s["files"]), human_bytes(s["bytes"])] for s in found])
+        return
+    if download is not None:
+        info = checkpoints.download(run, download, seq=seq, ui=ui, store_url=store_url)
+        if json_mode:
+            ui.emit_json(info)
+        else:
+            ui.result(f"snapshot {info['seq']}: {info['files']} files, {info['bytes']} bytes, verified, in {info['dir']}")
+        return
+    if seq is not None:
+        raise BadInput("--seq goes with --download")
+    info = checkpoints.sync_now(run, ui)
+    if json_mode:
+        ui.emit_json(info)
+    elif info["new"]:
+        ui.result(f"snapshot {info['seq']}: {info['files']} files, {info['bytes']} bytes (sent {info.get('sent_bytes') or 0})")
+    else:
+        ui.result(f"snapshot {info['seq']}: unchanged since the last sync ({info['files']} files, {info['bytes']} bytes)")
+
+
+def _agent_mode(run, watch, to_url, every, keep, run_dir, spot_notice, ui) -> None:
+    from gpurun.agent.loop import AgentOptions, run_agent
+    from gpurun.durations import parse_duration
+
+    if not to_url:
+        raise BadInput("--watch needs --to URL (s3://bucket/prefix or file:///path)")
+    if not to_url.startswith(("s3://", "file://")):
+        raise BadInput(f"--to {to_url}: use s3://bucket/prefix or file:///absolute/path")
+    try:
+        seconds = parse_duration(every)
+    except ValueError as error:
+        raise BadInput(f"--every: {error}") from None
+    if seconds < 10:
+        ui.warn(f"--every {every} is shorter than 10s: each snapshot re-reads changed files; consider 1m or more")
+    options = AgentOptions(
+        watch=watch.resolve(),
+        store_url=to_url,
+        run=run or watch.resolve().name,
+        every=seconds,
+        keep=keep,
+        run_dir=run_dir.resolve() if run_dir else None,
+        spot_notice=spot_notice,
+    )
+    raise SystemExit(run_agent(options))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("names", nargs=-1, metavar="RUN...")
+@click.option("--all", "all_runs", is_flag=True, help="Every run that is not ended.")
+@click.option("--orphans", is_flag=True, help="gpurun-tagged AWS resources that no local record knows.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask.")
+@click.option("--no-final-sync", is_flag=True, help="Skip the final checkpoint sync.")
+@click.option("--keep-files", is_flag=True, help="Keep the run directory on the machine (ssh and local).")
+@click.option("--json", "json_mode", is_flag=True, help="Print one JSON document.")
+def teardown(names: tuple[str, ...], all_runs: bool, orphans: bool, yes: bool, no_final_sync: bool, keep_files: bool, json_mode: bool) -> None:
+    """Final sync, stop the job, release everything the run created."""
+    from gpurun import runs
+    from gpurun.app.teardown import teardown as do_teardown
+
+    ui = _ui(json_mode)
+    if orphans:
+        from gpurun.app.orphans import teardown_orphans
+
+        result = teardown_orphans(ui, yes=yes, confirm=_confirm)
+        if json_mode:
+            ui.emit_json(result)
+        return
+    if all_runs and names:
+        raise BadInput("give run names or --all, not both")
+    if all_runs:
+        records, _problems = runs.load_all()
+        names = tuple(r["run"] for r in records if r["state"] != "ended")
+        if not names:
+            ui.say("no run to tear down")
+            if json_mode:
+                ui.emit_json({"runs": []})
+            return
+    if not names:
+        raise BadInput("teardown needs RUN names, --all or --orphans")
+    for name in names:
+        runs.load(name)  # unknown names are bad input before anything is touched
+    if not yes and not _confirm(f"Tear down {', '.join(names)}?"):
+        raise BadInput("not confirmed; nothing was changed")
+    results = []
+    for name in names:
+        result = do_teardown(name, ui, final_sync=not no_final_sync, keep_files=keep_files)
+        results.append(result)
+        if not json_mode:
+            for item in result["removed"]:
+                ui.say(f"removed {item}")
+            ui.result(f"{name} ended")
+    if json_mode:
+        ui.emit_json({"runs": results})
+
+
+def _confirm(question: str) -> bool:
+    if not sys.stdin.isatty():
+        raise BadInput(f"{question.rstrip('?')}: not asked because input is not a terminal; pass --yes")
+    return click.confirm(question, default=False, err=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; every GpurunError ends here as one line and its exit status."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or os.environ.get("GPURUN_DEBUG") == "1"
+    try:
+        cli.main(args=args, prog_name="gpurun", standalone_mode=False)
+    except GpurunError as error:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        _print_error(str(error))
+        sys.exit(error.exit_code)
+    except click.exceptions.Abort:
+        _print_error("interrupted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        _print_error("interrupted")
+        sys.exit(130)
+    except click.UsageError as error:
+        hint = f" (see `{error.ctx.command_path} --help`)" if error.ctx else ""
+        _print_error(f"{error.format_message()}{hint}")
+        sys.exit(2)
+    except click.ClickException as error:
+        _print_error(error.format_message())
+        sys.exit(error.exit_code)
+    except SystemExit:
+        raise
+    except Exception as error:
+        if debug:
+            raise
+        _print_error(f"unexpected {type(error).__name__}: {error} (rerun with --debug for the traceback)")
+        sys.exit(1)
+    sys.exit(0)
+
+
+def _print_error(message: str) -> None:
+    first = message.strip().splitlines()[0] if message.strip() else "failed"
+    click.echo(f"error: {first}", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Durations as people write them: 90s, 5m, 12h, 1d (or plain seconds)."""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+
+
+def parse_duration(value: object) -> float:
+    """Seconds for `value`; raises ValueError with what is accepted."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 90s, 5m, 12h or 1d")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _PATTERN.match(value)
+        if not match:
+            raise ValueError(f"{value!r} is not a duration; use a number with s, m, h or d, like 90s, 5m, 12h, 1d")
+        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    else:
+        raise ValueError("expected a duration like 90s, 5m, 12h or 1d")
+    if seconds <= 0:
+        raise ValueError("a duration must be greater than zero, like 90s, 5m, 12h or 1d")
+    if seconds > 366 * 86400:
+        raise ValueError("a duration must be at most 366d")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Short human form: 45s, 5m, 2h10m, 3d."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        minutes, rest = divmod(seconds, 60)
+        return f"{minutes}m" + (f"{rest}s" if rest else "")
+    if seconds < 86400:
+        hours, rest = divmod(seconds, 3600)
+        return f"{hours}h" + (f"{rest // 60}m" if rest >= 60 else "")
+    days, rest = divmod(seconds, 86400)
+    return f"{days}d" + (f"{rest // 3600}h" if rest >= 3600 else "")

@@ -1,0 +1,56 @@
+"""The one exception family of gpurun; each error carries the exit status it means."""
+
+from __future__ import annotations
+
+
+class GpurunError(Exception):
+    """An error a person can act on; the CLI prints its message as one line."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class BadInput(GpurunError):
+    """The spec, a flag or a run name is wrong: nothing was created."""
+
+    exit_code = 2
+
+
+class SpecError(BadInput):
+    """The experiment file is invalid."""
+
+
+class UnknownRun(BadInput):
+    """No run by that name is recorded here or in the store."""
+
+
+class NoCapacity(GpurunError):
+    """Every zone and instance type the spec allows is out of capacity."""
+
+    exit_code = 3
+
+
+class Interrupted(GpurunError):
+    """The user pressed Ctrl-C."""
+
+    exit_code = 130
+
+
+class StoreError(GpurunError):
+    """The checkpoint store refused or failed an operation."""
+
+
+class SnapshotConflict(StoreError):
+    """Another writer already owns this snapshot number."""
+
+
+class TransportError(GpurunError):
+    """A command or a transfer to the machine failed."""

@@ -1,0 +1,199 @@
+"""The job on the machine: started detached in its own session, watched through files.
+
+    <run_dir>/job.sh      what runs: setup, then run, then the exit code is recorded
+    <run_dir>/job.pid     the session leader; its process group is the job
+    <run_dir>/job.phase   setup | run
+    <run_dir>/job.exit    the exit status, written when the job ends
+    <run_dir>/job.log     stdout and stderr
+
+Everything goes through a Transport as shell text, so the same code drives
+the local machine and an SSH host. Every interpolated value is quoted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from typing import Any
+
+from gpurun.errors import TransportError
+from gpurun.transport.base import Transport
+
+q = shlex.quote
+
+
+def job_script(run_dir: str, workdir: str, env: dict[str, str], setup: str | None, run: str) -> str:
+    exports = "\n".join(f"export {name}={q(value)}" for name, value in sorted(env.items()))
+    setup_block = ""
+    if setup:
+        setup_block = f"""echo setup > {q(run_dir)}/job.phase
+echo "[gpurun] setup: "{q(setup)}
+bash -c {q(setup)}
+code=$?
+if [ "$code" -ne 0 ]; then
+  echo "[gpurun] setup failed with exit status $code"
+  record "$code"
+  exit "$code"
+fi
+"""
+    return f"""#!/usr/bin/env bash
+# Written by gpurun. Runs setup, then the job, and records how it ended.
+# TERM is trapped so this shell outlives its child and can record the exit status.
+trap 'echo "[gpurun] received SIGTERM"' TERM
+record() {{ echo "$1" > {q(run_dir)}/job.exit.tmp && mv {q(run_dir)}/job.exit.tmp {q(run_dir)}/job.exit; }}
+cd {q(workdir)} || {{ record 1; exit 1; }}
+{exports}
+{setup_block}echo run > {q(run_dir)}/job.phase
+echo "[gpurun] run: "{q(run)}
+bash -c {q(run)} &
+child=$!
+wait "$child"
+code=$?
+# A trapped TERM interrupts wait: keep waiting for the job to finish saving.
+while kill -0 "$child" 2>/dev/null; do wait "$child"; code=$?; done
+record "$code"
+exit "$code"
+"""
+
+
+def start_job(
+    transport: Transport, run_dir: str, workdir: str, env: dict[str, str], setup: str | None, run: str
+) -> int:
+    script = job_script(run_dir, workdir, env, setup, run).encode()
+    qdir = q(run_dir)
+    # Only the setsid command goes to the background: a backgrounded `a && b` list
+    # would keep a subshell holding our output pipe open.
+    command = (
+        f"mkdir -p {qdir} && cat > {qdir}/job.sh && rm -f {qdir}/job.exit {qdir}/job.phase && cd {qdir} || exit 1\n"
+        f"setsid nohup bash {qdir}/job.sh >> {qdir}/job.log 2>&1 < /dev/null &\n"
+        f"echo $! > {qdir}/job.pid && echo $!"
+    )
+    output = transport.check(command, what="starting the job", input=script)
+    return int(output.strip().splitlines()[-1])
+
+
+def start_agent(transport: Transport, run_dir: str, python: str, arguments: list[str]) -> int:
+    qdir = q(run_dir)
+    argv = " ".join(q(argument) for argument in arguments)
+    command = (
+        f"cd {qdir} || exit 1\n"
+        f"setsid nohup {python} -m gpurun.agent {argv} >> {qdir}/agent.log 2>&1 < /dev/null &\n"
+        f"echo $! > {qdir}/agent.pid && echo $!"
+    )
+    output = transport.check(command, what="starting the checkpoint agent")
+    return int(output.strip().splitlines()[-1])
+
+
+# One round trip that reports everything status needs about a run directory.
+_STATE_SCRIPT = r"""
+d={dir}
+alive() {{ p=$(cat "$d/$1.pid" 2>/dev/null) || {{ echo none; return; }}
+  s=$(sed -n 's/^State:[[:space:]]*\(.\).*/\1/p' /proc/$p/status 2>/dev/null)
+  if [ -n "$s" ] && [ "$s" != Z ]; then echo "$p"; elif kill -0 "$p" 2>/dev/null && [ ! -d /proc ]; then echo "$p"; else echo dead; fi; }}
+echo "job_pid=$(alive job)"
+echo "agent_pid=$(alive agent)"
+echo "exit=$(cat "$d/job.exit" 2>/dev/null)"
+echo "phase=$(cat "$d/job.phase" 2>/dev/null)"
+echo "interrupted=$(cat "$d/interrupted" 2>/dev/null | head -c 200 | tr '\n' ' ')"
+echo "agent_status=$(cat "$d/agent.status.json" 2>/dev/null | tr '\n' ' ')"
+"""
+
+
+def _parse_state(text: str) -> dict[str, Any]:
+    values = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    state: dict[str, Any] = {
+        "job_alive": values.get("job_pid", "none") not in ("none", "dead", ""),
+        "job_started": values.get("job_pid", "none") != "none",
+        "agent_alive": values.get("agent_pid", "none") not in ("none", "dead", ""),
+        "exit_code": int(values["exit"]) if values.get("exit", "").strip().lstrip("-").isdigit() else None,
+        "phase": values.get("phase") or None,
+        "interrupted": bool(values.get("interrupted", "").strip()),
+        "agent": None,
+    }
+    raw = values.get("agent_status", "").strip()
+    if raw:
+        try:
+            state["agent"] = json.loads(raw)
+        except ValueError:
+            state["agent"] = None
+    return state
+
+
+def read_state(transport: Transport, run_dir: str) -> dict[str, Any]:
+    result = transport.run(_STATE_SCRIPT.format(dir=q(run_dir)), timeout=30)
+    if not result.ok:
+        raise TransportError(f"reading the job state on {transport.label} failed")
+    return _parse_state(result.text)
+
+
+def _pid_alive_here(pid_file: str) -> tuple[bool, bool]:
+    """(started, alive) for a pid file on this machine; zombies count as dead."""
+    try:
+        with open(pid_file) as handle:
+            pid = int(handle.read().strip())
+    except (OSError, ValueError):
+        return False, False
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("State:"):
+                    return True, line.split()[1] != "Z"
+    except OSError:
+        return True, False
+    return True, False
+
+
+def read_state_here(run_dir: str) -> dict[str, Any]:
+    """The same answer as read_state, read directly (the local provider; fast for status)."""
+
+    def read(name: str) -> str:
+        try:
+            with open(os.path.join(run_dir, name)) as handle:
+                return handle.read()
+        except OSError:
+            return ""
+
+    job_started, job_alive = _pid_alive_here(os.path.join(run_dir, "job.pid"))
+    _agent_started, agent_alive = _pid_alive_here(os.path.join(run_dir, "agent.pid"))
+    exit_text = read("job.exit").strip()
+    agent_text = read("agent.status.json")
+    agent = None
+    if agent_text:
+        try:
+            agent = json.loads(agent_text)
+        except ValueError:
+            agent = None
+    return {
+        "job_alive": job_alive,
+        "job_started": job_started,
+        "agent_alive": agent_alive,
+        "exit_code": int(exit_text) if exit_text.lstrip("-").isdigit() else None,
+        "phase": read("job.phase").strip() or None,
+        "interrupted": bool(read("interrupted").strip()),
+        "agent": agent,
+    }
+
+
+def signal_group(transport: Transport, run_dir: str, name: str, signal: str) -> None:
+    """Send `signal` to the process group of `<name>.pid` (the detached session)."""
+    qpid = q(f"{run_dir}/{name}.pid")
+    transport.run(f"p=$(cat {qpid} 2>/dev/null) && kill -{signal} -- -$p 2>/dev/null; true", timeout=30)
+
+
+def stop(transport: Transport, run_dir: str, name: str, *, grace: float = 10.0, here: bool = False) -> bool:
+    """TERM the group, then KILL after `grace` seconds. True when it had to be killed."""
+    state = read_state_here(run_dir) if here else read_state(transport, run_dir)
+    key = "job_alive" if name == "job" else "agent_alive"
+    if not state[key]:
+        return False
+    signal_group(transport, run_dir, name, "TERM")
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        state = read_state_here(run_dir) if here else read_state(transport, run_dir)
+        if not state[key]:
+            return False
+    signal_group(transport, run_dir, name, "KILL")
+    return True

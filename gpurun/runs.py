@@ -1,0 +1,128 @@
+"""Run records: one JSON file per run under the state directory, plus run.json in the store.
+
+Records are plain dicts so that `status` reads them without pydantic or boto3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import string
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from gpurun import paths
+from gpurun.errors import GpurunError, UnknownRun
+
+STATES = ("launching", "running", "succeeded", "failed", "interrupted", "ended")
+_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def new_run_name(spec_name: str) -> str:
+    suffix = "".join(secrets.choice(_ALPHABET) for _ in range(6))
+    return f"{spec_name.lower().replace('_', '-')}-{suffix}"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def record_path(run: str) -> Path:
+    return paths.runs_dir() / f"{run}.json"
+
+
+@contextlib.contextmanager
+def locked(run: str) -> Iterator[None]:
+    """Serialize writers of one record across processes."""
+    directory = paths.ensure_private(paths.runs_dir())
+    with open(directory / f".{run}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def save(record: dict[str, Any]) -> None:
+    paths.ensure_private(paths.runs_dir())
+    paths.atomic_write(record_path(record["run"]), json.dumps(record, indent=1, sort_keys=True).encode())
+
+
+def load(run: str) -> dict[str, Any]:
+    path = record_path(run)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        known = [p.stem for p in paths.runs_dir().glob("*.json")] if paths.runs_dir().exists() else []
+        hint = f"; known runs: {', '.join(sorted(known)[:8])}" if known else "; `gpurun status` lists runs"
+        raise UnknownRun(f"unknown run {run!r}{hint}") from None
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise GpurunError(f"run record {path} is corrupt (not valid JSON); move it away to continue") from None
+
+
+def update(run: str, **changes: Any) -> dict[str, Any]:
+    with locked(run):
+        record = load(run)
+        record.update(changes)
+        save(record)
+        return record
+
+
+def load_all() -> tuple[list[dict[str, Any]], list[str]]:
+    """Every readable record, newest first, and a line for each unreadable one."""
+    directory = paths.runs_dir()
+    if not directory.exists():
+        return [], []
+    records, problems = [], []
+    for entry in os.scandir(directory):
+        if not entry.name.endswith(".json") or entry.name.startswith("."):
+            continue
+        try:
+            with open(entry.path, "rb") as handle:
+                record = json.loads(handle.read())
+            if not isinstance(record, dict) or "run" not in record:
+                raise ValueError
+            records.append(record)
+        except (ValueError, OSError):
+            problems.append(f"run record {entry.path} is corrupt or truncated; move it away to clear this")
+    records.sort(key=lambda r: r.get("created_at", ""), reverse=True)
+    return records, problems
+
+
+def delete(run: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        record_path(run).unlink()
+
+
+def public_view(record: dict[str, Any]) -> dict[str, Any]:
+    """The documented JSON shape of a run (see the design's list of fields)."""
+    return {
+        "run": record["run"],
+        "provider": record["provider"],
+        "state": record["state"],
+        "exit_code": record.get("exit_code"),
+        "created_at": record["created_at"],
+        "store": record["store"],
+        "last_checkpoint": record.get("last_checkpoint"),
+        "instances": [
+            {
+                "id": m.get("instance_id"),
+                "type": m.get("instance_type"),
+                "public_ip": m.get("public_ip"),
+                "state": m.get("state"),
+                "spot": m.get("spot", False),
+            }
+            for m in record.get("machines", [])
+            if record["provider"] != "local"
+        ],
+        "cost_usd": record.get("cost_usd"),
+        "job": record.get("job"),
+        "checkpoint_error": record.get("checkpoint_error"),
+    }

@@ -1,0 +1,74 @@
+"""What a checkpoint store must do: a few object operations on keys under its root.
+
+The snapshot layout and its guarantees live in `snapshots.py` and are written
+once against this interface, so `file://` and `s3://` behave the same.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+
+
+class ObjectStore(ABC):
+    url: str
+
+    @abstractmethod
+    def put_file(self, key: str, path: str, *, if_absent: bool = False, progress: Progress | None = None) -> None:
+        """Upload a file; with `if_absent`, refuse (SnapshotConflict) when the key exists."""
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None: ...
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes | None:
+        """The object's content, or None when it does not exist."""
+
+    @abstractmethod
+    def get_file(self, key: str, path: str, *, progress: Progress | None = None) -> None: ...
+
+    @abstractmethod
+    def copy(self, source_key: str, dest_key: str) -> None:
+        """Copy inside the store without sending the bytes again."""
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[StoredObject]:
+        """Every object whose key starts with `prefix`."""
+
+    @abstractmethod
+    def delete(self, keys: Iterable[str]) -> None: ...
+
+    @abstractmethod
+    def size_of(self, key: str) -> int | None:
+        """The stored size, or None when the key does not exist."""
+
+    def put_files(
+        self, items: list[tuple[str, str]], *, if_absent: bool = False, progress: Progress | None = None
+    ) -> None:
+        """Upload many files; stores that can do it concurrently override this."""
+        for key, path in items:
+            self.put_file(key, path, if_absent=if_absent, progress=progress)
+
+    def copy_many(self, pairs: list[tuple[str, str]]) -> None:
+        for source, dest in pairs:
+            self.copy(source, dest)
+
+    def get_files(self, items: list[tuple[str, str]], *, progress: Progress | None = None) -> None:
+        for key, path in items:
+            self.get_file(key, path, progress=progress)
+
+    def list_runs(self) -> list[str]:
+        """Names of the top-level folders (each may hold a run); stores that can list one level override this."""
+        return sorted({obj.key.split("/", 1)[0] for obj in self.list("") if "/" in obj.key})
+
+    def check_writable(self) -> None:
+        """Raise StoreError with a clear line when the store cannot be written."""

@@ -1,0 +1,163 @@
+"""`file://` store: a directory tree with the same layout as S3."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from gpurun.errors import SnapshotConflict, StoreError
+from gpurun.store.base import ObjectStore, Progress, StoredObject
+
+_CHUNK = 1 << 20
+
+
+class FileStore(ObjectStore):
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.root = Path(url[len("file://") :])
+
+    def _path(self, key: str) -> Path:
+        path = self.root / key
+        if ".." in Path(key).parts:
+            raise StoreError(f"{self.url}: refusing key {key!r} outside the store")
+        return path
+
+    def _install(self, temp: str, target: Path, if_absent: bool) -> None:
+        try:
+            if if_absent:
+                # link() fails when the target exists: an atomic "create only".
+                try:
+                    os.link(temp, target)
+                except FileExistsError:
+                    raise SnapshotConflict(f"{self.url}/{target.relative_to(self.root)} already exists") from None
+            else:
+                os.replace(temp, target)
+        finally:
+            if os.path.exists(temp):
+                os.unlink(temp)
+
+    def _write(self, key: str, writer, if_absent: bool) -> None:
+        target = self._path(key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, temp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+        except OSError as error:
+            raise StoreError(f"{self.url}: cannot write {key}: {error.strerror}") from None
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                writer(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException:
+            os.unlink(temp)
+            raise
+        self._install(temp, target, if_absent)
+
+    def put_file(self, key: str, path: str, *, if_absent: bool = False, progress: Progress | None = None) -> None:
+        def writer(handle) -> None:
+            with open(path, "rb") as source:
+                while chunk := source.read(_CHUNK):
+                    handle.write(chunk)
+                    if progress:
+                        progress(len(chunk))
+
+        self._write(key, writer, if_absent)
+
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        self._write(key, lambda handle: handle.write(data), if_absent)
+
+    def get_bytes(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise StoreError(f"{self.url}: cannot read {key}: {error.strerror}") from None
+
+    def get_file(self, key: str, path: str, *, progress: Progress | None = None) -> None:
+        source = self._path(key)
+        try:
+            with open(source, "rb") as reader, open(path, "wb") as writer:
+                while chunk := reader.read(_CHUNK):
+                    writer.write(chunk)
+                    if progress:
+                        progress(len(chunk))
+        except OSError as error:
+            raise StoreError(f"{self.url}: cannot read {key}: {error.strerror}") from None
+
+    def copy(self, source_key: str, dest_key: str) -> None:
+        source, dest = self._path(source_key), self._path(dest_key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # Snapshot files are never modified in place, so sharing the inode is safe.
+            os.link(source, dest)
+        except FileExistsError:
+            raise SnapshotConflict(f"{self.url}/{dest_key} already exists") from None
+        except OSError as error:
+            if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise StoreError(f"{self.url}: cannot copy {source_key}: {error.strerror}") from None
+            shutil.copyfile(source, dest)
+
+    def list(self, prefix: str) -> list[StoredObject]:
+        base = self._path(prefix) if prefix else self.root
+        start = base if base.is_dir() else base.parent
+        if not start.exists():
+            return []
+        found = []
+        root = str(self.root)
+        for directory, _dirs, files in os.walk(start):
+            for name in files:
+                if name.startswith(".tmp-"):
+                    continue
+                full = os.path.join(directory, name)
+                key = os.path.relpath(full, root)
+                if key.startswith(prefix):
+                    try:
+                        found.append(StoredObject(key, os.stat(full).st_size))
+                    except FileNotFoundError:
+                        continue
+        return found
+
+    def list_runs(self) -> list[str]:
+        try:
+            return sorted(
+                entry.name for entry in os.scandir(self.root) if entry.is_dir() and not entry.name.startswith(".")
+            )
+        except FileNotFoundError:
+            return []
+
+    def delete(self, keys: Iterable[str]) -> None:
+        parents = set()
+        for key in keys:
+            path = self._path(key)
+            try:
+                path.unlink()
+                parents.add(path.parent)
+            except FileNotFoundError:
+                continue
+        for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+            current = parent
+            while current != self.root and self.root in current.parents:
+                try:
+                    current.rmdir()
+                except OSError:
+                    break
+                current = current.parent
+
+    def size_of(self, key: str) -> int | None:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def check_writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(prefix=".tmp-probe-", dir=self.root)
+            probe.close()
+        except OSError as error:
+            raise StoreError(f"store {self.url}: cannot write there: {error.strerror}") from None

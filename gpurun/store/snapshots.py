@@ -1,0 +1,261 @@
+"""The snapshot layout and its guarantees, written once for every store.
+
+    <run>/snapshots/000007/<files>          never overwritten (create-only writes)
+    <run>/snapshots/000007.manifest.json    path, size, sha256 of every file; written after them
+    <run>/LATEST                            {"seq": 7, ...}; written last
+    <run>/run.json                          the run record
+
+A reader trusts only LATEST and manifests, so a snapshot cut short at any
+point leaves the previous LATEST pointing at a complete snapshot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from gpurun.errors import BadInput, SnapshotConflict, StoreError
+from gpurun.store.base import ObjectStore, Progress
+
+_MANIFEST = re.compile(r"^snapshots/(\d{6,})\.manifest\.json$")
+_SEQ_ANY = re.compile(r"^snapshots/(\d{6,})(?:[./]|$)")
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """One file of a snapshot: where it is now and what it holds."""
+
+    path: str  # relative, POSIX
+    size: int
+    sha256: str
+    local_path: str | None  # None: identical to the previous snapshot's copy
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def seq_dir(seq: int) -> str:
+    return f"snapshots/{seq:06d}"
+
+
+def latest(store: ObjectStore, run: str) -> dict[str, Any] | None:
+    data = store.get_bytes(f"{run}/LATEST")
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise StoreError(f"{store.url}/{run}/LATEST is not valid JSON") from None
+
+
+def read_manifest(store: ObjectStore, run: str, seq: int) -> dict[str, Any] | None:
+    data = store.get_bytes(f"{run}/{seq_dir(seq)}.manifest.json")
+    return None if data is None else json.loads(data)
+
+
+def list_snapshots(store: ObjectStore, run: str) -> list[dict[str, Any]]:
+    """Complete snapshots (those with a manifest), oldest first."""
+    result = []
+    for obj in store.list(f"{run}/snapshots/"):
+        match = _MANIFEST.match(obj.key[len(run) + 1 :])
+        if match:
+            manifest = read_manifest(store, run, int(match.group(1)))
+            if manifest:
+                result.append(summary(manifest))
+    return sorted(result, key=lambda item: item["seq"])
+
+
+def summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "seq": manifest["seq"],
+        "at": manifest["at"],
+        "files": len(manifest["files"]),
+        "bytes": manifest["bytes"],
+    }
+
+
+def _used_seqs(store: ObjectStore, run: str) -> set[int]:
+    seqs = set()
+    for obj in store.list(f"{run}/snapshots/"):
+        match = _SEQ_ANY.match(obj.key[len(run) + 1 :])
+        if match:
+            seqs.add(int(match.group(1)))
+    return seqs
+
+
+def write_snapshot(
+    store: ObjectStore,
+    run: str,
+    files: list[StagedFile],
+    *,
+    previous: dict[str, Any] | None,
+    progress: Progress | None = None,
+    writer: str = "",
+) -> dict[str, Any]:
+    """Upload a new numbered snapshot, then its manifest, then move LATEST.
+
+    Files equal to the previous snapshot's are copied inside the store (no
+    bytes sent). Returns the manifest summary with `sent_bytes` added.
+    """
+    previous_files = {}
+    if previous:
+        previous_files = {entry["path"]: entry for entry in previous["files"]}
+    for _attempt in range(20):
+        seq = max(_used_seqs(store, run), default=0) + 1
+        try:
+            # The claim makes the number ours: a second agent gets a conflict and moves on.
+            store.put_bytes(f"{run}/{seq_dir(seq)}.claim", json.dumps({"writer": writer}).encode(), if_absent=True)
+            break
+        except SnapshotConflict:
+            continue
+    else:
+        raise StoreError(f"{store.url}/{run}: could not claim a snapshot number (too many concurrent writers)")
+
+    prefix = f"{run}/{seq_dir(seq)}/"
+    uploads: list[tuple[str, str]] = []
+    copies: list[tuple[str, str]] = []
+    sent = 0
+    for item in files:
+        old = previous_files.get(item.path)
+        if old and old["sha256"] == item.sha256 and old["size"] == item.size:
+            copies.append((f"{run}/{seq_dir(previous['seq'])}/{item.path}", prefix + item.path))
+        elif item.local_path is None:
+            raise StoreError(f"{item.path}: no staged copy and no identical file in the previous snapshot")
+        else:
+            uploads.append((prefix + item.path, item.local_path))
+            sent += item.size
+    store.put_files(uploads, if_absent=True, progress=progress)
+    store.copy_many(copies)
+
+    # Confirm every object before the manifest makes the snapshot visible.
+    stored = {obj.key: obj.size for obj in store.list(prefix)}
+    for item in files:
+        if stored.get(prefix + item.path) != item.size:
+            raise StoreError(
+                f"{store.url}/{prefix}{item.path}: stored size {stored.get(prefix + item.path)} != {item.size}"
+            )
+    manifest = {
+        "seq": seq,
+        "run": run,
+        "at": now_iso(),
+        "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in sorted(files, key=lambda f: f.path)],
+        "bytes": sum(f.size for f in files),
+        "sent_bytes": sent,
+    }
+    store.put_bytes(f"{run}/{seq_dir(seq)}.manifest.json", json.dumps(manifest, indent=1).encode(), if_absent=True)
+    current = latest(store, run)
+    if current is None or current.get("seq", 0) < seq:
+        store.put_bytes(f"{run}/LATEST", json.dumps(summary(manifest)).encode())
+    return {**summary(manifest), "sent_bytes": sent}
+
+
+def prune(store: ObjectStore, run: str, keep: int) -> list[int]:
+    """Remove all but the newest `keep` complete snapshots, and abandoned partial ones.
+
+    Runs only against the LATEST already written, and never removes it.
+    """
+    pointer = latest(store, run)
+    if pointer is None:
+        return []
+    latest_seq = pointer["seq"]
+    objects = store.list(f"{run}/snapshots/")
+    complete, seen = set(), set()
+    for obj in objects:
+        rel = obj.key[len(run) + 1 :]
+        match = _MANIFEST.match(rel)
+        if match:
+            complete.add(int(match.group(1)))
+        match = _SEQ_ANY.match(rel)
+        if match:
+            seen.add(int(match.group(1)))
+    kept = set(sorted(seq for seq in complete if seq <= latest_seq)[-keep:]) | {latest_seq}
+    # Partial snapshots above LATEST may be in flight in another writer: leave them.
+    doomed = sorted(seq for seq in seen if seq not in kept and seq < latest_seq)
+    if not doomed:
+        return []
+    doomed_set = set(doomed)
+    keys = []
+    manifests = []
+    for obj in objects:
+        match = _SEQ_ANY.match(obj.key[len(run) + 1 :])
+        if match and int(match.group(1)) in doomed_set:
+            # Manifests go last so a half-done prune never leaves a manifest without files.
+            (manifests if obj.key.endswith(".manifest.json") else keys).append(obj.key)
+    store.delete(manifests)
+    store.delete(keys)
+    return doomed
+
+
+def resolve_seq(store: ObjectStore, run: str, seq: int | None) -> dict[str, Any]:
+    if seq is None:
+        pointer = latest(store, run)
+        if pointer is None:
+            raise BadInput(f"run {run}: no snapshot in {store.url} yet")
+        seq = pointer["seq"]
+    manifest = read_manifest(store, run, seq)
+    if manifest is None:
+        known = ", ".join(str(s["seq"]) for s in list_snapshots(store, run)) or "none"
+        raise BadInput(f"run {run}: no snapshot {seq} in {store.url} (snapshots: {known})")
+    return manifest
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_snapshot(
+    store: ObjectStore, run: str, dest: str | Path, *, seq: int | None = None, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Fetch one snapshot into `dest` and verify every sha256; returns its summary."""
+    manifest = resolve_seq(store, run, seq)
+    dest = Path(dest)
+    items = []
+    for entry in manifest["files"]:
+        relative = PurePosixPath(entry["path"])
+        if relative.is_absolute() or ".." in relative.parts:
+            raise StoreError(f"snapshot {manifest['seq']}: refusing path {entry['path']!r} outside the target")
+        target = dest / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        items.append((f"{run}/{seq_dir(manifest['seq'])}/{entry['path']}", str(target) + ".gpurun-part"))
+    store.get_files(items, progress=progress)
+    for entry, (_key, part) in zip(manifest["files"], items):
+        actual = sha256_file(part)
+        if actual != entry["sha256"]:
+            os.unlink(part)
+            raise StoreError(
+                f"snapshot {manifest['seq']}: {entry['path']} failed verification (sha256 {actual[:12]}, expected {entry['sha256'][:12]})"
+            )
+        os.replace(part, part[: -len(".gpurun-part")])
+    return summary(manifest)
+
+
+def put_run_record(store: ObjectStore, run: str, record: dict[str, Any]) -> None:
+    store.put_bytes(f"{run}/run.json", json.dumps(record, indent=1, sort_keys=True).encode())
+
+
+def get_run_record(store: ObjectStore, run: str) -> dict[str, Any] | None:
+    data = store.get_bytes(f"{run}/run.json")
+    return None if data is None else json.loads(data)
+
+
+def list_run_records(store: ObjectStore) -> list[dict[str, Any]]:
+    records = []
+    for run in store.list_runs():
+        record = get_run_record(store, run)
+        if record:
+            records.append(record)
+    return records
+
+

@@ -1,0 +1,1 @@
+"""How gpurun reaches a machine: a local subprocess or an SSH connection."""

@@ -1,0 +1,153 @@
+"""Output for people and for scripts.
+
+Messages go to stderr; tables and JSON go to stdout. rich is used in a
+terminal, plain text when piped, and NO_COLOR is honoured (rich reads it).
+rich is imported only when something is shown, to keep start-up fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+
+class Ui:
+    def __init__(self, *, json_mode: bool = False, debug: bool = False) -> None:
+        self.json_mode = json_mode
+        self.debug = debug
+        self.interactive = sys.stderr.isatty()
+        self._err = None
+        self._out = None
+
+    # rich consoles, created on first use
+    @property
+    def err(self):
+        if self._err is None:
+            from rich.console import Console
+
+            self._err = Console(stderr=True, highlight=False, soft_wrap=True)
+        return self._err
+
+    @property
+    def out(self):
+        if self._out is None:
+            from rich.console import Console
+
+            self._out = Console(highlight=False, soft_wrap=True)
+        return self._out
+
+    def say(self, message: str) -> None:
+        if self.interactive:
+            self.err.print(message, markup=False)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        if self.interactive:
+            self.err.print(f"[yellow]warning:[/] {_escape(message)}")
+        else:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    def error(self, message: str) -> None:
+        if self.interactive:
+            self.err.print(f"[red]error:[/] {_escape(message)}")
+        else:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+
+    def result(self, message: str) -> None:
+        """A line of the command's answer (stdout), suppressed in --json mode."""
+        if self.json_mode:
+            return
+        print(message, flush=True)
+
+    def emit_json(self, data: Any) -> None:
+        sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+        sys.stdout.flush()
+
+    def table(self, columns: list[str], rows: list[list[str]], *, title: str | None = None, styles: dict | None = None) -> None:
+        if self.json_mode:
+            return
+        if sys.stdout.isatty():
+            from rich.table import Table
+
+            table = Table(title=title, header_style="bold", box=None, pad_edge=False)
+            for column in columns:
+                table.add_column(column)
+            for row in rows:
+                table.add_row(*[_escape(str(cell)) for cell in row])
+            self.out.print(table)
+            return
+        widths = [max([len(c)] + [len(str(r[i])) for r in rows]) for i, c in enumerate(columns)]
+        if title:
+            print(title)
+        print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
+        for row in rows:
+            print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+    def rows(self, rows: list[tuple[str, str]]) -> None:
+        """Label/value lines (plans)."""
+        width = max((len(label) for label, _ in rows), default=0)
+        for label, value in rows:
+            self.result(f"{label.ljust(width)}  {value}")
+
+    @contextlib.contextmanager
+    def spinner(self, text: str) -> Iterator[Callable[[str], None]]:
+        """A spinner in a terminal; one line per update when piped."""
+        if self.interactive and not self.json_mode:
+            with self.err.status(text) as status:
+                yield lambda message: status.update(message)
+        else:
+            self.say(text)
+            yield self.say
+
+    @contextlib.contextmanager
+    def progress(self, description: str, total: int | None, unit: str = "bytes") -> Iterator[Callable[[int], None]]:
+        """A progress bar in a terminal; a closing line when piped. Yields advance(n)."""
+        if self.interactive and not self.json_mode:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            columns = [TextColumn("{task.description}"), BarColumn()]
+            if unit == "bytes":
+                columns += [DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
+            with Progress(*columns, console=self.err, transient=True) as bar:
+                task = bar.add_task(description, total=total)
+                yield lambda n: bar.advance(task, n)
+        else:
+            yield lambda n: None
+
+    def confirm(self, question: str) -> bool:
+        import click
+
+        return click.confirm(question, default=False, err=True)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def human_bytes(count: int | None) -> str:
+    if count is None:
+        return "-"
+    value = float(count)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{count} B"
+
+
+def no_color() -> bool:
+    return "NO_COLOR" in os.environ
