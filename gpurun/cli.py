@@ -286,6 +286,63 @@ def teardown(names: tuple[str, ...], all_runs: bool, orphans: bool, yes: bool, n
         ui.emit_json({"runs": results})
 
 
+def _remote_record(run: str) -> dict[str, Any]:
+    from gpurun import runs
+
+    record = runs.load(run)
+    if record["provider"] == "local":
+        raise BadInput(f"run {run} runs on this computer; its files are in {record['machines'][0]['run_dir'] if record.get('machines') else 'GPURUN_HOME/local'}")
+    if record["state"] == "ended":
+        raise BadInput(f"run {run} has ended; its machine is gone")
+    return record
+
+
+@cli.command(context_settings={**CONTEXT, "ignore_unknown_options": True})
+@click.argument("run")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option("--node", type=click.IntRange(min=0), default=0, help="Which node (rank).")
+def ssh(run: str, command: tuple[str, ...], node: int) -> None:
+    """A shell (or one command, after --) on the run's machine, with its pinned host key."""
+    from gpurun.app.remote_access import ssh_argv
+
+    argv = ssh_argv(_remote_record(run), list(command) or None, rank=node)
+    os.execvp(argv[0], argv)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("run")
+@click.argument("port", type=click.IntRange(1, 65535))
+@click.argument("local_port", type=click.IntRange(1, 65535), required=False)
+@click.option("--node", type=click.IntRange(min=0), default=0, help="Which node (rank).")
+def tunnel(run: str, port: int, local_port: int | None, node: int) -> None:
+    """Forward localhost:LOCAL_PORT to PORT on the run's machine (TensorBoard: 6006)."""
+    from gpurun.app.remote_access import tunnel_argv
+
+    argv = tunnel_argv(_remote_record(run), port, local_port, rank=node)
+    click.echo(f"forwarding http://127.0.0.1:{local_port or port} -> {run}:{port} (Ctrl-C to stop)", err=True)
+    os.execvp(argv[0], argv)
+
+
+@cli.command("ssh-config", context_settings=CONTEXT)
+@click.option("--install", is_flag=True, help="Add one Include line to ~/.ssh/config (asks first).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask.")
+def ssh_config(install: bool, yes: bool) -> None:
+    """Write `Host gpurun-<run>` entries for every live remote run, so `ssh gpurun-<run>` works."""
+    from gpurun import runs
+    from gpurun.app.remote_access import include_line, install_ssh_config_include, ssh_config_file, write_ssh_config
+
+    records, _problems = runs.load_all()
+    for record in records:
+        if record["provider"] != "local" and record["state"] != "ended" and record.get("machines"):
+            write_ssh_config(record)
+    click.echo(str(ssh_config_file()))
+    if install:
+        if not yes and not _confirm(f"Add `{include_line()}` to the top of ~/.ssh/config?"):
+            raise BadInput("not confirmed; ~/.ssh/config was not changed")
+        path, changed = install_ssh_config_include()
+        click.echo(f"{'added the Include line to' if changed else 'already included in'} {path}", err=True)
+
+
 def _confirm(question: str) -> bool:
     if not sys.stdin.isatty():
         raise BadInput(f"{question.rstrip('?')}: not asked because input is not a terminal; pass --yes")

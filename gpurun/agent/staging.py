@@ -1,8 +1,11 @@
 """Take a consistent copy of the checkpoint directory while training keeps writing.
 
-Each changed file is copied to a staging directory while it is hashed, and
-its stat is compared before and after: a file that changed during the copy
-is retried, so a half-written file is never uploaded. Files whose stat
+A changed file is taken only once it has been quiet for `settle` seconds (a
+training loop writing in chunks pauses far less than that), then copied to a
+staging directory while it is hashed, and its stat is compared before and
+after: a file that changed during the copy is retried. Frameworks that write
+to a temporary name and rename are always safe; the settle window protects
+the ones that write in place. Files whose stat
 matches the previous snapshot are not read at all.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +70,8 @@ def _copy_and_hash(source: str, dest: str) -> tuple[str, int]:
 class Stager:
     """Remembers what the last snapshot held so unchanged files cost nothing."""
 
-    def __init__(self, watch_dir: Path, staging_dir: Path) -> None:
+    def __init__(self, watch_dir: Path, staging_dir: Path, settle: float = 0.5) -> None:
+        self.settle = settle
         self.watch_dir = Path(watch_dir)
         self.staging_dir = Path(staging_dir)
         self.known: dict[str, tuple[FileIdentity, str]] = {}
@@ -110,7 +115,12 @@ class Stager:
             dest.parent.mkdir(parents=True, exist_ok=True)
             for _attempt in range(attempts):
                 try:
-                    before = _identity(os.stat(source))
+                    stat = os.stat(source)
+                    quiet_for = time.time() - stat.st_mtime
+                    if quiet_for < self.settle:
+                        time.sleep(self.settle - quiet_for)
+                        continue
+                    before = _identity(stat)
                     digest, size = _copy_and_hash(source, str(dest))
                     after = _identity(os.stat(source))
                 except FileNotFoundError:

@@ -15,9 +15,8 @@ MASTER_PORT = 29500
 
 def store_url_for(spec) -> str:
     url = spec.checkpoint.store
-    if spec.provider == "aws":
-        if url is None or not url.startswith("s3://"):
-            raise BadInput(
+    if spec.provider == "aws" and (url is None or not url.startswith("s3://")):
+        raise BadInput(
                 "checkpoint.store: provider aws needs an s3:// store (the machine's disk goes with it), "
                 "like s3://my-bucket/gpurun"
             )

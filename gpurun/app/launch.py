@@ -122,6 +122,10 @@ def launch(
         record["state"] = "running"
         on_change(record)
         snaps.put_run_record(store, run, record)
+        if spec.provider != "local":
+            from gpurun.app.remote_access import write_ssh_config
+
+            write_ssh_config(record)
     except BaseException as error:
         _rollback(provider, record, started, ui, on_change)
         if isinstance(error, KeyboardInterrupt):

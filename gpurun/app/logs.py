@@ -49,45 +49,48 @@ def show_logs(
     provider = get_provider(record["provider"])
     write = write or _stdout
     offset: int | None = None
-    received = 0
     failures = 0
     while True:
+        reader = _OffsetReader(write)
         try:
             with provider.connect(record, machine) as transport:
-                header = bytearray()
-                state = {"started": False}
-
-                def on_output(chunk: bytes) -> None:
-                    nonlocal received, offset
-                    if not state["started"]:
-                        header.extend(chunk)
-                        if b"\n" not in header:
-                            return
-                        line, _, rest = bytes(header).partition(b"\n")
-                        offset = int(line.split()[-1]) if line.startswith(b"@@gpurun-offset") else 0
-                        received = 0
-                        state["started"] = True
-                        chunk = rest
-                    if chunk:
-                        received += len(chunk)
-                        write(chunk)
-
-                current = None if offset is None else offset + received
-                transport.stream(_follow_command(machine["run_dir"], current, tail, follow), on_output)
-                if offset is not None:
-                    offset += received
-                    received = 0
+                transport.stream(_follow_command(machine["run_dir"], offset, tail, follow), reader.feed)
+                if reader.offset is not None:
+                    offset = reader.offset + reader.received
                 if not follow:
                     return {"run": run}
                 job = jobs.read_state(transport, machine["run_dir"])
                 if not job["job_alive"]:
                     return {"run": run, "exit_code": job["exit_code"], "interrupted": job["interrupted"]}
         except TransportError as error:
+            if reader.offset is not None:
+                offset = reader.offset + reader.received
             failures += 1
             if failures > 30:
                 raise GpurunError(f"lost the connection to {run} and could not reconnect: {error}") from None
             print(f"[gpurun] connection lost ({error}); reconnecting...", file=sys.stderr, flush=True)
             time.sleep(min(2.0 * failures, 10.0))
+
+
+class _OffsetReader:
+    """Strips the offset header the remote command prints first and counts what follows."""
+
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self.write = write
+        self.header = bytearray()
+        self.offset: int | None = None
+        self.received = 0
+
+    def feed(self, chunk: bytes) -> None:
+        if self.offset is None:
+            self.header.extend(chunk)
+            if b"\n" not in self.header:
+                return
+            line, _, chunk = bytes(self.header).partition(b"\n")
+            self.offset = int(line.split()[-1]) if line.startswith(b"@@gpurun-offset") else 0
+        if chunk:
+            self.received += len(chunk)
+            self.write(chunk)
 
 
 def _stdout(chunk: bytes) -> None:

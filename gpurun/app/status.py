@@ -68,9 +68,10 @@ def reconcile(record: dict[str, Any]) -> dict[str, Any]:
             continue
         if machine.get("rank", 0) == 0:
             _job_outcome(record, state)
-    if record["provider"] == "aws" and record["state"] == "running":
-        if record["machines"] and all(m.get("state") in ("terminated", "gone") for m in record["machines"]):
-            record["state"] = "interrupted"
+    machines = record["machines"]
+    gone = machines and all(m.get("state") in ("terminated", "gone") for m in machines)
+    if record["provider"] == "aws" and record["state"] == "running" and gone:
+        record["state"] = "interrupted"
     if repr(record) != before:
         with runs.locked(record["run"]):
             runs.save(record)

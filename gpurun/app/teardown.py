@@ -38,14 +38,14 @@ def teardown(run: str, ui: Ui, *, final_sync: bool = True, keep_files: bool = Fa
         local_dir = paths.local_runs_dir() / run
         if local_dir.exists():
             shutil.rmtree(local_dir, ignore_errors=True)
-    if final_checkpoint is None and record.get("last_checkpoint"):
-        final_checkpoint = None  # nothing new was taken; the last one stands
+    if record["provider"] != "local":
+        from gpurun.app.remote_access import remove_ssh_config
+
+        remove_ssh_config(run)
     with runs.locked(run):
         current = runs.load(run)
-        current.update({k: record[k] for k in ("machines", "resources") if k in record})
-        if current["state"] in ("launching", "running"):
-            current["state"] = "ended"
-        current["ended_at"] = runs.now_iso()
+        current.update({k: record[k] for k in ("machines", "resources", "exit_code", "job") if k in record})
+        current["ended_at"] = current.get("ended_at") or runs.now_iso()
         current["state"] = "ended"
         if final_checkpoint:
             current["last_checkpoint"] = {k: final_checkpoint[k] for k in ("seq", "at", "bytes")}
@@ -68,8 +68,6 @@ def _stop_machine(provider, record, machine, ui: Ui, final_sync: bool, keep_file
     final = None
     with transport:
         if not final_sync:
-            if jobs.stop(transport, run_dir, "agent", grace=0.1, here=local):
-                pass
             jobs.signal_group(transport, run_dir, "agent", "KILL")
         before = _agent_seq(transport, run_dir, local)
         with ui.spinner(f"stopping the job of {record['run']} on {transport.label}"):
@@ -77,6 +75,11 @@ def _stop_machine(provider, record, machine, ui: Ui, final_sync: bool, keep_file
         if killed:
             ui.warn(f"the job did not stop within {JOB_GRACE:.0f}s of SIGTERM and was killed")
         removed.append(f"job on {transport.label}")
+        if machine.get("rank", 0) == 0:
+            state = jobs.read_state_here(run_dir) if local else jobs.read_state(transport, run_dir)
+            if record.get("exit_code") is None:
+                record["exit_code"] = state["exit_code"]
+            record["job"] = {"phase": state["phase"], "alive": False}
         if final_sync and machine in common.agent_machines(record):
             final = _final_sync(provider, record, machine, transport, ui, before)
         jobs.stop(transport, run_dir, "agent", grace=10, here=local)

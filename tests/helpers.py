@@ -1,0 +1,60 @@
+"""Small helpers the tests share."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def gpurun(*args: str, check: bool = True, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real CLI in a child process, as a user would."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gpurun", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"gpurun {' '.join(args)} exited {done.returncode}\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def gpurun_json(*args: str) -> Any:
+    return json.loads(gpurun(*args, "--json").stdout)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.2, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def process_alive(pid: int) -> bool:
+    """True unless gone or a zombie (PID 1 here reaps slowly)."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("State:"):
+                    return line.split()[1] != "Z"
+    except OSError:
+        return False
+    return False
+
+
+def write_spec(directory: Path, text: str, name: str = "experiment.yaml") -> Path:
+    path = directory / name
+    path.write_text(text)
+    return path

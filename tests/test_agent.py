@@ -1,0 +1,168 @@
+"""The checkpoint agent: staging while training writes, triggers, and loud failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from gpurun.agent.staging import Stager
+from gpurun.store import open_store
+from gpurun.store import snapshots as snaps
+from tests.helpers import process_alive, wait_until
+
+
+def test_staging_never_takes_a_file_half_written(tmp_path: Path) -> None:
+    watch = tmp_path / "ckpt"
+    watch.mkdir()
+    versions = {}
+    stop = threading.Event()
+
+    def writer() -> None:
+        # Writes in place, slowly, the way a careless training loop would.
+        index = 0
+        while not stop.is_set():
+            index += 1
+            data = bytes([index % 256]) * 300_000
+            versions[index % 256] = data
+            with open(watch / "weights.bin", "wb") as handle:
+                for start in range(0, len(data), 50_000):
+                    handle.write(data[start : start + 50_000])
+                    handle.flush()
+                    time.sleep(0.002)
+            time.sleep(0.8)  # the end of an epoch
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    stager = Stager(watch, tmp_path / "staging")
+    taken = 0
+    try:
+        for _ in range(6):
+            try:
+                staged, _changed = stager.stage(attempts=10)
+            except OSError:
+                continue  # "kept changing": the agent retries later
+            for item in staged:
+                content = Path(item.local_path).read_bytes()
+                assert len(content) == 300_000, "a half-written file was staged"
+                assert len(set(content)) == 1
+                taken += 1
+    finally:
+        stop.set()
+        thread.join()
+    assert taken > 0
+
+
+def test_unchanged_files_are_not_read_again(tmp_path: Path) -> None:
+    watch = tmp_path / "ckpt"
+    watch.mkdir()
+    (watch / "a").write_bytes(b"1" * 10)
+    stager = Stager(watch, tmp_path / "staging")
+    staged, changed = stager.stage()
+    assert changed and staged[0].local_path
+    stager.committed()
+    staged, changed = stager.stage()
+    assert not changed and staged[0].local_path is None
+
+
+def start_agent(tmp_path: Path, store_url: str, *extra: str) -> tuple[subprocess.Popen, Path]:
+    run_dir = tmp_path / "run"
+    (run_dir / "work/checkpoints").mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "gpurun.agent",
+            "--watch", str(run_dir / "work/checkpoints"),
+            "--to", store_url, "--run", "r1", "--every", "1s", "--keep", "2",
+            "--run-dir", str(run_dir), *extra,
+        ],
+        stdout=open(run_dir / "agent.log", "ab"),
+        stderr=subprocess.STDOUT,
+    )
+    return process, run_dir
+
+
+def agent_status(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "agent.status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def test_agent_snapshots_on_schedule_request_and_job_exit(tmp_path: Path) -> None:
+    store_url = f"file://{tmp_path / 'store'}"
+    process, run_dir = start_agent(tmp_path, store_url)
+    ckpt = run_dir / "work/checkpoints"
+    try:
+        (ckpt / "w.bin").write_bytes(b"epoch1")
+        wait_until(lambda: agent_status(run_dir).get("last_seq") == 1, what="scheduled snapshot")
+        (ckpt / "w.bin").write_bytes(b"epoch2")
+        (run_dir / "sync.request").write_text("nonce-1")
+        wait_until(lambda: agent_status(run_dir).get("handled_request") == "nonce-1", what="requested snapshot")
+        assert agent_status(run_dir)["last_seq"] == 2
+        (ckpt / "w.bin").write_bytes(b"final")
+        (run_dir / "job.exit").write_text("0")
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    store = open_store(store_url)
+    out = tmp_path / "restored"
+    info = snaps.download_snapshot(store, "r1", out)
+    assert (out / "w.bin").read_bytes() == b"final"
+    assert agent_status(run_dir)["state"] == "stopped"
+    assert [s["seq"] for s in snaps.list_snapshots(store, "r1")][-1] == info["seq"]
+    assert len(snaps.list_snapshots(store, "r1")) <= 2  # keep 2
+
+
+def test_sigterm_takes_a_final_snapshot(tmp_path: Path) -> None:
+    store_url = f"file://{tmp_path / 'store'}"
+    process, run_dir = start_agent(tmp_path, store_url, "--every", "1h")
+    (run_dir / "work/checkpoints/w.bin").write_bytes(b"last words")
+    wait_until(lambda: agent_status(run_dir).get("state") == "running", what="agent start")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    out = tmp_path / "restored"
+    snaps.download_snapshot(open_store(store_url), "r1", out)
+    assert (out / "w.bin").read_bytes() == b"last words"
+
+
+def test_failing_store_is_loud_and_retried(tmp_path: Path) -> None:
+    blocked = tmp_path / "blocked"
+    blocked.write_text("not a directory")
+    process, run_dir = start_agent(tmp_path, f"file://{blocked}/store")
+    try:
+        (run_dir / "work/checkpoints/w.bin").write_bytes(b"data")
+        status = wait_until(lambda: agent_status(run_dir).get("failures", 0) >= 2 and agent_status(run_dir), what="failures")
+        assert "blocked/store" in status["last_error"] and "Not a directory" in status["last_error"]
+        assert process_alive(process.pid), "the agent must keep retrying, not give up"
+        assert "FAILED" in (run_dir / "agent.log").read_text()
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.parametrize("signal_to_send", [signal.SIGKILL])
+def test_agent_killed_mid_snapshot_leaves_latest_complete(tmp_path: Path, signal_to_send: int) -> None:
+    store_url = f"file://{tmp_path / 'store'}"
+    store = open_store(store_url)
+    ckpt = tmp_path / "run/work/checkpoints"
+    ckpt.mkdir(parents=True)
+    for round_number in range(12):
+        for index in range(20):
+            (ckpt / f"part-{index}.bin").write_bytes(os.urandom(20_000 + round_number))
+        process, run_dir = start_agent(tmp_path, store_url, "--every", "0.05s")
+        time.sleep(0.05 + 0.03 * (round_number % 5))
+        process.send_signal(signal_to_send)
+        process.wait()
+        pointer = snaps.latest(store, "r1")
+        if pointer is not None:
+            out = tmp_path / f"restore-{round_number}"
+            info = snaps.download_snapshot(store, "r1", out)  # verifies every sha256
+            assert info["files"] == 20
