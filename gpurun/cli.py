@@ -145,7 +145,9 @@ def _follow_logs(run: str, *, tail: int | None, follow: bool = True, node: int |
     outcome = show_logs(run, follow=follow, tail=tail, node=node)
     if follow:
         code = outcome.get("exit_code")
-        if outcome.get("interrupted"):
+        if outcome.get("gone"):
+            message = "the run was torn down while following"
+        elif outcome.get("interrupted"):
             message = "the job was interrupted (spot reclaim)"
         elif code is None:
             message = "the job ended without recording an exit status (killed)"

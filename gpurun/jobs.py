@@ -24,13 +24,18 @@ from gpurun.transport.base import Transport
 q = shlex.quote
 
 
+def _in_workdir(workdir: str, command: str) -> str:
+    # cd inside the child shell: a login's ~/.bashrc may run (and cd) before the command.
+    return f"cd {q(workdir)} && {command}"
+
+
 def job_script(run_dir: str, workdir: str, env: dict[str, str], setup: str | None, run: str) -> str:
     exports = "\n".join(f"export {name}={q(value)}" for name, value in sorted(env.items()))
     setup_block = ""
     if setup:
         setup_block = f"""echo setup > {q(run_dir)}/job.phase
 echo "[gpurun] setup: "{q(setup)}
-bash -c {q(setup)}
+bash -c {q(_in_workdir(workdir, setup))}
 code=$?
 if [ "$code" -ne 0 ]; then
   echo "[gpurun] setup failed with exit status $code"
@@ -44,10 +49,12 @@ fi
 trap 'echo "[gpurun] received SIGTERM"' TERM
 record() {{ echo "$1" > {q(run_dir)}/job.exit.tmp && mv {q(run_dir)}/job.exit.tmp {q(run_dir)}/job.exit; }}
 cd {q(workdir)} || {{ record 1; exit 1; }}
+# Started from an SSH session, bash would read ~/.bashrc for every child shell.
+unset SSH_CLIENT SSH2_CLIENT SSH_CONNECTION SSH_TTY
 {exports}
 {setup_block}echo run > {q(run_dir)}/job.phase
 echo "[gpurun] run: "{q(run)}
-bash -c {q(run)} &
+bash -c {q(_in_workdir(workdir, run))} &
 child=$!
 wait "$child"
 code=$?

@@ -103,35 +103,68 @@ class Stager:
         staged: list[StagedFile] = []
         self._pending = {}
         changed = set(current) != set(self.known)
+        to_take = []
         for path, identity in sorted(current.items()):
             known = self.known.get(path)
             if known and known[0] == identity:
                 staged.append(StagedFile(path, identity.size, known[1], None))
                 self._pending[path] = known
-                continue
-            changed = True
+            else:
+                to_take.append(path)
+        changed = changed or bool(to_take)
+        for _attempt in range(attempts):
+            to_take = self._take(to_take, staged)
+            if not to_take:
+                break
+        else:
+            raise OSError(f"{to_take[0]} kept changing while it was copied; will retry")
+        staged.sort(key=lambda item: item.path)
+        return staged, changed
+
+    def _take(self, paths: list[str], staged: list[StagedFile]) -> list[str]:
+        """Stage what is stable now; returns the paths to try again."""
+        links_dir = self.staging_dir / ".links"
+        held: dict[str, tuple[str, FileIdentity]] = {}
+        for index, path in enumerate(paths):
             source = str(self.watch_dir / path)
+            # A hard link holds on to this inode: a writer that saves to a new
+            # file and renames it can no longer change what we copy.
+            link = links_dir / str(index)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, link)
+                held_path = str(link)
+            except FileNotFoundError:
+                continue  # removed while we looked: simply not in this snapshot
+            except OSError:
+                held_path = source
+            try:
+                held[path] = (held_path, _identity(os.stat(held_path)))
+            except FileNotFoundError:
+                continue
+        if held:
+            youngest = min(time.time() - identity.mtime_ns / 1e9 for _, identity in held.values())
+            if youngest < self.settle:
+                time.sleep(self.settle - max(youngest, 0.0))
+        retry = []
+        for path, (held_path, identity) in held.items():
             dest = self.staging_dir / path
             dest.parent.mkdir(parents=True, exist_ok=True)
-            for _attempt in range(attempts):
-                try:
-                    stat = os.stat(source)
-                    quiet_for = time.time() - stat.st_mtime
-                    if quiet_for < self.settle:
-                        time.sleep(self.settle - quiet_for)
-                        continue
-                    before = _identity(stat)
-                    digest, size = _copy_and_hash(source, str(dest))
-                    after = _identity(os.stat(source))
-                except FileNotFoundError:
-                    break  # removed while we looked: it is simply not in this snapshot
-                if before == after and size == after.size:
-                    staged.append(StagedFile(path, size, digest, str(dest)))
-                    self._pending[path] = (after, digest)
-                    break
-            else:
-                raise OSError(f"{path} kept changing while it was copied; will retry")
-        return staged, changed
+            try:
+                if _identity(os.stat(held_path)) != identity:
+                    retry.append(path)  # written in place while we waited
+                    continue
+                digest, size = _copy_and_hash(held_path, str(dest))
+                after = _identity(os.stat(held_path))
+            except FileNotFoundError:
+                continue
+            if after != identity or size != identity.size:
+                retry.append(path)
+                continue
+            staged.append(StagedFile(path, size, digest, str(dest)))
+            self._pending[path] = (identity, digest)
+        shutil.rmtree(links_dir, ignore_errors=True)
+        return retry
 
     def committed(self) -> None:
         """After a snapshot landed: the identities seen while staging are now known."""

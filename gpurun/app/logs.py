@@ -28,11 +28,17 @@ def _follow_command(run_dir: str, offset: int | None, tail: int | None, follow: 
         )
     else:
         start = f"o={int(offset)}"
-    reader = f"tail -c +$((o + 1)) -f --pid=\"$p\" {log}" if follow else f"tail -c +$((o + 1)) {log}"
-    return (
-        f"{start}; echo \"@@gpurun-offset $o\"; p=$(cat {pid} 2>/dev/null || echo 1); "
-        f"[ -e {log} ] || {{ sleep 0.2; }}; exec {reader} 2>/dev/null"
-    )
+    exit_file = q(f"{run_dir}/job.exit")
+    if follow:
+        # The exit status is read in the same command, right after the job ends:
+        # teardown may remove the run directory a moment later.
+        reader = (
+            f"tail -s 0.2 -c +$((o + 1)) -f --pid=\"$p\" {log} 2>/dev/null; "
+            f"printf '\\000@@gpurun-exit %s\\n' \"$(cat {exit_file} 2>/dev/null || {{ [ -d {q(run_dir)} ] || echo gone; }})\""
+        )
+    else:
+        reader = f"tail -c +$((o + 1)) {log} 2>/dev/null"
+    return f"{start}; echo \"@@gpurun-offset $o\"; p=$(cat {pid} 2>/dev/null || echo 1); {reader}"
 
 
 def show_logs(
@@ -59,9 +65,10 @@ def show_logs(
                     offset = reader.offset + reader.received
                 if not follow:
                     return {"run": run}
-                job = jobs.read_state(transport, machine["run_dir"])
-                if not job["job_alive"]:
-                    return {"run": run, "exit_code": job["exit_code"], "interrupted": job["interrupted"]}
+                if reader.ended:
+                    job = jobs.read_state(transport, machine["run_dir"])
+                    code = reader.exit_code if reader.exit_code is not None else job["exit_code"]
+                    return {"run": run, "exit_code": code, "interrupted": job["interrupted"], "gone": reader.gone}
         except TransportError as error:
             if reader.offset is not None:
                 offset = reader.offset + reader.received
@@ -72,6 +79,9 @@ def show_logs(
             time.sleep(min(2.0 * failures, 10.0))
 
 
+_END_MARK = b"\x00@@gpurun-exit "
+
+
 class _OffsetReader:
     """Strips the offset header the remote command prints first and counts what follows."""
 
@@ -80,6 +90,10 @@ class _OffsetReader:
         self.header = bytearray()
         self.offset: int | None = None
         self.received = 0
+        self.ended = False
+        self.gone = False
+        self.exit_code: int | None = None
+        self.trailer = bytearray()
 
     def feed(self, chunk: bytes) -> None:
         if self.offset is None:
@@ -88,6 +102,23 @@ class _OffsetReader:
                 return
             line, _, chunk = bytes(self.header).partition(b"\n")
             self.offset = int(line.split()[-1]) if line.startswith(b"@@gpurun-offset") else 0
+        if self.trailer or _END_MARK[:1] in chunk:
+            before, mark, after = chunk.partition(_END_MARK[:1])
+            self._write(before)
+            self.trailer.extend(mark + after)
+            if self.trailer.startswith(_END_MARK) and self.trailer.endswith(b"\n"):
+                value = self.trailer[len(_END_MARK) :].strip()
+                self.ended = True
+                self.exit_code = int(value) if value.lstrip(b"-").isdigit() else None
+                self.gone = value == b"gone"
+            elif not _END_MARK.startswith(bytes(self.trailer[: len(_END_MARK)])):
+                # A NUL that is part of the log itself.
+                data, self.trailer = bytes(self.trailer), bytearray()
+                self._write(data)
+            return
+        self._write(chunk)
+
+    def _write(self, chunk: bytes) -> None:
         if chunk:
             self.received += len(chunk)
             self.write(chunk)
