@@ -6,6 +6,7 @@ over their transport; AWS instance states come from one batched describe.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from typing import Any
 
@@ -50,7 +51,7 @@ def reconcile(record: dict[str, Any]) -> dict[str, Any]:
     """Ask the machine how the job is doing; returns the updated record."""
     if record["state"] not in ACTIVE or not record.get("machines"):
         return record
-    before = repr(record)
+    before = json.dumps(record, sort_keys=True)
     provider = None
     for machine in record["machines"]:
         if machine.get("state") in ("terminated", "gone", "shutting-down"):
@@ -72,7 +73,7 @@ def reconcile(record: dict[str, Any]) -> dict[str, Any]:
     gone = machines and all(m.get("state") in ("terminated", "gone") for m in machines)
     if record["provider"] == "aws" and record["state"] == "running" and gone:
         record["state"] = "interrupted"
-    if repr(record) != before:
+    if json.dumps(record, sort_keys=True) != before:
         with runs.locked(record["run"]):
             runs.save(record)
     return record
