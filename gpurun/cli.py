@@ -288,6 +288,23 @@ def teardown(names: tuple[str, ...], all_runs: bool, orphans: bool, yes: bool, n
         ui.emit_json({"runs": results})
 
 
+@cli.command(context_settings=CONTEXT)
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--template", "-t", default="pytorch", show_default=True, help="pytorch or keras.")
+@click.option("--force", is_flag=True, help="Overwrite the template's files in a non-empty directory.")
+def init(directory: Path, template: str, force: bool) -> None:
+    """A ready experiment in DIRECTORY: train.py, experiment.yaml, requirements.txt, .gpurunignore."""
+    from gpurun.app.init_project import init_project
+
+    written = init_project(directory, template, force=force)
+    for path in written:
+        click.echo(f"wrote {path}", err=True)
+    spec = directory / "experiment.yaml"
+    click.echo(
+        f"next: gpurun launch {spec} --follow   (runs here; edit provider/aws in {spec} for a rented GPU)", err=True
+    )
+
+
 def _remote_record(run: str) -> dict[str, Any]:
     from gpurun import runs
 
