@@ -73,6 +73,10 @@ def describe_gpus(lines: list[str]) -> str:
     return ", ".join(f"{count} × {name}" for name, count in Counter(names).items())
 
 
+def _destination(machine: dict[str, Any]) -> tuple[str, int, str]:
+    return (machine["host"], int(machine["port"]), machine["user"])
+
+
 class SshProvider(Provider):
     name = "ssh"
 
@@ -117,6 +121,8 @@ class SshProvider(Provider):
             for rank, target in enumerate(hosts)
         ]
 
+        destinations = [_destination(machine) for machine in machines]
+
         def reach(machine: dict[str, Any]) -> dict[str, Any]:
             transport = self._transport(run, machine, on_warning=say)
             values: dict[str, list[str]] = {}
@@ -129,7 +135,13 @@ class SshProvider(Provider):
                 raise TransportError(f"cannot find the home directory on {transport.label} ($HOME is {home!r})")
             gpus = values.get("gpu", [])
             machine["run_dir"] = f"{home}/{paths.machine_run_dir(run)}"
-            machine["private_ip"] = (values.get("ip") or [""])[0] or machine["host"]
+            if machine["rank"] > 0 and destinations.count(_destination(machine)) > 1:
+                # The same login listed twice (several GPUs' worth of nodes on one box): keep nodes apart.
+                machine["run_dir"] += f"-node{machine['rank']}"
+            if machine["host"] in ("localhost", "::1") or machine["host"].startswith("127."):
+                machine["private_ip"] = machine["host"]  # nodes on this very machine talk over loopback
+            else:
+                machine["private_ip"] = (values.get("ip") or [""])[0] or machine["host"]
             machine["gpus"] = gpus
             machine["host_keys"] = [transport.server_key_line] if transport.server_key_line else []
             machine["state"] = "running"

@@ -1,0 +1,64 @@
+"""Two nodes over SSH (both the loopback sshd), running the PyTorch template under torchrun with gloo."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, gpurun, gpurun_json, process_alive, wait_until
+
+
+@pytest.mark.slow
+def test_two_ssh_nodes_train_together_with_torchrun(sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = tmp_path / "client-home"
+    (client / ".ssh").mkdir(parents=True, mode=0o700)
+    config = client / ".ssh/config"
+    config.write_text(
+        f"Host node\n  HostName {sshd.host}\n  Port {sshd.port}\n  User {sshd.user}\n  IdentityFile {sshd.key_path}\n"
+    )
+    (client / ".ssh/known_hosts").write_text(sshd.known_hosts_line + "\n")
+    monkeypatch.setenv("HOME", str(client))
+    monkeypatch.setenv("GPURUN_SSH_CONFIG", str(config))
+    shutil.copytree(REPO / "templates/pytorch", tmp_path / "code")
+    train = (
+        "--epochs 2 --steps-per-epoch 6 --batch-size 8 --seq-len 32 --hidden 16 --val-batches 1 --log-every 0"
+    )
+    torchrun = (
+        f"{sys.executable} -m torch.distributed.run --nnodes $GPURUN_NUM_NODES --node-rank $GPURUN_NODE_RANK"
+        " --master-addr $GPURUN_MASTER_ADDR --master-port $GPURUN_MASTER_PORT --nproc-per-node 1"
+    )
+    spec = tmp_path / "ddp.yaml"
+    spec.write_text(
+        "name: ddp\nprovider: ssh\nworkdir: code\n"
+        f"run: {torchrun} train.py {train}\n"
+        "env: {GLOO_SOCKET_IFNAME: lo, OMP_NUM_THREADS: '1'}\n"
+        "ssh: {hosts: [node, node]}\n"
+        f"checkpoint: {{dir: checkpoints, every: 1h, store: 'file://{tmp_path / 'store'}', resume: never}}\n"
+    )
+    launched = gpurun_json("launch", str(spec))
+    run = launched["run"]
+    node0 = sshd.home / "gpurun" / run
+    node1 = sshd.home / "gpurun" / f"{run}-node1"
+    assert (node0 / "work/train.py").exists() and (node1 / "work/train.py").exists(), "separate run directories"
+    assert (node0 / "agent.pid").exists() and not (node1 / "agent.pid").exists(), "the agent runs on rank 0"
+
+    status = wait_until(lambda: (s := gpurun_json("status", run)[0])["state"] != "running" and s, timeout=240, what="DDP job")
+    logs = [gpurun("logs", run, "--node", str(rank)).stdout for rank in (0, 1)]
+    assert status["state"] == "succeeded", logs
+    for log in logs:
+        assert "world_size 2" in log
+    hashes = [re.search(r"final weights sha256: (\w+)", log).group(1) for log in logs]
+    assert hashes[0] == hashes[1], "both ranks end with identical weights"
+    assert (node0 / "work/checkpoints/last.pt").exists()
+    assert not (node1 / "work/checkpoints/last.pt").exists(), "only rank 0 saves"
+
+    job_pids = [int((node / "job.pid").read_text()) for node in (node0, node1)]
+    down = gpurun_json("teardown", run, "--yes")["runs"][0]
+    assert down["final_checkpoint"]["seq"] >= 1
+    assert sum(item.startswith("job on") for item in down["removed"]) == 2
+    assert not any(process_alive(pid) for pid in job_pids)
+    assert not node0.exists() and not node1.exists()
