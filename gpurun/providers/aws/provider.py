@@ -1,0 +1,396 @@
+"""`provider: aws`: EC2 machines from the spec's AMI and types, with safe defaults; never leaks.
+
+Read-only checks and the plan live in `prepare`, resource creation and
+rollback in `launch`, removal by tag and orphans in `teardown`; the pure
+request builders in `requests`. This class joins them behind the Provider
+interface.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import botocore.exceptions
+
+from gpurun import paths
+from gpurun.durations import format_duration
+from gpurun.errors import GpurunError
+from gpurun.providers.aws import requests
+from gpurun.providers.aws.launch import Launcher, launch_error, sigint_deferred
+from gpurun.providers.aws.network import wait_ssh_answer
+from gpurun.providers.aws.prepare import Prepared, plan_rows, prepare
+from gpurun.providers.aws.pricing import hourly_price
+from gpurun.providers.aws.session import Aws, check_identity, client_error_message, make_session
+from gpurun.providers.aws.teardown import (
+    Outcome,
+    Timing,
+    describe_by_ids,
+    failure_message,
+    remove_run,
+)
+from gpurun.providers.aws.teardown import find_orphans as _find_orphans
+from gpurun.providers.base import OnChange, Provider, Record, Say
+
+if TYPE_CHECKING:
+    from gpurun.spec import Spec
+    from gpurun.transport.base import Transport
+
+#: (machines, ssh_cidr, say) -> None; raises when SSH does not answer in time.
+WaitSsh = Callable[[list[dict[str, Any]], str, Say], None]
+
+_BILLED_STATES = {"pending", "running", "stopping", "shutting-down"}
+_ENDED_STATES = {"terminated", "shutting-down", "stopped", "gone"}
+
+
+class AwsProvider(Provider):
+    name = "aws"
+
+    def __init__(self) -> None:
+        #: (event, handler) pairs registered on every boto3 session made here (tests inject faults).
+        self.event_handlers: list[tuple[str, Callable[..., Any]]] = []
+        self.poll_interval = 2.0
+        self.running_timeout = 600.0
+        self.ssh_timeout = 300.0
+        self.ssh_poll_interval = 3.0
+        self.connect_retry_for = 120.0
+        #: How long to keep reading console output for host keys before trusting on first use.
+        self.host_key_timeout = 90.0
+        self.host_key_poll_interval = 5.0
+        self.iam_propagation_timeout = 120.0
+        self.teardown_timing = Timing()
+        self.sleep: Callable[[float], None] = time.sleep
+        #: Replaceable: tests without an sshd set this to a no-op.
+        self.wait_ssh: WaitSsh = self._wait_ssh
+        self._sessions: dict[tuple[str, str | None], Aws] = {}
+        self._prepared: dict[str, Prepared] = {}
+
+    # -- sessions and the plan -------------------------------------------------------------------
+
+    def session(self, region: str, profile: str | None = None) -> Aws:
+        key = (region, profile)
+        aws = self._sessions.get(key)
+        if aws is None:
+            aws = self._sessions[key] = make_session(region, profile, handlers=self.event_handlers)
+        return aws
+
+    def _prepare(self, spec: Spec, run: str) -> Prepared:
+        fingerprint = json.dumps(
+            [run, spec.aws.model_dump(mode="json"), spec.checkpoint.store, spec.ssh.port], sort_keys=True
+        )
+        prepared = self._prepared.get(fingerprint)
+        if prepared is None:
+            aws = self.session(spec.aws.region, spec.aws.profile)
+            prepared = self._prepared[fingerprint] = prepare(aws, spec, run)
+        return prepared
+
+    def plan(self, spec: Spec, run: str) -> list[tuple[str, str]]:
+        return plan_rows(self._prepare(spec, run), spec)
+
+    # -- acquire ---------------------------------------------------------------------------------
+
+    def acquire(self, spec: Spec, record: Record, on_change: OnChange, say: Say) -> list[dict[str, Any]]:
+        run = record["run"]
+        prepared = self._prepare(spec, run)  # every BadInput is raised here, before anything exists
+        aws = prepared.aws
+        record["aws"] = {
+            "region": aws.region,
+            "profile": spec.aws.profile,
+            "account": prepared.identity.account,
+            "owner": prepared.owner,
+            "nodes": spec.aws.nodes,
+        }
+        record.setdefault("resources", {})
+        on_change(record)
+        for warning in prepared.warnings:
+            say(f"warning: {warning}")
+        launcher = Launcher(
+            prepared,
+            spec,
+            record,
+            on_change,
+            say,
+            poll_interval=self.poll_interval,
+            running_timeout=self.running_timeout,
+            iam_propagation_timeout=self.iam_propagation_timeout,
+            sleep=self.sleep,
+        )
+        try:
+            key_path = launcher.key_pair()
+            group_id = launcher.security_group(prepared.vpc_id)
+            profile = launcher.instance_profile()
+            placement = launcher.placement_group()
+            launched, type_name, zone = launcher.instances(requests.resource_name(run), group_id, profile, placement)
+            described = launcher.wait_running([item["InstanceId"] for item in launched])
+            machines = launcher.machines(described, key_path, type_name, zone)
+            launcher.step = "waiting for SSH"
+            self.wait_ssh(machines, prepared.ssh_cidr, say)
+            launcher.pin_host_keys(machines, timeout=self.host_key_timeout, interval=self.host_key_poll_interval)
+        except BaseException as error:
+            outcome = self._rollback(aws, record, on_change, say, launcher.step)
+            raise launch_error(error, launcher.step, outcome.removed, outcome.failed) from error
+        return machines
+
+    def _rollback(self, aws: Aws, record: Record, on_change: OnChange, say: Say, step: str) -> Outcome:
+        run = record["run"]
+        with sigint_deferred():
+            say(f"launch stopped while {step}: removing what it created")
+            try:
+                outcome = remove_run(
+                    aws,
+                    run,
+                    say,
+                    self.teardown_timing,
+                    names=record.get("resources") or {},
+                    placement_groups=_may_have_placement_group(record),
+                )
+            except Exception as error:  # the rollback must report, never hide the first error
+                outcome = Outcome(failed=[f"rollback: {type(error).__name__}: {error}"])
+            record["resources"] = outcome.left
+            on_change(record)
+        if outcome.removed:
+            say(f"removed: {', '.join(outcome.removed)}")
+        return outcome
+
+    def _wait_ssh(self, machines: list[dict[str, Any]], ssh_cidr: str, say: Say) -> None:
+        if not machines:
+            return
+        say(f"waiting for SSH on {len(machines)} machine(s) (at most {format_duration(self.ssh_timeout)})")
+        deadline = time.monotonic() + self.ssh_timeout
+
+        def probe(machine: dict[str, Any]) -> bool:
+            return wait_ssh_answer(machine["host"], int(machine["port"]), deadline, self.ssh_poll_interval)
+
+        with ThreadPoolExecutor(max_workers=min(32, len(machines))) as pool:
+            answered = list(pool.map(probe, machines))
+        silent = [machine for machine, ok in zip(machines, answered, strict=True) if not ok]
+        if silent:
+            first = silent[0]
+            more = f" (and {len(silent) - 1} more)" if len(silent) > 1 else ""
+            raise GpurunError(
+                f"{first['instance_id']} is running but SSH at {first['host']}:{first['port']} did not answer in "
+                f"{format_duration(self.ssh_timeout)}{more}: check ssh_cidr (now {ssh_cidr})"
+            )
+
+    # -- using the machines ------------------------------------------------------------------------
+
+    def connect(self, record: Record, machine: dict[str, Any]) -> Transport:
+        from gpurun.transport.ssh import SshTransport
+
+        host = machine["host"]
+        port = int(machine.get("port") or 22)
+        user = machine.get("user") or "ubuntu"
+        known_hosts = machine.get("known_hosts") or str(paths.keys_dir() / record["run"] / "known_hosts")
+        pinned = machine.get("host_keys") or None
+        return SshTransport(
+            host,
+            port=port,
+            user=user,
+            key_filename=machine.get("key_path"),
+            pinned_keys=pinned,
+            known_hosts_file=known_hosts,
+            # Keys the console did not show: the first one seen is kept in the run's own file.
+            trust_on_first_use=pinned is None,
+            # sshd may answer before cloud-init has installed the run's key.
+            connect_retry_for=self.connect_retry_for,
+            label=f"{user}@{host}:{port}",
+        )
+
+    def agent_python(self, record: Record, machine: dict[str, Any], transport: Transport, say: Say) -> str:
+        from gpurun.agent.install import ensure_agent
+
+        return ensure_agent(transport, say, need_s3=True)
+
+    def machine_env(self, record: Record, machine: dict[str, Any]) -> dict[str, str]:
+        region, _ = _location(record)
+        return {"AWS_DEFAULT_REGION": region, "AWS_REGION": region}
+
+    # -- status ------------------------------------------------------------------------------------
+
+    def refresh(self, records: list[Record]) -> None:
+        """One batched describe per region; vanished instances become state "gone", never an error."""
+        groups: dict[tuple[str, str | None], list[Record]] = {}
+        for record in records:
+            if record.get("provider") != "aws":
+                continue
+            if not any(machine.get("instance_id") for machine in record.get("machines") or []):
+                continue
+            groups.setdefault(_location(record), []).append(record)
+        now = datetime.now(timezone.utc)
+        for (region, profile), members in groups.items():
+            ids = [m["instance_id"] for r in members for m in r.get("machines", []) if m.get("instance_id")]
+            try:
+                found = describe_by_ids(self.session(region, profile), list(dict.fromkeys(ids)))
+            except (GpurunError, botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
+                message = (
+                    client_error_message(error) if isinstance(error, botocore.exceptions.ClientError) else str(error)
+                )
+                for record in members:
+                    record["refresh_error"] = f"AWS state unknown: {message}"
+                continue
+            for record in members:
+                record.pop("refresh_error", None)
+                _update_machines(record, found, region, now)
+
+    # -- teardown ----------------------------------------------------------------------------------
+
+    def release(self, record: Record, on_change: OnChange, say: Say) -> list[str]:
+        run = record["run"]
+        region, profile = _location(record)
+        aws = self.session(region, profile)
+        check_identity(aws)
+        outcome = remove_run(
+            aws,
+            run,
+            say,
+            self.teardown_timing,
+            names=record.get("resources") or {},
+            placement_groups=_may_have_placement_group(record),
+        )
+        record["resources"] = outcome.left
+        gone = {entry.split(" ", 1)[1] for entry in outcome.removed if entry.startswith("instance i-")}
+        for machine in record.get("machines") or []:
+            if machine.get("instance_id") in gone:
+                machine["state"] = "terminated"
+        on_change(record)
+        if outcome.failed:
+            raise GpurunError(failure_message(run, outcome))
+        return outcome.removed
+
+    def find_orphans(
+        self, known_runs: set[str] | list[str], regions: list[str] | None = None, profile: str | None = None
+    ) -> list[dict[str, Any]]:
+        """gpurun-tagged resources (instances, groups, key pairs, placement groups, roles, profiles)
+        whose `gpurun:run` no local record knows. Each: {run, region, kind, id, owner, ...}."""
+        found: list[dict[str, Any]] = []
+        for index, region in enumerate(regions or [default_region(profile)]):
+            aws = self.session(region, profile)
+            check_identity(aws)
+            try:
+                found.extend(_find_orphans(aws, known_runs, include_iam=index == 0))
+            except botocore.exceptions.ClientError as error:
+                raise GpurunError(
+                    f"listing gpurun resources in {region} failed: {client_error_message(error)}"
+                ) from None
+        return found
+
+    def remove_orphans(self, orphans: list[dict[str, Any]], say: Say, profile: str | None = None) -> list[str]:
+        """Remove every run named in `orphans` (found by tag, as teardown does); returns what was removed."""
+        runs: dict[str, list[str]] = {}
+        for orphan in orphans:
+            if not orphan.get("run"):
+                continue
+            regions = runs.setdefault(orphan["run"], [])
+            region = orphan.get("region")
+            if region and region not in regions:
+                regions.append(region)
+        removed: list[str] = []
+        failed: list[str] = []
+        for run, regions in runs.items():
+            for region in regions or [default_region(profile)]:
+                outcome = remove_run(self.session(region, profile), run, say, self.teardown_timing)
+                removed.extend(outcome.removed)
+                failed.extend(f"{run}: {item}" for item in outcome.failed)
+        if failed:
+            raise GpurunError(f"could not remove every orphan: {'; '.join(failed)}; removed: {', '.join(removed)}")
+        return removed
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def default_region(profile: str | None = None) -> str:
+    import boto3
+
+    try:
+        return boto3.Session(profile_name=profile).region_name or "us-east-1"
+    except Exception:
+        return "us-east-1"
+
+
+def _location(record: Record) -> tuple[str, str | None]:
+    saved = record.get("aws") or {}
+    spec_aws = (record.get("spec") or {}).get("aws") or {}
+    region = saved.get("region") or spec_aws.get("region") or default_region(spec_aws.get("profile"))
+    profile = saved.get("profile") if "profile" in saved else spec_aws.get("profile")
+    return region, profile
+
+
+def _may_have_placement_group(record: Record) -> bool:
+    """Only runs of several nodes make one; a record that does not say how many might have."""
+    if (record.get("resources") or {}).get("placement_group"):
+        return True
+    nodes = ((record.get("spec") or {}).get("aws") or {}).get("nodes")
+    if nodes is None:
+        nodes = (record.get("aws") or {}).get("nodes")
+    return nodes is None or int(nodes) > 1
+
+
+def _parse_time(text: Any) -> datetime | None:
+    if isinstance(text, datetime):
+        return text if text.tzinfo else text.replace(tzinfo=timezone.utc)
+    if not text:
+        return None
+    try:
+        value = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+_TRANSITION = re.compile(r"\((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (?:GMT|UTC)\)")
+
+
+def _ended_at(reason: str | None) -> str | None:
+    match = _TRANSITION.search(reason or "")
+    if not match:
+        return None
+    return datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc).isoformat()
+
+
+def _update_machines(record: Record, found: dict[str, dict[str, Any]], region: str, now: datetime) -> None:
+    total = 0.0
+    known = False
+    for machine in record.get("machines") or []:
+        item = found.get(machine.get("instance_id", ""))
+        if item is None:
+            machine["state"] = "gone"
+            machine["public_ip"] = None
+        else:
+            state = item["State"]["Name"]
+            machine["state"] = state
+            machine["public_ip"] = item.get("PublicIpAddress")
+            if item.get("PublicIpAddress"):
+                machine["host"] = item["PublicIpAddress"]
+            if item.get("LaunchTime"):
+                machine["launch_time"] = _parse_time(item["LaunchTime"]).isoformat()
+            if state in _ENDED_STATES and not machine.get("ended_at"):
+                machine["ended_at"] = _ended_at(item.get("StateTransitionReason")) or now.isoformat()
+        cost = _machine_cost(machine, region, now)
+        if cost is not None:
+            machine["cost_usd"] = cost
+        if machine.get("cost_usd") is not None:
+            total += float(machine["cost_usd"])
+            known = True
+    record["cost_usd"] = round(total, 4) if known else None
+
+
+def _machine_cost(machine: dict[str, Any], region: str, now: datetime) -> float | None:
+    price = machine.get("price_per_hour")
+    if price is None:
+        price = hourly_price(machine.get("instance_type", ""), region, None)
+    start = _parse_time(machine.get("launch_time"))
+    if price is None or start is None:
+        return None
+    end = _parse_time(machine.get("ended_at"))
+    if end is None:
+        if machine.get("state") not in _BILLED_STATES:
+            return None  # vanished without an end time: keep the last estimate
+        end = now
+    hours = max(0.0, (end - start).total_seconds() / 3600)
+    return round(hours * float(price), 4)
