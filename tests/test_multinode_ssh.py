@@ -51,6 +51,8 @@ def test_two_ssh_nodes_train_together_with_torchrun(sshd, tmp_path: Path, monkey
     assert status["state"] == "succeeded", logs
     for log in logs:
         assert "world_size 2" in log
+    merged = gpurun("logs", run).stdout
+    assert "[node 0] rank 0 world_size 2" in merged and "[node 1] rank 1 world_size 2" in merged
     hashes = [re.search(r"final weights sha256: (\w+)", log).group(1) for log in logs]
     assert hashes[0] == hashes[1], "both ranks end with identical weights"
     assert (node0 / "work/checkpoints/last.pt").exists()

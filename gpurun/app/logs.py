@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,11 +45,56 @@ def _follow_command(run_dir: str, offset: int | None, tail: int | None, follow: 
 def show_logs(
     run: str, *, follow: bool, tail: int | None, node: int | None, write: Callable[[bytes], None] | None = None
 ) -> dict[str, Any]:
+    """One node's output; with several nodes and no `node`, all of them merged with a rank prefix."""
     record = runs.load(run)
     machines = record.get("machines", [])
     if not machines:
         raise BadInput(f"run {run} has no machine (it never started); nothing to show")
-    rank = node or 0
+    if node is None and len(machines) > 1:
+        return _merged(run, machines, follow=follow, tail=tail, write=write or _stdout)
+    return _show_node(run, record, node or 0, follow=follow, tail=tail, write=write)
+
+
+def _merged(run: str, machines: list, *, follow: bool, tail: int | None, write: Callable[[bytes], None]) -> dict[str, Any]:
+    lock = threading.Lock()
+    outcomes: dict[int, dict[str, Any]] = {}
+    failures: list[BaseException] = []
+
+    def one(rank: int) -> None:
+        pending = bytearray()
+
+        def prefixed(chunk: bytes) -> None:
+            pending.extend(chunk)
+            *lines, rest = bytes(pending).split(b"\n")
+            pending[:] = rest
+            if lines:
+                with lock:
+                    write(b"".join(b"[node %d] %s\n" % (rank, line) for line in lines))
+
+        try:
+            outcomes[rank] = show_logs(run, follow=follow, tail=tail, node=rank, write=prefixed)
+        except BaseException as error:  # reported after the other nodes finish
+            failures.append(error)
+        if pending:
+            with lock:
+                write(b"[node %d] %s\n" % (rank, bytes(pending)))
+
+    threads = [threading.Thread(target=one, args=(rank,), daemon=True) for rank in range(len(machines))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    first = outcomes.get(0, {"run": run})
+    failed = [o for o in outcomes.values() if o.get("exit_code") not in (0, None)]
+    return failed[0] if failed else first
+
+
+def _show_node(
+    run: str, record: dict[str, Any], rank: int, *, follow: bool, tail: int | None, write: Callable[[bytes], None] | None
+) -> dict[str, Any]:
+    machines = record["machines"]
     if rank >= len(machines):
         raise BadInput(f"--node {rank}: run {run} has nodes 0..{len(machines) - 1}")
     machine = machines[rank]
