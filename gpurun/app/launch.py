@@ -128,7 +128,7 @@ def launch(
             write_ssh_config(record)
     except BaseException as error:
         _rollback(provider, record, started, ui, on_change)
-        if isinstance(error, KeyboardInterrupt):
+        if isinstance(error, (KeyboardInterrupt, Interrupted)):
             raise Interrupted(f"launch of {run} interrupted while {step}; everything it created was removed") from None
         if isinstance(error, GpurunError):
             error.args = (f"launch of {run} failed while {step}: {error}; everything it created was removed",)
@@ -165,6 +165,10 @@ def _prepare(provider, record, machine, files, source, ui: Ui, started: list, wi
     prefix = f"[node {machine['rank']}] " if len(record["machines"]) > 1 else ""
     transport = provider.connect(record, machine)
     started.append((transport, machine))
+    if record["provider"] == "aws":
+        # The login's real home, whatever the AMI's user layout is.
+        home = transport.check('printf %s "$HOME"', what="finding the home directory").strip()
+        machine["run_dir"] = f"{home}/{paths.machine_run_dir(record['run'])}"
     run_dir = machine["run_dir"]
     qdir = shlex.quote(run_dir)
     transport.check(f"mkdir -p {qdir}/work && chmod 700 {qdir}", what="creating the run directory")

@@ -1,0 +1,35 @@
+"""`gpurun teardown --orphans`: gpurun-tagged AWS resources that no live local record knows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from gpurun import runs
+from gpurun.errors import BadInput
+from gpurun.ui import Ui
+
+
+def teardown_orphans(ui: Ui, *, yes: bool, confirm: Callable[[str], bool], profile: str | None = None) -> dict[str, Any]:
+    from gpurun.providers.aws import AwsProvider
+
+    records, _problems = runs.load_all()
+    # A run torn down here is "known" only while it still runs; leftovers of ended runs are leaks.
+    known = {r["run"] for r in records if r["state"] != "ended"}
+    regions = sorted(
+        {r.get("spec", {}).get("aws", {}).get("region") for r in records if r["provider"] == "aws"} - {None}
+    )
+    provider = AwsProvider()
+    with ui.spinner("looking for gpurun-tagged resources"):
+        orphans = provider.find_orphans(known, regions=regions or None, profile=profile)
+    if not orphans:
+        ui.say("no orphaned gpurun resources")
+        return {"orphans": [], "removed": []}
+    rows = [[o.get("run") or "-", o.get("region") or "global", o["kind"], str(o["id"]), o.get("owner") or "-"] for o in orphans]
+    ui.table(["RUN", "REGION", "KIND", "ID", "OWNER"], rows, title="gpurun resources no live local record knows")
+    if not yes and not confirm(f"Remove these {len(orphans)} resources?"):
+        raise BadInput("not confirmed; nothing was removed")
+    removed = provider.remove_orphans(orphans, ui.say, profile=profile)
+    for item in removed:
+        ui.say(f"removed {item}")
+    return {"orphans": orphans, "removed": removed}

@@ -1,0 +1,171 @@
+"""AWS end to end: the real CLI workflow against moto's server over HTTP, the "instance" being the loopback sshd.
+
+moto creates the instance (validation on); its public IP is set to 127.0.0.1
+in moto's backend, the key pair gpurun imports is authorised on the test sshd
+(as cloud-init would do), and `ssh.port` points at that sshd. The machine's
+S3 access comes from its own ~/.aws files, standing in for the instance
+profile: gpurun copies no credentials.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import importlib.resources
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "true")
+os.environ.setdefault("MOTO_ENABLE_AMI_VALIDATION", "true")
+os.environ.setdefault("MOTO_ENABLE_KEYPAIR_VALIDATION", "true")
+
+import boto3  # noqa: E402
+import moto.settings  # noqa: E402
+
+from gpurun.cli import main  # noqa: E402
+from gpurun.providers.aws import AwsProvider  # noqa: E402
+from tests.helpers import process_alive, wait_until  # noqa: E402
+
+AMI = "ami-1e749f67"  # bundled with moto for us-east-1
+ACCOUNT = "123456789012"
+
+TRAIN = """\
+import json, os, time
+ckpt = os.environ["GPURUN_CHECKPOINT_DIR"]
+os.makedirs(ckpt, exist_ok=True)
+for epoch in range(1, 400):
+    time.sleep(0.2)
+    with open(os.path.join(ckpt, "weights.json.tmp"), "w") as handle:
+        json.dump({"epoch": epoch}, handle)
+    os.replace(os.path.join(ckpt, "weights.json.tmp"), os.path.join(ckpt, "weights.json"))
+    print(f"epoch {epoch}", flush=True)
+"""
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exited:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exited.value.code, out, err
+
+
+@pytest.fixture
+def aws_world(moto_server: str, sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path_factory):
+    amis = tmp_path_factory.mktemp("moto") / "amis.json"
+    amis.write_bytes(gzip.decompress(importlib.resources.files("moto.ec2").joinpath("resources/amis.json.gz").read_bytes()))
+    monkeypatch.setenv("MOTO_AMIS_PATH", str(amis))
+    for name in ("EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "ENABLE_AMI_VALIDATION", "ENABLE_KEYPAIR_VALIDATION"):
+        monkeypatch.setattr(moto.settings, name, True)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    bucket = f"e2e-{os.getpid()}-{len(list(tmp_path.parent.iterdir()))}"
+    boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+
+    # The machine's own AWS access (an instance profile on EC2).
+    aws_dir = sshd.home / ".aws"
+    aws_dir.mkdir(exist_ok=True)
+    (aws_dir / "credentials").write_text("[default]\naws_access_key_id = machine\naws_secret_access_key = machine\n")
+    (aws_dir / "config").write_text(f"[default]\nregion = us-east-1\nendpoint_url = {moto_server}\n")
+    sshd.seed_agent_venv()
+
+    def after_run_instances(parsed, **_):
+        from moto.ec2.models import ec2_backends
+
+        for instance in parsed.get("Instances", []):
+            ec2_backends[ACCOUNT]["us-east-1"].get_instance(instance["InstanceId"]).nics[0].public_ip = "127.0.0.1"
+
+    def before_import_key(params, **_):
+        material = params["body"]["PublicKeyMaterial"]
+        key = base64.b64decode(material).decode() if not material.startswith("ssh-") else material
+        with open(sshd.directory / "authorized_keys", "a") as handle:
+            handle.write(key.strip() + "\n")
+
+    original_init = AwsProvider.__init__
+
+    def patched_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.host_key_timeout = 0  # moto's console output never prints host keys: trust on first use
+        self.event_handlers.append(("after-call.ec2.RunInstances", after_run_instances))
+        self.event_handlers.append(("before-call.ec2.ImportKeyPair", before_import_key))
+
+    monkeypatch.setattr(AwsProvider, "__init__", patched_init)
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "train.py").write_text(TRAIN)
+    spec = tmp_path / "aws.yaml"
+    spec.write_text(
+        "name: cloud\nprovider: aws\nworkdir: code\n"
+        f"run: {sys.executable} train.py\n"
+        f"checkpoint: {{dir: ckpt, every: 1s, keep: 3, store: 's3://{bucket}/runs', resume: never}}\n"
+        f"aws: {{instance_type: t3.micro, ami: {AMI}, disk_gb: 20, ssh_cidr: 127.0.0.1/32, spot: false}}\n"
+        f"ssh: {{user: {sshd.user}, port: {sshd.port}}}\n"
+    )
+    return {"spec": spec, "bucket": bucket, "endpoint": moto_server}
+
+
+def gpurun_resources(endpoint: str) -> dict[str, list]:
+    ec2 = boto3.client("ec2", endpoint_url=endpoint, region_name="us-east-1")
+    tagged = [{"Name": "tag:gpurun:managed", "Values": ["true"]}]
+    instances = [
+        i for r in ec2.describe_instances(Filters=tagged)["Reservations"] for i in r["Instances"]
+        if i["State"]["Name"] not in ("terminated", "shutting-down")
+    ]
+    groups = ec2.describe_security_groups(Filters=tagged)["SecurityGroups"]
+    keys = ec2.describe_key_pairs(Filters=tagged)["KeyPairs"]
+    return {"instances": instances, "security_groups": groups, "key_pairs": keys}
+
+
+@pytest.mark.slow
+def test_aws_launch_ssh_sync_job_checkpoint_teardown(aws_world, sshd, capsys) -> None:
+    code, out, err = cli(capsys, "launch", str(aws_world["spec"]), "--json")
+    assert code == 0, err
+    launched = json.loads(out)
+    run = launched["run"]
+    assert launched["provider"] == "aws" and launched["state"] == "running"
+    instance = launched["instances"][0]
+    assert instance["type"] == "t3.micro" and instance["public_ip"] == "127.0.0.1"
+
+    held = gpurun_resources(aws_world["endpoint"])
+    assert len(held["instances"]) == 1 and len(held["security_groups"]) == 1 and len(held["key_pairs"]) == 1
+    described = held["instances"][0]
+    assert described["MetadataOptions"]["HttpTokens"] == "required"
+    tags = {t["Key"]: t["Value"] for t in described["Tags"]}
+    assert tags["gpurun:run"] == run and tags["gpurun:managed"] == "true" and tags["Name"] == f"gpurun-{run}"
+    rules = held["security_groups"][0]["IpPermissions"]
+    assert [(r["FromPort"], [ip["CidrIp"] for ip in r["IpRanges"]]) for r in rules] == [(sshd.port, ["127.0.0.1/32"])]
+
+    run_dir = sshd.home / "gpurun" / run
+    assert (run_dir / "work/train.py").exists()
+    job_pid = int((run_dir / "job.pid").read_text())
+    assert process_alive(job_pid)
+
+    s3 = boto3.client("s3", endpoint_url=aws_world["endpoint"], region_name="us-east-1")
+
+    def latest():
+        try:
+            return json.loads(s3.get_object(Bucket=aws_world["bucket"], Key=f"runs/{run}/LATEST")["Body"].read())
+        except s3.exceptions.NoSuchKey:
+            return None
+
+    first = wait_until(latest, timeout=60, what="a snapshot in the bucket")
+    assert first["seq"] >= 1
+    assert not (sshd.home / "gpurun" / run / "work" / ".aws").exists()
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path.stat().st_size < 1_000_000:
+            assert b"aws_secret_access_key" not in path.read_bytes(), f"credentials copied into {path}"
+
+    code, out, err = cli(capsys, "status", run, "--json")
+    assert code == 0 and json.loads(out)[0]["last_checkpoint"]["seq"] >= 1
+
+    code, out, err = cli(capsys, "teardown", run, "--yes", "--json")
+    assert code == 0, err
+    down = json.loads(out)["runs"][0]
+    assert down["final_checkpoint"]["seq"] >= first["seq"]
+    assert any("instance" in item for item in down["removed"])
+    wait_until(lambda: not process_alive(job_pid), timeout=20, what="the job to stop")
+    assert gpurun_resources(aws_world["endpoint"]) == {"instances": [], "security_groups": [], "key_pairs": []}
+    keys = s3.list_objects_v2(Bucket=aws_world["bucket"], Prefix=f"runs/{run}/")["Contents"]
+    assert any(k["Key"].endswith("weights.json") for k in keys), "teardown never deletes snapshots"
