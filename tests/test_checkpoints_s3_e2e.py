@@ -1,0 +1,147 @@
+"""S3 checkpoints through the real workflow, against moto's server over HTTP.
+
+The spot notice (fake IMDSv2), zero bytes for unchanged snapshots, the view
+from a second computer (`status --store`, `--download --store`), and a bucket
+that stops accepting writes showing up in `status`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+
+from gpurun.store import open_store
+from gpurun.store import snapshots as snaps
+from tests.helpers import gpurun, gpurun_json, wait_until
+
+JOB = """\
+import json, os, sys, time
+ckpt = os.environ["GPURUN_CHECKPOINT_DIR"]
+os.makedirs(ckpt, exist_ok=True)
+with open(os.path.join(ckpt, "frozen.bin"), "wb") as handle:
+    handle.write(os.urandom(200_000))
+for epoch in range(1, int(sys.argv[1]) + 1):
+    with open(os.path.join(ckpt, "w.tmp"), "w") as handle:
+        json.dump({"epoch": epoch}, handle)
+    os.replace(os.path.join(ckpt, "w.tmp"), os.path.join(ckpt, "weights.json"))
+    print(f"epoch {epoch}", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def s3_client(endpoint: str):
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+
+
+def experiment(tmp_path: Path, store: str, epochs: int, pause: float) -> Path:
+    code = tmp_path / "code"
+    code.mkdir(exist_ok=True)
+    (code / "job.py").write_text(JOB)
+    spec = tmp_path / "s3.yaml"
+    spec.write_text(
+        f"name: s3run\nworkdir: code\nrun: {sys.executable} job.py {epochs} {pause}\n"
+        f"checkpoint: {{dir: ckpt, every: 1s, keep: 2, store: '{store}', resume: never}}\n"
+    )
+    return spec
+
+
+@pytest.mark.slow
+def test_spot_notice_lands_a_final_snapshot_and_marks_the_run_interrupted(s3_bucket: str, fake_imds, tmp_path: Path) -> None:
+    store = open_store(s3_bucket)
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "work/ckpt"
+    ckpt.mkdir(parents=True)
+    snaps.put_run_record(store, "spot-1", {"run": "spot-1", "state": "running", "provider": "aws"})
+    (ckpt / "weights.bin").write_bytes(b"before" * 1000)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "gpurun.agent", "--watch", str(ckpt), "--to", s3_bucket, "--run", "spot-1",
+         "--every", "1h", "--run-dir", str(run_dir), "--spot-notice"],
+        stdout=open(run_dir / "agent.log", "wb"), stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_until(lambda: (run_dir / "agent.status.json").exists(), what="agent start")
+        time.sleep(1.0)
+        (ckpt / "weights.bin").write_bytes(b"after the notice" * 1000)
+        time.sleep(0.6)
+        noticed = time.monotonic()
+        fake_imds.interrupt()
+        pointer = wait_until(lambda: snaps.latest(store, "spot-1"), timeout=30, what="a snapshot after the notice")
+        elapsed = time.monotonic() - noticed
+        out = tmp_path / "restored"
+        snaps.download_snapshot(store, "spot-1", out)
+        assert (out / "weights.bin").read_bytes() == b"after the notice" * 1000
+        assert elapsed < 10, f"spot notice to LATEST took {elapsed:.1f}s"
+        assert json.loads((run_dir / "interrupted").read_text())["action"] == "terminate"
+        assert fake_imds.token_puts >= 1, "IMDSv2 token flow used"
+        # The machine goes away: the job dies, the agent records the run as interrupted in the store.
+        (run_dir / "job.exit").write_text("143")
+        agent.wait(timeout=30)
+        assert snaps.get_run_record(store, "spot-1")["state"] == "interrupted"
+        assert pointer["seq"] >= 1
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+
+
+@pytest.mark.slow
+def test_s3_run_seen_from_another_computer_and_unchanged_sync_sends_nothing(
+    s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = experiment(tmp_path, s3_bucket, epochs=3, pause=0.3)
+    run = gpurun_json("launch", str(spec))["run"]
+    wait_until(lambda: gpurun_json("status", run)[0]["state"] == "succeeded", timeout=60, what="job end")
+    first = gpurun_json("teardown", run, "--yes")["runs"][0]["final_checkpoint"]
+    assert first is not None
+    listing = gpurun_json("checkpoint-sync", run, "--list")
+    latest = listing[-1]
+    assert latest["files"] == 2
+
+    # A second computer: empty state directory, same credentials.
+    other = tmp_path / "other-laptop"
+    monkeypatch.setenv("GPURUN_HOME", str(other))
+    seen = gpurun_json("status", "--store", s3_bucket)
+    assert [r["run"] for r in seen] == [run] and seen[0]["state"] in ("succeeded", "ended")
+    restored = tmp_path / "restored"
+    gpurun("checkpoint-sync", run, "--store", s3_bucket, "--download", str(restored))
+    assert json.loads((restored / "weights.json").read_text()) == {"epoch": 3}
+    assert (restored / "frozen.bin").stat().st_size == 200_000
+
+
+@pytest.mark.slow
+def test_a_bucket_that_stops_accepting_writes_shows_in_status(
+    moto_server: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    spec = experiment(tmp_path, s3_bucket, epochs=200, pause=0.3)
+    run = gpurun_json("launch", str(spec))["run"]
+    try:
+        wait_until(lambda: gpurun_json("status", run)[0]["last_checkpoint"], timeout=60, what="first snapshot")
+        bucket = s3_bucket[len("s3://"):].split("/")[0]
+        client = s3_client(moto_server)
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for item in page.get("Contents", []):
+                client.delete_object(Bucket=bucket, Key=item["Key"])
+        client.delete_bucket(Bucket=bucket)
+        view = wait_until(lambda: (v := gpurun_json("status", run)[0])["checkpoint_error"] and v, timeout=60, what="error")
+        assert "NoSuchBucket" in view["checkpoint_error"]["error"] or "does not exist" in view["checkpoint_error"]["error"]
+        table = gpurun("status").stdout
+        assert "SYNC FAILING" in table
+    finally:
+        gpurun("teardown", run, "--yes", "--no-final-sync")
+
+
+def test_missing_bucket_is_refused_before_anything_starts(moto_server: str, tmp_path: Path, monkeypatch, gpurun_home) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    spec = experiment(tmp_path, "s3://no-such-bucket-gpurun/x", epochs=1, pause=0)
+    done = gpurun("launch", str(spec), check=False)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no-such-bucket-gpurun" in errors[0]
+    assert not (gpurun_home / "runs").exists() or not list((gpurun_home / "runs").glob("*.json"))
+    assert not (gpurun_home / "local").exists() or not os.listdir(gpurun_home / "local")
