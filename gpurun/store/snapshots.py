@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import re
-
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath

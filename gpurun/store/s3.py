@@ -1,0 +1,557 @@
+"""`s3://bucket/prefix` store: the `file://` layout and guarantees on S3.
+
+Imported only when an s3:// URL is used, so boto3 stays off the CLI's fast path.
+
+- Create-only writes use S3 conditional writes (`If-None-Match: *`) on
+  PutObject, CompleteMultipartUpload and CopyObject; S3 answers 412
+  PreconditionFailed (or 409 ConditionalRequestConflict while a racing write
+  is in flight) and that becomes `SnapshotConflict`. A create-only object
+  carries a random `x-amz-meta-gpurun-put` token, so a write that succeeded
+  but whose response was lost (the retry then gets 412) is recognised as ours.
+- Transfers go through one s3transfer `TransferManager` per batch: every
+  file of a snapshot is submitted at once and runs `max_concurrency` wide;
+  big files go multipart in `multipart_chunksize` parts.
+- Copies are server-side (CopyObject, or UploadPartCopy for big objects):
+  an unchanged file costs one request and no upload.
+- Retries: botocore's `standard` mode (throttling, 5xx, connection errors).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import boto3
+import botocore.config
+import botocore.exceptions
+from s3transfer.manager import TransferConfig, TransferManager
+from s3transfer.subscribers import BaseSubscriber
+
+from gpurun.errors import BadInput, SnapshotConflict, StoreError
+from gpurun.store.base import ObjectStore, Progress, StoredObject
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
+_CONFLICT_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
+_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+_DENIED_CODES = {"AccessDenied", "403", "AllAccessDisabled", "AccountProblem"}
+_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "RequestExpired",
+}
+_NONCE = "gpurun-put"  # user metadata on create-only objects: x-amz-meta-gpurun-put
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix` -> ("bucket", "some/prefix/"); the prefix may be empty."""
+    if not url.startswith("s3://"):
+        raise BadInput(f"store {url!r}: not an s3:// URL")
+    bucket, _, prefix = url[len("s3://") :].partition("/")
+    if not bucket:
+        raise BadInput(f"store {url!r}: no bucket name; use s3://bucket/prefix")
+    if not _BUCKET.match(bucket):
+        raise BadInput(f"store {url!r}: {bucket!r} is not a valid S3 bucket name")
+    prefix = "/".join(part for part in prefix.split("/") if part)
+    return bucket, (prefix + "/" if prefix else "")
+
+
+def _code(error: botocore.exceptions.ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+def _status(error: botocore.exceptions.ClientError) -> int:
+    return int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+
+def _is_conflict(error: BaseException) -> bool:
+    return isinstance(error, botocore.exceptions.ClientError) and (
+        _code(error) in _CONFLICT_CODES or _status(error) == 412
+    )
+
+
+def _is_not_found(error: BaseException) -> bool:
+    return isinstance(error, botocore.exceptions.ClientError) and _code(error) in _NOT_FOUND_CODES
+
+
+class _Subscriber(BaseSubscriber):
+    """Tells s3transfer the size and ETag we already listed (saves a HEAD per object) and forwards progress."""
+
+    def __init__(self, known: tuple[int, str] | None, progress: Progress | None) -> None:
+        self._known = known
+        self._progress = progress
+
+    def on_queued(self, future: Any, **kwargs: Any) -> None:
+        if self._known is not None:
+            future.meta.provide_transfer_size(self._known[0])
+            future.meta.provide_object_etag(self._known[1])
+
+    def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
+        if self._progress is not None:
+            self._progress(bytes_transferred)
+
+
+class S3Store(ObjectStore):
+    #: Parallel requests per batch; also sizes the HTTP connection pool.
+    max_concurrency = 32
+    #: Files at least this big are uploaded (and downloaded) in parts.
+    multipart_threshold = 32 * MiB
+    multipart_chunksize = 16 * MiB
+    #: Server-side copies below this are one CopyObject; above, UploadPartCopy in parallel.
+    copy_threshold = 512 * MiB
+    copy_chunksize = 128 * MiB
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        region: str | None = None,
+        profile: str | None = None,
+        endpoint_url: str | None = None,
+    ) -> None:
+        self.bucket, self.prefix = parse_url(url)
+        self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        try:
+            session = boto3.session.Session(profile_name=profile, region_name=region)
+        except botocore.exceptions.ProfileNotFound:
+            raise StoreError(f"store {self.url}: AWS profile {profile!r} not found in ~/.aws/config") from None
+        config = botocore.config.Config(
+            retries={"mode": "standard", "max_attempts": 10},
+            max_pool_connections=self.max_concurrency + 8,
+            connect_timeout=10,
+            read_timeout=120,
+            tcp_keepalive=True,
+            # Every downloaded file is checked against the manifest's sha256, so the
+            # CRC check on GET adds nothing (and moto serves wrong CRCs for copied
+            # multipart objects). Uploads still send a CRC32 that S3 checks.
+            response_checksum_validation="when_required",
+        )
+        # endpoint_url=None lets botocore honour AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3.
+        self.client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        self._progress_lock = threading.Lock()
+        self._create_only: dict[str, int] = {}
+        self._create_only_lock = threading.Lock()
+        for operation in ("PutObject", "CompleteMultipartUpload", "CopyObject"):
+            self.client.meta.events.register(f"before-parameter-build.s3.{operation}", self._add_if_none_match)
+
+    # -- keys and errors ---------------------------------------------------------
+
+    def _key(self, key: str) -> str:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise StoreError(f"{self.url}: refusing key {key!r} outside the store")
+        return self.prefix + key
+
+    def _error(self, error: BaseException, action: str, key: str = "") -> StoreError:
+        """One line a person can act on, naming the bucket and what to do."""
+        where = f"s3://{self.bucket}/{self.prefix}{key}".rstrip("/")
+        if isinstance(error, StoreError):
+            return error
+        if isinstance(error, botocore.exceptions.NoCredentialsError):
+            return StoreError(
+                f"{action} {where}: no AWS credentials found; set AWS_PROFILE, run `aws configure`, or use an instance role"
+            )
+        if isinstance(error, botocore.exceptions.EndpointConnectionError):
+            return StoreError(f"{action} {where}: cannot reach S3 ({error}); check the network or the endpoint URL")
+        if isinstance(error, botocore.exceptions.ClientError):
+            code, message = _code(error), error.response.get("Error", {}).get("Message", "")
+            if code == "NoSuchBucket":
+                return StoreError(
+                    f"bucket {self.bucket} does not exist ({action} {where}); create it or fix checkpoint.store"
+                )
+            if _is_conflict(error) and action in ("uploading", "writing", "copying to"):
+                return SnapshotConflict(f"{where} already exists (another writer got there first)")
+            if code in _DENIED_CODES:
+                return StoreError(
+                    f"access denied {action} {where}; the credentials in use need s3:{_permission(action)} on arn:aws:s3:::{self.bucket}/{self.prefix}*"
+                )
+            if code in _CREDENTIAL_CODES:
+                return StoreError(f"{action} {where}: AWS credentials rejected ({code}); refresh or fix them")
+            if _is_not_found(error):
+                return StoreError(f"{action} {where}: no such object")
+            detail = f"{code}: {message}" if message else code or str(error)
+            return StoreError(f"{action} {where} failed: {detail}")
+        if isinstance(error, botocore.exceptions.BotoCoreError):
+            return StoreError(f"{action} {where} failed: {error}")
+        if isinstance(error, OSError):
+            return StoreError(f"{action} {where}: {error.strerror or error} ({error.filename or 'local file'})")
+        return StoreError(f"{action} {where} failed: {error!r}")
+
+    # -- create-only writes ------------------------------------------------------
+
+    def _add_if_none_match(self, params: dict[str, Any], **kwargs: Any) -> None:
+        key = params.get("Key")
+        if key is not None and key in self._create_only and params.get("Bucket") == self.bucket:
+            params.setdefault("IfNoneMatch", "*")
+
+    def _mark_create_only(self, keys: Iterable[str], add: bool) -> None:
+        with self._create_only_lock:
+            for key in keys:
+                if add:
+                    self._create_only[key] = self._create_only.get(key, 0) + 1
+                elif self._create_only.get(key, 0) <= 1:
+                    self._create_only.pop(key, None)
+                else:
+                    self._create_only[key] -= 1
+
+    def _written_by_us(self, full_key: str, nonce: str) -> bool:
+        """After a 412: was the object there our own earlier attempt (a retry after a lost response)?"""
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=full_key)
+        except botocore.exceptions.ClientError:
+            return False
+        return head.get("Metadata", {}).get(_NONCE) == nonce
+
+    def _locked(self, progress: Progress | None) -> Progress | None:
+        """s3transfer reports from many threads; callers get one call at a time."""
+        if progress is None:
+            return None
+
+        def report(amount: int) -> None:
+            with self._progress_lock:
+                progress(amount)
+
+        return report
+
+    def _manager(self, threshold: int, chunksize: int) -> TransferManager:
+        return TransferManager(
+            self.client,
+            TransferConfig(
+                multipart_threshold=threshold,
+                multipart_chunksize=chunksize,
+                max_request_concurrency=self.max_concurrency,
+                max_submission_concurrency=4,
+                max_request_queue_size=10_000,
+                max_submission_queue_size=10_000,
+                max_io_queue_size=1000,
+                io_chunksize=256 * 1024,
+            ),
+        )
+
+    # -- ObjectStore -------------------------------------------------------------
+
+    def put_file(self, key: str, path: str, *, if_absent: bool = False, progress: Progress | None = None) -> None:
+        self.put_files([(key, path)], if_absent=if_absent, progress=progress)
+
+    def put_files(
+        self, items: list[tuple[str, str]], *, if_absent: bool = False, progress: Progress | None = None
+    ) -> None:
+        """Upload every file at once through one transfer manager; wait for all."""
+        if not items:
+            return
+        nonce = uuid.uuid4().hex
+        extra = {"Metadata": {_NONCE: nonce}} if if_absent else {}
+        full_keys = [self._key(key) for key, _path in items]
+        subscribers = [_Subscriber(None, self._locked(progress))]
+        if if_absent:
+            self._mark_create_only(full_keys, True)
+        try:
+            with self._manager(self.multipart_threshold, self.multipart_chunksize) as manager:
+                futures = [
+                    (
+                        key,
+                        full_key,
+                        manager.upload(path, self.bucket, full_key, extra_args=extra, subscribers=subscribers),
+                    )
+                    for (key, path), full_key in zip(items, full_keys, strict=True)
+                ]
+                for key, full_key, future in futures:
+                    try:
+                        future.result()
+                    except Exception as error:
+                        if if_absent and _is_conflict(error) and self._written_by_us(full_key, nonce):
+                            continue
+                        raise self._error(error, "uploading", key) from None
+        finally:
+            if if_absent:
+                self._mark_create_only(full_keys, False)
+
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        full_key = self._key(key)
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": full_key, "Body": data}
+        if if_absent:
+            nonce = uuid.uuid4().hex
+            args.update(IfNoneMatch="*", Metadata={_NONCE: nonce})
+        try:
+            self.client.put_object(**args)
+        except Exception as error:
+            if if_absent and _is_conflict(error) and self._written_by_us(full_key, nonce):
+                return
+            raise self._error(error, "writing", key) from None
+
+    def get_bytes(self, key: str) -> bytes | None:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return response["Body"].read()
+        except Exception as error:
+            if _is_not_found(error):
+                return None
+            raise self._error(error, "reading", key) from None
+
+    def get_file(self, key: str, path: str, *, progress: Progress | None = None) -> None:
+        self.get_files([(key, path)], progress=progress)
+
+    def get_files(self, items: list[tuple[str, str]], *, progress: Progress | None = None) -> None:
+        """Download in parallel; sizes come from one listing instead of a HEAD per file."""
+        if not items:
+            return
+        known = self._listed([key for key, _path in items]) if len(items) > 1 else {}
+        report = self._locked(progress)
+        try:
+            with self._manager(self.multipart_threshold, max(self.multipart_chunksize, 64 * MiB)) as manager:
+                futures = [
+                    (
+                        key,
+                        manager.download(
+                            self.bucket, self._key(key), path, subscribers=[_Subscriber(known.get(key), report)]
+                        ),
+                    )
+                    for key, path in items
+                ]
+                for key, future in futures:
+                    try:
+                        future.result()
+                    except Exception as error:
+                        raise self._error(error, "downloading", key) from None
+        except StoreError:
+            raise
+        except Exception as error:
+            raise self._error(error, "downloading") from None
+
+    def copy(self, source_key: str, dest_key: str) -> None:
+        self.copy_many([(source_key, dest_key)])
+
+    def copy_many(self, pairs: list[tuple[str, str]]) -> None:
+        """Server-side copies in parallel; the destination must not exist yet."""
+        if not pairs:
+            return
+        known = self._listed([source for source, _dest in pairs]) if len(pairs) > 1 else {}
+        # S3 refuses a CopyObject onto an existing key through If-None-Match; stores
+        # that ignore it on copies (moto, some S3 clones) are caught by this listing.
+        existing = self._existing([dest for _source, dest in pairs])
+        if existing:
+            raise SnapshotConflict(f"{self.url}/{existing[0]} already exists (another writer got there first)")
+        dest_keys = [self._key(dest) for _source, dest in pairs]
+        self._mark_create_only(dest_keys, True)
+        try:
+            with self._manager(self.copy_threshold, self.copy_chunksize) as manager:
+                futures = [
+                    (
+                        dest,
+                        manager.copy(
+                            {"Bucket": self.bucket, "Key": self._key(source)},
+                            self.bucket,
+                            dest_key,
+                            subscribers=[_Subscriber(known.get(source), None)],
+                        ),
+                    )
+                    for (source, dest), dest_key in zip(pairs, dest_keys, strict=True)
+                ]
+                for dest, future in futures:
+                    try:
+                        future.result()
+                    except Exception as error:
+                        raise self._error(error, "copying to", dest) from None
+        finally:
+            self._mark_create_only(dest_keys, False)
+
+    def list(self, prefix: str) -> list[StoredObject]:
+        found = []
+        start = len(self.prefix)
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                found.extend(StoredObject(item["Key"][start:], item["Size"]) for item in page.get("Contents", ()))
+        except Exception as error:
+            raise self._error(error, "listing", prefix) from None
+        return found
+
+    def list_runs(self) -> list[str]:
+        """Top-level folders under the prefix, with one LIST per 1,000 runs (not per object)."""
+        names = []
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix, Delimiter="/"):
+                for common in page.get("CommonPrefixes", ()):
+                    name = common["Prefix"][len(self.prefix) :].rstrip("/")
+                    if name:
+                        names.append(name)
+        except Exception as error:
+            raise self._error(error, "listing") from None
+        return sorted(names)
+
+    def delete(self, keys: Iterable[str]) -> None:
+        full_keys = [self._key(key) for key in keys]
+        for start in range(0, len(full_keys), 1000):
+            batch = full_keys[start : start + 1000]
+            try:
+                response = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True}
+                )
+            except Exception as error:
+                raise self._error(error, "deleting from") from None
+            errors = [e for e in response.get("Errors", ()) if e.get("Code") not in _NOT_FOUND_CODES]
+            if errors:
+                first = errors[0]
+                key = first.get("Key", "")[len(self.prefix) :]
+                if first.get("Code") in _DENIED_CODES:
+                    raise StoreError(
+                        f"access denied deleting s3://{self.bucket}/{first.get('Key')}; the credentials in use need s3:DeleteObject"
+                    )
+                raise StoreError(
+                    f"deleting {self.url}/{key} failed: {first.get('Code')}: {first.get('Message', '')} ({len(errors)} objects not deleted)"
+                )
+
+    def size_of(self, key: str) -> int | None:
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
+        except Exception as error:
+            if _is_not_found(error):
+                return None
+            if isinstance(error, botocore.exceptions.ClientError) and _code(error) == "404":
+                return None
+            raise self._error(error, "reading", key) from None
+
+    def check_writable(self) -> None:
+        """Put and delete a small probe object under the prefix; one clear line when that fails."""
+        probe = f".gpurun-write-probe-{uuid.uuid4().hex[:12]}"
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(probe), Body=b"gpurun write probe\n")
+        except Exception as error:
+            if isinstance(error, botocore.exceptions.ClientError) and _code(error) == "NoSuchBucket":
+                raise StoreError(
+                    f"store {self.url}: bucket {self.bucket} does not exist; create it (or let gpurun create it) or fix checkpoint.store"
+                ) from None
+            raise self._error(error, "writing", probe) from None
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(probe))
+        except Exception as error:
+            raise self._error(error, "deleting", probe) from None
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _existing(self, keys: list[str]) -> list[str]:
+        if len(keys) == 1:
+            return keys if self.size_of(keys[0]) is not None else []
+        return sorted(self._listed(keys, fallback=True))
+
+    def _listed(self, keys: list[str], *, fallback: bool = False) -> dict[str, tuple[int, str]]:
+        """(size, ETag) of those `keys` that exist, from one listing of their common folder
+        (one request per 1,000 objects instead of a HEAD each)."""
+        folder = os.path.commonprefix(keys)
+        folder = folder[: folder.rfind("/") + 1]
+        if not folder:
+            if not fallback:
+                return {}
+            return {key: (size, "") for key in keys if (size := self.size_of(key)) is not None}
+        wanted = set(keys)
+        found = {}
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + folder):
+                for item in page.get("Contents", ()):
+                    key = item["Key"][len(self.prefix) :]
+                    if key in wanted:
+                        found[key] = (item["Size"], item["ETag"])
+        except Exception as error:
+            raise self._error(error, "listing", folder) from None
+        return found
+
+
+def _permission(action: str) -> str:
+    if action.startswith(("reading", "downloading", "listing")):
+        return "GetObject/s3:ListBucket"
+    if action.startswith("deleting"):
+        return "DeleteObject"
+    return "PutObject"
+
+
+def create_bucket(
+    url: str, region: str | None = None, *, profile: str | None = None, endpoint_url: str | None = None
+) -> bool:
+    """Create the bucket of `url` the safe way; True if created, False if it was already ours.
+
+    New buckets get Block Public Access (all four settings), default
+    encryption (SSE-S3), a lifecycle rule that aborts multipart uploads left
+    by an interrupted sync after 7 days, and the `gpurun:managed=true` tag.
+    A bucket that already exists is left exactly as it is.
+    """
+    bucket, _prefix = parse_url(url)
+    try:
+        session = boto3.session.Session(profile_name=profile, region_name=region)
+    except botocore.exceptions.ProfileNotFound:
+        raise StoreError(f"bucket {bucket}: AWS profile {profile!r} not found in ~/.aws/config") from None
+    region = region or session.region_name or "us-east-1"
+    client = session.client(
+        "s3",
+        region_name=region,
+        endpoint_url=endpoint_url,
+        config=botocore.config.Config(retries={"mode": "standard", "max_attempts": 10}),
+    )
+    args: dict[str, Any] = {"Bucket": bucket}
+    if region != "us-east-1":
+        args["CreateBucketConfiguration"] = {"LocationConstraint": region}
+    try:
+        client.create_bucket(**args)
+    except botocore.exceptions.ClientError as error:
+        code = _code(error)
+        if code == "BucketAlreadyOwnedByYou":
+            return False
+        if code == "BucketAlreadyExists":
+            raise StoreError(
+                f"bucket {bucket} belongs to another AWS account (bucket names are global); choose another name"
+            ) from None
+        if code in _DENIED_CODES:
+            raise StoreError(
+                f"access denied creating bucket {bucket}; the credentials in use need s3:CreateBucket"
+            ) from None
+        raise StoreError(
+            f"creating bucket {bucket} failed: {code}: {error.response['Error'].get('Message', '')}"
+        ) from None
+    except botocore.exceptions.NoCredentialsError:
+        raise StoreError(
+            f"creating bucket {bucket}: no AWS credentials found; set AWS_PROFILE, run `aws configure`, or use an instance role"
+        ) from None
+    try:
+        client.put_public_access_block(
+            Bucket=bucket,
+            PublicAccessBlockConfiguration={
+                "BlockPublicAcls": True,
+                "IgnorePublicAcls": True,
+                "BlockPublicPolicy": True,
+                "RestrictPublicBuckets": True,
+            },
+        )
+        client.put_bucket_encryption(
+            Bucket=bucket,
+            ServerSideEncryptionConfiguration={
+                "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}, "BucketKeyEnabled": True}]
+            },
+        )
+        client.put_bucket_lifecycle_configuration(
+            Bucket=bucket,
+            LifecycleConfiguration={
+                "Rules": [
+                    {
+                        "ID": "gpurun-abort-incomplete-uploads",
+                        "Status": "Enabled",
+                        "Filter": {"Prefix": ""},
+                        "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 7},
+                    }
+                ]
+            },
+        )
+        client.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": [{"Key": "gpurun:managed", "Value": "true"}]})
+    except botocore.exceptions.ClientError as error:
+        raise StoreError(
+            f"bucket {bucket} was created but securing it failed ({_code(error)}); check it in the S3 console"
+        ) from None
+    return True

@@ -1,0 +1,549 @@
+"""The s3:// store through the real snapshot functions, against moto's server over real HTTP.
+
+moto in-process (`mock_aws`) is used only where a fault must be injected or a
+bucket's settings inspected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.awsrequest import AWSResponse
+
+from gpurun.errors import BadInput, SnapshotConflict, StoreError
+from gpurun.store import open_store, snapshots
+from gpurun.store.file import FileStore
+from gpurun.store.s3 import MiB, S3Store, create_bucket, parse_url
+from gpurun.store.snapshots import StagedFile
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def stage(directory: Path, contents: dict[str, bytes]) -> list[StagedFile]:
+    """Write `contents` under `directory` and describe them as a snapshot's staged files."""
+    staged = []
+    for name, data in sorted(contents.items()):
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        staged.append(StagedFile(name, len(data), hashlib.sha256(data).hexdigest(), str(path)))
+    return staged
+
+
+def small_store(url: str) -> S3Store:
+    """A store whose multipart threshold is S3's minimum part size, so multipart paths run on small files."""
+    store = S3Store(url)
+    store.multipart_threshold = store.multipart_chunksize = 5 * MiB
+    store.copy_threshold = store.copy_chunksize = 5 * MiB
+    return store
+
+
+class Recorder:
+    """Every S3 request a client sends: operation, key, headers, query, and body bytes."""
+
+    def __init__(self, store: S3Store) -> None:
+        self.calls: list[tuple[str, str, dict]] = []
+        self.body_bytes: list[tuple[str, int]] = []
+        self._lock = threading.Lock()
+        events = store.client.meta.events
+        events.register("before-call.s3.*", self._call)
+        events.register("before-send.s3.*", self._send)
+
+    def _call(self, model, params: dict, **kwargs) -> None:
+        # params is the serialized request; url_path is /<key> (the bucket is added when the endpoint is resolved).
+        key = urllib.parse.unquote(params["url_path"]).lstrip("/")
+        with self._lock:
+            self.calls.append((model.name, key, {**params["headers"], **params.get("query_string", {})}))
+
+    def _send(self, request, **kwargs) -> None:
+        if request.method in ("PUT", "POST"):
+            with self._lock:
+                self.body_bytes.append((request.url, int(request.headers.get("Content-Length") or 0)))
+
+    def ops(self, key_part: str = "") -> list[str]:
+        return [name for name, key, _params in self.calls if key_part in key]
+
+
+def contents(seed: int, names: list[str], size: tuple[int, int] = (100, 5000)) -> dict[str, bytes]:
+    rng = random.Random(seed)
+    return {name: rng.randbytes(rng.randint(*size)) for name in names}
+
+
+# -- layout, write, restore -------------------------------------------------------
+
+
+def test_write_restore_verify(s3_bucket: str, tmp_path: Path) -> None:
+    store = small_store(s3_bucket)
+    data = contents(1, ["model.pt", "optim/state.bin", "logs/step.txt"])
+    data["big/weights.h5"] = random.Random(2).randbytes(11 * MiB)  # three multipart parts
+    files = stage(tmp_path / "staged", data)
+    progress: list[int] = []
+
+    result = snapshots.write_snapshot(store, "run-a", files, previous=None, progress=progress.append)
+
+    assert result["seq"] == 1 and result["files"] == 4
+    assert result["sent_bytes"] == result["bytes"] == sum(map(len, data.values())) == sum(progress)
+    bucket, prefix = parse_url(s3_bucket)
+    keys = {
+        item["Key"]
+        for item in boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]
+        if "/snapshots/000001/" in item["Key"]
+    }
+    # File names are kept: `aws s3 ls` shows the weights where a person expects them.
+    assert keys == {f"ckpt/run-a/snapshots/000001/{name}" for name in data}
+    assert json.loads(store.get_bytes("run-a/LATEST"))["seq"] == 1
+
+    restored = tmp_path / "restored"
+    assert snapshots.download_snapshot(store, "run-a", restored)["seq"] == 1
+    for name, blob in data.items():
+        assert (restored / name).read_bytes() == blob
+    assert not list(restored.rglob("*.gpurun-part"))
+    assert snapshots.list_snapshots(store, "run-a") == [
+        {"seq": 1, "at": result["at"], "files": 4, "bytes": result["bytes"]}
+    ]
+
+
+def test_open_store_passes_options(s3_bucket: str, moto_server: str) -> None:
+    store = open_store(s3_bucket + "/", region="us-east-1", endpoint_url=moto_server)
+    assert isinstance(store, S3Store)
+    assert store.url == s3_bucket and store.prefix == "ckpt/"
+    store.check_writable()
+    assert store.list("") == []  # the probe object is gone again
+
+
+def test_endpoint_comes_from_aws_endpoint_url(s3_bucket: str, moto_server: str) -> None:
+    assert os.environ["AWS_ENDPOINT_URL"] == moto_server
+    assert S3Store(s3_bucket).client.meta.endpoint_url == moto_server
+
+
+def test_corrupted_object_fails_verification(s3_bucket: str, tmp_path: Path) -> None:
+    store = S3Store(s3_bucket)
+    snapshots.write_snapshot(store, "run", stage(tmp_path / "s", {"w.bin": b"good" * 100}), previous=None)
+    bucket, _ = parse_url(s3_bucket)
+    boto3.client("s3").put_object(Bucket=bucket, Key="ckpt/run/snapshots/000001/w.bin", Body=b"evil" * 100)
+    with pytest.raises(StoreError, match="failed verification"):
+        snapshots.download_snapshot(store, "run", tmp_path / "out")
+    assert not (tmp_path / "out" / "w.bin").exists()
+
+
+# -- unchanged files are not sent again ---------------------------------------------
+
+
+def test_unchanged_snapshot_sends_zero_bytes(s3_bucket: str, tmp_path: Path) -> None:
+    store = small_store(s3_bucket)
+    data = contents(3, [f"shard-{i}.bin" for i in range(12)])
+    data["big.bin"] = random.Random(4).randbytes(6 * MiB)  # a multipart object, copied in parts
+    first = snapshots.write_snapshot(store, "run", stage(tmp_path / "a", data), previous=None)
+    previous = snapshots.read_manifest(store, "run", first["seq"])
+    unchanged = [StagedFile(e["path"], e["size"], e["sha256"], None) for e in previous["files"]]
+
+    recorder = Recorder(store)
+    second = snapshots.write_snapshot(store, "run", unchanged, previous=previous)
+
+    assert second["seq"] == 2 and second["sent_bytes"] == 0 and second["bytes"] == first["bytes"]
+    ops = recorder.ops("/snapshots/000002/")
+    assert not {"PutObject", "UploadPart", "HeadObject"} & set(ops), ops
+    assert ops.count("CopyObject") == 12 and ops.count("UploadPartCopy") == 2
+    sent = sum(size for url, size in recorder.body_bytes if "/snapshots/000002/" in url)
+    assert sent < 2000, "only the small CompleteMultipartUpload body, no file content"
+    out = tmp_path / "restored"
+    snapshots.download_snapshot(store, "run", out, seq=2)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == data
+
+
+def test_only_changed_files_are_uploaded(s3_bucket: str, tmp_path: Path) -> None:
+    store = S3Store(s3_bucket)
+    names = [f"f{i}" for i in range(6)]
+    snapshots.write_snapshot(store, "run", stage(tmp_path / "a", contents(5, names)), previous=None)
+    previous = snapshots.read_manifest(store, "run", 1)
+    changed = {"f2": b"new content"}
+    files = [
+        StagedFile(e["path"], e["size"], e["sha256"], None) for e in previous["files"] if e["path"] not in changed
+    ] + stage(tmp_path / "b", changed)
+    recorder = Recorder(store)
+    result = snapshots.write_snapshot(store, "run", files, previous=previous)
+    assert result["sent_bytes"] == len(b"new content")
+    puts = [key for name, key, _ in recorder.calls if name == "PutObject" and "/snapshots/000002/" in key]
+    assert puts == ["ckpt/run/snapshots/000002/f2"]
+
+
+# -- conditional writes -----------------------------------------------------------
+
+
+def test_conditional_writes_refuse_a_second_writer(s3_bucket: str, tmp_path: Path) -> None:
+    first, second = small_store(s3_bucket), small_store(s3_bucket)
+    recorder = Recorder(second)
+    first.put_bytes("run/snapshots/000001.claim", b"writer 1", if_absent=True)
+    with pytest.raises(SnapshotConflict, match="already exists"):
+        second.put_bytes("run/snapshots/000001.claim", b"writer 2", if_absent=True)
+    assert first.get_bytes("run/snapshots/000001.claim") == b"writer 1"
+    puts = [params for name, _key, params in recorder.calls if name == "PutObject"]
+    assert puts[-1].get("If-None-Match") == "*"
+
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"x" * 1000)
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(11 * MiB))
+    first.put_file("run/snapshots/000001/w.bin", str(small), if_absent=True)
+    first.put_file("run/snapshots/000001/big.bin", str(big), if_absent=True)
+    recorder.calls.clear()
+    with pytest.raises(SnapshotConflict):
+        second.put_file("run/snapshots/000001/w.bin", str(big), if_absent=True)
+    with pytest.raises(SnapshotConflict):
+        second.put_files([("run/snapshots/000001/big.bin", str(small))], if_absent=True)
+    with pytest.raises(SnapshotConflict):
+        second.put_file("run/snapshots/000001/big.bin", str(big), if_absent=True)  # multipart: refused at Complete
+    completes = [params for name, _key, params in recorder.calls if name == "CompleteMultipartUpload"]
+    assert completes and all(params.get("If-None-Match") == "*" for params in completes)
+    with pytest.raises(SnapshotConflict):
+        second.copy("run/snapshots/000001/w.bin", "run/snapshots/000001/big.bin")
+    assert first.size_of("run/snapshots/000001/w.bin") == 1000
+    assert first.size_of("run/snapshots/000001/big.bin") == 11 * MiB
+
+    # Without if_absent an object is simply replaced (LATEST, run.json).
+    second.put_bytes("run/LATEST", b"1")
+    second.put_bytes("run/LATEST", b"2")
+    assert first.get_bytes("run/LATEST") == b"2"
+
+
+def test_two_agents_never_share_a_snapshot(s3_bucket: str, tmp_path: Path) -> None:
+    results: list[dict] = []
+    errors: list[BaseException] = []
+
+    def agent(index: int) -> None:
+        store = S3Store(s3_bucket)
+        try:
+            for step in range(3):
+                data = contents(index * 10 + step, ["w.bin", "opt.bin"])
+                results.append(
+                    snapshots.write_snapshot(
+                        store, "run", stage(tmp_path / f"{index}-{step}", data), previous=None, writer=str(index)
+                    )
+                )
+        except BaseException as error:  # noqa: BLE001 - re-raised in the test thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=agent, args=(index,)) for index in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    seqs = sorted(result["seq"] for result in results)
+    assert seqs == list(range(1, 10))
+    store = S3Store(s3_bucket)
+    assert json.loads(store.get_bytes("run/LATEST"))["seq"] <= 9
+    for seq in seqs:
+        snapshots.download_snapshot(store, "run", tmp_path / f"out-{seq}", seq=seq)
+
+
+class _Raw:
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    def stream(self, **kwargs):
+        yield self._body
+
+
+def test_retry_after_a_lost_response_is_not_a_conflict(s3_bucket: str) -> None:
+    """The PUT lands but the client sees a 500; the retry gets 412 and must recognise its own write."""
+    import urllib3
+
+    store = S3Store(s3_bucket)
+    http = urllib3.PoolManager()
+    dropped = []
+
+    def lose_first_response(request, **kwargs):
+        if request.method == "PUT" and request.url.endswith("/claim-me") and not dropped:
+            body = request.body if isinstance(request.body, bytes) else request.body.read()
+            landed = http.request("PUT", request.url, body=body, headers=dict(request.headers))
+            dropped.append(landed.status)
+            return AWSResponse(request.url, 500, {}, _Raw(b"<Error><Code>InternalError</Code></Error>"))
+        return None
+
+    store.client.meta.events.register_first("before-send.s3.PutObject", lose_first_response)
+    store.put_bytes("claim-me", b"mine", if_absent=True)
+    assert dropped == [200]
+    assert store.get_bytes("claim-me") == b"mine"
+    other = S3Store(s3_bucket)
+    with pytest.raises(SnapshotConflict):
+        other.put_bytes("claim-me", b"theirs", if_absent=True)
+
+
+# -- retention ---------------------------------------------------------------------
+
+
+def test_prune_keeps_the_newest_and_latest(s3_bucket: str, tmp_path: Path) -> None:
+    store = S3Store(s3_bucket)
+    previous = None
+    for step in range(5):
+        data = {"fixed.bin": b"same every time", "step.bin": str(step).encode() * 50}
+        files = stage(tmp_path / str(step), data)
+        result = snapshots.write_snapshot(store, "run", files, previous=previous)
+        previous = snapshots.read_manifest(store, "run", result["seq"])
+    # An abandoned half snapshot below LATEST (a writer killed mid-way) goes too.
+    store.put_bytes("run/snapshots/000003/orphan.bin", b"x")
+
+    assert snapshots.prune(store, "run", keep=2) == [1, 2, 3]
+    assert [s["seq"] for s in snapshots.list_snapshots(store, "run")] == [4, 5]
+    assert {obj.key.split("/")[2][:6] for obj in store.list("run/snapshots/")} == {"000004", "000005"}
+    out = tmp_path / "out"
+    snapshots.download_snapshot(store, "run", out)
+    assert (out / "step.bin").read_bytes() == b"4" * 50
+    # keep=1 never removes what LATEST points to, even when the newest manifest is above it.
+    assert snapshots.prune(store, "run", keep=1) == [4]
+    assert [s["seq"] for s in snapshots.list_snapshots(store, "run")] == [5]
+
+
+# -- runs listing -------------------------------------------------------------------
+
+
+def test_list_runs_one_level(s3_bucket: str, tmp_path: Path) -> None:
+    store = S3Store(s3_bucket)
+    for run in ("alpha-1", "beta-2"):
+        snapshots.put_run_record(store, run, {"run": run, "state": "running"})
+        snapshots.write_snapshot(store, run, stage(tmp_path / run, {"w": b"1"}), previous=None)
+    store.put_bytes("not-a-run/other.txt", b"x")
+    recorder = Recorder(store)
+    assert store.list_runs() == ["alpha-1", "beta-2", "not-a-run"]
+    assert [params.get("delimiter") for name, _k, params in recorder.calls if name == "ListObjectsV2"] == ["/"]
+    assert sorted(r["run"] for r in snapshots.list_run_records(store)) == ["alpha-1", "beta-2"]
+
+    files = FileStore(f"file://{tmp_path / 'fs'}")
+    snapshots.put_run_record(files, "gamma-3", {"run": "gamma-3"})
+    assert files.list_runs() == ["gamma-3"]
+    assert [r["run"] for r in snapshots.list_run_records(files)] == ["gamma-3"]
+
+
+# -- errors a person can act on -------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["s3://", "s3:///prefix", "s3://bad bucket/x"])
+def test_bad_urls(url: str) -> None:
+    with pytest.raises(BadInput, match="s3://"):
+        S3Store(url)
+
+
+def test_missing_bucket_is_one_clear_line(moto_server: str, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    store = S3Store("s3://gpurun-no-such-bucket/ckpt")
+    with pytest.raises(StoreError) as raised:
+        store.check_writable()
+    message = str(raised.value)
+    assert "\n" not in message and "bucket gpurun-no-such-bucket does not exist" in message
+    with pytest.raises(StoreError, match="bucket gpurun-no-such-bucket does not exist") as raised:
+        snapshots.write_snapshot(store, "run", stage(tmp_path, {"w": b"1"}), previous=None)
+    assert "\n" not in str(raised.value)
+    with pytest.raises(StoreError, match="does not exist"):
+        snapshots.latest(store, "run")
+
+
+def test_no_credentials_is_one_clear_line(moto_server: str, monkeypatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(StoreError, match="no AWS credentials found") as raised:
+        S3Store("s3://some-bucket/ckpt").check_writable()
+    assert "\n" not in str(raised.value) and "s3://some-bucket/ckpt" in str(raised.value)
+
+
+def test_unknown_profile() -> None:
+    with pytest.raises(StoreError, match="profile 'nobody' not found"):
+        S3Store("s3://some-bucket/ckpt", profile="nobody")
+
+
+def _deny(operation: str):
+    def handler(**kwargs):
+        error = {"Error": {"Code": "AccessDenied", "Message": "Access Denied"}}
+        return AWSResponse("https://s3.amazonaws.com", 403, {}, None), error
+
+    return f"before-call.s3.{operation}", handler
+
+
+def test_access_denied_is_one_clear_line() -> None:
+    from moto import mock_aws
+
+    with mock_aws():
+        boto3.client("s3").create_bucket(Bucket="theirs")
+        store = S3Store("s3://theirs/ckpt")
+        store.client.meta.events.register(*_deny("PutObject"))
+        with pytest.raises(StoreError) as raised:
+            store.check_writable()
+        message = str(raised.value)
+        assert message.startswith("access denied writing s3://theirs/ckpt/.gpurun-write-probe-")
+        assert "s3:PutObject" in message and "\n" not in message
+        with pytest.raises(StoreError, match="access denied writing s3://theirs/ckpt/run/snapshots/000001.claim"):
+            snapshots.write_snapshot(store, "run", [], previous=None)
+
+
+def test_create_bucket_is_private_and_encrypted() -> None:
+    from moto import mock_aws
+
+    with mock_aws():
+        assert create_bucket("s3://gpurun-new-bucket/ckpt", "eu-west-1") is True
+        client = boto3.client("s3", region_name="eu-west-1")
+        assert client.get_bucket_location(Bucket="gpurun-new-bucket")["LocationConstraint"] == "eu-west-1"
+        block = client.get_public_access_block(Bucket="gpurun-new-bucket")["PublicAccessBlockConfiguration"]
+        assert all(block.values()) and len(block) == 4
+        rule = client.get_bucket_encryption(Bucket="gpurun-new-bucket")["ServerSideEncryptionConfiguration"]["Rules"][0]
+        assert rule["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+        lifecycle = client.get_bucket_lifecycle_configuration(Bucket="gpurun-new-bucket")["Rules"]
+        assert lifecycle[0]["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] == 7
+        tags = client.get_bucket_tagging(Bucket="gpurun-new-bucket")["TagSet"]
+        assert {"Key": "gpurun:managed", "Value": "true"} in tags
+        # Asking again is fine and changes nothing; us-east-1 needs no location constraint.
+        assert create_bucket("s3://gpurun-new-bucket", "eu-west-1") is False
+        assert create_bucket("s3://gpurun-virginia", "us-east-1") is True
+        S3Store("s3://gpurun-virginia/x", region="us-east-1").check_writable()
+
+
+# -- crash consistency ----------------------------------------------------------------
+
+# A zygote that imports everything once and forks one writer per iteration, so
+# 50+ kills cost milliseconds each instead of an interpreter start.
+WRITER = r"""
+import hashlib, os, random, signal, sys
+from gpurun.store import snapshots
+from gpurun.store.s3 import S3Store
+
+url, run, root = sys.argv[1:4]
+store = S3Store(url)
+store.multipart_threshold = store.multipart_chunksize = 5 << 20
+store.copy_threshold = store.copy_chunksize = 5 << 20
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # killed writers are reaped at once
+
+
+def write_forever(seed):
+    rng = random.Random(seed)
+    for step in range(1000):
+        pointer = snapshots.latest(store, run)
+        previous = snapshots.read_manifest(store, run, pointer["seq"]) if pointer else None
+        old = {entry["path"]: entry for entry in previous["files"]} if previous else {}
+        names = ["model.pt", "optimizer/state.bin", "step.txt"] + [f"extra/{i}.bin" for i in range(rng.randint(0, 4))]
+        files = []
+        for name in names:
+            if name in old and rng.random() < 0.5:
+                entry = old[name]
+                files.append(snapshots.StagedFile(name, entry["size"], entry["sha256"], None))
+                continue
+            # model.pt is sometimes big enough for a multipart upload (and a multipart copy later).
+            big = name == "model.pt" and rng.random() < 0.4
+            size = rng.randint(5 << 20, 6 << 20) if big else rng.randint(10, 30000)
+            data = rng.randbytes(size)
+            path = os.path.join(root, f"{seed}-{step}-{name.replace('/', '_')}")
+            with open(path, "wb") as handle:
+                handle.write(data)
+            files.append(snapshots.StagedFile(name, size, hashlib.sha256(data).hexdigest(), path))
+        snapshots.write_snapshot(store, run, files, previous=previous, writer=str(os.getpid()))
+        snapshots.prune(store, run, keep=3)
+
+
+for line in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            write_forever(int(line))
+        except BaseException:
+            import traceback
+            with open(os.path.join(root, "writer-errors.txt"), "a") as log:
+                traceback.print_exc(file=log)
+        finally:
+            os._exit(0)
+    print(pid, flush=True)
+"""
+
+
+def _wait_dead(pid: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/status") as handle:
+                if any(line.startswith("State:") and "Z" in line for line in handle):
+                    return
+        except (FileNotFoundError, ProcessLookupError):  # gone, or going while we read
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"writer {pid} still alive after SIGKILL")
+
+
+def test_sigkill_at_random_moments_never_breaks_latest(s3_bucket: str, tmp_path: Path) -> None:
+    iterations = 50
+    rng = random.Random(1234)
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    zygote = subprocess.Popen(
+        [sys.executable, "-c", WRITER, s3_bucket, "run", str(staged)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    store = S3Store(s3_bucket)
+    verified, partial_seen, seen_latest = 0, 0, set()
+    try:
+        for iteration in range(iterations):
+            zygote.stdin.write(f"{iteration}\n")
+            zygote.stdin.flush()
+            line = zygote.stdout.readline()
+            assert line, "writer zygote died"
+            pid = int(line)
+            # A first snapshot lands ~0.3 s after the fork, the next ones every ~0.2 s.
+            time.sleep(rng.uniform(0.03, 0.6))
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                errors = staged / "writer-errors.txt"
+                pytest.fail(f"writer stopped by itself: {errors.read_text() if errors.exists() else '?'}")
+            _wait_dead(pid)
+
+            pointer = snapshots.latest(store, "run")
+            if pointer is None:
+                assert not seen_latest, "LATEST disappeared"
+                continue
+            seen_latest.add(pointer["seq"])
+            manifest = snapshots.read_manifest(store, "run", pointer["seq"])
+            assert manifest is not None, f"LATEST -> {pointer['seq']} has no manifest"
+            target = tmp_path / f"restore-{iteration}"
+            summary = snapshots.download_snapshot(store, "run", target)  # verifies every sha256
+            assert summary["seq"] == pointer["seq"]
+            restored = {str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()}
+            assert restored == {entry["path"] for entry in manifest["files"]}
+            verified += 1
+            complete = {s["seq"] for s in snapshots.list_snapshots(store, "run")}
+            started = {int(obj.key.split("/")[2][:6]) for obj in store.list("run/snapshots/")}
+            partial_seen += bool(started - complete)
+    finally:
+        zygote.stdin.close()
+        zygote.wait(timeout=10)
+
+    stats = f"verified {verified}, killed mid-snapshot {partial_seen}, distinct LATEST {len(seen_latest)}"
+    assert verified >= iterations * 0.8, stats
+    assert len(seen_latest) >= 10, f"the writers should land many snapshots between kills: {stats}"
+    assert partial_seen >= 10, f"kills should often land in the middle of a snapshot: {stats}"
+
+    # A clean writer carries on past every abandoned number, and prune clears them.
+    pointer = snapshots.latest(store, "run")
+    previous = snapshots.read_manifest(store, "run", pointer["seq"])
+    result = snapshots.write_snapshot(store, "run", stage(tmp_path / "last", {"final.bin": b"done"}), previous=previous)
+    assert result["seq"] > pointer["seq"]
+    snapshots.prune(store, "run", keep=2)
+    started = {int(obj.key.split("/")[2][:6]) for obj in store.list("run/snapshots/")}
+    complete = [s["seq"] for s in snapshots.list_snapshots(store, "run")]
+    assert complete[-1] == result["seq"] and len(complete) == 2
+    assert started - set(complete) <= {seq for seq in started if seq > result["seq"]}
+    snapshots.download_snapshot(store, "run", tmp_path / "final")
+    assert (tmp_path / "final" / "final.bin").read_bytes() == b"done"
