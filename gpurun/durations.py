@@ -2,28 +2,39 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_PATTERN = re.compile(r"[ ]*([0-9]{1,30}(?:\.[0-9]{1,9})?)[ ]*([smhd]?)[ ]*", re.ASCII)
+MAX_SECONDS = 366 * 86400
+
+
+def _show(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
 
 
 def parse_duration(value: object) -> float:
-    """Seconds for `value`; raises ValueError with what is accepted."""
+    """Seconds for `value`; raises ValueError (one line) with what is accepted."""
     if isinstance(value, bool):
-        raise ValueError("expected a duration like 90s, 5m, 12h or 1d")
+        raise ValueError(f"expected a duration like 90s, 5m, 12h or 1d, got {value!r}")
     if isinstance(value, (int, float)):
+        if isinstance(value, int) and abs(value) > MAX_SECONDS:
+            raise ValueError("a duration must be at most 366d")
         seconds = float(value)
+        if math.isnan(seconds):
+            raise ValueError("expected a duration like 90s, 5m, 12h or 1d, got nan")
     elif isinstance(value, str):
-        match = _PATTERN.match(value)
+        match = _PATTERN.fullmatch(value)
         if not match:
-            raise ValueError(f"{value!r} is not a duration; use a number with s, m, h or d, like 90s, 5m, 12h, 1d")
+            raise ValueError(f"{_show(value)} is not a duration; use a number with s, m, h or d, like 90s, 5m, 12h, 1d")
         seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
     else:
-        raise ValueError("expected a duration like 90s, 5m, 12h or 1d")
+        raise ValueError(f"expected a duration like 90s, 5m, 12h or 1d, got {type(value).__name__}")
     if seconds <= 0:
         raise ValueError("a duration must be greater than zero, like 90s, 5m, 12h or 1d")
-    if seconds > 366 * 86400:
+    if seconds > MAX_SECONDS:
         raise ValueError("a duration must be at most 366d")
     return seconds
 

@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
 import string
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from typing import Any
 from gpurun import paths
 from gpurun.errors import GpurunError, UnknownRun
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}(/rank-[0-9]+)?")
 STATES = ("launching", "running", "succeeded", "failed", "interrupted", "ended")
 _ALPHABET = string.ascii_lowercase + string.digits
 
@@ -53,7 +55,17 @@ def save(record: dict[str, Any]) -> None:
     paths.atomic_write(record_path(record["run"]), json.dumps(record, indent=1, sort_keys=True).encode())
 
 
+def check_name(run: str, what: str = "run") -> str:
+    """A run name as gpurun makes them; anything else is bad input, never a path."""
+    if not RUN_NAME.fullmatch(run):
+        shown = run if len(run) <= 60 else run[:57] + "..."
+        prefix = "unknown run" if what == "run" else f"{what}: unknown run"
+        raise UnknownRun(f"{prefix} {shown!r}; `gpurun status` lists runs")
+    return run
+
+
 def load(run: str) -> dict[str, Any]:
+    check_name(run)
     path = record_path(run)
     try:
         data = path.read_bytes()

@@ -17,13 +17,39 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gpurun.durations import parse_duration
 from gpurun.errors import SpecError
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
-ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# \Z, not $: "$" also matches before a trailing newline.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}\Z")
+ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+SSH_USER_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}\Z")
 MAX_SPEC_BYTES = 1_000_000
+MAX_YAML_NODES = 10_000
+# NUL and the characters that end a line (in a message, a shell or a YAML file).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
+
+
+def show(value: object, limit: int = 60) -> str:
+    """`value` as a message shows it: repr (so control characters are escaped), long ones cut."""
+    text = repr(value)
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text)} chars)"
+    return text
+
+
+def label(text: str, limit: int = 200) -> str:
+    """User text (a path, a key, a --set argument) as it appears in a one-line message."""
+    if text.isprintable() and len(text) <= limit:
+        return text
+    return show(text, limit)
+
+
+def _no_control(value: str, what: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError(f"{show(value)}: {what} must not contain control characters (NUL, newline, tab)")
+    return value
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SyncSpec(_Section):
@@ -34,9 +60,12 @@ class SyncSpec(_Section):
     def _patterns(cls, patterns: list[str]) -> list[str]:
         for pattern in patterns:
             if not pattern.strip():
-                raise ValueError("an exclude pattern must not be empty")
+                raise ValueError("an exclude pattern must not be empty; use a pattern like data/ or *.npy")
+            _no_control(pattern, "an exclude pattern")
             if ".." in PurePosixPath(pattern.strip("/")).parts:
-                raise ValueError(f"{pattern!r} reaches outside workdir ('..' is not allowed)")
+                raise ValueError(
+                    f"{show(pattern)} reaches outside workdir ('..' is not allowed); use a pattern like data/"
+                )
         return patterns
 
 
@@ -52,8 +81,15 @@ class CheckpointSpec(_Section):
     @classmethod
     def _relative_dir(cls, value: str) -> str:
         path = PurePosixPath(value)
-        if not value or path.is_absolute() or ".." in path.parts or "\x00" in value:
-            raise ValueError(f"{value!r} must be a path inside workdir, like checkpoints")
+        if (
+            not path.parts
+            or path.is_absolute()
+            or ".." in path.parts
+            or value.startswith("~")
+            or _CONTROL.search(value)
+            or len(value) > 1024
+        ):
+            raise ValueError(f"{show(value)} must be a directory inside workdir, like checkpoints")
         return value
 
     @field_validator("every", mode="before")
@@ -66,17 +102,22 @@ class CheckpointSpec(_Section):
     def _store_url(cls, value: str | None) -> str | None:
         if value is None:
             return None
+        if _CONTROL.search(value) or " " in value:
+            raise ValueError(
+                f"{show(value)} is not a store URL (spaces or control characters); "
+                "use s3://bucket/prefix or file:///absolute/path"
+            )
         if value.startswith("file://"):
             path = value[len("file://") :]
             if not path.startswith("/"):
-                raise ValueError(f"{value!r}: a file store needs an absolute path, like file:///data/checkpoints")
+                raise ValueError(f"{show(value)}: a file store needs an absolute path, like file:///data/checkpoints")
             return value.rstrip("/") or "file:///"
         if value.startswith("s3://"):
             bucket = value[len("s3://") :].split("/", 1)[0]
             if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
-                raise ValueError(f"{value!r} has no valid bucket name; use s3://bucket/prefix")
+                raise ValueError(f"{show(value)} has no valid bucket name; use s3://bucket/prefix")
             return value.rstrip("/")
-        raise ValueError(f"{value!r} is not a store URL; use s3://bucket/prefix or file:///absolute/path")
+        raise ValueError(f"{show(value)} is not a store URL; use s3://bucket/prefix or file:///absolute/path")
 
 
 class AwsSpec(_Section):
@@ -99,7 +140,35 @@ class AwsSpec(_Section):
     @classmethod
     def _region(cls, value: str) -> str:
         if not re.fullmatch(r"[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d", value):
-            raise ValueError(f"{value!r} is not an AWS region name, like us-east-1")
+            raise ValueError(f"{show(value)} is not an AWS region name, like us-east-1")
+        return value
+
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, value: str | None) -> str | None:
+        if value is not None and (not value or value.startswith("-") or _CONTROL.search(value) or len(value) > 128):
+            raise ValueError(f"{show(value)} is not an AWS profile name; use a name from ~/.aws/config, or null")
+        return value
+
+    @field_validator("subnet_id")
+    @classmethod
+    def _subnet(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"subnet-[0-9a-f]{8,17}", value):
+            raise ValueError(f"{show(value)} is not a subnet id; use subnet-0123456789abcdef0, or null")
+        return value
+
+    @field_validator("vpc_id")
+    @classmethod
+    def _vpc(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"vpc-[0-9a-f]{8,17}", value):
+            raise ValueError(f"{show(value)} is not a VPC id; use vpc-0123456789abcdef0, or null")
+        return value
+
+    @field_validator("iam_instance_profile")
+    @classmethod
+    def _instance_profile(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9+=,.@_-]{1,128}", value):
+            raise ValueError(f"{show(value)} is not an instance profile name (letters, digits, +=,.@_-), or null")
         return value
 
     @field_validator("instance_type", mode="before")
@@ -111,8 +180,8 @@ class AwsSpec(_Section):
             if not value:
                 raise ValueError("give at least one instance type, like g5.xlarge")
             for item in value:
-                if not isinstance(item, str) or not re.fullmatch(r"[a-z0-9-]+\.[a-z0-9-]+", item):
-                    raise ValueError(f"{item!r} is not an instance type name, like g5.xlarge")
+                if not isinstance(item, str) or not re.fullmatch(r"[a-z0-9-]{1,32}\.[a-z0-9-]{1,32}", item):
+                    raise ValueError(f"{show(item)} is not an instance type name, like g5.xlarge")
         return value
 
     @field_validator("ami")
@@ -120,12 +189,19 @@ class AwsSpec(_Section):
     def _ami(cls, value: str) -> str:
         if value in ("dlami-pytorch", "dlami-base") or re.fullmatch(r"ami-[0-9a-f]{8,17}", value):
             return value
-        if value.startswith("ssm:/") and len(value) > 5:
+        if re.fullmatch(r"ssm:/[A-Za-z0-9_.\-/]{1,2047}", value):
             return value
-        if value.startswith("name:") and "@" in value and value.split("@")[0] != "name:":
+        if (
+            value.startswith("name:")
+            and "@" in value
+            and value.split("@")[0] != "name:"
+            and value.rsplit("@", 1)[1]
+            and not _CONTROL.search(value)
+            and len(value) <= 512
+        ):
             return value
         raise ValueError(
-            f"{value!r} is not an AMI; use ami-..., ssm:/path, name:<pattern>@<owner>, dlami-pytorch or dlami-base"
+            f"{show(value)} is not an AMI; use ami-..., ssm:/path, name:<pattern>@<owner>, dlami-pytorch or dlami-base"
         )
 
     @field_validator("ssh_cidr")
@@ -136,7 +212,7 @@ class AwsSpec(_Section):
         try:
             return str(ipaddress.ip_network(value, strict=False))
         except ValueError:
-            raise ValueError(f"{value!r} is not a CIDR; use auto or an address block like 203.0.113.7/32") from None
+            raise ValueError(f"{show(value)} is not a CIDR; use auto or an address block like 203.0.113.7/32") from None
 
     @field_validator("max_runtime", mode="before")
     @classmethod
@@ -159,9 +235,25 @@ class SshSpec(_Section):
     @classmethod
     def _hosts(cls, hosts: list[str]) -> list[str]:
         for host in hosts:
-            if not re.fullmatch(r"[A-Za-z0-9_.@:\[\]-]+", host) or host.startswith("-"):
-                raise ValueError(f"{host!r} is not a host name, address or ~/.ssh/config alias")
+            if not re.fullmatch(r"[A-Za-z0-9_.@:\[\]-]{1,255}", host) or host.startswith("-"):
+                raise ValueError(f"{show(host)} is not a host name, address or ~/.ssh/config alias")
         return hosts
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value: str | None) -> str | None:
+        if value is not None and not SSH_USER_PATTERN.match(value):
+            raise ValueError(f"{show(value)} is not a user name; use letters, digits, '.', '_' and '-', or null")
+        return value
+
+    @field_validator("identity_file")
+    @classmethod
+    def _identity(cls, value: str | None) -> str | None:
+        if value is not None:
+            if not value or len(value) > 4096:
+                raise ValueError(f"{show(value)} is not a key file path, like ~/.ssh/id_ed25519")
+            _no_control(value, "a key file path")
+        return value
 
 
 class Spec(_Section):
@@ -183,7 +275,7 @@ class Spec(_Section):
     def _name(cls, value: str) -> str:
         if not NAME_PATTERN.match(value):
             raise ValueError(
-                f"{value!r} is not a run name; use letters, digits, '-' and '_' (at most 40, starting with a letter or digit)"
+                f"{show(value)} is not a run name; use letters, digits, '-' and '_' (at most 40, starting with a letter or digit)"
             )
         return value
 
@@ -195,13 +287,17 @@ class Spec(_Section):
         result = {}
         for key, item in value.items():
             if not isinstance(key, str) or not ENV_NAME_PATTERN.match(key):
-                raise ValueError(f"{key!r} is not an environment variable name")
+                raise ValueError(
+                    f"{show(key)} is not an environment variable name; use letters, digits and _, like KERAS_BACKEND"
+                )
             if isinstance(item, bool):
                 item = "true" if item else "false"
+            if isinstance(item, int) and abs(item) > 10**100:
+                raise ValueError(f"env.{key}: number too large; quote it to pass it as text")
             if isinstance(item, (int, float)):
                 item = str(item)
             if not isinstance(item, str):
-                raise ValueError(f"env.{key} must be a string, number or boolean")
+                raise ValueError(f"env.{key} must be a string, number or boolean, got {type(item).__name__}")
             if "\x00" in item:
                 raise ValueError(f"env.{key} must not contain NUL bytes")
             result[key] = item
@@ -212,12 +308,29 @@ class Spec(_Section):
     def _run(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("run must be the command that starts training, like python train.py")
+        if "\x00" in value:
+            raise ValueError("run must not contain NUL bytes")
+        return value
+
+    @field_validator("setup")
+    @classmethod
+    def _setup(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("setup must not contain NUL bytes")
+        return value
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, value: str) -> str:
+        if not value or "\x00" in value or len(value) > 4096:
+            raise ValueError(f"{show(value)} is not a directory path, like . or src")
         return value
 
     @model_validator(mode="after")
     def _provider_needs(self) -> Spec:
         if self.provider == "ssh" and not self.ssh.hosts:
-            raise ValueError("provider ssh needs ssh.hosts: the machines to run on")
+            # "field: message": _format_validation names the field for model-level checks.
+            raise ValueError("ssh.hosts: provider ssh needs at least one host to run on, like hosts: [gpu-box]")
         return self
 
     @property
@@ -262,121 +375,203 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
     return f" (known: {', '.join(choices)})"
 
 
-def _format_validation(source: str, error: ValidationError) -> str:
-    first = error.errors()[0]
-    location = [str(part) for part in first["loc"]]
+_MISSING_EXAMPLES = {"name": "name: my-experiment", "run": "run: python train.py"}
+_SECTION_EXAMPLES = {
+    "sync": "sync: {exclude: [data/]}",
+    "env": "env: {KERAS_BACKEND: torch}",
+    "checkpoint": "checkpoint: {every: 5m}",
+    "aws": "aws: {region: us-east-1}",
+    "ssh": "ssh: {hosts: [gpu-box]}",
+}
+
+
+def _format_validation(source: str | Any, error: ValidationError) -> str:
+    """One line for the first error: file, field, what is accepted.
+
+    `source` is the file name, or a callable that picks it from the error's location
+    (so a value that came from --set is blamed on --set).
+    """
+    errors = error.errors()
+    # An unknown key first: a misspelt key also makes its real name "missing".
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    raw_location = tuple(first["loc"])
+    location = [label(str(part), 80) for part in raw_location]
+    if callable(source):
+        source = source(raw_location)
     field = ".".join(location) or "spec"
     kind = first["type"]
+    value = first.get("input")
     if kind == "extra_forbidden":
         section = ".".join(location[:-1])
-        return f"{source}: {field}: unknown key{_did_you_mean(location[-1], _known_keys(section))}"
+        return f"{source}: {field}: unknown key{_did_you_mean(str(raw_location[-1]), _known_keys(section))}"
     if kind == "missing":
-        return f"{source}: {field}: required field is missing"
+        example = _MISSING_EXAMPLES.get(field)
+        return f"{source}: {field}: required field is missing" + (f"; add {example}" if example else "")
     message = first["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
+        if not location and ": " in message and message.split(": ", 1)[0] in ("ssh.hosts",):
+            field, message = message.split(": ", 1)
     elif kind == "literal_error":
         expected = first.get("ctx", {}).get("expected", "")
-        message = f"{first['input']!r} is not accepted; use one of {expected}"
-    elif kind.endswith("_type") or kind.endswith("_parsing"):
-        message = f"{message.lower()}, got {first['input']!r}" if not isinstance(first["input"], dict) else message
+        message = f"{show(value)} is not accepted; use one of {expected}"
+    elif kind in ("model_type", "dict_type", "model_attributes_type") and field in _SECTION_EXAMPLES:
+        message = f"expected a mapping of fields, like {_SECTION_EXAMPLES[field]}; got {show(value)}"
+    elif kind == "list_type":
+        message = f"expected a list, like [a, b]; got {show(value)}"
+    elif kind == "invalid_key":
+        message = "keys must be strings"
+    else:
+        message = message[:1].lower() + message[1:]
+        message = f"{message}: {show(value)}" if ", got " in message else f"{message}, got {show(value)}"
     return f"{source}: {field}: {message}"
 
 
 def _check_unknown_top(source: str, data: dict[str, Any]) -> None:
     for key in data:
         if not isinstance(key, str):
-            raise SpecError(f"{source}: {key!r}: keys must be strings")
+            raise SpecError(
+                f"{source}: {show(key)}: keys must be strings, like name or run (quote keys like yes, no, 1)"
+            )
+
+
+_SET_USAGE = "expected FIELD=VALUE, like aws.spot=false"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=value` as (path, YAML-typed value)."""
     if "=" not in text:
-        raise SpecError(f"--set {text}: expected FIELD=VALUE, like aws.spot=false")
+        raise SpecError(f"--set {label(text, 80)}: {_SET_USAGE}")
     path, _, raw = text.partition("=")
     parts = path.strip().split(".")
     if not all(parts):
-        raise SpecError(f"--set {text}: expected FIELD=VALUE, like aws.spot=false")
+        raise SpecError(f"--set {label(text, 80)}: {_SET_USAGE}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except Exception:  # any YAML that does not read (or reads badly) is taken as text
         value = raw
+    if isinstance(value, (dict, list)) and len(raw) > 10_000:
+        raise SpecError(f"--set {label(text, 80)}: value too large; put it in the experiment file")
     return parts, value
 
 
 def apply_override(data: dict[str, Any], text: str) -> None:
+    """Apply one `--set a.b=value` to the parsed YAML, before validation."""
     parts, value = parse_override(text)
+    where = f"--set {label(text, 80)}"
+    if parts[0] == "env":
+        if len(parts) != 2:
+            raise SpecError(f"{where}: use env.NAME=value, like env.KERAS_BACKEND=torch")
+        env = data.get("env")
+        if env is None:
+            env = data["env"] = {}
+        if not isinstance(env, dict):
+            raise SpecError(f"{where}: env in the experiment file is not a mapping")
+        env[parts[1]] = value
+        return
     section = ""
     target = data
     for depth, part in enumerate(parts):
         known = _known_keys(section)
-        if part not in known or (depth < len(parts) - 1 and part not in _MODELS and part != "env"):
-            if section == "env" or (depth == 1 and parts[0] == "env"):
-                break
-            raise SpecError(f"--set {text}: {'.'.join(parts[: depth + 1])}: unknown field{_did_you_mean(part, known)}")
+        field = ".".join(parts[: depth + 1])
+        if part not in known:
+            raise SpecError(f"{where}: {label(field, 80)}: unknown field{_did_you_mean(part, known)}")
         if depth == len(parts) - 1:
             target[part] = value
             return
-        if part == "env":
-            env = target.setdefault("env", {})
-            if not isinstance(env, dict) or len(parts) != 2:
-                raise SpecError(f"--set {text}: use env.NAME=value")
-            env[parts[1]] = value
-            return
+        if part not in _MODELS:
+            raise SpecError(f"{where}: {field} is a field, not a section; use --set {field}=VALUE")
         child = target.get(part)
         if child is None:
             child = target[part] = {}
         if not isinstance(child, dict):
-            raise SpecError(f"--set {text}: {part} is not a section")
+            raise SpecError(f"{where}: {part} in the experiment file is not a mapping")
         target = child
         section = part
-    raise SpecError(f"--set {text}: unknown field")
+    raise SpecError(f"{where}: {_SET_USAGE}")  # pragma: no cover - the loop always returns
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
     """Read, override and validate an experiment file."""
     path = Path(path)
-    source = str(path)
-    if not path.exists():
-        raise SpecError(f"{source}: no such experiment file")
-    if path.is_dir():
-        raise SpecError(f"{source}: is a directory; give the experiment's YAML file")
+    source = label(str(path))
     try:
-        raw = path.read_bytes()
-    except OSError as error:
-        raise SpecError(f"{source}: cannot read: {error.strerror}") from None
+        if not path.exists():
+            raise SpecError(f"{source}: no such experiment file")
+        if path.is_dir():
+            raise SpecError(f"{source}: is a directory; give the experiment's YAML file")
+        if not path.is_file():
+            raise SpecError(f"{source}: not a regular file; give the experiment's YAML file")
+        if path.stat().st_size > MAX_SPEC_BYTES:
+            raise SpecError(f"{source}: file is larger than 1 MB; an experiment file is a few lines of YAML")
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_SPEC_BYTES + 1)
+        spec_dir = path.resolve().parent
+    except (OSError, ValueError, RuntimeError) as error:
+        reason = getattr(error, "strerror", None) or (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise SpecError(f"{source}: cannot read the experiment file: {label(reason, 120)}") from None
     if len(raw) > MAX_SPEC_BYTES:
         raise SpecError(f"{source}: file is larger than 1 MB; an experiment file is a few lines of YAML")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise SpecError(f"{source}: not UTF-8 text (byte {error.start})") from None
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise SpecError(f"{source}: line {line}: not UTF-8 text (byte {error.start}); save the file as UTF-8") from None
     data = parse_yaml(source, text)
+    origins: dict[tuple[str, ...], str] = {}
     for override in overrides:
         apply_override(data, override)
-    return validate_spec(data, source=source, spec_dir=path.resolve().parent)
+        origins[tuple(override.partition("=")[0].strip().split("."))] = override
+
+    def blame(location: tuple[Any, ...]) -> str:
+        where = tuple(str(part) for part in location)
+        for path_set, override in reversed(list(origins.items())):
+            size = min(len(where), len(path_set))
+            if size and where[:size] == path_set[:size]:
+                return f"{source} (--set {label(override, 80)})"
+        return source
+
+    return _validate(data, source, spec_dir, blame)
+
+
+def _line_of(text: str, position: int) -> int:
+    return text.count("\n", 0, max(0, position)) + 1
 
 
 def parse_yaml(source: str, text: str) -> dict[str, Any]:
+    """The YAML document as a dict; every failure is one SpecError line."""
     try:
         # The composed node count bounds alias expansion ("billion laughs").
         loader = yaml.SafeLoader(text)
         try:
             node = loader.get_single_node()
-            if node is not None and _count_nodes(node) > 10_000:
-                raise SpecError(f"{source}: too many YAML nodes (alias expansion?); an experiment file is small")
-            data = loader.construct_document(node) if node is not None else None
+            if node is not None:
+                _check_nodes(source, node)
+            try:
+                data = loader.construct_document(node) if node is not None else None
+            except (yaml.YAMLError, RecursionError, SpecError):
+                raise
+            except Exception as error:  # PyYAML's constructors raise plain errors on bad tagged values
+                where = _failing_line(node)
+                raise SpecError(f"{source}:{where}: invalid YAML value: {_construct_problem(error)}") from None
         finally:
             loader.dispose()
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         where = f" line {mark.line + 1}" if mark else ""
         problem = (error.problem or error.context or "invalid YAML").strip()
+        if problem.startswith("but ") and error.context:
+            problem = f"{error.context.strip()} {problem}"
+        problem = label(problem, 160)
         raise SpecError(f"{source}:{where}: invalid YAML: {problem}") from None
+    except yaml.reader.ReaderError as error:
+        where = f" line {_line_of(text, error.position)}"
+        raise SpecError(f"{source}:{where}: invalid YAML: {label(str(error).splitlines()[0], 160)}") from None
     except yaml.YAMLError as error:
-        raise SpecError(f"{source}: invalid YAML: {str(error).splitlines()[0]}") from None
+        first = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SpecError(f"{source}: invalid YAML: {label(first, 160)}") from None
     except RecursionError:
-        raise SpecError(f"{source}: YAML nested too deeply") from None
+        raise SpecError(f"{source}: YAML nested too deeply; an experiment file is a few levels deep") from None
     if data is None:
         raise SpecError(f"{source}: empty experiment file; it needs at least name and run")
     if not isinstance(data, dict):
@@ -385,31 +580,100 @@ def parse_yaml(source: str, text: str) -> dict[str, Any]:
     return data
 
 
-def _count_nodes(node: yaml.Node, limit: int = 10_001) -> int:
+def _construct_problem(error: Exception) -> str:
+    text = str(error)
+    if "integer string conversion" in text:
+        return "a number is too long; an experiment file needs no number of more than 4300 digits"
+    if isinstance(error, ValueError) and text.strip():
+        return f"{label(text.splitlines()[0], 120)} (check values with explicit tags like !!int or !!timestamp)"
+    return (
+        "a value does not read as its explicit tag (like !!bool, !!int, !!timestamp); remove the tag or fix the value"
+    )
+
+
+def _failing_line(root: yaml.Node) -> str:
+    """' line N' of the first scalar that does not construct on its own, or ''."""
+    stack = [root]
+    seen = 0
+    while stack and seen < MAX_YAML_NODES:
+        node = stack.pop()
+        seen += 1
+        if isinstance(node, yaml.ScalarNode):
+            loader = yaml.SafeLoader("")
+            try:
+                loader.construct_object(node, deep=True)
+            except Exception:
+                return f" line {node.start_mark.line + 1}"
+            finally:
+                loader.dispose()
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(reversed(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in reversed(node.value):
+                stack.extend((value, key))
+    return ""
+
+
+def _check_nodes(source: str, root: yaml.Node) -> None:
+    """Bound the document's size after alias expansion, and refuse duplicate keys."""
     count = 0
-    stack = [node]
-    while stack and count < limit:
-        current = stack.pop()
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    while stack:
+        current, where = stack.pop()
         count += 1
+        if count > MAX_YAML_NODES:
+            raise SpecError(f"{source}: too many YAML nodes (alias expansion?); an experiment file is small")
         if isinstance(current, yaml.SequenceNode):
-            stack.extend(current.value)
+            stack.extend((item, where) for item in current.value)
         elif isinstance(current, yaml.MappingNode):
+            seen: dict[str, int] = {}
             for key, value in current.value:
-                stack.append(key)
-                stack.append(value)
-    return count
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    name = key.value
+                    field = f"{where}.{name}" if where else name
+                    if name in seen:
+                        raise SpecError(
+                            f"{source}: line {key.start_mark.line + 1}: {label(field, 80)}: "
+                            f"duplicate key (first on line {seen[name]}); keep one"
+                        )
+                    seen[name] = key.start_mark.line + 1
+                    child_where = field if len(field) <= 200 else where
+                else:
+                    child_where = where
+                stack.append((key, where))
+                stack.append((value, child_where))
 
 
 def validate_spec(data: dict[str, Any], *, source: str, spec_dir: Path | str) -> Spec:
+    """Validate parsed YAML (after overrides) into a Spec; raises SpecError as one line."""
+    return _validate(data, label(source), spec_dir, lambda location: label(source))
+
+
+def _validate(data: dict[str, Any], source: str, spec_dir: Path | str, blame) -> Spec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected a mapping of fields (name:, run:, ...), got {type(data).__name__}")
     if "spec_dir" in data:
         raise SpecError(f"{source}: spec_dir: unknown key{_did_you_mean('spec_dir', _known_keys(''))}")
     try:
         spec = Spec.model_validate({**data, "spec_dir": str(spec_dir)})
     except ValidationError as error:
-        raise SpecError(_format_validation(source, error)) from None
-    workdir = spec.workdir_path
-    if not workdir.is_dir():
-        raise SpecError(f"{source}: workdir: {spec.workdir!r} is not a directory (resolved to {workdir})")
+        raise SpecError(_format_validation(blame, error)) from None
+    except RecursionError:
+        raise SpecError(f"{source}: nested too deeply; an experiment file is a few levels deep") from None
+    try:
+        workdir = spec.workdir_path
+        is_dir = workdir.is_dir()
+    except (OSError, ValueError, RuntimeError) as error:
+        reason = getattr(error, "strerror", None) or type(error).__name__
+        raise SpecError(
+            f"{blame(('workdir',))}: workdir: {show(spec.workdir)} cannot be used ({reason}); "
+            "give a directory relative to the experiment file, like ."
+        ) from None
+    if not is_dir:
+        raise SpecError(
+            f"{blame(('workdir',))}: workdir: {show(spec.workdir)} is not a directory "
+            f"(resolved to {label(str(workdir), 200)}); give a directory relative to the experiment file, like ."
+        )
     return spec
 
 

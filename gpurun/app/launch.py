@@ -28,6 +28,7 @@ def find_resume_source(spec: Spec, store_url: str, resume: str | None) -> dict[s
         return None
     source_url = store_url
     if resume is not None:
+        runs.check_name(resume, "--resume")
         try:
             source_url = runs.load(resume)["store"]
         except BadInput:
@@ -55,8 +56,9 @@ def find_resume_source(spec: Spec, store_url: str, resume: str | None) -> dict[s
 def _choose_name(spec: Spec, name: str | None) -> str:
     if name is None:
         return runs.new_run_name(spec.name)
-    if not NAME_PATTERN.match(name):
-        raise BadInput(f"--name {name!r}: use letters, digits, '-' and '_' (at most 40)")
+    if not NAME_PATTERN.fullmatch(name):
+        shown = name if len(name) <= 60 else name[:57] + "..."
+        raise BadInput(f"--name {shown!r}: use letters, digits, '-' and '_' (at most 40)")
     if runs.record_path(name).exists():
         raise BadInput(f"--name {name}: a run by that name exists; pick another or tear it down first")
     return name

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from gpurun import jobs, runs
-from gpurun.errors import GpurunError
+from gpurun.errors import BadInput, GpurunError
 from gpurun.providers import get_provider
 from gpurun.ui import Ui
 
@@ -85,6 +85,8 @@ def collect(run: str | None = None, *, ui: Ui | None = None, store_url: str | No
     else:
         records, problems = runs.load_all()
     if store_url:
+        if store_url.startswith("file://") and not store_url.startswith("file:///"):
+            raise BadInput(f"store {store_url!r}: a file store needs an absolute path, like file:///data/checkpoints")
         from gpurun.store import open_store
         from gpurun.store.snapshots import list_run_records
 
