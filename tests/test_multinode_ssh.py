@@ -41,6 +41,13 @@ def test_two_ssh_nodes_train_together_with_torchrun(sshd, tmp_path: Path, monkey
     )
     launched = gpurun_json("launch", str(spec))
     run = launched["run"]
+    try:
+        _check_run(run, sshd)
+    finally:
+        gpurun("teardown", run, "--yes", "--no-final-sync", check=False)
+
+
+def _check_run(run: str, sshd) -> None:
     node0 = sshd.home / "gpurun" / run
     node1 = sshd.home / "gpurun" / f"{run}-node1"
     assert (node0 / "work/train.py").exists() and (node1 / "work/train.py").exists(), "separate run directories"

@@ -22,6 +22,8 @@ from gpurun.store.snapshots import StagedFile
 
 # Files that training frameworks write before an atomic rename.
 TEMPORARY_SUFFIXES = (".tmp", ".part", ".partial", ".gpurun-part")
+# Keras writes a backup as incoming.* before renaming it; the templates probe writability.
+TEMPORARY_PREFIXES = (".gpurun", "incoming.", ".write-test-")
 _CHUNK = 1 << 20
 
 
@@ -43,7 +45,7 @@ def list_checkpoint_files(directory: Path) -> dict[str, FileIdentity]:
     for current, dirs, files in os.walk(directory):
         dirs[:] = [d for d in dirs if not d.startswith(".gpurun")]
         for name in files:
-            if name.endswith(TEMPORARY_SUFFIXES) or name.startswith(".gpurun"):
+            if name.endswith(TEMPORARY_SUFFIXES) or name.startswith(TEMPORARY_PREFIXES):
                 continue
             full = os.path.join(current, name)
             try:

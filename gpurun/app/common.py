@@ -10,7 +10,14 @@ from gpurun.errors import BadInput
 from gpurun.store import open_store
 from gpurun.store.base import ObjectStore
 
-MASTER_PORT = 29500
+MASTER_PORT_BASE = 29500
+
+
+def master_port(run: str) -> int:
+    """A port per run (29500-29999): two runs on one box must not fight over torchrun's default."""
+    import zlib
+
+    return MASTER_PORT_BASE + zlib.crc32(run.encode()) % 500
 
 
 def store_url_for(spec) -> str:
@@ -104,7 +111,7 @@ def job_environment(record: dict[str, Any], machine: dict[str, Any], resume_from
             "GPURUN_NODE_RANK": str(machine.get("rank", 0)),
             "GPURUN_NUM_NODES": str(len(machines) or 1),
             "GPURUN_MASTER_ADDR": ips[0] if ips else "127.0.0.1",
-            "GPURUN_MASTER_PORT": str(MASTER_PORT),
+            "GPURUN_MASTER_PORT": str(master_port(record["run"])),
             "GPURUN_NODE_IPS": ",".join(ip for ip in ips if ip),
             "PYTHONUNBUFFERED": "1",
         }
