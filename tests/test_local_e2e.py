@@ -76,16 +76,16 @@ def test_quickstart_launch_snapshot_teardown_resume(quickstart: Path, tmp_path: 
 
 
 @pytest.mark.slow
-def test_failed_setup_is_reported(tmp_path: Path) -> None:
+def test_failed_setup_fails_the_launch_and_leaves_nothing(tmp_path: Path, gpurun_home: Path) -> None:
     (tmp_path / "code").mkdir()
     spec = tmp_path / "bad.yaml"
     spec.write_text("name: broken\nworkdir: code\nsetup: echo preparing; exit 7\nrun: echo never\n")
-    run = gpurun_json("launch", str(spec))["run"]
-    state = wait_until(lambda: (s := run_status(run))["state"] != "running" and s, what="the job to end")
-    assert state["state"] == "failed" and state["exit_code"] == 7
-    log = gpurun("logs", run).stdout
-    assert "setup failed with exit status 7" in log and "never" not in log.split("setup failed")[1]
-    gpurun("teardown", run, "--yes")
+    done = gpurun("launch", str(spec), check=False)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "setup failed with exit status 7" in errors[0] and "everything it created was removed" in errors[0]
+    assert not list((gpurun_home / "runs").glob("*.json"))
+    assert not (gpurun_home / "local").exists() or not list((gpurun_home / "local").iterdir())
 
 
 @pytest.mark.slow

@@ -71,3 +71,32 @@ def _check_run(run: str, sshd) -> None:
     assert sum(item.startswith("job on") for item in down["removed"]) == 2
     assert not any(process_alive(pid) for pid in job_pids)
     assert not node0.exists() and not node1.exists()
+
+
+@pytest.mark.slow
+def test_one_node_failing_setup_rolls_back_every_node(sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpurun_home: Path) -> None:
+    client = tmp_path / "client-home"
+    (client / ".ssh").mkdir(parents=True, mode=0o700)
+    config = client / ".ssh/config"
+    config.write_text(
+        f"Host node\n  HostName {sshd.host}\n  Port {sshd.port}\n  User {sshd.user}\n  IdentityFile {sshd.key_path}\n"
+    )
+    (client / ".ssh/known_hosts").write_text(sshd.known_hosts_line + "\n")
+    monkeypatch.setenv("HOME", str(client))
+    monkeypatch.setenv("GPURUN_SSH_CONFIG", str(config))
+    (tmp_path / "code").mkdir()
+    spec = tmp_path / "half.yaml"
+    spec.write_text(
+        "name: half\nprovider: ssh\nworkdir: code\n"
+        'setup: test "$GPURUN_NODE_RANK" = 0 || { echo "no GPU on this node"; exit 4; }\n'
+        "run: sleep 600\n"
+        "ssh: {hosts: [node, node]}\n"
+        f"checkpoint: {{store: 'file://{tmp_path / 'store'}', resume: never}}\n"
+    )
+    before = set((sshd.home / "gpurun").iterdir()) if (sshd.home / "gpurun").exists() else set()
+    done = gpurun("launch", str(spec), check=False)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "setup failed on node 1 with exit status 4" in errors[0], done.stderr
+    assert set((sshd.home / "gpurun").iterdir()) == before, "both nodes' run directories are removed"
+    assert not list((gpurun_home / "runs").glob("*.json"))

@@ -121,6 +121,9 @@ def launch(
         on_change(record)
         step = "preparing machines"
         _prepare_all(provider, record, files, source, ui, started)
+        if spec.setup:
+            step = "running setup"
+            _wait_for_setup(record, started, ui)
         record["state"] = "running"
         on_change(record)
         snaps.put_run_record(store, run, record)
@@ -217,6 +220,27 @@ def _prepare(provider, record, machine, files, source, ui: Ui, started: list, wi
     machine["job_pid"] = jobs.start_job(
         transport, run_dir, common.work_dir(machine), env, spec.get("setup"), spec["run"]
     )
+
+
+def _wait_for_setup(record: dict[str, Any], started: list, ui: Ui, poll: float = 0.5) -> None:
+    """Wait until every node is past `setup`; one node failing fails the whole launch."""
+    import time
+
+    pending = {machine["rank"]: (transport, machine) for transport, machine in started}
+    with ui.spinner(f"running setup on {len(pending)} node(s)") as update:
+        while pending:
+            for rank, (transport, machine) in list(pending.items()):
+                state = jobs.read_state(transport, machine["run_dir"])
+                if state["phase"] == "run":
+                    del pending[rank]
+                elif state["exit_code"] is not None or (state["job_started"] and not state["job_alive"]):
+                    tail = transport.run(f"tail -n 5 {shlex.quote(machine['run_dir'])}/job.log").text.strip()
+                    last = tail.splitlines()[-2] if len(tail.splitlines()) > 1 else tail
+                    where = f" on node {rank}" if len(record["machines"]) > 1 else ""
+                    raise GpurunError(f"setup failed{where} with exit status {state['exit_code']} (log: {last[:200]!r})")
+            if pending:
+                update(f"running setup on {len(pending)} node(s)")
+                time.sleep(poll)
 
 
 def _rollback(provider, record, started, ui: Ui, on_change) -> None:
