@@ -39,14 +39,22 @@ def make_runs(home: Path, count: int, live_pid: int) -> None:
         (run_dir / "job.pid").write_text(str(live_pid))
         (run_dir / "job.phase").write_text("run")
         (run_dir / "agent.status.json").write_text(
-            json.dumps({"last_seq": 3, "last_at": "2026-11-26T08:00:00+00:00", "last_bytes": 41_000_000, "last_files": 2})
+            json.dumps(
+                {"last_seq": 3, "last_at": "2026-11-26T08:00:00+00:00", "last_bytes": 41_000_000, "last_files": 2}
+            )
         )
         record = {
-            "run": run, "provider": "local", "state": "running", "exit_code": None,
-            "created_at": "2026-11-26T07:00:00+00:00", "store": f"file://{home}/store",
+            "run": run,
+            "provider": "local",
+            "state": "running",
+            "exit_code": None,
+            "created_at": "2026-11-26T07:00:00+00:00",
+            "store": f"file://{home}/store",
             "spec": {"name": "bench", "checkpoint": {"dir": "checkpoints", "nodes": "rank0"}},
             "machines": [{"rank": 0, "host": "localhost", "run_dir": str(run_dir)}],
-            "resources": {}, "last_checkpoint": None, "cost_usd": None,
+            "resources": {},
+            "last_checkpoint": None,
+            "cost_usd": None,
         }
         (home / "runs" / f"{run}.json").write_text(json.dumps(record))
 
@@ -67,8 +75,16 @@ def main() -> None:
         imports = subprocess.run(
             [sys.executable, "-X", "importtime", "-m", "gpurun", "--help"], env=env, capture_output=True, text=True
         ).stderr
-        heavy = sorted({line.split("|")[-1].strip().split(".")[0] for line in imports.splitlines()
-                        if any(f"| {name}" in line or f"|   {name}" in line for name in ("boto3", "botocore", "paramiko", "pydantic"))})
+        heavy = sorted(
+            {
+                line.split("|")[-1].strip().split(".")[0]
+                for line in imports.splitlines()
+                if any(
+                    f"| {name}" in line or f"|   {name}" in line
+                    for name in ("boto3", "botocore", "paramiko", "pydantic")
+                )
+            }
+        )
         print(f"python -c pass        {python_only:.3f} s (interpreter start-up, for scale)")
         print(f"gpurun --help         {help_time:.3f} s  (target <= 0.25 s; sky --help ~2.1 s)")
         print(f"gpurun status (100)   {status_time:.3f} s  (target <= 0.30 s; sky status ~2.8 s)")

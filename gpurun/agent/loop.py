@@ -262,13 +262,14 @@ class Agent:
     def _poll_spot(self, failures: int) -> tuple[dict[str, Any] | None, int]:
         from gpurun.agent import imds
 
-        try:
-            return imds.spot_notice(), 0
-        except Exception as error:
+        notice = imds.spot_notice()
+        if imds.unreachable():
             failures += 1
-            if failures == 3:
-                log(f"spot notice: metadata service not answering ({error}); still trying")
-            return None, failures
+            if failures == 1:
+                log("spot notice: the metadata service is not answering; still polling every 5 s")
+        else:
+            failures = 0
+        return notice, failures
 
     def _on_term(self, signum: int, _frame: object) -> None:
         self.stop_reason = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"

