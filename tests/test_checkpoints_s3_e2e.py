@@ -145,3 +145,47 @@ def test_missing_bucket_is_refused_before_anything_starts(moto_server: str, tmp_
     assert len(errors) == 1 and "no-such-bucket-gpurun" in errors[0]
     assert not (gpurun_home / "runs").exists() or not list((gpurun_home / "runs").glob("*.json"))
     assert not (gpurun_home / "local").exists() or not os.listdir(gpurun_home / "local")
+
+
+@pytest.mark.slow
+def test_resume_on_another_provider_from_s3(
+    moto_server: str, s3_bucket: str, sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that trained on this computer continues on an SSH machine, through the S3 store."""
+    spec = experiment(tmp_path, s3_bucket, epochs=3, pause=0.1)
+    first = gpurun_json("launch", str(spec))["run"]
+    wait_until(lambda: gpurun_json("status", first)[0]["state"] == "succeeded", timeout=60, what="first run")
+    gpurun("teardown", first, "--yes")
+
+    # The SSH machine reaches S3 with its own credentials (an instance profile on EC2).
+    (sshd.home / ".aws").mkdir(exist_ok=True)
+    (sshd.home / ".aws/credentials").write_text("[default]\naws_access_key_id = m\naws_secret_access_key = m\n")
+    (sshd.home / ".aws/config").write_text(f"[default]\nregion = us-east-1\nendpoint_url = {moto_server}\n")
+    sshd.seed_agent_venv()
+    client = tmp_path / "client-home"
+    (client / ".ssh").mkdir(parents=True, mode=0o700)
+    (client / ".ssh/config").write_text(
+        f"Host box\n  HostName {sshd.host}\n  Port {sshd.port}\n  User {sshd.user}\n  IdentityFile {sshd.key_path}\n"
+    )
+    (client / ".ssh/known_hosts").write_text(sshd.known_hosts_line + "\n")
+    monkeypatch.setenv("HOME", str(client))
+    monkeypatch.setenv("GPURUN_SSH_CONFIG", str(client / ".ssh/config"))
+    code = tmp_path / "code"
+    (code / "resume.py").write_text(
+        "import os\nprint('resume from', os.environ.get('GPURUN_RESUME_FROM'))\n"
+        "print('restored', open(os.path.join(os.environ['GPURUN_RESUME_FROM'], 'weights.json')).read())\n"
+    )
+    remote = tmp_path / "remote.yaml"
+    remote.write_text(
+        f"name: s3run\nprovider: ssh\nworkdir: code\nrun: {sys.executable} resume.py\n"
+        "ssh: {hosts: [box]}\n"
+        f"checkpoint: {{dir: ckpt, every: 1s, store: '{s3_bucket}', resume: never}}\n"
+    )
+    second = gpurun_json("launch", str(remote), "--resume", first)["run"]
+    try:
+        wait_until(lambda: gpurun_json("status", second)[0]["state"] != "running", timeout=60, what="resumed run")
+        log = gpurun("logs", second).stdout
+        assert f"resume from {sshd.home}/gpurun/{second}/work/ckpt" in log
+        assert 'restored {"epoch": 3}' in log
+    finally:
+        gpurun("teardown", second, "--yes")
