@@ -48,15 +48,16 @@ def cli(debug: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan; create nothing.")
 @click.option("--follow", "-f", is_flag=True, help="Follow the job's output after launch.")
 @click.option("--resume", metavar="RUN", help="Restore RUN's latest snapshot before the job starts.")
+@click.option("--create-bucket", is_flag=True, help="Create the s3:// store's bucket if missing (private, encrypted).")
 @click.option("--json", "json_mode", is_flag=True, help="Print one JSON document.")
-def launch(spec_file: Path, name: str | None, overrides: tuple[str, ...], dry_run: bool, follow: bool, resume: str | None, json_mode: bool) -> None:
+def launch(spec_file: Path, name: str | None, overrides: tuple[str, ...], dry_run: bool, follow: bool, resume: str | None, create_bucket: bool, json_mode: bool) -> None:
     """Launch the experiment described in SPEC."""
     from gpurun.app.launch import launch as do_launch
     from gpurun.spec import load_spec
 
     ui = _ui(json_mode)
     spec = load_spec(spec_file, overrides)
-    result = do_launch(spec, ui, name=name, resume=resume, dry_run=dry_run)
+    result = do_launch(spec, ui, name=name, resume=resume, dry_run=dry_run, create_bucket=create_bucket)
     if json_mode:
         ui.emit_json(result)
     elif dry_run:
@@ -303,6 +304,34 @@ def init(directory: Path, template: str, force: bool) -> None:
     click.echo(
         f"next: gpurun launch {spec} --follow   (runs here; edit provider/aws in {spec} for a rented GPU)", err=True
     )
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("spec_file", metavar="[SPEC]", required=False, type=click.Path(dir_okay=True, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE", help="Override a spec field, e.g. aws.region=us-west-2.")
+@click.option("--json", "json_mode", is_flag=True, help="Print the checks as one JSON list.")
+def doctor(spec_file: Path | None, overrides: tuple[str, ...], json_mode: bool) -> None:
+    """Check what a launch of SPEC needs, creating nothing; exit 0 only when all pass.
+
+    Credentials (whose), region, AMI, instance types and GPUs, the checkpoint bucket
+    (a probe object is written and deleted right after), the ssh client, your public IP;
+    for provider ssh each host. Without SPEC: the ssh client and the default AWS setup.
+    """
+    from gpurun.app.doctor import diagnose, summary
+    from gpurun.spec import load_spec
+
+    if spec_file is None and overrides:
+        raise BadInput("--set needs a SPEC to apply to")
+    ui = _ui(json_mode)
+    spec = load_spec(spec_file, overrides) if spec_file is not None else None
+    checks = diagnose(spec)
+    if json_mode:
+        ui.emit_json([check.as_dict() for check in checks])
+    else:
+        ui.table(["CHECK", "RESULT", "DETAIL / FIX"], [[c.check, c.result.upper(), c.shown()] for c in checks])
+    problem = summary(checks)
+    if problem:
+        raise GpurunError(problem)
 
 
 def _remote_record(run: str) -> dict[str, Any]:

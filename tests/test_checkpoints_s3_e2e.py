@@ -189,3 +189,17 @@ def test_resume_on_another_provider_from_s3(
         assert 'restored {"epoch": 3}' in log
     finally:
         gpurun("teardown", second, "--yes")
+
+
+def test_create_bucket_only_when_asked(moto_server: str, tmp_path: Path, monkeypatch, gpurun_home) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    spec = experiment(tmp_path, "s3://gpurun-made-bucket/x", epochs=1, pause=0)
+    assert gpurun("launch", str(spec), check=False).returncode != 0  # not created unasked
+    run = gpurun_json("launch", str(spec), "--create-bucket")["run"]
+    client = s3_client(moto_server)
+    block = client.get_public_access_block(Bucket="gpurun-made-bucket")["PublicAccessBlockConfiguration"]
+    assert all(block.values())
+    rules = client.get_bucket_encryption(Bucket="gpurun-made-bucket")["ServerSideEncryptionConfiguration"]["Rules"]
+    assert rules[0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+    gpurun("teardown", run, "--yes")
+    assert client.head_bucket(Bucket="gpurun-made-bucket"), "teardown never deletes a bucket"

@@ -65,7 +65,13 @@ def _choose_name(spec: Spec, name: str | None) -> str:
 
 
 def launch(
-    spec: Spec, ui: Ui, *, name: str | None = None, resume: str | None = None, dry_run: bool = False
+    spec: Spec,
+    ui: Ui,
+    *,
+    name: str | None = None,
+    resume: str | None = None,
+    dry_run: bool = False,
+    create_bucket: bool = False,
 ) -> dict[str, Any]:
     provider = get_provider(spec.provider)
     store_url = common.store_url_for(spec)
@@ -88,6 +94,12 @@ def launch(
         largest = ", ".join(f"{f.path} ({human_bytes(f.size)})" for f in sorted(files, key=lambda f: -f.size)[:5])
         ui.warn(f"the code to sync is {human_bytes(total)}; largest: {largest}. Exclude data with sync.exclude or .gpurunignore")
 
+    if create_bucket and store_url.startswith("s3://"):
+        from gpurun.store.s3 import create_bucket as make_bucket
+
+        options = common.store_options(spec)
+        if make_bucket(store_url, options.get("region"), profile=options.get("profile")):
+            ui.say(f"created bucket for {store_url} (Block Public Access, SSE-S3 encryption); teardown never deletes it")
     store = open_store(store_url, **common.store_options(spec))
     store.check_writable()
     record: dict[str, Any] = {
