@@ -88,6 +88,11 @@ def launch(
         ("checkpoints", f"{spec.checkpoint.dir} -> {store_url}/{run} every {format_duration(spec.checkpoint.every)}, keep {spec.checkpoint.keep}"),
         ("resume", f"from {source['run']} snapshot {source['seq']}" if source else "no (fresh start)"),
     ]
+    if spec.checkpoint.every < 10:
+        ui.warn(
+            f"checkpoint.every is {format_duration(spec.checkpoint.every)}: each snapshot re-reads changed files; "
+            "1m or more is usual (the spot notice and the job's exit always trigger one)"
+        )
     if dry_run:
         return {"run": run, "dry_run": True, "plan": [{"item": label, "value": value} for label, value in rows]}
     if total > LARGE_SYNC_BYTES:
