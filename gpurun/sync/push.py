@@ -1,28 +1,51 @@
 """Send the workdir to a machine as one tar stream; a re-sync sends only what changed.
 
-The machine keeps the manifest of what it was sent (path -> size, mtime,
-mode). A re-sync reads it, sends changed files in one tar stream and
-deletes files that are gone. The manifest is written last, so a sync cut
-short is simply redone.
+The machine keeps the manifest of what it was sent (path -> size, mtime_ns,
+mode). A sync is two remote commands:
+
+1. read the manifest, gzipped on the way when the machine has gzip (run
+   while the workdir is scanned here, so the connection set-up and the
+   first round trip overlap the scan);
+2. one tar stream into `mkdir -p T && tar -x`: its first member carries the
+   manifest update (and the list of deleted files, when there are any), the
+   changed files follow. Only after tar succeeded does the same command
+   delete the removed files and put the manifest in place, so a sync cut
+   short leaves the old manifest and is simply redone.
+
+The manifest is JSON lines: a full `{"files": {...}}` line, then one
+`{"set": {...}, "del": [...]}` line appended per re-sync, so a re-sync that
+changes ten files sends ten entries, not the whole table. A line that does
+not parse (an append cut short) is skipped: what it recorded is sent again.
+After `COMPACT_AFTER` appended lines, or once appending would make the file
+more than twice the size of the whole table, it is rewritten whole.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import gzip
 import json
 import shlex
 import shutil
 import subprocess
+import tarfile
 import threading
+import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpurun.errors import TransportError
 from gpurun.sync.ignore import IgnoreRules, WalkedFile
-from gpurun.transport.base import Transport
+from gpurun.transport.base import CommandResult, Transport
 
 Progress = Callable[[int, int], None]  # (files done, bytes done)
 LARGE_SYNC_BYTES = 200 * 1024 * 1024
+COMPACT_AFTER = 32  # appended manifest lines before it is rewritten whole
+META_DIR = ".gpurun-sync.tmp"  # inside the target while a sync unpacks; removed after
+PIPE_BYTES = 1 << 20  # tar's stdout pipe: fewer, bigger reads
 
 
 @dataclass
@@ -43,9 +66,40 @@ def plan_changes(
     local: list[WalkedFile], remote: dict[str, list[int]]
 ) -> tuple[list[WalkedFile], list[str], dict[str, list[int]]]:
     manifest = {f.path: [f.size, f.mtime_ns, f.mode] for f in local}
-    changed = [f for f in local if remote.get(f.path) != manifest[f.path]]
-    deleted = sorted(set(remote) - set(manifest))
+    get = remote.get
+    changed = [f for f in local if get(f.path) != manifest[f.path]]
+    deleted = sorted(remote.keys() - manifest.keys())
     return changed, deleted, manifest
+
+
+def parse_manifest(data: bytes) -> tuple[dict[str, list[int]] | None, int]:
+    """(path -> [size, mtime_ns, mode] or None when there is no usable full line, appended lines)."""
+    files: dict[str, list[int]] | None = None
+    appended = 0
+    for line in data.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # an append cut short: what it recorded is simply sent again
+        if not isinstance(entry, dict):
+            continue
+        if isinstance(entry.get("files"), dict):
+            files, appended = entry["files"], 0
+        elif files is not None and isinstance(entry.get("set"), dict):
+            files.update(entry["set"])
+            for name in entry.get("del") or ():
+                files.pop(name, None)
+            appended += 1
+    return files, appended
+
+
+def _member(name: str, data: bytes) -> bytes:
+    """One regular-file tar member (header, data, padding), as `tar -x` reads it."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o600
+    info.mtime = int(time.time())
+    return info.tobuf(tarfile.GNU_FORMAT) + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
 
 
 def _tar_chunks(root: Path, files: list[WalkedFile], on_bytes: Callable[[int], None]) -> Iterator[bytes]:
@@ -60,6 +114,9 @@ def _tar_chunks(root: Path, files: list[WalkedFile], on_bytes: Callable[[int], N
         stderr=subprocess.PIPE,
     )
     assert process.stdin and process.stdout and process.stderr
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(process.stdout.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+
     # Feed the name list from a thread: writing it all before reading could
     # deadlock once both pipes fill.
     def feed() -> None:
@@ -72,15 +129,36 @@ def _tar_chunks(root: Path, files: list[WalkedFile], on_bytes: Callable[[int], N
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
     try:
-        while chunk := process.stdout.read1(1 << 20):
+        while chunk := process.stdout.read1(PIPE_BYTES):
             on_bytes(len(chunk))
             yield chunk
     finally:
+        if process.poll() is None:
+            # At the end of the stream tar is exiting; if the consumer stopped early (the
+            # remote command failed) it may be blocked writing: closing the pipe ends it.
+            with contextlib.suppress(OSError):
+                process.stdout.close()
         feeder.join()
         code = process.wait()
         error = process.stderr.read().decode("utf-8", "replace").strip()
     if code != 0:
         raise TransportError(f"tar of the workdir failed: {error.splitlines()[-1] if error else code}")
+
+
+def _read_remote(transport: Transport, manifest_path: str) -> CommandResult:
+    """The manifest, gzipped on the way when the machine has gzip (a quarter of the bytes)."""
+    qmanifest = shlex.quote(manifest_path)
+    return transport.run(f"gzip -1 -c {qmanifest} 2>/dev/null || cat {qmanifest} 2>/dev/null")
+
+
+def _manifest_bytes(result: CommandResult) -> bytes:
+    data = result.stdout if result.ok else b""
+    if data.startswith(b"\x1f\x8b"):
+        try:
+            return gzip.decompress(data)
+        except (OSError, EOFError, zlib.error):
+            return b""
+    return data
 
 
 def sync_tree(
@@ -94,43 +172,84 @@ def sync_tree(
     files: list[WalkedFile] | None = None,
 ) -> SyncResult:
     """Make `target` on the machine hold the workdir's files; returns what was sent."""
-    local = files if files is not None else scan(root, exclude)
+    if files is not None:
+        local = files
+        existing = _read_remote(transport, manifest_path)
+    else:
+        # Connect and read the manifest while the workdir is scanned.
+        answers: list[CommandResult] = []
+        errors: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                answers.append(_read_remote(transport, manifest_path))
+            except BaseException as error:  # re-raised below, in the caller's thread
+                errors.append(error)
+
+        reader = threading.Thread(target=read, name="gpurun-sync-manifest", daemon=True)
+        reader.start()
+        try:
+            local = scan(root, exclude)
+        finally:
+            reader.join()
+        if errors:
+            raise errors[0]
+        existing = answers[0]
     result = SyncResult(files_total=len(local), bytes_total=sum(f.size for f in local))
     result.largest = sorted(((f.path, f.size) for f in local), key=lambda item: -item[1])[:5]
-    existing = transport.run(f"cat {shlex.quote(manifest_path)} 2>/dev/null")
-    remote: dict[str, list[int]] = {}
-    if existing.ok and existing.stdout.strip():
-        try:
-            remote = json.loads(existing.stdout)["files"]
-        except (ValueError, KeyError, TypeError):
-            remote = {}
-    changed, deleted, manifest = plan_changes(local, remote)
-    qtarget = shlex.quote(target)
-    if changed:
-        sent = [0]
+    data = _manifest_bytes(existing)
+    remote, appended = parse_manifest(data) if data.strip() else (None, 0)
+    changed, deleted, manifest = plan_changes(local, remote or {})
+    if remote is not None and not changed and not deleted:
+        return result
+    if any(f.path == META_DIR or f.path.startswith(META_DIR + "/") for f in changed):
+        raise TransportError(f"the workdir has a path named {META_DIR}, which sync uses for itself; rename it")
 
-        def on_bytes(count: int) -> None:
-            sent[0] += count
-            if progress:
-                progress(len(changed), sent[0])
+    update = json.dumps({"files": manifest}, separators=(",", ":")).encode() + b"\n"
+    whole = True
+    if remote is not None and appended < COMPACT_AFTER:
+        entries = {f.path: manifest[f.path] for f in changed}
+        # The leading newline ends a line that an earlier append left cut short.
+        delta = b"\n" + json.dumps({"set": entries, "del": deleted}, separators=(",", ":")).encode() + b"\n"
+        if len(data) + len(delta) <= 2 * len(update):
+            update, whole = delta, False
 
-        command = f"mkdir -p {qtarget} && tar -x -f - -C {qtarget}"
-        outcome = transport.send(command, _tar_chunks(root, changed, on_bytes))
-        if not outcome.ok:
-            detail = outcome.stderr.decode("utf-8", "replace").strip().splitlines()
-            raise TransportError(f"unpacking the code on {transport.label} failed: {detail[-1] if detail else outcome.exit_code}")
-        result.files_sent = len(changed)
-        result.bytes_sent = sum(f.size for f in changed)
+    qtarget, qmanifest = shlex.quote(target), shlex.quote(manifest_path)
+    qmeta = shlex.quote(f"{target}/{META_DIR}")
+    head = _member(f"{META_DIR}/manifest", update)
+    steps = [f"mkdir -p {qtarget}", f"tar -x -f - -C {qtarget}"]
     if deleted:
-        names = b"\0".join(name.encode() for name in deleted) + b"\0"
-        transport.check(f"cd {qtarget} && xargs -0 rm -f --", what="removing deleted files", input=names)
-        result.deleted = len(deleted)
-    if changed or deleted or not remote:
-        data = json.dumps({"files": manifest}).encode()
-        qmanifest = shlex.quote(manifest_path)
-        transport.check(
-            f"mkdir -p {qtarget} && cat > {qmanifest}.tmp && mv {qmanifest}.tmp {qmanifest}",
-            what="writing the sync manifest",
-            input=data,
+        head += _member(f"{META_DIR}/deleted", b"\0".join(name.encode() for name in deleted) + b"\0")
+        steps.append(f"(cd {qtarget} && xargs -0 rm -f -- < {META_DIR}/deleted)")
+    if whole:
+        # One rename on the same file system. Across file systems mv copies, and a copy cut
+        # short leaves a line that does not parse: everything is then sent again.
+        steps.append(f"mv -f {qmeta}/manifest {qmanifest}")
+    else:
+        steps.append(f"cat {qmeta}/manifest >> {qmanifest}")
+    steps.append(f"rm -rf {qmeta}")
+
+    sent = [0]
+
+    def on_bytes(count: int) -> None:
+        sent[0] += count
+        if progress:
+            progress(len(changed), sent[0])
+
+    def stream() -> Iterator[bytes]:
+        yield head
+        if changed:
+            yield from _tar_chunks(root, changed, on_bytes)
+        else:
+            yield b"\0" * (2 * tarfile.BLOCKSIZE)  # end of archive
+
+    outcome = transport.send(" && ".join(steps), stream())
+    if not outcome.ok:
+        detail = outcome.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise TransportError(
+            f"syncing the code to {transport.label} failed: {detail[-1] if detail else outcome.exit_code}"
         )
+    result.files_sent = len(changed)
+    result.bytes_sent = sum(f.size for f in changed)
+    result.deleted = len(deleted)
     return result

@@ -458,7 +458,8 @@ class SshTransport(Transport):
             try:
                 for chunk in chunks:
                     if chunk:
-                        channel.sendall(chunk)
+                        # a view: sendall slices what is left after each packet, without copying it
+                        channel.sendall(memoryview(chunk))
             except TimeoutError:
                 raise TransportError(f"{what} on {self.label} did not finish in {timeout:.0f}s") from None
             except OSError:
