@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import shlex
 import shutil
+import signal
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -13,7 +16,7 @@ from typing import Any
 from gpurun import jobs, paths, runs
 from gpurun.app import common
 from gpurun.durations import format_duration
-from gpurun.errors import BadInput, GpurunError, Interrupted
+from gpurun.errors import BadInput, GpurunError, Interrupted, TransportError
 from gpurun.providers import get_provider
 from gpurun.spec import NAME_PATTERN, Spec
 from gpurun.store import open_store
@@ -125,14 +128,18 @@ def launch(
     lock = threading.Lock()
 
     def on_change(updated: dict[str, Any]) -> None:
-        with lock:
+        with lock, runs.locked(run):
             runs.save(updated)
 
-    runs.save(record)
-    ui.say(f"launching {run} on {spec.provider}")
     step = "acquiring machines"
     started: list[tuple[Any, dict[str, Any]]] = []
+    with runs.locked(run):
+        # Checked again under the lock: two launches of one --name at once must not share a record.
+        if runs.record_path(run).exists():
+            raise BadInput(f"--name {run}: a run by that name exists; pick another or tear it down first")
+        runs.save(record)
     try:
+        ui.say(f"launching {run} on {spec.provider}")
         machines = provider.acquire(spec, record, on_change, ui.say)
         record["machines"] = machines
         on_change(record)
@@ -149,11 +156,17 @@ def launch(
 
             write_ssh_config(record)
     except BaseException as error:
-        _rollback(provider, record, started, ui, on_change)
+        with _sigint_deferred():  # a second Ctrl-C must not cut the rollback short: that leaks
+            complete = _rollback(provider, record, started, ui, on_change)
+        outcome = (
+            "everything it created was removed"
+            if complete
+            else f"some of what it created is left: run `gpurun teardown {run}` to remove it"
+        )
         if isinstance(error, (KeyboardInterrupt, Interrupted)):
-            raise Interrupted(f"launch of {run} interrupted while {step}; everything it created was removed") from None
+            raise Interrupted(f"launch of {run} interrupted while {step}; {outcome}") from None
         if isinstance(error, GpurunError):
-            error.args = (f"launch of {run} failed while {step}: {error}; everything it created was removed",)
+            error.args = (f"launch of {run} failed while {step}: {error}; {outcome}",)
             raise
         raise
     ui.say(f"{run} is running: `gpurun logs {run} -f` follows it, `gpurun teardown {run}` ends it")
@@ -202,14 +215,22 @@ def _prepare(provider, record, machine, files, source, ui: Ui, started: list, wi
             advance(sent - last[0])
             last[0] = sent
 
-        result = sync_tree(
-            transport,
-            Path(spec["workdir"]),
-            common.work_dir(machine),
-            f"{run_dir}/sync.manifest.json",
-            files=files,
-            progress=progress,
-        )
+        for attempt in range(3):
+            try:
+                result = sync_tree(
+                    transport,
+                    Path(spec["workdir"]),
+                    common.work_dir(machine),
+                    f"{run_dir}/sync.manifest.json",
+                    files=files,
+                    progress=progress,
+                )
+                break
+            except TransportError as error:
+                # The manifest moves only after a complete unpack: a retry resends what is missing.
+                if attempt == 2 or "lost" not in str(error):
+                    raise
+                ui.warn(f"{prefix}the connection dropped during sync ({error}); syncing again")
     ui.say(f"{prefix}synced {result.files_sent} files ({human_bytes(result.bytes_sent)}) to {transport.label}")
     python = None
     if with_agent or source:
@@ -260,7 +281,21 @@ def _wait_for_setup(record: dict[str, Any], started: list, ui: Ui, poll: float =
                 time.sleep(poll)
 
 
-def _rollback(provider, record, started, ui: Ui, on_change) -> None:
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Ignore SIGINT for the duration (main thread only; elsewhere signals cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _rollback(provider, record, started, ui: Ui, on_change) -> bool:
+    """Remove what the launch made; False (the record kept, state failed) when something is left."""
     removed: list[str] = []
     for transport, machine in started:
         try:
@@ -279,9 +314,10 @@ def _rollback(provider, record, started, ui: Ui, on_change) -> None:
         )
         record["state"] = "failed"
         on_change(record)
-        return
+        return False
     if record["provider"] == "local":
         shutil.rmtree(paths.local_runs_dir() / record["run"], ignore_errors=True)
     for item in removed:
         ui.say(f"removed {item}")
     runs.delete(record["run"])
+    return True

@@ -408,7 +408,8 @@ class SshTransport(Transport):
         if channel.exit_status_ready() and channel.exit_status != -1:
             return channel.exit_status
         transport = channel.get_transport()
-        if transport is None or not transport.is_active():
+        # EOFError is the socket closing under us: the transport may not have noticed yet.
+        if transport is None or not transport.is_active() or isinstance(error, EOFError):
             self._forget(transport)
             raise TransportError(
                 f"connection to {self.label} was lost while {what} ran; it is reopened on the next command"
@@ -422,7 +423,8 @@ class SshTransport(Transport):
 
     def _lost(self, channel: Channel, what: str, error: BaseException) -> TransportError:
         transport = channel.get_transport()
-        if transport is None or not transport.is_active():
+        # EOFError is the socket closing under us: the transport may not have noticed yet.
+        if transport is None or not transport.is_active() or isinstance(error, EOFError):
             self._forget(transport)
             return TransportError(
                 f"connection to {self.label} was lost while {what} ran; it is reopened on the next command"
