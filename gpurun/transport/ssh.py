@@ -408,8 +408,7 @@ class SshTransport(Transport):
         if channel.exit_status_ready() and channel.exit_status != -1:
             return channel.exit_status
         transport = channel.get_transport()
-        # EOFError is the socket closing under us: the transport may not have noticed yet.
-        if transport is None or not transport.is_active() or isinstance(error, EOFError):
+        if transport is None or not transport.is_active():
             self._forget(transport)
             raise TransportError(
                 f"connection to {self.label} was lost while {what} ran; it is reopened on the next command"
