@@ -149,7 +149,7 @@ def test_missing_bucket_is_refused_before_anything_starts(moto_server: str, tmp_
 
 @pytest.mark.slow
 def test_resume_on_another_provider_from_s3(
-    moto_server: str, s3_bucket: str, sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    moto_server: str, s3_bucket: str, sshd, ssh_client_home: Path, tmp_path: Path
 ) -> None:
     """A run that trained on this computer continues on an SSH machine, through the S3 store."""
     spec = experiment(tmp_path, s3_bucket, epochs=3, pause=0.1)
@@ -162,14 +162,6 @@ def test_resume_on_another_provider_from_s3(
     (sshd.home / ".aws/credentials").write_text("[default]\naws_access_key_id = m\naws_secret_access_key = m\n")
     (sshd.home / ".aws/config").write_text(f"[default]\nregion = us-east-1\nendpoint_url = {moto_server}\n")
     sshd.seed_agent_venv()
-    client = tmp_path / "client-home"
-    (client / ".ssh").mkdir(parents=True, mode=0o700)
-    (client / ".ssh/config").write_text(
-        f"Host box\n  HostName {sshd.host}\n  Port {sshd.port}\n  User {sshd.user}\n  IdentityFile {sshd.key_path}\n"
-    )
-    (client / ".ssh/known_hosts").write_text(sshd.known_hosts_line + "\n")
-    monkeypatch.setenv("HOME", str(client))
-    monkeypatch.setenv("GPURUN_SSH_CONFIG", str(client / ".ssh/config"))
     code = tmp_path / "code"
     (code / "resume.py").write_text(
         "import os\nprint('resume from', os.environ.get('GPURUN_RESUME_FROM'))\n"
@@ -178,7 +170,7 @@ def test_resume_on_another_provider_from_s3(
     remote = tmp_path / "remote.yaml"
     remote.write_text(
         f"name: s3run\nprovider: ssh\nworkdir: code\nrun: {sys.executable} resume.py\n"
-        "ssh: {hosts: [box]}\n"
+        "ssh: {hosts: [testbox]}\n"
         f"checkpoint: {{dir: ckpt, every: 1s, store: '{s3_bucket}', resume: never}}\n"
     )
     second = gpurun_json("launch", str(remote), "--resume", first)["run"]

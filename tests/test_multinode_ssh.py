@@ -13,16 +13,7 @@ from tests.helpers import REPO, gpurun, gpurun_json, process_alive, wait_until
 
 
 @pytest.mark.slow
-def test_two_ssh_nodes_train_together_with_torchrun(sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    client = tmp_path / "client-home"
-    (client / ".ssh").mkdir(parents=True, mode=0o700)
-    config = client / ".ssh/config"
-    config.write_text(
-        f"Host node\n  HostName {sshd.host}\n  Port {sshd.port}\n  User {sshd.user}\n  IdentityFile {sshd.key_path}\n"
-    )
-    (client / ".ssh/known_hosts").write_text(sshd.known_hosts_line + "\n")
-    monkeypatch.setenv("HOME", str(client))
-    monkeypatch.setenv("GPURUN_SSH_CONFIG", str(config))
+def test_two_ssh_nodes_train_together_with_torchrun(sshd, ssh_client_home: Path, tmp_path: Path) -> None:
     shutil.copytree(REPO / "templates/pytorch", tmp_path / "code")
     train = (
         "--epochs 2 --steps-per-epoch 6 --batch-size 8 --seq-len 32 --hidden 16 --val-batches 1 --log-every 0"
@@ -36,7 +27,7 @@ def test_two_ssh_nodes_train_together_with_torchrun(sshd, tmp_path: Path, monkey
         "name: ddp\nprovider: ssh\nworkdir: code\n"
         f"run: {torchrun} train.py {train}\n"
         "env: {GLOO_SOCKET_IFNAME: lo, OMP_NUM_THREADS: '1'}\n"
-        "ssh: {hosts: [node, node]}\n"
+        "ssh: {hosts: [testbox, testbox]}\n"
         f"checkpoint: {{dir: checkpoints, every: 1h, store: 'file://{tmp_path / 'store'}', resume: never}}\n"
     )
     launched = gpurun_json("launch", str(spec))
@@ -74,23 +65,14 @@ def _check_run(run: str, sshd) -> None:
 
 
 @pytest.mark.slow
-def test_one_node_failing_setup_rolls_back_every_node(sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpurun_home: Path) -> None:
-    client = tmp_path / "client-home"
-    (client / ".ssh").mkdir(parents=True, mode=0o700)
-    config = client / ".ssh/config"
-    config.write_text(
-        f"Host node\n  HostName {sshd.host}\n  Port {sshd.port}\n  User {sshd.user}\n  IdentityFile {sshd.key_path}\n"
-    )
-    (client / ".ssh/known_hosts").write_text(sshd.known_hosts_line + "\n")
-    monkeypatch.setenv("HOME", str(client))
-    monkeypatch.setenv("GPURUN_SSH_CONFIG", str(config))
+def test_one_node_failing_setup_rolls_back_every_node(sshd, ssh_client_home: Path, tmp_path: Path, gpurun_home: Path) -> None:
     (tmp_path / "code").mkdir()
     spec = tmp_path / "half.yaml"
     spec.write_text(
         "name: half\nprovider: ssh\nworkdir: code\n"
         'setup: test "$GPURUN_NODE_RANK" = 0 || { echo "no GPU on this node"; exit 4; }\n'
         "run: sleep 600\n"
-        "ssh: {hosts: [node, node]}\n"
+        "ssh: {hosts: [testbox, testbox]}\n"
         f"checkpoint: {{store: 'file://{tmp_path / 'store'}', resume: never}}\n"
     )
     before = set((sshd.home / "gpurun").iterdir()) if (sshd.home / "gpurun").exists() else set()

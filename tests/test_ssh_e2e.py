@@ -44,17 +44,7 @@ for epoch in range(start + 1, int(sys.argv[1]) + 1):
 
 
 @pytest.fixture
-def ssh_experiment(sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    client = tmp_path / "client-home"
-    (client / ".ssh").mkdir(parents=True, mode=0o700)
-    config = client / ".ssh/config"
-    config.write_text(
-        f"Host testbox\n  HostName {sshd.host}\n  Port {sshd.port}\n  User {sshd.user}\n  IdentityFile {sshd.key_path}\n"
-    )
-    (client / ".ssh/known_hosts").write_text(sshd.known_hosts_line + "\n")
-    monkeypatch.setenv("HOME", str(client))
-    monkeypatch.setenv("GPURUN_SSH_CONFIG", str(config))
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+def ssh_experiment(sshd, ssh_client_home: Path, tmp_path: Path) -> Path:
     code = tmp_path / "code"
     code.mkdir()
     (code / "train.py").write_text(TRAIN)

@@ -274,3 +274,22 @@ def private_sshd(tmp_path_factory: pytest.TempPathFactory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def ssh_client_home(sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This computer's HOME for a test: ~/.ssh/config names the test sshd `testbox`, its host key is known.
+
+    GPURUN_SSH_CONFIG points at that config, and no ssh-agent is used.
+    """
+    home = tmp_path / "client-home"
+    (home / ".ssh").mkdir(parents=True, mode=0o700)
+    config = home / ".ssh" / "config"
+    config.write_text(
+        f"Host testbox\n  HostName {sshd.host}\n  Port {sshd.port}\n  User {sshd.user}\n  IdentityFile {sshd.key_path}\n"
+    )
+    (home / ".ssh" / "known_hosts").write_text(sshd.known_hosts_line + "\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("GPURUN_SSH_CONFIG", str(config))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    return home
