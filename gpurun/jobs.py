@@ -26,7 +26,10 @@ q = shlex.quote
 
 def _in_workdir(workdir: str, command: str) -> str:
     # cd inside the child shell: a login's ~/.bashrc may run (and cd) before the command.
-    return f"cd {q(workdir)} && {command}"
+    # A trapped TERM makes this shell outlive the command it runs (which gets TERM too and
+    # may take its time to save), then exit without starting the next one. Untrapped, the
+    # shell of `a; b` or `a | b` died at once and left `a` running, unseen by stop().
+    return f"trap 'exit $?' TERM; cd {q(workdir)} && {command}"
 
 
 def job_script(run_dir: str, workdir: str, env: dict[str, str], setup: str | None, run: str) -> str:

@@ -50,9 +50,26 @@ def locked(run: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def save(record: dict[str, Any]) -> None:
+# A run's state only moves forward; the terminal states rank alike.
+_STATE_ORDER = {"launching": 0, "running": 1, "succeeded": 2, "failed": 2, "interrupted": 2, "ended": 3}
+
+
+def save(record: dict[str, Any]) -> bool:
+    """Write the record atomically; False (nothing written) when it would move the state back.
+
+    A writer holding an older copy, such as `status` reading a run while `teardown`
+    ends it, must not undo the newer state. Read-modify-write callers hold `locked(run)`.
+    """
     paths.ensure_private(paths.runs_dir())
-    paths.atomic_write(record_path(record["run"]), json.dumps(record, indent=1, sort_keys=True).encode())
+    path = record_path(record["run"])
+    try:
+        current = json.loads(path.read_bytes()).get("state")
+    except (OSError, ValueError, AttributeError):
+        current = None
+    if _STATE_ORDER.get(current, 0) > _STATE_ORDER.get(record.get("state"), 0):
+        return False
+    paths.atomic_write(path, json.dumps(record, indent=1, sort_keys=True).encode())
+    return True
 
 
 def check_name(run: str, what: str = "run") -> str:
@@ -74,9 +91,10 @@ def load(run: str) -> dict[str, Any]:
         hint = f"; known runs: {', '.join(sorted(known)[:8])}" if known else "; `gpurun status` lists runs"
         raise UnknownRun(f"unknown run {run!r}{hint}") from None
     try:
-        return json.loads(data)
-    except ValueError:
-        raise GpurunError(f"run record {path} is corrupt (not valid JSON); move it away to continue") from None
+        return _checked(json.loads(data), run)
+    except ValueError as error:
+        why = str(error) if isinstance(error, _Malformed) else "not valid JSON"
+        raise GpurunError(f"run record {path} is corrupt ({why}); move it away to continue") from None
 
 
 def update(run: str, **changes: Any) -> dict[str, Any]:
@@ -98,14 +116,33 @@ def load_all() -> tuple[list[dict[str, Any]], list[str]]:
             continue
         try:
             with open(entry.path, "rb") as handle:
-                record = json.loads(handle.read())
-            if not isinstance(record, dict) or "run" not in record:
-                raise ValueError
-            records.append(record)
-        except (ValueError, OSError):
-            problems.append(f"run record {entry.path} is corrupt or truncated; move it away to clear this")
+                records.append(_checked(json.loads(handle.read()), entry.name[: -len(".json")]))
+        except (ValueError, OSError) as error:
+            what = f"corrupt ({error})" if isinstance(error, _Malformed) else "corrupt or truncated"
+            problems.append(f"run record {entry.path} is {what}; move it away to clear this")
     records.sort(key=lambda r: r.get("created_at", ""), reverse=True)
     return records, problems
+
+
+class _Malformed(ValueError):
+    """Valid JSON, but not a run record gpurun wrote."""
+
+
+_REQUIRED = {"run": str, "provider": str, "state": str, "created_at": str, "store": str}
+
+
+def _checked(record: Any, run: str) -> dict[str, Any]:
+    """The record, if it has the shape status and teardown rely on; else _Malformed (a ValueError)."""
+    if not isinstance(record, dict):
+        raise _Malformed(f"a JSON {type(record).__name__}, not a run record")
+    missing = [key for key, kind in _REQUIRED.items() if not isinstance(record.get(key), kind)]
+    if missing:
+        raise _Malformed(f"no valid {', '.join(missing)}")
+    if record["run"] != run:
+        raise _Malformed(f"it describes run {record['run'][:60]!r}")
+    if not isinstance(record.get("machines", []), list):
+        raise _Malformed("machines is not a list")
+    return record
 
 
 def delete(run: str) -> None:

@@ -30,9 +30,9 @@ def teardown(run: str, ui: Ui, *, final_sync: bool = True, keep_files: bool = Fa
             if machine.get("state") in gone_states or machine.get("cleaned"):
                 continue
             final_checkpoint = _stop_machine(provider, record, machine, ui, final_sync, keep_files, removed) or final_checkpoint
-        removed += provider.release(record, lambda r: runs.save(r), ui.say)
+        removed += provider.release(record, _save_progress, ui.say)
     except KeyboardInterrupt:
-        runs.save(record)
+        _save_progress(record)
         raise Interrupted(f"teardown of {run} interrupted; run `gpurun teardown {run}` again to finish it") from None
     if record["provider"] == "local" and not keep_files:
         local_dir = paths.local_runs_dir() / run
@@ -87,8 +87,19 @@ def _stop_machine(provider, record, machine, ui: Ui, final_sync: bool, keep_file
             transport.run(f"rm -rf {shlex.quote(run_dir)}", timeout=120)
             removed.append(f"run directory {run_dir} on {transport.label}")
     machine["cleaned"] = True
-    runs.save(record)
+    _save_progress(record)
     return final
+
+
+def _save_progress(record: dict[str, Any]) -> None:
+    """Record what teardown has done (machines, resources) without undoing other writers' changes."""
+    with runs.locked(record["run"]):
+        try:
+            current = runs.load(record["run"])
+        except GpurunError:
+            current = record
+        current.update({key: record[key] for key in ("machines", "resources") if key in record})
+        runs.save(current)
 
 
 def _agent_seq(transport, run_dir: str, local: bool) -> int | None:
