@@ -264,7 +264,9 @@ def teardown(names: tuple[str, ...], all_runs: bool, orphans: bool, yes: bool, n
     if all_runs and names:
         raise BadInput("give run names or --all, not both")
     if all_runs:
-        records, _problems = runs.load_all()
+        records, problems = runs.load_all()
+        for problem in problems:
+            ui.warn(f"{problem}; that run was not torn down")
         names = tuple(r["run"] for r in records if r["state"] != "ended")
         if not names:
             ui.say("no run to tear down")

@@ -75,7 +75,13 @@ def reconcile(record: dict[str, Any]) -> dict[str, Any]:
         record["state"] = "interrupted"
     if json.dumps(record, sort_keys=True) != before:
         with runs.locked(record["run"]):
-            runs.save(record)
+            # Save only over the copy we read: a teardown or launch that wrote since wins.
+            try:
+                unchanged = json.dumps(runs.load(record["run"]), sort_keys=True) == before
+            except GpurunError:
+                unchanged = False
+            if unchanged:
+                runs.save(record)
     return record
 
 

@@ -61,6 +61,11 @@ class LocalTransport(Transport):
             process.stdin.close()
         except BrokenPipeError:
             pass
+        except BaseException:
+            # Ctrl-C or a failing producer: do not leave the receiving shell behind.
+            process.kill()
+            process.wait()
+            raise
         code = process.wait(timeout=timeout)
         for reader in readers:
             reader.join()
