@@ -10,8 +10,6 @@ profile: gpurun copies no credentials.
 from __future__ import annotations
 
 import base64
-import gzip
-import importlib.resources
 import json
 import os
 import sys
@@ -24,7 +22,6 @@ os.environ.setdefault("MOTO_ENABLE_AMI_VALIDATION", "true")
 os.environ.setdefault("MOTO_ENABLE_KEYPAIR_VALIDATION", "true")
 
 import boto3  # noqa: E402
-import moto.settings  # noqa: E402
 
 from gpurun.cli import main  # noqa: E402
 from gpurun.providers.aws import AwsProvider  # noqa: E402
@@ -54,12 +51,7 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture
-def aws_world(moto_server: str, sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path_factory):
-    amis = tmp_path_factory.mktemp("moto") / "amis.json"
-    amis.write_bytes(gzip.decompress(importlib.resources.files("moto.ec2").joinpath("resources/amis.json.gz").read_bytes()))
-    monkeypatch.setenv("MOTO_AMIS_PATH", str(amis))
-    for name in ("EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "ENABLE_AMI_VALIDATION", "ENABLE_KEYPAIR_VALIDATION"):
-        monkeypatch.setattr(moto.settings, name, True)
+def aws_world(moto_server: str, moto_validation: None, sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
     bucket = f"e2e-{os.getpid()}-{len(list(tmp_path.parent.iterdir()))}"
     boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)

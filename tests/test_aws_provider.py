@@ -8,7 +8,6 @@ stand in for what moto lacks (placement groups, the public DLAMI parameters).
 from __future__ import annotations
 
 import base64
-import http.server
 import json
 import os
 import socket
@@ -26,14 +25,11 @@ os.environ.setdefault("MOTO_ENABLE_AMI_VALIDATION", "true")
 os.environ.setdefault("MOTO_ENABLE_KEYPAIR_VALIDATION", "true")
 
 import boto3  # noqa: E402
-import moto.settings  # noqa: E402
 from botocore.awsrequest import AWSResponse  # noqa: E402
-from moto import mock_aws  # noqa: E402
 
 from gpurun.errors import BadInput, GpurunError, Interrupted, NoCapacity  # noqa: E402
 from gpurun.providers.aws import AwsProvider  # noqa: E402
 from gpurun.providers.aws.ami import pick_dlami  # noqa: E402
-from gpurun.providers.aws.session import new_botocore_session  # noqa: E402
 from gpurun.providers.aws.teardown import Timing  # noqa: E402
 from gpurun.spec import validate_spec  # noqa: E402
 
@@ -194,28 +190,6 @@ class Saves:
 
     def __call__(self, record: dict[str, Any]) -> None:
         self.records.append(json.loads(json.dumps(record)))
-
-
-@pytest.fixture(scope="session")
-def bundled_amis(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """moto's 44 bundled AMIs as a file: MOTO_AMIS_PATH skips the ~1,100 "latest" AMIs per region (seconds per test)."""
-    import gzip
-    import importlib.resources
-
-    data = importlib.resources.files("moto.ec2").joinpath("resources/amis.json.gz").read_bytes()
-    path = tmp_path_factory.mktemp("moto") / "amis.json"
-    path.write_bytes(gzip.decompress(data))
-    return str(path)
-
-
-@pytest.fixture
-def session(monkeypatch: pytest.MonkeyPatch, bundled_amis: str):
-    monkeypatch.setenv("MOTO_AMIS_PATH", bundled_amis)
-    for name in ("EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "ENABLE_AMI_VALIDATION", "ENABLE_KEYPAIR_VALIDATION"):
-        monkeypatch.setattr(moto.settings, name, True)
-    monkeypatch.setenv("GPURUN_IP_ECHO_URLS", "http://127.0.0.1:9/")  # nothing listens: tests never reach the internet
-    with mock_aws():
-        yield boto3.Session(botocore_session=new_botocore_session(), region_name="us-east-1")
 
 
 @pytest.fixture
@@ -580,30 +554,6 @@ def test_open_rule_is_allowed_only_when_written_and_warned(provider, session, tm
 
 
 # -- ssh_cidr: auto ---------------------------------------------------------------------------------
-
-
-class _EchoHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
-        body = b"198.51.100.23\n"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def ip_echo(monkeypatch):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv("GPURUN_IP_ECHO_URLS", f"http://127.0.0.1:9/, http://127.0.0.1:{server.server_address[1]}/ip")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    yield
-    server.shutdown()
-    server.server_close()
 
 
 def test_auto_cidr_is_the_callers_address(provider, session, ip_echo, tmp_path):

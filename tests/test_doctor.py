@@ -8,11 +8,9 @@ DeleteObject), and an untouched state directory.
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,6 @@ os.environ.setdefault("MOTO_ENABLE_KEYPAIR_VALIDATION", "true")
 
 import boto3  # noqa: E402
 import botocore.client  # noqa: E402
-import moto.settings  # noqa: E402
 from moto import mock_aws  # noqa: E402
 
 from gpurun.cli import main  # noqa: E402
@@ -33,7 +30,8 @@ from gpurun.providers.aws.session import new_botocore_session  # noqa: E402
 
 AMI = "ami-1e749f67"  # bundled with moto for us-east-1: Ubuntu 14.04 x86_64, 15 GB root snapshot
 BUCKET = "ckpt-bucket"
-CALLER_IP = "203.0.113.7"
+from tests.plugins.aws_moto import CALLER_IP  # noqa: E402 - the loopback echo answers this
+
 _MUTATING = ("Create", "Import", "Authorize", "Put", "Add", "Run", "Attach", "Associate", "Modify", "Delete", "Request")
 
 
@@ -51,43 +49,6 @@ def run_json(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, dict[str, 
     return code, {check["check"]: check for check in checks}, err
 
 
-class _EchoHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        body = f"{CALLER_IP}\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def ip_echo(monkeypatch: pytest.MonkeyPatch):
-    """A "what is my IP" service on loopback: the doctor never reaches the internet."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv("GPURUN_IP_ECHO_URLS", f"http://127.0.0.1:{server.server_address[1]}/ip")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    yield
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture(scope="module")
-def bundled_amis(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """moto's bundled AMIs as a file: MOTO_AMIS_PATH skips the ~1,100 "latest" AMIs per region."""
-    import gzip
-    import importlib.resources
-
-    data = importlib.resources.files("moto.ec2").joinpath("resources/amis.json.gz").read_bytes()
-    path = tmp_path_factory.mktemp("moto") / "amis.json"
-    path.write_bytes(gzip.decompress(data))
-    return str(path)
-
-
 class Calls:
     """Every AWS operation any client made (whatever session made it)."""
 
@@ -99,11 +60,8 @@ class Calls:
 
 
 @pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch, bundled_amis: str, ip_echo, gpurun_home: Path):
-    monkeypatch.setenv("MOTO_AMIS_PATH", bundled_amis)
+def aws(monkeypatch: pytest.MonkeyPatch, moto_validation: None, ip_echo, gpurun_home: Path):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    for name in ("EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "ENABLE_AMI_VALIDATION", "ENABLE_KEYPAIR_VALIDATION"):
-        monkeypatch.setattr(moto.settings, name, True)
     calls = Calls()
     original = botocore.client.BaseClient._make_api_call
 

@@ -11,7 +11,7 @@ import pytest
 from gpurun.cli import main
 from gpurun.providers.aws import AwsProvider
 from tests.helpers import REPO
-from tests.test_aws_provider import FakeAws, bundled_amis, ip_echo, session  # noqa: F401 - fixtures
+from tests.test_aws_provider import FakeAws
 
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
 
@@ -25,7 +25,7 @@ def test_there_are_examples_for_each_provider() -> None:
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
-def test_dry_run(path: Path, session, ip_echo, monkeypatch, capsys, gpurun_home: Path) -> None:  # noqa: F811
+def test_dry_run(path: Path, session, ip_echo, monkeypatch, capsys, gpurun_home: Path) -> None:
     fake = FakeAws()
     original = AwsProvider.__init__
 

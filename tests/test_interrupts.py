@@ -20,8 +20,6 @@ run again; the second one finishes the job.
 
 from __future__ import annotations
 
-import gzip
-import importlib.resources
 import json
 import os
 import shlex
@@ -31,14 +29,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import boto3
-import moto.settings
 import pytest
-from moto import mock_aws
 
 from gpurun import paths
 from gpurun.errors import GpurunError, Interrupted
-from gpurun.providers.aws.session import new_botocore_session
 from gpurun.transport.local import LocalTransport
 from tests.helpers import REPO, gpurun, gpurun_json, process_alive, wait_until
 from tests.test_aws_provider import (
@@ -51,26 +45,6 @@ from tests.test_aws_provider import (
     make_spec,
     new_record,
 )
-
-
-@pytest.fixture(scope="module")
-def moto_amis(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """moto's bundled AMIs as a file: MOTO_AMIS_PATH skips the ~1,100 "latest" AMIs per region."""
-    data = importlib.resources.files("moto.ec2").joinpath("resources/amis.json.gz").read_bytes()
-    path = tmp_path_factory.mktemp("moto") / "amis.json"
-    path.write_bytes(gzip.decompress(data))
-    return str(path)
-
-
-@pytest.fixture
-def moto_aws(monkeypatch: pytest.MonkeyPatch, moto_amis: str):
-    """moto in-process with AMI, instance-type and key-pair validation on (as tests/test_aws_provider.py)."""
-    monkeypatch.setenv("MOTO_AMIS_PATH", moto_amis)
-    for name in ("EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "ENABLE_AMI_VALIDATION", "ENABLE_KEYPAIR_VALIDATION"):
-        monkeypatch.setattr(moto.settings, name, True)
-    monkeypatch.setenv("GPURUN_IP_ECHO_URLS", "http://127.0.0.1:9/")  # nothing listens there
-    with mock_aws():
-        yield boto3.Session(botocore_session=new_botocore_session(), region_name="us-east-1")
 
 
 @pytest.fixture
@@ -415,7 +389,7 @@ AWS_STEPS = [
 
 
 @pytest.mark.parametrize("where, operation, step", AWS_STEPS, ids=[f"{w}-{o}" for w, o, _ in AWS_STEPS])
-def test_sigint_at_an_aws_step_removes_everything(moto_aws, recorder, python_sigint, tmp_path, where, operation, step):
+def test_sigint_at_an_aws_step_removes_everything(session, recorder, python_sigint, tmp_path, where, operation, step):
     provider = make_provider(recorder)
     sigint = SigintAt(where, operation)
     provider.event_handlers[:0] = sigint.handlers()
@@ -427,12 +401,12 @@ def test_sigint_at_an_aws_step_removes_everything(moto_aws, recorder, python_sig
     message = str(error)
     assert message.startswith(f"interrupted while {step}") and "removed:" in message, message
     assert "COULD NOT REMOVE" not in message
-    assert leftovers(moto_aws, recorder) == []
+    assert leftovers(session, recorder) == []
     assert not key_dir().exists()
     assert record["resources"] == {} and saves.records[-1]["resources"] == {}
 
 
-def test_a_second_sigint_during_the_rollback_is_held_until_it_is_done(moto_aws, recorder, python_sigint, tmp_path):
+def test_a_second_sigint_during_the_rollback_is_held_until_it_is_done(session, recorder, python_sigint, tmp_path):
     provider = make_provider(recorder)
     first, second = SigintAt("after", "RunInstances"), SigintAt("before", "TerminateInstances")
     provider.event_handlers[:0] = first.handlers() + second.handlers()
@@ -440,7 +414,7 @@ def test_a_second_sigint_during_the_rollback_is_held_until_it_is_done(moto_aws, 
     error = _outcome(lambda: provider.acquire(make_spec(tmp_path, nodes=2), record, Saves(), [].append))
     assert first.fired and second.fired
     assert isinstance(error, Interrupted) and "removed: instance" in str(error), repr(error)
-    assert leftovers(moto_aws, recorder) == []
+    assert leftovers(session, recorder) == []
     assert not key_dir().exists()
 
 
@@ -458,7 +432,7 @@ class _InterruptingTransport(LocalTransport):
 
 
 @pytest.fixture
-def aws_launch(moto_aws, recorder, monkeypatch, tmp_path):
+def aws_launch(session, recorder, monkeypatch, tmp_path):
     """The whole `launch` workflow on moto, the machine being this computer (HOME moved)."""
     from gpurun.app import launch as launch_module
     from gpurun.ui import Ui
@@ -466,7 +440,7 @@ def aws_launch(moto_aws, recorder, monkeypatch, tmp_path):
     machine_home = tmp_path / "machine-home"
     machine_home.mkdir()
     monkeypatch.setenv("HOME", str(machine_home))
-    moto_aws.client("s3").create_bucket(Bucket=STORE[len("s3://") :].split("/")[0])
+    session.client("s3").create_bucket(Bucket=STORE[len("s3://") :].split("/")[0])
     provider = make_provider(recorder)
     provider.connect = lambda record, machine: _InterruptingTransport()
     monkeypatch.setattr(launch_module, "get_provider", lambda name: provider)
@@ -482,24 +456,24 @@ def aws_launch(moto_aws, recorder, monkeypatch, tmp_path):
     return provider, run, machine_home
 
 
-def test_sigint_during_the_code_sync_of_an_aws_launch_removes_everything(aws_launch, moto_aws, recorder, python_sigint):
+def test_sigint_during_the_code_sync_of_an_aws_launch_removes_everything(aws_launch, session, recorder, python_sigint):
     _provider, run, machine_home = aws_launch
     error = run()
     assert isinstance(error, Interrupted), repr(error)
     assert str(error) == "launch of exp-intr01 interrupted while preparing machines; everything it created was removed"
     assert "TerminateInstances" in recorder.calls
-    assert leftovers(moto_aws, recorder) == []
+    assert leftovers(session, recorder) == []
     assert not key_dir("exp-intr01").exists()
     assert not (paths.runs_dir() / "exp-intr01.json").exists()
 
 
-def test_a_second_sigint_during_the_launch_rollback_does_not_leak(aws_launch, moto_aws, recorder, python_sigint):
+def test_a_second_sigint_during_the_launch_rollback_does_not_leak(aws_launch, session, recorder, python_sigint):
     provider, run, _machine_home = aws_launch
     second = SigintAt("before", "TerminateInstances")
     provider.event_handlers[:0] = second.handlers()
     error = run()
     assert second.fired
     assert isinstance(error, (Interrupted, GpurunError)), repr(error)
-    assert leftovers(moto_aws, recorder) == [], str(error)
+    assert leftovers(session, recorder) == [], str(error)
     assert "everything it created was removed" in str(error)
     assert not (paths.runs_dir() / "exp-intr01.json").exists()

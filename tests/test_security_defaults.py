@@ -16,9 +16,7 @@ nothing of gpurun's.
 from __future__ import annotations
 
 import base64
-import gzip
 import http.server
-import importlib.resources
 import json
 import re
 import shlex
@@ -28,13 +26,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import boto3
-import moto.settings
 import pytest
-from moto import mock_aws
 
 from gpurun.providers.aws import AwsProvider
-from gpurun.providers.aws.session import new_botocore_session
 from gpurun.spec import load_spec
 from gpurun.transport.local import LocalTransport
 from tests.helpers import REPO, process_alive, wait_until
@@ -46,26 +40,6 @@ from tests.test_aws_provider import (
     make_provider,
     new_record,
 )
-
-
-@pytest.fixture(scope="module")
-def moto_amis(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """moto's bundled AMIs as a file: MOTO_AMIS_PATH skips the ~1,100 "latest" AMIs per region."""
-    data = importlib.resources.files("moto.ec2").joinpath("resources/amis.json.gz").read_bytes()
-    path = tmp_path_factory.mktemp("moto") / "amis.json"
-    path.write_bytes(gzip.decompress(data))
-    return str(path)
-
-
-@pytest.fixture
-def moto_aws(monkeypatch: pytest.MonkeyPatch, moto_amis: str):
-    """moto in-process with AMI, instance-type and key-pair validation on (as tests/test_aws_provider.py)."""
-    monkeypatch.setenv("MOTO_AMIS_PATH", moto_amis)
-    for name in ("EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "ENABLE_AMI_VALIDATION", "ENABLE_KEYPAIR_VALIDATION"):
-        monkeypatch.setattr(moto.settings, name, True)
-    monkeypatch.setenv("GPURUN_IP_ECHO_URLS", "http://127.0.0.1:9/")  # nothing listens there
-    with mock_aws():
-        yield boto3.Session(botocore_session=new_botocore_session(), region_name="us-east-1")
 
 
 @pytest.fixture
@@ -99,7 +73,7 @@ class _Echo(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def world(moto_aws, recorder, monkeypatch):
+def world(session, recorder, monkeypatch):
     """moto with fake but recognisable credentials, and an IP echo service for ssh_cidr: auto."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
@@ -109,8 +83,8 @@ def world(moto_aws, recorder, monkeypatch):
     thread.start()
     monkeypatch.setenv("GPURUN_IP_ECHO_URLS", f"http://127.0.0.1:{server.server_address[1]}/ip")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    moto_aws.client("s3").create_bucket(Bucket="my-gpurun-bucket")
-    yield moto_aws
+    session.client("s3").create_bucket(Bucket="my-gpurun-bucket")
+    yield session
     server.shutdown()
     server.server_close()
 
