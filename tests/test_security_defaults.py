@@ -16,13 +16,11 @@ nothing of gpurun's.
 from __future__ import annotations
 
 import base64
-import http.server
 import json
 import re
 import shlex
 import stat
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +49,8 @@ ACCESS_KEY = "AKIAIOSFODNN7EXAMPLE"
 SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 SESSION_TOKEN = "FwoGZXIvYXdzEXAMPLEsessionTOKENgpurunTEST0123456789"
 SECRETS = (SECRET_KEY, SESSION_TOKEN)
-CALLER_IP = "198.51.100.23"
+from tests.plugins.aws_moto import CALLER_IP  # noqa: E402
+
 OPEN = ("0.0.0.0/0", "::/0")
 RUN = "exp-sec123"
 
@@ -60,33 +59,14 @@ AWS_EXPERIMENTS = [path for path in EXPERIMENTS if re.search(r"^provider:\s*aws\
 VARIANTS = {"as-written": [], "two-spot-nodes": ["aws.nodes=2", "aws.spot=true"]}
 
 
-class _Echo(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
-        body = f"{CALLER_IP}\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def world(session, recorder, monkeypatch):
+def world(session, recorder, ip_echo, monkeypatch):
     """moto with fake but recognisable credentials, and an IP echo service for ssh_cidr: auto."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     monkeypatch.setenv("AWS_SESSION_TOKEN", SESSION_TOKEN)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv("GPURUN_IP_ECHO_URLS", f"http://127.0.0.1:{server.server_address[1]}/ip")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     session.client("s3").create_bucket(Bucket="my-gpurun-bucket")
-    yield session
-    server.shutdown()
-    server.server_close()
+    return session
 
 
 def _bodies(recorder: FakeAws, name: str) -> list[dict[str, Any]]:
