@@ -82,3 +82,31 @@ def test_one_node_failing_setup_rolls_back_every_node(sshd, ssh_client_home: Pat
     assert len(errors) == 1 and "setup failed on node 1 with exit status 4" in errors[0], done.stderr
     assert set((sshd.home / "gpurun").iterdir()) == before, "both nodes' run directories are removed"
     assert not list((gpurun_home / "runs").glob("*.json"))
+
+
+@pytest.mark.slow
+def test_checkpoint_nodes_all_keeps_one_store_prefix_per_rank(sshd, ssh_client_home: Path, tmp_path: Path) -> None:
+    from gpurun.store import open_store
+    from gpurun.store import snapshots as snaps
+
+    (tmp_path / "code").mkdir()
+    store = f"file://{tmp_path / 'store'}"
+    spec = tmp_path / "all.yaml"
+    spec.write_text(
+        "name: allranks\nprovider: ssh\nworkdir: code\n"
+        'run: mkdir -p "$GPURUN_CHECKPOINT_DIR" && echo "rank $GPURUN_NODE_RANK" > "$GPURUN_CHECKPOINT_DIR/state.txt"\n'
+        "ssh: {hosts: [testbox, testbox]}\n"
+        f"checkpoint: {{every: 1h, store: '{store}', nodes: all, resume: never}}\n"
+    )
+    run = gpurun_json("launch", str(spec))["run"]
+    try:
+        wait_until(lambda: gpurun_json("status", run)[0]["state"] == "succeeded", timeout=60, what="both ranks")
+    finally:
+        down = gpurun_json("teardown", run, "--yes")["runs"][0]
+    assert down["final_checkpoint"] is not None
+    opened = open_store(store)
+    for rank, name in ((0, run), (1, f"{run}/rank-1")):
+        out = tmp_path / f"restored-{rank}"
+        wait_until(lambda name=name: snaps.latest(opened, name), timeout=30, what=f"rank {rank}'s snapshot")
+        snaps.download_snapshot(opened, name, out)
+        assert (out / "state.txt").read_text() == f"rank {rank}\n"
