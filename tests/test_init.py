@@ -47,3 +47,32 @@ def test_generated_pytorch_project_launches_and_checkpoints(tmp_path: Path) -> N
     gpurun("checkpoint-sync", run, "--download", str(restored))
     lines = (restored / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["epoch"] == 2
+
+
+@pytest.mark.slow
+def test_keras_project_stopped_by_teardown_resumes_through_gpurun(tmp_path: Path) -> None:
+    """SIGTERM from teardown, the final snapshot, and `launch --resume`: training continues, not restarts."""
+    import re
+
+    project = tmp_path / "kproj"
+    gpurun("init", str(project), "--template", "keras")
+    slow = (
+        "python train.py --epochs 3 --steps-per-epoch 60 --batch-size 8 --seq-len 32 --hidden 16"
+        " --val-batches 1 --save-every-steps 5 --log-every 5"
+    )
+    spec = str(project / "experiment.yaml")
+    run = gpurun_json("launch", spec, "--set", f"run={slow}", "--set", "checkpoint.every=1h")["run"]
+    wait_until(lambda: "checkpoint saved" in gpurun("logs", run).stdout, timeout=120, what="a first save")
+    down = gpurun_json("teardown", run, "--yes")["runs"][0]
+    first_log_tail = down["final_checkpoint"]
+    assert first_log_tail and first_log_tail["seq"] >= 1, "teardown's SIGTERM save reached the store"
+
+    second = gpurun_json("launch", spec, "--set", f"run={slow}", "--resume", run)["run"]
+    status = wait_until(lambda: (s := gpurun_json("status", second)[0])["state"] != "running" and s, timeout=240, what="resumed run")
+    log = gpurun("logs", second).stdout
+    assert status["state"] == "succeeded", log
+    resumed = re.search(r"resumed from \S+ at epoch (\d+) step (\d+)", log)
+    assert resumed and int(resumed.group(2)) > 0, log
+    steps = [int(s) for s in re.findall(r"step (\d+) loss", log)]
+    assert steps and min(steps) > int(resumed.group(2)), "steps continue after the saved one"
+    gpurun("teardown", second, "--yes")
