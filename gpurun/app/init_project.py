@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 from gpurun.errors import BadInput
@@ -50,11 +51,11 @@ data/
 
 
 def templates_root() -> Path:
-    """Templates ship inside the package (wheels) or live at the top of a source checkout."""
-    packaged = Path(__file__).resolve().parent.parent / "data" / "templates"
-    if packaged.is_dir():
-        return packaged
-    return Path(__file__).resolve().parent.parent.parent / "templates"
+    """A source checkout's templates/, else the copy a wheel installs under <prefix>/share/gpurun."""
+    checkout = Path(__file__).resolve().parent.parent.parent / "templates"
+    if checkout.is_dir():
+        return checkout
+    return Path(sys.prefix) / "share" / "gpurun" / "templates"
 
 
 def known_templates() -> list[str]:
