@@ -166,3 +166,24 @@ def test_agent_killed_mid_snapshot_leaves_latest_complete(tmp_path: Path, signal
             out = tmp_path / f"restore-{round_number}"
             info = snaps.download_snapshot(store, "r1", out)  # verifies every sha256
             assert info["files"] == 20
+
+
+def test_agent_stops_when_no_job_ever_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A launch killed between starting the agent and the job must not leave the agent running forever."""
+    from gpurun.agent import loop
+
+    monkeypatch.setattr(loop, "JOB_START_GRACE", 0.5)
+    run_dir = tmp_path / "run"
+    (run_dir / "work/checkpoints").mkdir(parents=True)
+    options = loop.AgentOptions(
+        watch=run_dir / "work/checkpoints",
+        store_url=f"file://{tmp_path / 'store'}",
+        run="r1",
+        every=3600.0,
+        keep=1,
+        run_dir=run_dir,
+    )
+    started = time.monotonic()
+    assert loop.run_agent(options) == 0
+    assert time.monotonic() - started < 10
+    assert agent_status(run_dir)["state"] == "stopped"

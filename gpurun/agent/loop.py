@@ -28,6 +28,9 @@ REQUEST_FILE = "sync.request"
 STATUS_FILE = "agent.status.json"
 SPOT_POLL_SECONDS = 5.0
 TICK = 0.2
+# A launch starts the agent a moment before the job; if the job never appears
+# (the launching CLI was killed in between), the agent must not live forever.
+JOB_START_GRACE = 120.0
 
 
 @dataclass
@@ -178,6 +181,13 @@ class Agent:
         except OSError:
             return not _pid_exists(pid)
 
+    def job_never_started(self, waited: float) -> bool:
+        return (
+            self.options.run_dir is not None
+            and waited > JOB_START_GRACE
+            and not (self.run_dir / "job.pid").exists()
+        )
+
     def record_job_end(self) -> None:
         """Write the job's outcome into run.json in the store, for other computers."""
         try:
@@ -222,8 +232,9 @@ class Agent:
             self.final_sync("once")
             self.write_status(state="stopped")
             return 0 if self.failures == 0 else 1
-        next_due = time.monotonic() + self.options.every
-        next_spot = time.monotonic()
+        started = time.monotonic()
+        next_due = started + self.options.every
+        next_spot = started
         spot_failures = 0
         while True:
             now = time.monotonic()
@@ -239,6 +250,9 @@ class Agent:
             if self.job_ended():
                 self.final_sync("job exited")
                 self.record_job_end()
+                break
+            if self.job_never_started(now - started):
+                log(f"no job started in {self.run_dir} within {JOB_START_GRACE:.0f}s; stopping")
                 break
             if self.options.spot_notice and now >= next_spot and self.status["interrupted"] is None:
                 next_spot = now + SPOT_POLL_SECONDS
