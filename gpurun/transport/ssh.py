@@ -9,8 +9,8 @@ Host keys are checked against, in this order of authority:
 3. a host in neither is refused, unless `trust_on_first_use`: then its key is
    stored in `known_hosts_file` and `on_warning` says so.
 
-A key that differs from the one on record is always refused. paramiko's
-AutoAddPolicy and WarningPolicy are never used.
+A key that differs from the one on record is always refused, and an unknown
+key is accepted only through the explicit trust-on-first-use path above.
 
 The connection is opened on first use, retried with backoff for
 `connect_retry_for` seconds (a machine that is still booting), kept alive,

@@ -137,18 +137,10 @@ class AwsProvider(Provider):
         return machines
 
     def _rollback(self, aws: Aws, record: Record, on_change: OnChange, say: Say, step: str) -> Outcome:
-        run = record["run"]
         with sigint_deferred():
             say(f"launch stopped while {step}: removing what it created")
             try:
-                outcome = remove_run(
-                    aws,
-                    run,
-                    say,
-                    self.teardown_timing,
-                    names=record.get("resources") or {},
-                    placement_groups=_may_have_placement_group(record),
-                )
+                outcome = self._remove_recorded(aws, record, say)
             except Exception as error:  # the rollback must report, never hide the first error
                 outcome = Outcome(failed=[f"rollback: {type(error).__name__}: {error}"])
             record["resources"] = outcome.left
@@ -156,6 +148,17 @@ class AwsProvider(Provider):
         if outcome.removed:
             say(f"removed: {', '.join(outcome.removed)}")
         return outcome
+
+    def _remove_recorded(self, aws: Aws, record: Record, say: Say) -> Outcome:
+        """Everything tagged with the run, plus what the record names (rollback and teardown alike)."""
+        return remove_run(
+            aws,
+            record["run"],
+            say,
+            self.teardown_timing,
+            names=record.get("resources") or {},
+            placement_groups=_may_have_placement_group(record),
+        )
 
     def _wait_ssh(self, machines: list[dict[str, Any]], ssh_cidr: str, say: Say) -> None:
         if not machines:
@@ -244,14 +247,7 @@ class AwsProvider(Provider):
         region, profile = _location(record)
         aws = self.session(region, profile)
         check_identity(aws)
-        outcome = remove_run(
-            aws,
-            run,
-            say,
-            self.teardown_timing,
-            names=record.get("resources") or {},
-            placement_groups=_may_have_placement_group(record),
-        )
+        outcome = self._remove_recorded(aws, record, say)
         record["resources"] = outcome.left
         gone = {entry.split(" ", 1)[1] for entry in outcome.removed if entry.startswith("instance i-")}
         for machine in record.get("machines") or []:
