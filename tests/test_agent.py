@@ -22,7 +22,7 @@ from tests.helpers import process_alive, wait_until
 def test_staging_never_takes_a_file_half_written(tmp_path: Path) -> None:
     watch = tmp_path / "ckpt"
     watch.mkdir()
-    versions = {}
+    store = open_store(f"file://{tmp_path / 'store'}")
     stop = threading.Event()
 
     def writer() -> None:
@@ -31,7 +31,6 @@ def test_staging_never_takes_a_file_half_written(tmp_path: Path) -> None:
         while not stop.is_set():
             index += 1
             data = bytes([index % 256]) * 300_000
-            versions[index % 256] = data
             with open(watch / "weights.bin", "wb") as handle:
                 for start in range(0, len(data), 50_000):
                     handle.write(data[start : start + 50_000])
@@ -42,32 +41,84 @@ def test_staging_never_takes_a_file_half_written(tmp_path: Path) -> None:
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
     stager = Stager(watch, tmp_path / "staging")
+    previous = None
     taken = 0
     try:
         for _ in range(6):
             try:
                 staged, _changed = stager.stage(attempts=10)
+                info = snaps.write_snapshot(store, "r", staged, previous=previous, before_commit=stager.verify)
             except OSError:
-                continue  # "kept changing": the agent retries later
-            for item in staged:
-                content = Path(item.local_path).read_bytes()
-                assert len(content) == 300_000, "a half-written file was staged"
-                assert len(set(content)) == 1
-                taken += 1
+                continue  # "kept changing" or "written in place": the agent retries later
+            previous = snaps.read_manifest(store, "r", info["seq"])
+            stager.committed(previous)
+            restored = tmp_path / f"restored-{info['seq']}"
+            snaps.download_snapshot(store, "r", restored, seq=info["seq"])  # verifies every sha256
+            content = (restored / "weights.bin").read_bytes()
+            assert len(content) == 300_000, "a half-written file was committed"
+            assert len(set(content)) == 1
+            taken += 1
     finally:
         stop.set()
         thread.join()
     assert taken > 0
 
 
+def test_a_renamed_checkpoint_is_uploaded_from_a_hard_link_not_copied(tmp_path: Path) -> None:
+    watch = tmp_path / "ckpt"
+    watch.mkdir()
+    (watch / "weights.bin").write_bytes(b"v1" * 50_000)
+    stager = Stager(watch, tmp_path / "staging", settle=0)
+    staged, _changed = stager.stage()
+    held = Path(staged[0].local_path)
+    # The same inode as the checkpoint: no second copy of the weights on disk.
+    assert held.stat().st_ino == (watch / "weights.bin").stat().st_ino
+    # The training loop saves the next epoch by rename; the held inode keeps epoch 1.
+    (watch / "weights.bin.tmp").write_bytes(b"v2" * 50_000)
+    os.replace(watch / "weights.bin.tmp", watch / "weights.bin")
+    store = open_store(f"file://{tmp_path / 'store'}")
+    info = snaps.write_snapshot(store, "r", staged, previous=None, before_commit=stager.verify)
+    manifest = snaps.read_manifest(store, "r", info["seq"])
+    snaps.download_snapshot(store, "r", tmp_path / "restored")
+    assert (tmp_path / "restored/weights.bin").read_bytes() == b"v1" * 50_000
+    assert manifest["files"][0]["sha256"] == snaps.sha256_file(tmp_path / "restored/weights.bin")
+
+
+def test_a_file_written_in_place_during_upload_is_not_committed_and_then_copied(tmp_path: Path) -> None:
+    watch = tmp_path / "ckpt"
+    watch.mkdir()
+    (watch / "weights.bin").write_bytes(b"a" * 100_000)
+    store = open_store(f"file://{tmp_path / 'store'}")
+    stager = Stager(watch, tmp_path / "staging", settle=0)
+    staged, _changed = stager.stage()
+
+    def written_in_place_meanwhile() -> None:
+        with open(watch / "weights.bin", "r+b") as handle:  # same inode: the held link sees it
+            handle.write(b"b" * 50_000)
+        stager.verify()
+
+    with pytest.raises(OSError, match="written in place"):
+        snaps.write_snapshot(store, "r", staged, previous=None, before_commit=written_in_place_meanwhile)
+    assert snaps.latest(store, "r") is None, "LATEST moved to a snapshot read while it was written"
+    # From now on this path is copied to staging, so a later in-place write cannot reach what is uploaded.
+    staged, _changed = stager.stage()
+    assert ".links" not in staged[0].local_path and staged[0].sha256
+    assert Path(staged[0].local_path).stat().st_ino != (watch / "weights.bin").stat().st_ino
+    info = snaps.write_snapshot(store, "r", staged, previous=None, before_commit=stager.verify)
+    snaps.download_snapshot(store, "r", tmp_path / "restored", seq=info["seq"])
+    assert (tmp_path / "restored/weights.bin").read_bytes() == b"b" * 50_000 + b"a" * 50_000
+
+
 def test_unchanged_files_are_not_read_again(tmp_path: Path) -> None:
     watch = tmp_path / "ckpt"
     watch.mkdir()
     (watch / "a").write_bytes(b"1" * 10)
+    store = open_store(f"file://{tmp_path / 'store'}")
     stager = Stager(watch, tmp_path / "staging")
     staged, changed = stager.stage()
     assert changed and staged[0].local_path
-    stager.committed()
+    info = snaps.write_snapshot(store, "r", staged, previous=None, before_commit=stager.verify)
+    stager.committed(snaps.read_manifest(store, "r", info["seq"]))
     staged, changed = stager.stage()
     assert not changed and staged[0].local_path is None
 

@@ -55,6 +55,25 @@ def test_unchanged_files_are_not_sent_again(store, tmp_path: Path) -> None:
     assert big1.stat().st_ino == big2.stat().st_ino  # a link inside the store, no copy
 
 
+def test_files_staged_without_a_hash_are_hashed_and_unchanged_ones_still_not_sent(store, tmp_path: Path) -> None:
+    # What the agent stages by hard link carries no sha256: write_snapshot computes it.
+    def unhashed(directory: Path, files: dict[str, bytes]) -> list[StagedFile]:
+        return [StagedFile(f.path, f.size, None, f.local_path) for f in stage(directory, files)]
+
+    snaps.write_snapshot(store, "r", unhashed(tmp_path / "a", {"big.bin": b"x" * 100_000, "new": b"1"}), previous=None)
+    previous = snaps.read_manifest(store, "r", 1)
+    assert {f["path"]: f["sha256"] for f in previous["files"]} == {
+        "big.bin": sha256_file(tmp_path / "a/big.bin"),
+        "new": sha256_file(tmp_path / "a/new"),
+    }
+    # big.bin rewritten with the same bytes (same size: hashed before deciding); new grew.
+    again = unhashed(tmp_path / "b", {"big.bin": b"x" * 100_000, "new": b"22"})
+    info = snaps.write_snapshot(store, "r", again, previous=previous)
+    assert info["sent_bytes"] == 2
+    manifest = snaps.read_manifest(store, "r", 2)
+    assert {f["path"]: f["sha256"] for f in manifest["files"]}["new"] == sha256_file(tmp_path / "b/new")
+
+
 def test_snapshot_cut_short_leaves_old_latest_valid(store, tmp_path: Path) -> None:
     snaps.write_snapshot(store, "r", stage(tmp_path / "a", {"w": b"good"}), previous=None)
 

@@ -120,10 +120,15 @@ class Agent:
                 return snaps.summary(self.previous)
             started = time.monotonic()
             info = snaps.write_snapshot(
-                self.store, self.options.run, staged, previous=self.previous, writer=self.status["host"]
+                self.store,
+                self.options.run,
+                staged,
+                previous=self.previous,
+                writer=self.status["host"],
+                before_commit=self.stager.verify,
             )
-            self.stager.committed()
             self.previous = snaps.read_manifest(self.store, self.options.run, info["seq"])
+            self.stager.committed(self.previous)
             pruned = snaps.prune(self.store, self.options.run, self.options.keep)
             log(
                 f"{reason}: snapshot {info['seq']} {info['files']} files {info['bytes']} bytes"
@@ -182,11 +187,7 @@ class Agent:
             return not _pid_exists(pid)
 
     def job_never_started(self, waited: float) -> bool:
-        return (
-            self.options.run_dir is not None
-            and waited > JOB_START_GRACE
-            and not (self.run_dir / "job.pid").exists()
-        )
+        return self.options.run_dir is not None and waited > JOB_START_GRACE and not (self.run_dir / "job.pid").exists()
 
     def record_job_end(self) -> None:
         """Write the job's outcome into run.json in the store, for other computers."""

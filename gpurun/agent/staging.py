@@ -1,12 +1,15 @@
-"""Take a consistent copy of the checkpoint directory while training keeps writing.
+"""Take a consistent view of the checkpoint directory while training keeps writing.
 
 A changed file is taken only once it has been quiet for `settle` seconds (a
-training loop writing in chunks pauses far less than that), then copied to a
-staging directory while it is hashed, and its stat is compared before and
-after: a file that changed during the copy is retried. Frameworks that write
-to a temporary name and rename are always safe; the settle window protects
-the ones that write in place. Files whose stat
-matches the previous snapshot are not read at all.
+training loop writing in chunks pauses far less than that). It is held by a
+hard link in the staging directory and uploaded from there, with no copy:
+frameworks that save to a temporary name and rename never touch the held
+inode again. Before the snapshot is committed, `verify` compares each held
+file's stat with the one taken at staging; a file written in place meanwhile
+abandons that snapshot, and from then on that path is copied to staging
+(hashed on the way, stat compared before and after) instead of linked.
+Where a hard link is impossible (another file system), the file is copied.
+Files whose stat matches the previous snapshot are not read at all.
 """
 
 from __future__ import annotations
@@ -77,7 +80,12 @@ class Stager:
         self.watch_dir = Path(watch_dir)
         self.staging_dir = Path(staging_dir)
         self.known: dict[str, tuple[FileIdentity, str]] = {}
-        self._pending: dict[str, tuple[FileIdentity, str]] = {}
+        self._pending: dict[str, tuple[FileIdentity, str | None]] = {}
+        # Held by hard link, not copied: their stat must not change until the snapshot commits.
+        self._held: dict[str, tuple[str, FileIdentity]] = {}
+        # Paths seen written in place while held: copied from then on.
+        self.copied_paths: set[str] = set()
+        self._links = 0
 
     def remember(self, manifest: dict | None) -> None:
         """Seed from the previous snapshot's manifest when current files still match by size."""
@@ -104,6 +112,8 @@ class Stager:
         current = list_checkpoint_files(self.watch_dir)
         staged: list[StagedFile] = []
         self._pending = {}
+        self._held = {}
+        self._links = 0
         changed = set(current) != set(self.known)
         to_take = []
         for path, identity in sorted(current.items()):
@@ -126,48 +136,80 @@ class Stager:
     def _take(self, paths: list[str], staged: list[StagedFile]) -> list[str]:
         """Stage what is stable now; returns the paths to try again."""
         links_dir = self.staging_dir / ".links"
-        held: dict[str, tuple[str, FileIdentity]] = {}
-        for index, path in enumerate(paths):
+        held: dict[str, tuple[str, FileIdentity, bool]] = {}
+        for path in paths:
             source = str(self.watch_dir / path)
             # A hard link holds on to this inode: a writer that saves to a new
-            # file and renames it can no longer change what we copy.
-            link = links_dir / str(index)
+            # file and renames it can no longer change what we upload.
+            self._links += 1
+            link = links_dir / str(self._links)
             link.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(source, link)
-                held_path = str(link)
+                held_path, linked = str(link), True
             except FileNotFoundError:
                 continue  # removed while we looked: simply not in this snapshot
             except OSError:
-                held_path = source
+                held_path, linked = source, False
             try:
-                held[path] = (held_path, _identity(os.stat(held_path)))
+                held[path] = (held_path, _identity(os.stat(held_path)), linked)
             except FileNotFoundError:
                 continue
         if held:
-            youngest = min(time.time() - identity.mtime_ns / 1e9 for _, identity in held.values())
+            youngest = min(time.time() - identity.mtime_ns / 1e9 for _, identity, _ in held.values())
             if youngest < self.settle:
                 time.sleep(self.settle - max(youngest, 0.0))
         retry = []
-        for path, (held_path, identity) in held.items():
-            dest = self.staging_dir / path
-            dest.parent.mkdir(parents=True, exist_ok=True)
+        for path, (held_path, identity, linked) in held.items():
             try:
                 if _identity(os.stat(held_path)) != identity:
                     retry.append(path)  # written in place while we waited
+                    if linked:
+                        os.unlink(held_path)
                     continue
+                if linked and path not in self.copied_paths:
+                    # Uploaded from the link and hashed by write_snapshot; `verify` checks it before commit.
+                    staged.append(StagedFile(path, identity.size, None, held_path))
+                    self._held[path] = (held_path, identity)
+                    self._pending[path] = (identity, None)
+                    continue
+                dest = self.staging_dir / path
+                dest.parent.mkdir(parents=True, exist_ok=True)
                 digest, size = _copy_and_hash(held_path, str(dest))
                 after = _identity(os.stat(held_path))
             except FileNotFoundError:
                 continue
+            if linked:
+                os.unlink(held_path)
             if after != identity or size != identity.size:
                 retry.append(path)
                 continue
             staged.append(StagedFile(path, size, digest, str(dest)))
             self._pending[path] = (identity, digest)
-        shutil.rmtree(links_dir, ignore_errors=True)
         return retry
 
-    def committed(self) -> None:
-        """After a snapshot landed: the identities seen while staging are now known."""
-        self.known = dict(self._pending)
+    def verify(self) -> None:
+        """Raise OSError if a file held by link was written in place since it was staged."""
+        for path, (held_path, identity) in self._held.items():
+            try:
+                now = _identity(os.stat(held_path))
+            except FileNotFoundError:
+                now = None
+            if now != identity:
+                self.copied_paths.add(path)
+                raise OSError(f"{path} was written in place while it was uploaded; it will be copied and retried")
+
+    def committed(self, manifest: dict | None = None) -> None:
+        """After a snapshot landed: the identities seen while staging are now known.
+
+        Hashes that write_snapshot computed come from the snapshot's manifest.
+        """
+        # The links and copies are in the store now: let the old inodes go.
+        shutil.rmtree(self.staging_dir, ignore_errors=True)
+        self._held = {}
+        digests = {entry["path"]: entry["sha256"] for entry in (manifest or {}).get("files", [])}
+        self.known = {
+            path: (identity, digest or digests[path])
+            for path, (identity, digest) in self._pending.items()
+            if digest or path in digests
+        }

@@ -105,7 +105,7 @@ class S3Store(ObjectStore):
     max_concurrency = 32
     #: Files at least this big are uploaded (and downloaded) in parts.
     multipart_threshold = 32 * MiB
-    multipart_chunksize = 16 * MiB
+    multipart_chunksize = 8 * MiB  # s3transfer adjusts it upwards for files of more than 10,000 parts
     #: Server-side copies below this are one CopyObject; above, UploadPartCopy in parallel.
     copy_threshold = 512 * MiB
     copy_chunksize = 128 * MiB

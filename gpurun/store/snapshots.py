@@ -15,6 +15,8 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -33,7 +35,7 @@ class StagedFile:
 
     path: str  # relative, POSIX
     size: int
-    sha256: str
+    sha256: str | None  # None: write_snapshot hashes local_path (while uploading where it can)
     local_path: str | None  # None: identical to the previous snapshot's copy
 
 
@@ -98,15 +100,26 @@ def write_snapshot(
     previous: dict[str, Any] | None,
     progress: Progress | None = None,
     writer: str = "",
+    before_commit: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Upload a new numbered snapshot, then its manifest, then move LATEST.
 
     Files equal to the previous snapshot's are copied inside the store (no
-    bytes sent). Returns the manifest summary with `sent_bytes` added.
+    bytes sent). `before_commit` runs after every object is confirmed and
+    before the manifest: raising there abandons the snapshot. Returns the
+    manifest summary with `sent_bytes` added.
     """
     previous_files = {}
     if previous:
         previous_files = {entry["path"]: entry for entry in previous["files"]}
+    hashes = {item.path: item.sha256 for item in files if item.sha256}
+    unhashed = [item for item in files if not item.sha256]
+    if any(item.local_path is None for item in unhashed):
+        raise StoreError("a staged file has neither a local copy nor a sha256")
+    # Only a file the size of its previous version can be unchanged: hash those
+    # before deciding, and the rest while they upload.
+    maybe_same = [item for item in unhashed if previous_files.get(item.path, {}).get("size") == item.size]
+    hashes.update(_hash_files(maybe_same))
     for _attempt in range(20):
         seq = max(_used_seqs(store, run), default=0) + 1
         try:
@@ -124,15 +137,19 @@ def write_snapshot(
     sent = 0
     for item in files:
         old = previous_files.get(item.path)
-        if old and old["sha256"] == item.sha256 and old["size"] == item.size:
+        if old and old["sha256"] == hashes.get(item.path) and old["size"] == item.size:
             copies.append((f"{run}/{seq_dir(previous['seq'])}/{item.path}", prefix + item.path))
         elif item.local_path is None:
             raise StoreError(f"{item.path}: no staged copy and no identical file in the previous snapshot")
         else:
             uploads.append((prefix + item.path, item.local_path))
             sent += item.size
-    store.put_files(uploads, if_absent=True, progress=progress)
-    store.copy_many(copies)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="gpurun-hash") as pool:
+        # hashlib releases the interpreter lock on large reads: the hash costs no upload time.
+        pending = {item.path: pool.submit(sha256_file, item.local_path) for item in unhashed if item.path not in hashes}
+        store.put_files(uploads, if_absent=True, progress=progress)
+        store.copy_many(copies)
+        hashes.update({path: future.result() for path, future in pending.items()})
 
     # Confirm every object before the manifest makes the snapshot visible.
     stored = {obj.key: obj.size for obj in store.list(prefix)}
@@ -141,11 +158,15 @@ def write_snapshot(
             raise StoreError(
                 f"{store.url}/{prefix}{item.path}: stored size {stored.get(prefix + item.path)} != {item.size}"
             )
+    if before_commit is not None:
+        before_commit()  # the stager checks that nothing it held was written while it was read
     manifest = {
         "seq": seq,
         "run": run,
         "at": now_iso(),
-        "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in sorted(files, key=lambda f: f.path)],
+        "files": [
+            {"path": f.path, "size": f.size, "sha256": hashes[f.path]} for f in sorted(files, key=lambda f: f.path)
+        ],
         "bytes": sum(f.size for f in files),
         "sent_bytes": sent,
     }
@@ -154,6 +175,13 @@ def write_snapshot(
     if current is None or current.get("seq", 0) < seq:
         store.put_bytes(f"{run}/LATEST", json.dumps(summary(manifest)).encode())
     return {**summary(manifest), "sent_bytes": sent}
+
+
+def _hash_files(items: list[StagedFile]) -> dict[str, str]:
+    if not items:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(4, len(items)), thread_name_prefix="gpurun-hash") as pool:
+        return dict(zip([item.path for item in items], pool.map(sha256_file, [item.local_path for item in items])))
 
 
 def prune(store: ObjectStore, run: str, keep: int) -> list[int]:
@@ -256,5 +284,3 @@ def list_run_records(store: ObjectStore) -> list[dict[str, Any]]:
         if record:
             records.append(record)
     return records
-
-
