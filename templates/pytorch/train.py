@@ -24,6 +24,7 @@ the checkpoint and resume machinery below them needs no change.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import math
@@ -173,7 +174,15 @@ def setup_distributed() -> tuple[int, int, int]:
     return rank, world, local_rank
 
 
+class StopTraining(Exception):
+    """SIGTERM was handled and the checkpoint saved: leave train() so its objects are freed."""
+
+
 def shutdown_distributed() -> None:
+    # DDP's reducer holds the process group: once train() has returned and its
+    # objects are collected, the group (and gloo's worker threads) ends here, in
+    # the main thread, not while the interpreter shuts down, where gloo can abort.
+    gc.collect()
     if dist.is_initialized():
         dist.barrier()  # no rank tears down its connections while another still uses them
         dist.destroy_process_group()
@@ -318,6 +327,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        train(argv)
+    except StopTraining:
+        pass
+    shutdown_distributed()
+
+
+def train(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     sigterm = SigtermFlag()
     ckpt_dir = Path(os.environ.get("GPURUN_CHECKPOINT_DIR", "checkpoints")).absolute()
@@ -437,8 +454,7 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint(epoch, step_in_epoch, loss, partial)
         if is_main:
             log(f"SIGTERM: saved checkpoint at epoch {epoch} step {global_step}")
-        shutdown_distributed()
-        sys.exit(0)
+        raise StopTraining
 
     @torch.no_grad()
     def evaluate() -> float:
@@ -513,12 +529,10 @@ def main(argv: list[str] | None = None) -> None:
         if stop_requested():
             if is_main:
                 log(f"SIGTERM: saved checkpoint at epoch {epoch + 1} step {global_step}")
-            shutdown_distributed()
-            sys.exit(0)
+            raise StopTraining
 
     log(f"done: epoch {max(start_epoch, args.epochs)} step {global_step} loss {last_loss:.4f}")
     log(f"final weights sha256: {weights_sha256(raw_model)}")
-    shutdown_distributed()
 
 
 if __name__ == "__main__":
