@@ -84,29 +84,38 @@ def test_a_renamed_checkpoint_is_uploaded_from_a_hard_link_not_copied(tmp_path: 
     assert manifest["files"][0]["sha256"] == snaps.sha256_file(tmp_path / "restored/weights.bin")
 
 
-def test_a_file_written_in_place_during_upload_is_not_committed_and_then_copied(tmp_path: Path) -> None:
+def test_files_written_in_place_during_upload_are_not_committed_and_then_copied(tmp_path: Path) -> None:
     watch = tmp_path / "ckpt"
     watch.mkdir()
-    (watch / "weights.bin").write_bytes(b"a" * 100_000)
+    shards = ["shard-0.bin", "shard-1.bin", "shard-2.bin"]
+    for name in shards:
+        (watch / name).write_bytes(b"a" * 100_000)
     store = open_store(f"file://{tmp_path / 'store'}")
     stager = Stager(watch, tmp_path / "staging", settle=0)
     staged, _changed = stager.stage()
 
     def written_in_place_meanwhile() -> None:
-        with open(watch / "weights.bin", "r+b") as handle:  # same inode: the held link sees it
-            handle.write(b"b" * 50_000)
+        for name in shards[:2]:  # torch.save(obj, path) and np.save write the same inode like this
+            with open(watch / name, "r+b") as handle:
+                handle.write(b"b" * 50_000)
         stager.verify()
 
     with pytest.raises(OSError, match="written in place"):
         snaps.write_snapshot(store, "r", staged, previous=None, before_commit=written_in_place_meanwhile)
     assert snaps.latest(store, "r") is None, "LATEST moved to a snapshot read while it was written"
-    # From now on this path is copied to staging, so a later in-place write cannot reach what is uploaded.
+    stager.discard()
+    assert not (tmp_path / "staging").exists(), "the links of an abandoned snapshot stay on disk"
+    # From now on both changed paths are copied to staging: a later in-place write cannot reach the upload.
     staged, _changed = stager.stage()
-    assert ".links" not in staged[0].local_path and staged[0].sha256
-    assert Path(staged[0].local_path).stat().st_ino != (watch / "weights.bin").stat().st_ino
+    by_path = {item.path: item for item in staged}
+    for name in shards[:2]:
+        assert ".links" not in by_path[name].local_path and by_path[name].sha256
+        assert Path(by_path[name].local_path).stat().st_ino != (watch / name).stat().st_ino
+    assert ".links" in by_path["shard-2.bin"].local_path  # never written in place: still linked
     info = snaps.write_snapshot(store, "r", staged, previous=None, before_commit=stager.verify)
     snaps.download_snapshot(store, "r", tmp_path / "restored", seq=info["seq"])
-    assert (tmp_path / "restored/weights.bin").read_bytes() == b"b" * 50_000 + b"a" * 50_000
+    assert (tmp_path / "restored/shard-0.bin").read_bytes() == b"b" * 50_000 + b"a" * 50_000
+    assert (tmp_path / "restored/shard-2.bin").read_bytes() == b"a" * 100_000
 
 
 def test_unchanged_files_are_not_read_again(tmp_path: Path) -> None:
@@ -118,7 +127,8 @@ def test_unchanged_files_are_not_read_again(tmp_path: Path) -> None:
     staged, changed = stager.stage()
     assert changed and staged[0].local_path
     info = snaps.write_snapshot(store, "r", staged, previous=None, before_commit=stager.verify)
-    stager.committed(snaps.read_manifest(store, "r", info["seq"]))
+    stager.committed(info["manifest"])
+    assert not (tmp_path / "staging").exists(), "links kept after the snapshot landed"
     staged, changed = stager.stage()
     assert not changed and staged[0].local_path is None
 

@@ -127,7 +127,7 @@ class Agent:
                 writer=self.status["host"],
                 before_commit=self.stager.verify,
             )
-            self.previous = snaps.read_manifest(self.store, self.options.run, info["seq"])
+            self.previous = info.pop("manifest")
             self.stager.committed(self.previous)
             pruned = snaps.prune(self.store, self.options.run, self.options.keep)
             log(
@@ -152,6 +152,7 @@ class Agent:
             return self._failed(reason, f"{type(error).__name__}: {error}")
 
     def _failed(self, reason: str, message: str) -> None:
+        self.stager.discard()  # the links would keep old checkpoint versions on disk until the retry
         self.failures += 1
         line = message.splitlines()[0] if message else "unknown error"
         log(f"{reason}: snapshot FAILED (attempt {self.failures}): {line}")

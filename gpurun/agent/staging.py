@@ -189,24 +189,38 @@ class Stager:
         return retry
 
     def verify(self) -> None:
-        """Raise OSError if a file held by link was written in place since it was staged."""
+        """Raise OSError if a file held by link was written in place since it was staged.
+
+        Size and mtime are compared, as rsync's quick check does; ctime cannot
+        be, since a rename over the checkpoint's name changes the held inode's
+        link count and so its ctime.
+        """
+        changed = []
         for path, (held_path, identity) in self._held.items():
             try:
                 now = _identity(os.stat(held_path))
             except FileNotFoundError:
                 now = None
             if now != identity:
-                self.copied_paths.add(path)
-                raise OSError(f"{path} was written in place while it was uploaded; it will be copied and retried")
+                changed.append(path)
+        if changed:
+            self.copied_paths.update(changed)  # every one of them, so the retry needs no further round
+            more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+            raise OSError(
+                f"{changed[0]}{more} written in place while uploaded; copied to staging from now on, and retried"
+            )
+
+    def discard(self) -> None:
+        """Drop what a failed snapshot staged: its links hold old checkpoint versions on disk."""
+        shutil.rmtree(self.staging_dir, ignore_errors=True)
+        self._held = {}
 
     def committed(self, manifest: dict | None = None) -> None:
         """After a snapshot landed: the identities seen while staging are now known.
 
         Hashes that write_snapshot computed come from the snapshot's manifest.
         """
-        # The links and copies are in the store now: let the old inodes go.
-        shutil.rmtree(self.staging_dir, ignore_errors=True)
-        self._held = {}
+        self.discard()  # the links and copies are in the store now: let the old inodes go
         digests = {entry["path"]: entry["sha256"] for entry in (manifest or {}).get("files", [])}
         self.known = {
             path: (identity, digest or digests[path])

@@ -107,7 +107,7 @@ def write_snapshot(
     Files equal to the previous snapshot's are copied inside the store (no
     bytes sent). `before_commit` runs after every object is confirmed and
     before the manifest: raising there abandons the snapshot. Returns the
-    manifest summary with `sent_bytes` added.
+    manifest summary with `sent_bytes` and the whole `manifest` added.
     """
     previous_files = {}
     if previous:
@@ -144,12 +144,15 @@ def write_snapshot(
         else:
             uploads.append((prefix + item.path, item.local_path))
             sent += item.size
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="gpurun-hash") as pool:
-        # hashlib releases the interpreter lock on large reads: the hash costs no upload time.
+    # hashlib releases the interpreter lock on large reads: the hash costs no upload time.
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gpurun-hash")
+    try:
         pending = {item.path: pool.submit(sha256_file, item.local_path) for item in unhashed if item.path not in hashes}
         store.put_files(uploads, if_absent=True, progress=progress)
         store.copy_many(copies)
         hashes.update({path: future.result() for path, future in pending.items()})
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # a failed upload does not wait for a big file's hash
 
     # Confirm every object before the manifest makes the snapshot visible.
     stored = {obj.key: obj.size for obj in store.list(prefix)}
@@ -174,7 +177,7 @@ def write_snapshot(
     current = latest(store, run)
     if current is None or current.get("seq", 0) < seq:
         store.put_bytes(f"{run}/LATEST", json.dumps(summary(manifest)).encode())
-    return {**summary(manifest), "sent_bytes": sent}
+    return {**summary(manifest), "sent_bytes": sent, "manifest": manifest}
 
 
 def _hash_files(items: list[StagedFile]) -> dict[str, str]:
