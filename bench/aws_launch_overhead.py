@@ -1,6 +1,6 @@
 """Launch overhead of the AWS provider against moto's server over HTTP: wall time and AWS calls.
 
-    python bench/aws_launch_overhead.py [--nodes 1 8 32] [--repeat 3] [--json]
+    python bench/aws_launch_overhead.py [--nodes 1 8 32] [--repeat 3] [--amis bundled|latest] [--json]
 
 A ThreadedMotoServer runs in its own process (so the provider does not share
 its interpreter lock), with AMI, instance-type and key-pair validation on.
@@ -8,7 +8,10 @@ Each launch is what `gpurun launch` asks of the provider: plan (read-only
 checks) then acquire (key pair, security group, role and instance profile for
 an S3 store, placement group when nodes > 1, one RunInstances, batched
 describes, host keys from the console output of every node), then release.
-moto has no boot delay, so this measures gpurun's own overhead.
+moto has no boot delay, so this measures gpurun's own overhead plus moto's:
+"moto cpu s" is the CPU the server process spent on the launch (Linux only).
+moto loads its 44 bundled AMIs, as the test suite does (`--amis latest`: its
+~1,100 "latest" ones, which its RunInstances scans once per instance).
 
 Stand-ins, counted as AWS calls like the rest: the DLAMI SSM parameters
 (GetParametersByPath) and placement groups, which moto's server does not
@@ -51,13 +54,26 @@ server.stop()
 """
 
 
-def start_server() -> tuple[subprocess.Popen, str]:
+def bundled_amis_file() -> str:
+    """moto's 44 bundled AMIs as a file for MOTO_AMIS_PATH, as the test suite loads them."""
+    import gzip
+    import importlib.resources
+
+    data = importlib.resources.files("moto.ec2").joinpath("resources/amis.json.gz").read_bytes()
+    path = Path(tempfile.mkdtemp(prefix="gpurun-bench-amis-")) / "amis.json"
+    path.write_bytes(gzip.decompress(data))
+    return str(path)
+
+
+def start_server(amis: str) -> tuple[subprocess.Popen, str]:
     env = dict(
         os.environ,
         MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION="true",
         MOTO_ENABLE_AMI_VALIDATION="true",
         MOTO_ENABLE_KEYPAIR_VALIDATION="true",
     )
+    if amis == "bundled":
+        env["MOTO_AMIS_PATH"] = bundled_amis_file()
     process = subprocess.Popen(
         [sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
     )
@@ -137,7 +153,16 @@ def fresh_moto(url: str) -> None:
     session.client("sts").get_caller_identity()
 
 
-def one_launch(nodes: int, counting: Counting, index: int) -> dict[str, Any]:
+def process_cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc); 0.0 elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError, TypeError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def one_launch(nodes: int, counting: Counting, index: int, server_pid: int | None = None) -> dict[str, Any]:
     from gpurun.providers.aws import AwsProvider
     from gpurun.spec import validate_spec
 
@@ -164,6 +189,7 @@ def one_launch(nodes: int, counting: Counting, index: int) -> dict[str, Any]:
     run = f"bench-{nodes}n-{index}"
     record = {"run": run, "provider": "aws", "resources": {}, "spec": spec.to_record()}
     counting.reset()
+    server_cpu_started = process_cpu_s(server_pid)
     cpu_started = time.process_time()
     started = time.perf_counter()
     provider.plan(spec, run)
@@ -171,6 +197,7 @@ def one_launch(nodes: int, counting: Counting, index: int) -> dict[str, Any]:
     machines = provider.acquire(spec, record, lambda r: None, lambda line: None)
     acquired = time.perf_counter()
     cpu_s = time.process_time() - cpu_started
+    server_cpu_s = process_cpu_s(server_pid) - server_cpu_started
     launch_calls = sum(counting.calls.values())
     launch_by_op = dict(counting.calls)
     stubbed = sum(counting.stubbed.values())
@@ -185,6 +212,7 @@ def one_launch(nodes: int, counting: Counting, index: int) -> dict[str, Any]:
         "plan_s": planned - started,
         "launch_s": acquired - started,
         "launch_cpu_s": cpu_s,
+        "server_cpu_s": server_cpu_s,
         "launch_calls": launch_calls,
         "launch_stubbed": stubbed,
         "launch_by_op": launch_by_op,
@@ -197,10 +225,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--amis",
+        choices=["bundled", "latest"],
+        default="bundled",
+        help="AMIs moto loads: its 44 bundled ones, as the test suite does (default), or its ~1,100 'latest' ones",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    server, url = start_server()
+    server, url = start_server(args.amis)
     home = tempfile.mkdtemp(prefix="gpurun-bench-")
     os.environ.update(
         AWS_ENDPOINT_URL=url,
@@ -217,7 +251,7 @@ def main() -> None:
         for index in range(args.repeat):  # interleaved, so drift hits every size alike
             for nodes in args.nodes:
                 fresh_moto(url)
-                results.setdefault(nodes, []).append(one_launch(nodes, counting, index + 1))
+                results.setdefault(nodes, []).append(one_launch(nodes, counting, index + 1, server.pid))
     finally:
         server.stdin.close()
         server.wait(timeout=30)
@@ -229,6 +263,7 @@ def main() -> None:
                 "nodes": nodes,
                 "launch_s": statistics.median(r["launch_s"] for r in runs),
                 "launch_cpu_s": statistics.median(r["launch_cpu_s"] for r in runs),
+                "server_cpu_s": statistics.median(r["server_cpu_s"] for r in runs),
                 "plan_s": statistics.median(r["plan_s"] for r in runs),
                 "launch_calls": runs[-1]["launch_calls"],
                 "launch_stubbed": runs[-1]["launch_stubbed"],
@@ -244,13 +279,15 @@ def main() -> None:
         return
     print(f"moto server over HTTP, median of {args.repeat}; SSH wait stubbed")
     print(
-        f"{'nodes':>5}  {'launch s':>8}  {'x 1 node':>8}  {'client cpu s':>12}  {'x 1 node':>8}  {'plan s':>6}  "
+        f"{'nodes':>5}  {'launch s':>8}  {'x 1 node':>8}  {'client cpu s':>12}  {'x 1 node':>8}  {'moto cpu s':>10}  "
+        f"{'plan s':>6}  "
         f"{'calls':>5}  {'teardown s':>10}  {'calls':>5}"
     )
     for row in summary:
         print(
             f"{row['nodes']:>5}  {row['launch_s']:>8.3f}  {row['launch_s'] / base:>8.2f}  "
-            f"{row['launch_cpu_s']:>12.3f}  {row['launch_cpu_s'] / base_cpu:>8.2f}  {row['plan_s']:>6.3f}  "
+            f"{row['launch_cpu_s']:>12.3f}  {row['launch_cpu_s'] / base_cpu:>8.2f}  {row['server_cpu_s']:>10.2f}  "
+            f"{row['plan_s']:>6.3f}  "
             f"{row['launch_calls']:>5}  {row['teardown_s']:>10.3f}  {row['teardown_calls']:>5}"
         )
     for row in summary:
