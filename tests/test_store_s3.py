@@ -448,7 +448,9 @@ def write_snapshots(seed, count):
             path = os.path.join(root, f"{seed}-{step}-{name.replace('/', '_')}")
             with open(path, "wb") as handle:
                 handle.write(data)
-            files.append(snapshots.StagedFile(name, size, hashlib.sha256(data).hexdigest(), path))
+            # Half arrive hashed (copied to staging), half not (held by link: hashed during the upload).
+            digest = hashlib.sha256(data).hexdigest() if rng.random() < 0.5 else None
+            files.append(snapshots.StagedFile(name, size, digest, path))
         snapshots.write_snapshot(store, run, files, previous=previous, writer=str(os.getpid()))
         snapshots.prune(store, run, keep=3)
 
