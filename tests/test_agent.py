@@ -118,6 +118,36 @@ def test_files_written_in_place_during_upload_are_not_committed_and_then_copied(
     assert (tmp_path / "restored/shard-2.bin").read_bytes() == b"a" * 100_000
 
 
+def test_agent_retries_at_once_when_a_file_is_written_in_place_during_its_upload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpurun.agent.loop import Agent, AgentOptions
+
+    watch = tmp_path / "run/work/checkpoints"
+    watch.mkdir(parents=True)
+    (watch / "weights.bin").write_bytes(b"1" * 200_000)
+    agent = Agent(AgentOptions(watch, f"file://{tmp_path / 'store'}", "r1", every=60, keep=3, run_dir=tmp_path / "run"))
+    agent.stager.settle = 0
+    uploads = []
+    real_put_file = type(agent.store).put_file
+
+    def put_file(store, key, path, **kwargs):  # the training loop rewrites the file in place mid-upload
+        uploads.append(path)
+        if len(uploads) == 1:
+            with open(watch / "weights.bin", "r+b") as handle:
+                handle.write(b"2" * 200_000)
+        return real_put_file(store, key, path, **kwargs)
+
+    monkeypatch.setattr(type(agent.store), "put_file", put_file)
+    info = agent.sync_once("scheduled")
+    assert info is not None and info["seq"] == 2, "the abandoned snapshot 1 was not followed by snapshot 2 at once"
+    assert agent.failures == 0 and agent.status["last_error"] is None
+    assert ".links" in uploads[0] and ".links" not in uploads[1]  # linked first, then copied
+    snaps.download_snapshot(agent.store, "r1", tmp_path / "restored")
+    assert (tmp_path / "restored/weights.bin").read_bytes() == b"2" * 200_000
+    assert snaps.latest(agent.store, "r1")["seq"] == 2
+
+
 def test_unchanged_files_are_not_read_again(tmp_path: Path) -> None:
     watch = tmp_path / "ckpt"
     watch.mkdir()

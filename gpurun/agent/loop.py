@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpurun.agent.staging import Stager
+from gpurun.agent.staging import HeldFileChanged, Stager
 from gpurun.errors import GpurunError
 from gpurun.store import open_store
 from gpurun.store import snapshots as snaps
@@ -107,49 +107,58 @@ class Agent:
     def sync_once(self, reason: str) -> dict[str, Any] | None:
         """Take one snapshot if anything changed. Returns the snapshot summary or None."""
         try:
-            staged, changed = self.stager.stage()
-            if not staged:
-                log(f"{reason}: no checkpoint files in {self.options.watch} yet")
-                self.write_status(last_error=None, failures=0)
-                self.failures = 0
-                return None
-            if not changed and self.previous is not None:
-                log(f"{reason}: nothing changed since snapshot {self.previous['seq']}")
-                self.failures = 0
-                self.write_status(last_error=None, failures=0)
-                return snaps.summary(self.previous)
-            started = time.monotonic()
-            info = snaps.write_snapshot(
-                self.store,
-                self.options.run,
-                staged,
-                previous=self.previous,
-                writer=self.status["host"],
-                before_commit=self.stager.verify,
-            )
-            self.previous = info.pop("manifest")
-            self.stager.committed(self.previous)
-            pruned = snaps.prune(self.store, self.options.run, self.options.keep)
-            log(
-                f"{reason}: snapshot {info['seq']} {info['files']} files {info['bytes']} bytes"
-                f" (sent {info['sent_bytes']}) in {time.monotonic() - started:.2f}s"
-                + (f"; pruned {', '.join(map(str, pruned))}" if pruned else "")
-            )
-            self.failures = 0
-            self.write_status(
-                last_seq=info["seq"],
-                last_at=info["at"],
-                last_bytes=info["bytes"],
-                last_files=info["files"],
-                last_sent_bytes=info["sent_bytes"],
-                last_error=None,
-                failures=0,
-            )
-            return info
+            try:
+                return self._snapshot(reason)
+            except HeldFileChanged as error:
+                # Those files are copied to staging from now on: retry at once, no backoff.
+                log(f"{reason}: {error}")
+                self.stager.discard()
+                return self._snapshot(reason)
         except (GpurunError, OSError) as error:
             return self._failed(reason, str(error))
         except Exception as error:  # boto3 and friends: keep the agent alive, make it loud
             return self._failed(reason, f"{type(error).__name__}: {error}")
+
+    def _snapshot(self, reason: str) -> dict[str, Any] | None:
+        staged, changed = self.stager.stage()
+        if not staged:
+            log(f"{reason}: no checkpoint files in {self.options.watch} yet")
+            self.write_status(last_error=None, failures=0)
+            self.failures = 0
+            return None
+        if not changed and self.previous is not None:
+            log(f"{reason}: nothing changed since snapshot {self.previous['seq']}")
+            self.failures = 0
+            self.write_status(last_error=None, failures=0)
+            return snaps.summary(self.previous)
+        started = time.monotonic()
+        info = snaps.write_snapshot(
+            self.store,
+            self.options.run,
+            staged,
+            previous=self.previous,
+            writer=self.status["host"],
+            before_commit=self.stager.verify,
+        )
+        self.previous = info.pop("manifest")
+        self.stager.committed(self.previous)
+        pruned = snaps.prune(self.store, self.options.run, self.options.keep)
+        log(
+            f"{reason}: snapshot {info['seq']} {info['files']} files {info['bytes']} bytes"
+            f" (sent {info['sent_bytes']}) in {time.monotonic() - started:.2f}s"
+            + (f"; pruned {', '.join(map(str, pruned))}" if pruned else "")
+        )
+        self.failures = 0
+        self.write_status(
+            last_seq=info["seq"],
+            last_at=info["at"],
+            last_bytes=info["bytes"],
+            last_files=info["files"],
+            last_sent_bytes=info["sent_bytes"],
+            last_error=None,
+            failures=0,
+        )
+        return info
 
     def _failed(self, reason: str, message: str) -> None:
         self.stager.discard()  # the links would keep old checkpoint versions on disk until the retry

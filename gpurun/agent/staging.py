@@ -30,6 +30,10 @@ TEMPORARY_PREFIXES = (".gpurun", "incoming.", ".write-test-")
 _CHUNK = 1 << 20
 
 
+class HeldFileChanged(OSError):
+    """A file held by link was written in place before its snapshot committed."""
+
+
 @dataclass(frozen=True)
 class FileIdentity:
     size: int
@@ -206,7 +210,7 @@ class Stager:
         if changed:
             self.copied_paths.update(changed)  # every one of them, so the retry needs no further round
             more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
-            raise OSError(
+            raise HeldFileChanged(
                 f"{changed[0]}{more} written in place while uploaded; copied to staging from now on, and retried"
             )
 
