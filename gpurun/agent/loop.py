@@ -112,7 +112,6 @@ class Agent:
             except HeldFileChanged as error:
                 # Those files are copied to staging from now on: retry at once, no backoff.
                 log(f"{reason}: {error}")
-                self.stager.discard()
                 return self._snapshot(reason)
         except (GpurunError, OSError) as error:
             return self._failed(reason, str(error))

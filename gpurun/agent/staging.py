@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpurun.store.snapshots import StagedFile
+from gpurun.store.snapshots import StagedFile, sha256_file
 
 # Files that training frameworks write before an atomic rename.
 TEMPORARY_SUFFIXES = (".tmp", ".part", ".partial", ".gpurun-part")
@@ -98,15 +98,13 @@ class Stager:
         current = list_checkpoint_files(self.watch_dir)
         for entry in manifest["files"]:
             identity = current.get(entry["path"])
-            if identity and identity.size == entry["size"]:
-                # Trust size alone only after checking the hash once.
-                path = self.watch_dir / entry["path"]
-                digest = hashlib.sha256()
-                with open(path, "rb") as handle:
-                    while chunk := handle.read(_CHUNK):
-                        digest.update(chunk)
-                if digest.hexdigest() == entry["sha256"]:
-                    self.known[entry["path"]] = (identity, entry["sha256"])
+            # Trust size alone only after checking the hash once.
+            if (
+                identity
+                and identity.size == entry["size"]
+                and sha256_file(self.watch_dir / entry["path"]) == entry["sha256"]
+            ):
+                self.known[entry["path"]] = (identity, entry["sha256"])
 
     def stage(self, attempts: int = 5) -> tuple[list[StagedFile], bool]:
         """Files for the next snapshot, and whether anything changed since the last one."""
