@@ -278,3 +278,95 @@ def test_agent_stops_when_no_job_ever_starts(tmp_path: Path, monkeypatch: pytest
     assert loop.run_agent(options) == 0
     assert time.monotonic() - started < 10
     assert agent_status(run_dir)["state"] == "stopped"
+
+
+def test_whole_second_mtimes_still_reveal_a_rewrite_in_place(tmp_path: Path) -> None:
+    # FAT, ext4 with 128-byte inodes and some network mounts keep whole-second
+    # mtimes: os.utime below does what such a file system would do on each write.
+    watch = tmp_path / "ckpt"
+    watch.mkdir()
+    checkpoint = watch / "weights.bin"
+
+    def write_on_a_coarse_file_system(data: bytes) -> None:
+        with open(checkpoint, "r+b" if checkpoint.exists() else "wb") as handle:
+            handle.write(data)
+        second = int(time.time())
+        os.utime(checkpoint, ns=(second * 10**9, second * 10**9))
+
+    write_on_a_coarse_file_system(b"1" * 100_000)
+    written_in = int(checkpoint.stat().st_mtime)
+    stager = Stager(watch, tmp_path / "staging", settle=0.5)
+    staged, _changed = stager.stage()
+    # Not taken while the clock is still in the mtime's span: a write then would keep the same mtime.
+    assert time.time() >= written_in + 2
+    assert ".links" in staged[0].local_path
+    write_on_a_coarse_file_system(b"2" * 100_000)  # same size, the moment after staging
+    store = open_store(f"file://{tmp_path / 'store'}")
+    with pytest.raises(OSError, match="written in place"):
+        snaps.write_snapshot(store, "r", staged, previous=None, before_commit=stager.verify)
+    assert snaps.latest(store, "r") is None
+
+
+def test_agent_copies_a_file_rewritten_in_place_at_another_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpurun.agent.loop import Agent, AgentOptions
+
+    watch = tmp_path / "run/work/checkpoints"
+    watch.mkdir(parents=True)
+    (watch / "weights.bin").write_bytes(b"1" * 200_000)
+    agent = Agent(AgentOptions(watch, f"file://{tmp_path / 'store'}", "r1", every=60, keep=3, run_dir=tmp_path / "run"))
+    agent.stager.settle = 0
+    uploads = []
+    real_put_file = type(agent.store).put_file
+
+    def put_file(store, key, path, **kwargs):  # torch.save(obj, path) truncates and writes a new size
+        uploads.append(path)
+        if len(uploads) == 1:
+            (watch / "weights.bin").write_bytes(b"2" * 250_000)
+        return real_put_file(store, key, path, **kwargs)
+
+    monkeypatch.setattr(type(agent.store), "put_file", put_file)
+    info = agent.sync_once("scheduled")
+    # The size check failed before the commit check: the agent still saw why, and copied at once.
+    assert info is not None and agent.failures == 0 and agent.status["last_error"] is None
+    assert ".links" in uploads[0] and ".links" not in uploads[1]
+    assert agent.stager.copied_paths == {"weights.bin"}
+    snaps.download_snapshot(agent.store, "r1", tmp_path / "restored")
+    assert (tmp_path / "restored/weights.bin").read_bytes() == b"2" * 250_000
+
+
+def test_a_failed_upload_stops_hashing_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpurun.errors import StoreError
+
+    # A FIFO stands for a big checkpoint: the test decides how much of it there is.
+    fifo = tmp_path / "weights.bin"
+    os.mkfifo(fifo)
+    store = open_store(f"file://{tmp_path / 'store'}")
+    hashing_started = threading.Event()
+
+    def put_files(*_args, **_kwargs):
+        hashing_started.wait(10)
+        raise StoreError("the network went away")
+
+    monkeypatch.setattr(store, "put_files", put_files)
+    chunks_taken = []
+
+    def feed() -> None:
+        with open(fifo, "wb") as writer:
+            hashing_started.set()
+            try:
+                for index in range(2_000):  # about 2 GB if nobody stops reading
+                    writer.write(b"x" * (1 << 20))
+                    writer.flush()
+                    chunks_taken.append(index)
+            except BrokenPipeError:
+                pass
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    staged = [snaps.StagedFile("weights.bin", 2_000 << 20, None, str(fifo))]
+    with pytest.raises(StoreError, match="network went away"):
+        snaps.write_snapshot(store, "r", staged, previous=None)
+    feeder.join(30)
+    assert not feeder.is_alive() and len(chunks_taken) < 2_000, "the hash of a failed snapshot kept reading"

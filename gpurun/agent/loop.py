@@ -131,14 +131,22 @@ class Agent:
             self.write_status(last_error=None, failures=0)
             return snaps.summary(self.previous)
         started = time.monotonic()
-        info = snaps.write_snapshot(
-            self.store,
-            self.options.run,
-            staged,
-            previous=self.previous,
-            writer=self.status["host"],
-            before_commit=self.stager.verify,
-        )
+        try:
+            info = snaps.write_snapshot(
+                self.store,
+                self.options.run,
+                staged,
+                previous=self.previous,
+                writer=self.status["host"],
+                before_commit=self.stager.verify,
+            )
+        except HeldFileChanged:
+            raise
+        except Exception:
+            # A file rewritten in place at another size fails the upload or its
+            # size check before `before_commit` runs: name it, so it is copied.
+            self.stager.verify()
+            raise
         self.previous = info.pop("manifest")
         self.stager.committed(self.previous)
         pruned = snaps.prune(self.store, self.options.run, self.options.keep)

@@ -1,7 +1,8 @@
 """Take a consistent view of the checkpoint directory while training keeps writing.
 
 A changed file is taken only once it has been quiet for `settle` seconds (a
-training loop writing in chunks pauses far less than that). It is held by a
+training loop writing in chunks pauses far less than that), or two seconds
+where the file system keeps whole-second mtimes. It is held by a
 hard link in the staging directory and uploaded from there, with no copy:
 frameworks that save to a temporary name and rename never touch the held
 inode again. Before the snapshot is committed, `verify` compares each held
@@ -28,6 +29,8 @@ TEMPORARY_SUFFIXES = (".tmp", ".part", ".partial", ".gpurun-part")
 # Keras writes a backup as incoming.* before renaming it; the templates probe writability.
 TEMPORARY_PREFIXES = (".gpurun", "incoming.", ".write-test-")
 _CHUNK = 1 << 20
+# The widest mtime step of a common file system (FAT's two seconds).
+COARSE_MTIME_SPAN = 2.0
 
 
 class HeldFileChanged(OSError):
@@ -158,9 +161,12 @@ class Stager:
             except FileNotFoundError:
                 continue
         if held:
-            youngest = min(time.time() - identity.mtime_ns / 1e9 for _, identity, _ in held.values())
-            if youngest < self.settle:
-                time.sleep(self.settle - max(youngest, 0.0))
+            now = time.time()
+            wait = max(
+                self._quiet_needed(identity) - (now - identity.mtime_ns / 1e9) for _, identity, _ in held.values()
+            )
+            if wait > 0:
+                time.sleep(min(wait, self._quiet_needed(None)))
         retry = []
         for path, (held_path, identity, linked) in held.items():
             try:
@@ -189,6 +195,20 @@ class Stager:
             staged.append(StagedFile(path, size, digest, str(dest)))
             self._pending[path] = (identity, digest)
         return retry
+
+    def _quiet_needed(self, identity: FileIdentity | None) -> float:
+        """How long a file must have been quiet before its stat can vouch for its bytes.
+
+        On file systems that keep whole-second mtimes (FAT keeps two seconds;
+        ext4 with 128-byte inodes and some network mounts keep one), a rewrite
+        in the same second keeps the same mtime, and the truncated mtime makes
+        the file look older than it is. Once the clock has left that mtime's
+        two-second span, any later write changes the mtime, so `verify` and the
+        copy's before/after check see it. `None`: the longest wait there is.
+        """
+        if identity is None or identity.mtime_ns % 1_000_000_000 == 0:
+            return max(self.settle, COARSE_MTIME_SPAN)
+        return self.settle
 
     def verify(self) -> None:
         """Raise OSError if a file held by link was written in place since it was staged.

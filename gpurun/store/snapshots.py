@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -146,13 +147,21 @@ def write_snapshot(
             sent += item.size
     # hashlib releases the interpreter lock on large reads: the hash costs no upload time.
     pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gpurun-hash")
+    abandon = threading.Event()
     try:
-        pending = {item.path: pool.submit(sha256_file, item.local_path) for item in unhashed if item.path not in hashes}
+        pending = {
+            item.path: pool.submit(sha256_file, item.local_path, abandon)
+            for item in unhashed
+            if item.path not in hashes
+        }
         store.put_files(uploads, if_absent=True, progress=progress)
         store.copy_many(copies)
         hashes.update({path: future.result() for path, future in pending.items()})
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)  # a failed upload does not wait for a big file's hash
+        # After a failed upload, a big file's hash stops at its next chunk: the
+        # agent's final sync and its exit do not wait for it.
+        abandon.set()
+        pool.shutdown(wait=False, cancel_futures=True)
 
     # Confirm every object before the manifest makes the snapshot visible.
     stored = {obj.key: obj.size for obj in store.list(prefix)}
@@ -237,10 +246,12 @@ def resolve_seq(store: ObjectStore, run: str, seq: int | None) -> dict[str, Any]
     return manifest
 
 
-def sha256_file(path: str | Path) -> str:
+def sha256_file(path: str | Path, abandon: threading.Event | None = None) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(1 << 20):
+            if abandon is not None and abandon.is_set():
+                raise StoreError(f"{path}: hash abandoned")
             digest.update(chunk)
     return digest.hexdigest()
 
