@@ -66,7 +66,8 @@ def launch(spec_file: Path, name: str | None, overrides: tuple[str, ...], dry_ru
     else:
         ui.result(result["run"])
     if follow and not dry_run:
-        _follow_logs(result["run"], tail=None)
+        # With --json, stdout holds the one JSON document; the job's output goes to stderr.
+        _follow_logs(result["run"], tail=None, to_stderr=json_mode)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -140,10 +141,12 @@ def logs(run: str, follow: bool, tail: int | None, node: int | None) -> None:
     _follow_logs(run, tail=tail, follow=follow, node=node)
 
 
-def _follow_logs(run: str, *, tail: int | None, follow: bool = True, node: int | None = None) -> None:
+def _follow_logs(
+    run: str, *, tail: int | None, follow: bool = True, node: int | None = None, to_stderr: bool = False
+) -> None:
     from gpurun.app.logs import show_logs
 
-    outcome = show_logs(run, follow=follow, tail=tail, node=node)
+    outcome = show_logs(run, follow=follow, tail=tail, node=node, write=_stderr_bytes if to_stderr else None)
     if follow:
         code = outcome.get("exit_code")
         if outcome.get("gone"):
@@ -155,6 +158,12 @@ def _follow_logs(run: str, *, tail: int | None, follow: bool = True, node: int |
         else:
             message = f"the job exited with status {code}"
         click.echo(f"[gpurun] {message}", err=True)
+
+
+def _stderr_bytes(chunk: bytes) -> None:
+    sys.stderr.flush()
+    sys.stderr.buffer.write(chunk)
+    sys.stderr.buffer.flush()
 
 
 @cli.command("checkpoint-sync", context_settings=CONTEXT)
@@ -179,6 +188,7 @@ def checkpoint_sync(run, list_mode, download, seq, store_url, watch, to_url, eve
     if watch is not None:
         _agent_mode(run, watch, to_url, every, keep, run_dir, spot_notice, ui)
         return
+    _reject_dropped_options(store_url=store_url, list_mode=list_mode, download=download)
     if not run:
         raise BadInput("checkpoint-sync needs a RUN (or --watch DIR --to URL for agent mode)")
     from gpurun.app import checkpoints
@@ -214,6 +224,23 @@ def checkpoint_sync(run, list_mode, download, seq, store_url, watch, to_url, eve
         ui.result(f"snapshot {info['seq']}: unchanged since the last sync ({info['files']} files, {info['bytes']} bytes)")
 
 
+def _reject_dropped_options(*, store_url: str | None, list_mode: bool, download: Path | None) -> None:
+    """Options this checkpoint-sync mode would ignore are bad input, not silently dropped."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    agent_only = [
+        f"--{name}"
+        for name in ("to", "every", "keep")
+        if ctx.get_parameter_source("to_url" if name == "to" else name) not in (None, ParameterSource.DEFAULT)
+    ]
+    if agent_only:
+        verb = "goes" if len(agent_only) == 1 else "go"
+        raise BadInput(f"{', '.join(agent_only)} {verb} with --watch DIR (agent mode: --watch DIR --to URL)")
+    if store_url is not None and not list_mode and download is None:
+        raise BadInput("--store goes with --list or --download (to read a run launched elsewhere)")
+
+
 def _agent_mode(run, watch, to_url, every, keep, run_dir, spot_notice, ui) -> None:
     from gpurun.agent.loop import AgentOptions, run_agent
     from gpurun.durations import parse_duration
@@ -247,20 +274,30 @@ def _agent_mode(run, watch, to_url, every, keep, run_dir, spot_notice, ui) -> No
 @click.option("--yes", "-y", is_flag=True, help="Do not ask.")
 @click.option("--no-final-sync", is_flag=True, help="Skip the final checkpoint sync.")
 @click.option("--keep-files", is_flag=True, help="Keep the run directory on the machine (ssh and local).")
+@click.option("--store", "store_url", metavar="URL", help="End AWS runs recorded only in this store (launched from another computer); with --orphans, runs live in it are not orphans.")
+@click.option("--region", "regions", multiple=True, metavar="REGION", help="With --orphans: where to look (repeatable; default: the regions of known runs).")
+@click.option("--profile", metavar="NAME", help="With --orphans: the AWS profile to search with.")
 @click.option("--json", "json_mode", is_flag=True, help="Print one JSON document.")
-def teardown(names: tuple[str, ...], all_runs: bool, orphans: bool, yes: bool, no_final_sync: bool, keep_files: bool, json_mode: bool) -> None:
+def teardown(names: tuple[str, ...], all_runs: bool, orphans: bool, yes: bool, no_final_sync: bool, keep_files: bool, store_url: str | None, regions: tuple[str, ...], profile: str | None, json_mode: bool) -> None:
     """Final sync, stop the job, release everything the run created."""
     from gpurun import runs
+    from gpurun.app.teardown import check_can_end_here
     from gpurun.app.teardown import teardown as do_teardown
 
     ui = _ui(json_mode)
     if orphans:
         from gpurun.app.orphans import teardown_orphans
 
-        result = teardown_orphans(ui, yes=yes, confirm=_confirm)
+        if names or all_runs:
+            raise BadInput("--orphans goes alone: not with run names or --all")
+        result = teardown_orphans(
+            ui, yes=yes, confirm=_confirm, profile=profile, regions=list(regions) or None, store_url=store_url
+        )
         if json_mode:
             ui.emit_json(result)
         return
+    if regions or profile:
+        raise BadInput("--region and --profile go with --orphans (a run's own region and profile come from its record)")
     if all_runs and names:
         raise BadInput("give run names or --all, not both")
     if all_runs:
@@ -276,12 +313,13 @@ def teardown(names: tuple[str, ...], all_runs: bool, orphans: bool, yes: bool, n
     if not names:
         raise BadInput("teardown needs RUN names, --all or --orphans")
     for name in names:
-        runs.load(name)  # unknown names are bad input before anything is touched
+        # Unknown names, and runs this computer cannot reach, are bad input before anything is touched.
+        check_can_end_here(runs.load_here_or_from_store(name, store_url))
     if not yes and not _confirm(f"Tear down {', '.join(names)}?"):
         raise BadInput("not confirmed; nothing was changed")
     results = []
     for name in names:
-        result = do_teardown(name, ui, final_sync=not no_final_sync, keep_files=keep_files)
+        result = do_teardown(name, ui, final_sync=not no_final_sync, keep_files=keep_files, store_url=store_url)
         results.append(result)
         if not json_mode:
             for item in result["removed"]:
@@ -401,8 +439,10 @@ def _confirm(question: str) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; every GpurunError ends here as one line and its exit status."""
-    args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args or os.environ.get("GPURUN_DEBUG") == "1"
+    args, debug_flag = _take_debug(list(sys.argv[1:] if argv is None else argv))
+    debug = debug_flag or os.environ.get("GPURUN_DEBUG") == "1"
+    if debug_flag:
+        args = ["--debug", *args]  # the group's option, wherever it was given
     try:
         cli.main(args=args, prog_name="gpurun", standalone_mode=False)
     except GpurunError as error:
@@ -433,6 +473,13 @@ def main(argv: list[str] | None = None) -> None:
         _print_error(f"unexpected {type(error).__name__}: {error} (rerun with --debug for the traceback)")
         sys.exit(1)
     sys.exit(0)
+
+
+def _take_debug(args: list[str]) -> tuple[list[str], bool]:
+    """Remove `--debug` from anywhere before a `--` (what follows `--` is passed on untouched)."""
+    end = args.index("--") if "--" in args else len(args)
+    kept = [arg for arg in args[:end] if arg != "--debug"]
+    return kept + args[end:], len(kept) < end
 
 
 def _print_error(message: str) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gpurun import paths
-from gpurun.errors import GpurunError, UnknownRun
+from gpurun.errors import BadInput, GpurunError, UnknownRun
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}(/rank-[0-9]+)?")
 STATES = ("launching", "running", "succeeded", "failed", "interrupted", "ended")
@@ -95,6 +95,39 @@ def load(run: str) -> dict[str, Any]:
     except ValueError as error:
         why = str(error) if isinstance(error, _Malformed) else "not valid JSON"
         raise GpurunError(f"run record {path} is corrupt ({why}); move it away to continue") from None
+
+
+def load_from_store(run: str, store_url: str) -> dict[str, Any]:
+    """The run.json that the computer which launched `run` keeps in its checkpoint store.
+
+    Marked `"source": "store"`: its key and paths belong to that computer.
+    """
+    check_name(run)
+    if store_url.startswith("file://") and not store_url.startswith("file:///"):
+        raise BadInput(f"store {store_url!r}: a file store needs an absolute path, like file:///data/checkpoints")
+    from gpurun.store import open_store
+    from gpurun.store.snapshots import get_run_record
+
+    try:
+        record = get_run_record(open_store(store_url), run)
+    except ValueError:
+        raise GpurunError(f"{store_url}/{run}/run.json is not valid JSON; move it away to continue") from None
+    if record is None:
+        raise UnknownRun(f"unknown run {run!r}: not recorded here, and {store_url} has no {run}/run.json")
+    try:
+        return {**_checked(record, run), "source": "store"}
+    except ValueError as error:
+        raise GpurunError(f"{store_url}/{run}/run.json is not a run record ({error})") from None
+
+
+def load_here_or_from_store(run: str, store_url: str | None) -> dict[str, Any]:
+    """This computer's record of `run`, or else the one in `store_url`."""
+    try:
+        return load(run)
+    except UnknownRun:
+        if not store_url:
+            raise
+    return load_from_store(run, store_url)
 
 
 def update(run: str, **changes: Any) -> dict[str, Any]:

@@ -75,6 +75,13 @@ def aws_world(moto_server: str, moto_validation: None, sshd, tmp_path: Path, mon
         with open(sshd.directory / "authorized_keys", "a") as handle:
             handle.write(key.strip() + "\n")
 
+    def no_placement_groups(**_):
+        # moto does not implement DescribePlacementGroups; these one-node runs create none.
+        from botocore.awsrequest import AWSResponse
+
+        answer = {"PlacementGroups": [], "ResponseMetadata": {"HTTPStatusCode": 200, "RequestId": "e2e"}}
+        return AWSResponse(moto_server, 200, {}, None), answer
+
     original_init = AwsProvider.__init__
 
     def patched_init(self, *args, **kwargs):
@@ -82,6 +89,7 @@ def aws_world(moto_server: str, moto_validation: None, sshd, tmp_path: Path, mon
         self.host_key_timeout = 0  # moto's console output never prints host keys: trust on first use
         self.event_handlers.append(("after-call.ec2.RunInstances", after_run_instances))
         self.event_handlers.append(("before-call.ec2.ImportKeyPair", before_import_key))
+        self.event_handlers.append(("before-call.ec2.DescribePlacementGroups", no_placement_groups))
 
     monkeypatch.setattr(AwsProvider, "__init__", patched_init)
     code = tmp_path / "code"
@@ -161,3 +169,63 @@ def test_aws_launch_ssh_sync_job_checkpoint_teardown(aws_world, sshd, capsys) ->
     assert gpurun_resources(aws_world["endpoint"]) == {"instances": [], "security_groups": [], "key_pairs": []}
     keys = s3.list_objects_v2(Bucket=aws_world["bucket"], Prefix=f"runs/{run}/")["Contents"]
     assert any(k["Key"].endswith("weights.json") for k in keys), "teardown never deletes snapshots"
+
+
+@pytest.mark.slow
+def test_a_second_computer_sees_and_ends_an_aws_run_through_the_store(
+    aws_world, sshd, capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out, err = cli(capsys, "launch", str(aws_world["spec"]), "--json")
+    assert code == 0, err
+    run = json.loads(out)["run"]
+    job_pid = int((sshd.home / "gpurun" / run / "job.pid").read_text())
+    store = f"s3://{aws_world['bucket']}/runs"
+    s3 = boto3.client("s3", endpoint_url=aws_world["endpoint"], region_name="us-east-1")
+
+    def latest():
+        try:
+            return json.loads(s3.get_object(Bucket=aws_world["bucket"], Key=f"runs/{run}/LATEST")["Body"].read())
+        except s3.exceptions.NoSuchKey:
+            return None
+
+    wait_until(latest, timeout=60, what="a snapshot in the bucket")
+    first_computer = os.environ["GPURUN_HOME"]
+    monkeypatch.setenv("GPURUN_HOME", str(tmp_path / "other-laptop"))  # same credentials, no local state
+
+    code, out, err = cli(capsys, "status", run)
+    assert code == 2 and "unknown run" in err
+    code, out, err = cli(capsys, "status", run, "--store", store, "--json")
+    assert code == 0, err
+    seen = json.loads(out)[0]
+    assert seen["run"] == run and seen["state"] == "running"
+
+    # Knowing nothing, this computer takes the run's resources for orphans (and asks first)...
+    code, out, err = cli(capsys, "teardown", "--orphans", "--region", "us-east-1")
+    assert code == 2 and run in out and "pass --yes" in err
+    # ...but the run is live in the store: not an orphan for a computer told where to look.
+    code, out, err = cli(capsys, "teardown", "--orphans", "--store", store, "--region", "us-east-1", "--yes", "--json")
+    assert code == 0, err
+    assert json.loads(out) == {"orphans": [], "removed": []}
+    assert len(gpurun_resources(aws_world["endpoint"])["instances"]) == 1
+    code, out, err = cli(capsys, "teardown", run, "--store", store, "--profile", "x", "--yes")
+    assert code == 2 and "--orphans" in err
+
+    code, out, err = cli(capsys, "teardown", run, "--store", store, "--yes", "--json")
+    assert code == 0, err
+    assert "no SSH key" in err
+    down = json.loads(out)["runs"][0]
+    assert down["final_checkpoint"]["seq"] >= 1
+    assert any(item.startswith("instance i-") for item in down["removed"])
+    assert gpurun_resources(aws_world["endpoint"]) == {"instances": [], "security_groups": [], "key_pairs": []}
+    stored = json.loads(s3.get_object(Bucket=aws_world["bucket"], Key=f"runs/{run}/run.json")["Body"].read())
+    assert stored["state"] == "ended"
+    code, out, err = cli(capsys, "status", run, "--json")  # kept here, so teardown can be run again
+    assert code == 0 and json.loads(out)[0]["state"] == "ended"
+    code, out, err = cli(capsys, "teardown", run, "--yes")
+    assert code == 0, err
+
+    # moto's termination cannot stop processes on the loopback sshd: the first computer stops the job.
+    monkeypatch.setenv("GPURUN_HOME", first_computer)
+    code, out, err = cli(capsys, "teardown", run, "--yes")
+    assert code == 0, err
+    wait_until(lambda: not process_alive(job_pid), timeout=20, what="the job to stop")

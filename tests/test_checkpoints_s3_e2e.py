@@ -195,3 +195,25 @@ def test_create_bucket_only_when_asked(moto_server: str, tmp_path: Path, monkeyp
     assert rules[0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
     gpurun("teardown", run, "--yes")
     assert client.head_bucket(Bucket="gpurun-made-bucket"), "teardown never deletes a bucket"
+
+
+def test_a_second_computer_cannot_end_an_ssh_run_it_has_no_way_into(tmp_path: Path, gpurun_home: Path) -> None:
+    store_url = f"file://{tmp_path / 'store'}"
+    record = {
+        "run": "box-abc123",
+        "provider": "ssh",
+        "state": "running",
+        "created_at": "2026-11-26T10:00:00Z",
+        "store": store_url,
+        "machines": [{"rank": 0, "host": "gpu-box.lan", "run_dir": "/home/me/gpurun/box-abc123"}],
+        "spec": {},
+    }
+    snaps.put_run_record(open_store(store_url), "box-abc123", record)
+    done = gpurun("teardown", "box-abc123", "--store", store_url, "--yes", check=False)
+    assert done.returncode == 2
+    assert "gpu-box.lan" in done.stderr and "tear it down there" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (gpurun_home / "runs").exists() or not list((gpurun_home / "runs").glob("box-abc123*"))
+    assert snaps.get_run_record(open_store(store_url), "box-abc123")["state"] == "running"
+    done = gpurun("teardown", "box-abc123", "--yes", check=False)
+    assert done.returncode == 2 and "unknown run" in done.stderr

@@ -9,6 +9,7 @@ import pytest
 
 from gpurun import __version__
 from gpurun.cli import main
+from tests.helpers import gpurun
 
 
 def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
@@ -108,3 +109,51 @@ def test_corrupt_record_is_named_while_others_list(capsys, spec: Path, gpurun_ho
     assert len(json.loads(out)) == 1
     assert "broken-000000.json is corrupt" in err
     run_cli(capsys, "teardown", "--all", "--yes")
+
+
+def test_launch_json_follow_keeps_stdout_one_document(spec: Path) -> None:
+    (spec.parent / "code/train.py").write_text("print('job output line')\n")
+    done = gpurun("launch", str(spec), "--json", "--follow", timeout=60)
+    result = json.loads(done.stdout)
+    assert result["run"].startswith("demo-") and "job output line" not in done.stdout
+    assert "job output line" in done.stderr and "the job exited with status 0" in done.stderr
+    gpurun("teardown", result["run"], "--yes")
+
+
+@pytest.mark.parametrize("args", [["status", "--debug"], ["--debug", "status"]])
+def test_debug_is_accepted_anywhere(capsys, args: list[str]) -> None:
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0 and "no runs yet" in out + err
+
+
+def test_debug_after_the_command_shows_the_traceback(capsys) -> None:
+    code, out, err = run_cli(capsys, "logs", "nosuchrun", "--debug")
+    assert code == 2 and out == ""
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: unknown run 'nosuchrun'")
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["run-x", "--store", "file:///tmp/s"], "--store goes with --list or --download"),
+        (["run-x", "--to", "file:///tmp/s"], "--to goes with --watch DIR"),
+        (["run-x", "--list", "--every", "5m"], "--every goes with --watch DIR"),
+        (["run-x", "--keep", "3", "--to", "file:///tmp/s"], "--to, --keep go with --watch DIR"),
+    ],
+)
+def test_checkpoint_sync_rejects_options_it_would_drop(capsys, args: list[str], expected: str) -> None:
+    code, out, err = run_cli(capsys, "checkpoint-sync", *args)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+
+
+def test_logs_of_a_torn_down_local_run_says_so(capsys, spec: Path) -> None:
+    code, out, _ = run_cli(capsys, "launch", str(spec), "--json")
+    run = json.loads(out)["run"]
+    code, _, _ = run_cli(capsys, "teardown", run, "--yes")
+    assert code == 0
+    code, out, err = run_cli(capsys, "logs", run)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"run {run} has ended" in lines[0] and "removed at teardown" in lines[0], err

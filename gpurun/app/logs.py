@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from gpurun import jobs, runs
@@ -50,6 +51,9 @@ def show_logs(
     machines = record.get("machines", [])
     if not machines:
         raise BadInput(f"run {run} has no machine (it never started); nothing to show")
+    removed = not any(Path(machine["run_dir"]).is_dir() for machine in machines)
+    if record.get("state") == "ended" and record["provider"] == "local" and removed:
+        raise BadInput(f"run {run} has ended; its logs were removed at teardown (`teardown --keep-files` keeps them)")
     if node is None and len(machines) > 1:
         return _merged(run, machines, follow=follow, tail=tail, write=write or _stdout)
     return _show_node(run, record, node or 0, follow=follow, tail=tail, write=write)

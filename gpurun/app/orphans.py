@@ -10,13 +10,24 @@ from gpurun.errors import BadInput
 from gpurun.ui import Ui
 
 
-def teardown_orphans(ui: Ui, *, yes: bool, confirm: Callable[[str], bool], profile: str | None = None) -> dict[str, Any]:
+def teardown_orphans(
+    ui: Ui,
+    *,
+    yes: bool,
+    confirm: Callable[[str], bool],
+    profile: str | None = None,
+    regions: list[str] | None = None,
+    store_url: str | None = None,
+) -> dict[str, Any]:
     from gpurun.providers.aws import AwsProvider
 
     records, _problems = runs.load_all()
+    if store_url:
+        # Runs other computers launched and recorded live in the store are theirs, not orphans.
+        records += _store_records(store_url)
     # A run torn down here is "known" only while it still runs; leftovers of ended runs are leaks.
     known = {r["run"] for r in records if r["state"] != "ended"}
-    regions = sorted(
+    regions = regions or sorted(
         {r.get("spec", {}).get("aws", {}).get("region") for r in records if r["provider"] == "aws"} - {None}
     )
     provider = AwsProvider()
@@ -33,3 +44,12 @@ def teardown_orphans(ui: Ui, *, yes: bool, confirm: Callable[[str], bool], profi
     for item in removed:
         ui.say(f"removed {item}")
     return {"orphans": orphans, "removed": removed}
+
+
+def _store_records(store_url: str) -> list[dict[str, Any]]:
+    if store_url.startswith("file://") and not store_url.startswith("file:///"):
+        raise BadInput(f"store {store_url!r}: a file store needs an absolute path, like file:///data/checkpoints")
+    from gpurun.store import open_store
+    from gpurun.store.snapshots import list_run_records
+
+    return [r for r in list_run_records(open_store(store_url)) if isinstance(r, dict) and r.get("run") and r.get("state")]

@@ -87,10 +87,10 @@ def reconcile(record: dict[str, Any]) -> dict[str, Any]:
 
 def collect(run: str | None = None, *, ui: Ui | None = None, store_url: str | None = None) -> tuple[list[dict], list[str]]:
     if run is not None:
-        records, problems = [runs.load(run)], []
+        records, problems = [runs.load_here_or_from_store(run, store_url)], []
     else:
         records, problems = runs.load_all()
-    if store_url:
+    if store_url and run is None:
         if store_url.startswith("file://") and not store_url.startswith("file:///"):
             raise BadInput(f"store {store_url!r}: a file store needs an absolute path, like file:///data/checkpoints")
         from gpurun.store import open_store

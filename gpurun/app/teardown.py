@@ -9,7 +9,7 @@ from typing import Any
 
 from gpurun import jobs, paths, runs
 from gpurun.app import common
-from gpurun.errors import GpurunError, Interrupted
+from gpurun.errors import BadInput, GpurunError, Interrupted
 from gpurun.providers import get_provider
 from gpurun.store import snapshots as snaps
 from gpurun.ui import Ui
@@ -18,19 +18,52 @@ JOB_GRACE = 20.0
 AGENT_FINAL_SYNC_TIMEOUT = 600.0
 
 
-def teardown(run: str, ui: Ui, *, final_sync: bool = True, keep_files: bool = False) -> dict[str, Any]:
+def check_can_end_here(record: dict[str, Any]) -> None:
+    """A run known only from its store can be ended here only where the cloud API reaches it."""
+    if record.get("source") == "store" and record["provider"] != "aws":
+        where = ", ".join(m.get("host") or "?" for m in record.get("machines", [])) or "its machine"
+        raise BadInput(
+            f"run {record['run']} runs on {record['provider']} ({where}) and was launched from another computer, "
+            "which alone holds its way in: tear it down there"
+        )
+
+
+def _adopt(record: dict[str, Any], store_url: str) -> dict[str, Any]:
+    """Keep a record of the store's run here, so an interrupted teardown can be run again."""
+    check_can_end_here(record)
+    record = {key: value for key, value in record.items() if key != "source"}
+    record["adopted_from"] = store_url
+    runs.save(record)
+    return record
+
+
+def teardown(
+    run: str, ui: Ui, *, final_sync: bool = True, keep_files: bool = False, store_url: str | None = None
+) -> dict[str, Any]:
     with runs.locked(run):
-        record = runs.load(run)
+        record = runs.load_here_or_from_store(run, store_url)
+        if record.get("source") == "store":
+            record = _adopt(record, store_url or "")
     provider = get_provider(record["provider"])
     removed: list[str] = []
     final_checkpoint = None
     gone_states = ("terminated", "gone", "shutting-down")
+    adopted = bool(record.get("adopted_from"))
+    store_seq_before = _store_latest_seq(record, ui) if adopted else None
     try:
+        if adopted:
+            ui.warn(
+                f"this computer has no SSH key for {run} (it stays on the computer that launched it), so there is "
+                "no final sync from here: terminating the machine sends the agent SIGTERM, and it takes its own "
+                "final snapshot while the machine shuts down"
+            )
         for machine in record.get("machines", []):
-            if machine.get("state") in gone_states or machine.get("cleaned"):
+            if adopted or machine.get("state") in gone_states or machine.get("cleaned"):
                 continue
             final_checkpoint = _stop_machine(provider, record, machine, ui, final_sync, keep_files, removed) or final_checkpoint
         removed += provider.release(record, _save_progress, ui.say)
+        if adopted:
+            final_checkpoint = _store_final_checkpoint(record, store_seq_before, ui)
     except KeyboardInterrupt:
         _save_progress(record)
         raise Interrupted(f"teardown of {run} interrupted; run `gpurun teardown {run}` again to finish it") from None
@@ -89,6 +122,31 @@ def _stop_machine(provider, record, machine, ui: Ui, final_sync: bool, keep_file
     machine["cleaned"] = True
     _save_progress(record)
     return final
+
+
+def _store_latest_seq(record: dict[str, Any], ui: Ui) -> int | None:
+    try:
+        pointer = snaps.latest(common.open_run_store(record), record["run"])
+    except GpurunError as error:
+        ui.warn(f"cannot read {record['store']}: {error}")
+        return None
+    return pointer["seq"] if pointer else None
+
+
+def _store_final_checkpoint(record: dict[str, Any], before: int | None, ui: Ui) -> dict[str, Any] | None:
+    """After the machines are gone: the newest snapshot in the store, and whether it is new."""
+    try:
+        pointer = snaps.latest(common.open_run_store(record), record["run"])
+    except GpurunError as error:
+        ui.warn(f"cannot read {record['store']}: {error}")
+        return None
+    if pointer is None:
+        ui.say("no snapshot in the store")
+        return None
+    info = {key: pointer[key] for key in ("seq", "at", "bytes", "files")}
+    info["new"] = pointer["seq"] != before
+    ui.say(f"latest checkpoint: snapshot {info['seq']} ({info['files']} files)")
+    return info
 
 
 def _save_progress(record: dict[str, Any]) -> None:
