@@ -57,9 +57,10 @@ class Template:
             adam_steps = {int(s["step"]) for s in ckpt["optimizer"]["state"].values()}
             assert len(adam_steps) == 1
             return {"epoch": ckpt["epoch"], "step": ckpt["step"], "optimizer_steps": adam_steps.pop()}
-        h5py = pytest.importorskip("h5py")
-        meta = json.loads((ckpt_dir / "backup" / "training_metadata.json").read_text())
+        import h5py
+
         with h5py.File(ckpt_dir / "backup" / "latest.weights.h5", "r") as f:
+            meta = json.loads(f.attrs["gpurun_position"])  # the position the template resumes from
             iterations = int(f["optimizer/vars/0"][()])  # Keras 3 Adam: vars/0 is `iterations`
         return {"epoch": meta["epoch"], "step": meta["step"], "optimizer_steps": iterations}
 
@@ -323,6 +324,22 @@ def test_sigkill_then_resume_from_restored_snapshot(template, reference, base_en
     expected = [s for s in range(saved["step"] + 1, epochs * spe + 1) if s % every == 0 or s % spe == 0]
     assert saves == [(s // spe, s) for s in expected], out
     check_resumed_run(template, out, fresh, saved, epochs, reference(template, epochs))
+
+
+def test_keras_resumes_from_the_position_inside_its_weights_file(base_env, tmp_path):
+    spe, every = KERAS.steps_per_epoch, KERAS.save_every
+    ckpt = tmp_path / "ckpt"
+    ok(run(KERAS.cmd("--epochs", "1", "--save-every-steps", str(every)), job_env(base_env, ckpt), tmp_path))
+    saved = KERAS.saved(ckpt)
+    assert (saved["epoch"], saved["step"], saved["optimizer_steps"]) == (1, spe, spe)
+    # A kill between the weights' rename and the JSON's leaves the JSON one save behind.
+    metadata = ckpt / "backup" / "training_metadata.json"
+    stale = json.loads(metadata.read_text())
+    stale.update(epoch=0, batch=spe - spe % every, step=spe - spe % every)
+    metadata.write_text(json.dumps(stale))
+    out = ok(run(KERAS.cmd("--epochs", "2", "--save-every-steps", str(every)), job_env(base_env, ckpt), tmp_path))
+    assert f"at epoch 1 step {spe}\n" in out, out
+    assert KERAS.saved(ckpt)["optimizer_steps"] == 2 * spe
 
 
 @pytest.mark.parametrize("template", TEMPLATES)

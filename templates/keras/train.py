@@ -38,10 +38,12 @@ import sys
 import time
 from pathlib import Path
 
+import h5py  # installed with keras: its weights files are HDF5
 import keras
 import numpy as np
 
 BACKUP_DIR = "backup"
+POSITION_ATTR = "gpurun_position"  # the backup's position, stored in its weights file
 MODEL_NAME = "model.keras"
 METRICS_NAME = "metrics.jsonl"
 
@@ -129,6 +131,12 @@ def log(message: str) -> None:
     sys.stdout.flush()
 
 
+def write_replace(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    fsync_replace(path + ".tmp", path)
+
+
 def fsync_replace(tmp: str, final: str) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
@@ -170,13 +178,25 @@ class Backup(keras.callbacks.BackupAndRestore):
         return self.epoch * self.steps_per_epoch + self.batches_done
 
     def position(self) -> dict | None:
+        """Where the backup stands: kept inside the weights file, so the two cannot disagree."""
         try:
+            with h5py.File(self._weights_path, "r") as f:
+                if POSITION_ATTR in f.attrs:
+                    return json.loads(f.attrs[POSITION_ATTR])
+        except FileNotFoundError:
+            return None
+        try:  # a backup from before the position moved into the weights file
             with open(self._training_metadata_path) as f:
                 return json.load(f)
         except FileNotFoundError:
             return None
 
     def on_train_begin(self, logs=None):
+        # Keras's restore reads its epoch from training_metadata.json: write it
+        # from the weights file first, in case a kill came between the two.
+        position = self.position()
+        if position is not None:
+            write_replace(self._training_metadata_path, json.dumps(position))
         super().on_train_begin(logs)  # Keras restores weights, optimizer state and the epoch
         position = self.position()
         seeds = self._seed_variables()
@@ -212,7 +232,6 @@ class Backup(keras.callbacks.BackupAndRestore):
             os.makedirs(self.backup_dir, exist_ok=True)
             tmp = os.path.join(self.backup_dir, "incoming.weights.h5")  # save_weights wants .weights.h5
             self.model.save_weights(tmp, overwrite=True)
-            fsync_replace(tmp, self._weights_path)
             meta = {
                 "epoch": self.epoch,
                 "batch": self.batches_done,
@@ -220,9 +239,11 @@ class Backup(keras.callbacks.BackupAndRestore):
                 "steps_per_epoch": self.steps_per_epoch,
                 "seed_states": [keras.ops.convert_to_numpy(v).tolist() for v in self._seed_variables()],
             }
-            with open(self._training_metadata_path + ".tmp", "w") as f:
-                json.dump(meta, f)
-            fsync_replace(self._training_metadata_path + ".tmp", self._training_metadata_path)
+            # One file, one rename: a kill or a snapshot never pairs weights with another step's position.
+            with h5py.File(tmp, "a") as f:
+                f.attrs[POSITION_ATTR] = json.dumps(meta)
+            fsync_replace(tmp, self._weights_path)
+            write_replace(self._training_metadata_path, json.dumps(meta))  # for Keras's own restore
         except OSError as e:
             fail(f"cannot write checkpoint directory {os.path.dirname(self.backup_dir)}: {e.strerror or e}")
         self.saved_step = self.step
