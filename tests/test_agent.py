@@ -19,6 +19,14 @@ from gpurun.store import snapshots as snaps
 from tests.helpers import process_alive, wait_until
 
 
+def _written_a_while_ago(path: Path) -> None:
+    # With settle=0 the stager does not wait; kernels before 6.13 advance mtimes
+    # only once per tick, so a rewrite a few ms later could keep the mtime the
+    # settle window would otherwise have put in the past.
+    then = time.time() - 5
+    os.utime(path, (then, then))
+
+
 def test_staging_never_takes_a_file_half_written(tmp_path: Path) -> None:
     watch = tmp_path / "ckpt"
     watch.mkdir()
@@ -90,6 +98,7 @@ def test_files_written_in_place_during_upload_are_not_committed_and_then_copied(
     shards = ["shard-0.bin", "shard-1.bin", "shard-2.bin"]
     for name in shards:
         (watch / name).write_bytes(b"a" * 100_000)
+        _written_a_while_ago(watch / name)
     store = open_store(f"file://{tmp_path / 'store'}")
     stager = Stager(watch, tmp_path / "staging", settle=0)
     staged, _changed = stager.stage()
@@ -126,6 +135,7 @@ def test_agent_retries_at_once_when_a_file_is_written_in_place_during_its_upload
     watch = tmp_path / "run/work/checkpoints"
     watch.mkdir(parents=True)
     (watch / "weights.bin").write_bytes(b"1" * 200_000)
+    _written_a_while_ago(watch / "weights.bin")
     agent = Agent(AgentOptions(watch, f"file://{tmp_path / 'store'}", "r1", every=60, keep=3, run_dir=tmp_path / "run"))
     agent.stager.settle = 0
     uploads = []

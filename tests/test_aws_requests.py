@@ -297,8 +297,8 @@ def test_idle_guard_powers_off_only_after_the_job_is_gone(tmp_path):
         job.kill()
         job.wait()
         deadline = time.monotonic() + 10
-        while not log.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        while not (log.exists() and log.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the stub's `>>` creates the log before it writes the line
         assert log.read_text().splitlines()[0] == "systemctl poweroff"
     finally:
         guard.kill()

@@ -77,7 +77,9 @@ def test_spot_notice_lands_a_final_snapshot_and_marks_the_run_interrupted(s3_buc
         out = tmp_path / "restored"
         snaps.download_snapshot(store, "spot-1", out)
         assert (out / "weights.bin").read_bytes() == b"after the notice" * 1000
-        assert elapsed < 10, f"spot notice to LATEST took {elapsed:.1f}s"
+        # The design's 10 s is measured in bench/spot_notice.py; a 5 s poll missed on a
+        # loaded CI machine must not fail the suite, a stuck agent must.
+        assert elapsed < 30, f"spot notice to LATEST took {elapsed:.1f}s"
         assert json.loads((run_dir / "interrupted").read_text())["action"] == "terminate"
         assert fake_imds.token_puts >= 1, "IMDSv2 token flow used"
         # The machine goes away: the job dies, the agent records the run as interrupted in the store.

@@ -37,6 +37,8 @@ for epoch in range(start + 1, int(sys.argv[1]) + 1):
         json.dump({"epoch": epoch}, handle)
     os.replace(os.path.join(ckpt, "state.json.tmp"), os.path.join(ckpt, "state.json"))
     print(f"epoch {epoch}", flush=True)
+    while epoch == 5 and len(sys.argv) > 2 and not os.path.exists(sys.argv[2]) and not stop:
+        time.sleep(0.1)  # the test opens this gate once it has done what must happen mid-job
     if stop:
         print("SIGTERM: saved", flush=True)
         break
@@ -64,6 +66,8 @@ def ssh_experiment(sshd, ssh_client_home: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_ssh_provider_end_to_end(sshd, ssh_experiment: Path, tmp_path: Path) -> None:
+    gate = tmp_path / "carry-on"  # the job holds at epoch 5 until the sshd restart is done, however slow
+    ssh_experiment.write_text(ssh_experiment.read_text().replace("train.py 40", f"train.py 40 {gate}"))
     launched = gpurun_json("launch", str(ssh_experiment))
     run = launched["run"]
     assert launched["state"] == "running" and launched["provider"] == "ssh"
@@ -88,6 +92,7 @@ def test_ssh_provider_end_to_end(sshd, ssh_experiment: Path, tmp_path: Path) -> 
     time.sleep(3.0)  # the follower reconnects after a 2 s pause
     snapshot = gpurun_json("checkpoint-sync", run)
     assert snapshot["seq"] >= checkpoint["seq"]
+    gate.touch()
 
     follower.wait(timeout=60)
     reader.join(timeout=10)

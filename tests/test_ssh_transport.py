@@ -19,6 +19,7 @@ from gpurun.errors import BadInput, TransportError
 from gpurun.transport.base import CommandResult, Transport
 from gpurun.transport.ssh import SshTransport, parse_key_line
 from gpurun.transport.ssh_config import parse_destination, resolve
+from tests.helpers import wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -81,13 +82,13 @@ def test_stream_hands_output_over_as_it_arrives(sshd) -> None:
     arrivals: list[tuple[float, bytes]] = []
     with connect(sshd) as transport:
         code = transport.stream(
-            "echo first; sleep 0.6; echo second >&2; exit 4", lambda chunk: arrivals.append((time.monotonic(), chunk))
+            "echo first; sleep 1.5; echo second >&2; exit 4", lambda chunk: arrivals.append((time.monotonic(), chunk))
         )
     assert code == 4
     assert b"".join(chunk for _, chunk in arrivals) == b"first\nsecond\n"
     first = next(at for at, chunk in arrivals if b"first" in chunk)
     second = next(at for at, chunk in arrivals if b"second" in chunk)
-    assert second - first > 0.4
+    assert second - first > 0.7  # "first" came as it was printed, not with the rest at the end
 
 
 def test_timeouts_raise_one_line(sshd) -> None:
@@ -223,15 +224,18 @@ def test_reconnects_after_the_connection_dropped(private_sshd) -> None:
         # A drop while a command runs is reported, never retried; the next call reconnects.
         errors: list[BaseException] = []
 
+        started = private_sshd.home / "long-command-started"
+        started.unlink(missing_ok=True)
+
         def long_command() -> None:
             try:
-                transport.run("sleep 5")
+                transport.run(f"touch {started}; sleep 5")
             except BaseException as error:
                 errors.append(error)
 
         worker = threading.Thread(target=long_command)
         worker.start()
-        time.sleep(0.5)
+        wait_until(started.exists, timeout=30, interval=0.05, what="the command to start")
         private_sshd.drop_connections()
         worker.join(10)
         assert errors and isinstance(errors[0], TransportError) and "was lost" in str(errors[0])

@@ -517,8 +517,14 @@ def test_sigkill_at_random_moments_never_breaks_latest(s3_bucket: str, tmp_path:
         zygote.kill()
         raise
     verified, partial_seen, seen_latest = 0, 0, set()
+    rounds = 0
     try:
-        for iteration in range(iterations):
+        # At least `iterations` kills; more (up to 3x) if load slowed the writers after
+        # the warm-up so that too few snapshots, or too few mid-snapshot kills, were seen.
+        for iteration in range(3 * iterations):
+            if iteration >= iterations and len(seen_latest) >= 10 and partial_seen >= 10:
+                break
+            rounds += 1
             pid = fork_writer(iteration, 1000)
             time.sleep(rng.uniform(0.1, 2.5) * pace)
             try:
@@ -547,7 +553,7 @@ def test_sigkill_at_random_moments_never_breaks_latest(s3_bucket: str, tmp_path:
         zygote.wait(timeout=10)
 
     stats = f"verified {verified}, killed mid-snapshot {partial_seen}, distinct LATEST {len(seen_latest)}"
-    assert verified == iterations, stats
+    assert verified == rounds >= iterations, stats
     assert len(seen_latest) >= 10, f"the writers should land many snapshots between kills: {stats}"
     assert partial_seen >= 10, f"kills should often land in the middle of a snapshot: {stats}"
 

@@ -119,14 +119,14 @@ class Sshd:
             )
         )
 
-    def start(self) -> None:
+    def start(self, keep_port: bool = False) -> None:
         if self.process is not None and self.process.poll() is None:
             return
         try:  # sshd insists on its privilege separation directory
             Path("/run/sshd").mkdir(parents=True, exist_ok=True)
         except OSError:
             pass  # not root: sshd says what is missing if it needs it
-        for _attempt in range(5):
+        for _attempt in range(25 if keep_port else 5):
             if not self.port:
                 self.port = _free_port()
             self._write_config()
@@ -150,10 +150,17 @@ class Sshd:
             output = self.log_path.read_bytes()[offset:].decode("utf-8", "replace")
             self.stop()
             if "Address already in use" in output:
-                self.port = 0
+                if keep_port:
+                    time.sleep(0.2)  # clients hold this port: wait for it rather than move
+                else:
+                    self.port = 0
                 continue
             raise RuntimeError(f"test sshd did not start: {output.strip()[-2000:]}")
-        raise RuntimeError("test sshd did not find a free port")
+        raise RuntimeError(
+            f"test sshd could not listen on port {self.port} again"
+            if keep_port
+            else "test sshd did not find a free port"
+        )
 
     def drop_connections(self) -> None:
         """Kill every connection's sshd process (the listener stays)."""
@@ -183,7 +190,7 @@ class Sshd:
     def restart(self) -> None:
         """Stop (dropping connections) and start again on the same port with the same host key."""
         self.stop()
-        self.start()
+        self.start(keep_port=True)
 
     def seed_agent_venv(self) -> None:
         """Create the agent's venv (~/.gpurun/venv) in this sshd's HOME, seeing this interpreter's packages.
