@@ -230,6 +230,8 @@ class SshSpec(_Section):
     port: int = Field(default=22, ge=1, le=65535)
     hosts: list[str] = Field(default_factory=list)
     identity_file: str | None = None
+    # False: a host key must be pinned (AWS console output) or in ~/.ssh/known_hosts.
+    trust_on_first_use: bool = True
 
     @field_validator("hosts")
     @classmethod

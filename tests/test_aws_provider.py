@@ -1047,3 +1047,14 @@ def test_timestamps_are_utc_iso(provider, tmp_path):
     launched = datetime.fromisoformat(machines[0]["launch_time"])
     assert launched.tzinfo is not None
     assert abs(datetime.now(timezone.utc) - launched) < timedelta(minutes=5)
+
+
+def test_without_trust_on_first_use_keys_that_never_reach_the_console_fail_the_launch(
+    provider, session, fake, tmp_path
+):
+    spec = make_spec(tmp_path)
+    spec.ssh.trust_on_first_use = False
+    with pytest.raises(GpurunError, match="did not appear in the console output") as raised:
+        launch(provider, spec)
+    assert "trust_on_first_use is false" in str(raised.value)
+    assert leftovers(session, fake) == [], "the launch rolled back everything it made"

@@ -122,3 +122,17 @@ def test_unknown_host_alias_is_one_line_and_leaves_nothing(ssh_experiment: Path,
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "nosuchhost.invalid" in errors[0] and "Traceback" not in done.stderr
     assert not list((gpurun_home / "runs").glob("*.json"))
+
+
+def test_an_unknown_host_is_refused_when_trust_on_first_use_is_off(
+    sshd, ssh_experiment: Path, ssh_client_home: Path
+) -> None:
+    (ssh_client_home / ".ssh" / "known_hosts").unlink()  # testbox's key is known nowhere now
+    strict = ssh_experiment.read_text().replace("{hosts: [testbox]}", "{hosts: [testbox], trust_on_first_use: false}")
+    ssh_experiment.write_text(strict)
+    refused = gpurun("launch", str(ssh_experiment), check=False)
+    assert refused.returncode != 0
+    assert "host key for" in refused.stderr and "is not known" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert not list((sshd.home / "gpurun").glob("box-*")), "nothing was started on the machine"
+    assert gpurun_json("status") == [], "the failed launch left no run behind"

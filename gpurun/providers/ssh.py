@@ -117,6 +117,7 @@ class SshProvider(Provider):
                 "key_path": target.identity_file,
                 "proxy_jump": target.proxy_jump,
                 "label": f"{target.alias}" if len(hosts) == 1 else f"{target.alias} (node {rank})",
+                "trust_on_first_use": spec.ssh.trust_on_first_use,
             }
             for rank, target in enumerate(hosts)
         ]
@@ -178,7 +179,7 @@ class SshProvider(Provider):
                     key_filename=machine.get("key_path"),
                     pinned_keys=machine.get("host_keys") or None,
                     known_hosts_file=str(tofu_known_hosts(run)),
-                    trust_on_first_use=True,
+                    trust_on_first_use=machine.get("trust_on_first_use", True),
                     proxy_jump=machine.get("proxy_jump"),
                     label=f"{machine.get('user')}@{machine.get('alias') or machine['host']}:{machine['port']}",
                     on_warning=on_warning,

@@ -336,12 +336,17 @@ class Launcher:
             )
         return machines
 
-    def pin_host_keys(self, machines: list[dict[str, Any]], *, timeout: float, interval: float) -> None:
+    def pin_host_keys(
+        self, machines: list[dict[str, Any]], *, timeout: float, interval: float, trust_on_first_use: bool = True
+    ) -> None:
         """Host keys from the console output where cloud-init prints them; else trust on first use.
 
         cloud-init prints the keys near the end of boot, often after sshd answers:
-        the console is read again every `interval` for at most `timeout`.
+        the console is read again every `interval` for at most `timeout`. Without
+        `trust_on_first_use`, a machine whose keys never appear fails the launch.
         """
+        for machine in machines:
+            machine["trust_on_first_use"] = trust_on_first_use
         legacy: set[str] = set()
 
         def fetch(machine: dict[str, Any]) -> list[str]:
@@ -378,6 +383,12 @@ class Launcher:
             self.sleep(interval)
         if waiting:
             unpinned = [machine["instance_id"] for machine in waiting]
+            if not trust_on_first_use:
+                raise GpurunError(
+                    f"host keys of {', '.join(unpinned[:4])}{' ...' if len(unpinned) > 4 else ''} did not appear in "
+                    f"the console output within {timeout:.0f}s, and ssh.trust_on_first_use is false; use an AMI "
+                    "whose cloud-init prints them, or allow trust on first use"
+                )
             self.say(
                 f"warning: host keys of {', '.join(unpinned[:4])}{' ...' if len(unpinned) > 4 else ''} are not in the "
                 f"console output yet: trusting the first key seen, stored for this run only"

@@ -130,7 +130,12 @@ class AwsProvider(Provider):
             machines = launcher.machines(described, key_path, type_name, zone)
             launcher.step = "waiting for SSH"
             self.wait_ssh(machines, prepared.ssh_cidr, say)
-            launcher.pin_host_keys(machines, timeout=self.host_key_timeout, interval=self.host_key_poll_interval)
+            launcher.pin_host_keys(
+                machines,
+                timeout=self.host_key_timeout,
+                interval=self.host_key_poll_interval,
+                trust_on_first_use=spec.ssh.trust_on_first_use,
+            )
         except BaseException as error:
             outcome = self._rollback(aws, record, on_change, say, launcher.step)
             raise launch_error(error, launcher.step, outcome.removed, outcome.failed) from error
@@ -198,7 +203,7 @@ class AwsProvider(Provider):
             pinned_keys=pinned,
             known_hosts_file=known_hosts,
             # Keys the console did not show: the first one seen is kept in the run's own file.
-            trust_on_first_use=pinned is None,
+            trust_on_first_use=pinned is None and machine.get("trust_on_first_use", True),
             # sshd may answer before cloud-init has installed the run's key.
             connect_retry_for=self.connect_retry_for,
             label=f"{user}@{host}:{port}",
