@@ -94,7 +94,7 @@ def status(run: str | None, store_url: str | None, json_mode: bool) -> None:
 
 def _status_table(ui, records: list[dict[str, Any]]) -> None:
     from gpurun.app.status import age
-    from gpurun.ui import human_bytes
+    from gpurun.sizes import human_bytes
 
     rows = []
     for record in records:
@@ -199,7 +199,7 @@ def checkpoint_sync(run, list_mode, download, seq, store_url, watch, to_url, eve
             ui.emit_json(found)
             return
         from gpurun.app.status import age
-        from gpurun.ui import human_bytes
+        from gpurun.sizes import human_bytes
 
         if not found:
             ui.say(f"run {run} has no snapshot yet")

@@ -10,11 +10,11 @@ from typing import Any
 
 from gpurun import jobs, runs
 from gpurun.app import common
+from gpurun.app.reporter import Reporter
 from gpurun.errors import BadInput, GpurunError
 from gpurun.providers import get_provider
 from gpurun.store import open_store
 from gpurun.store import snapshots as snaps
-from gpurun.ui import Ui
 
 SYNC_TIMEOUT = 900.0
 
@@ -39,7 +39,7 @@ def list_snapshots(run: str, *, store_url: str | None = None) -> list[dict[str, 
     return found
 
 
-def download(run: str, dest: Path, *, seq: int | None, ui: Ui, store_url: str | None = None) -> dict[str, Any]:
+def download(run: str, dest: Path, *, seq: int | None, ui: Reporter, store_url: str | None = None) -> dict[str, Any]:
     _record, store = _record_and_store(run, store_url)
     manifest = snaps.resolve_seq(store, run, seq)
     dest.mkdir(parents=True, exist_ok=True)
@@ -48,7 +48,7 @@ def download(run: str, dest: Path, *, seq: int | None, ui: Ui, store_url: str | 
     return {**info, "dir": str(dest), "verified": True}
 
 
-def sync_now(run: str, ui: Ui, *, timeout: float = SYNC_TIMEOUT) -> dict[str, Any]:
+def sync_now(run: str, ui: Reporter, *, timeout: float = SYNC_TIMEOUT) -> dict[str, Any]:
     """Ask the agent for a snapshot now and wait for it; runs a one-off sync when no agent is alive."""
     record = runs.load(run)
     if not record.get("machines"):

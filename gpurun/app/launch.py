@@ -15,14 +15,15 @@ from typing import Any
 
 from gpurun import jobs, paths, runs
 from gpurun.app import common
+from gpurun.app.reporter import Reporter
 from gpurun.durations import format_duration
 from gpurun.errors import BadInput, GpurunError, Interrupted, TransportError
 from gpurun.providers import get_provider
+from gpurun.sizes import human_bytes
 from gpurun.spec import NAME_PATTERN, Spec
 from gpurun.store import open_store
 from gpurun.store import snapshots as snaps
 from gpurun.sync.push import LARGE_SYNC_BYTES, scan, sync_tree
-from gpurun.ui import Ui, human_bytes
 
 
 def find_resume_source(spec: Spec, store_url: str, resume: str | None) -> dict[str, Any] | None:
@@ -69,7 +70,7 @@ def _choose_name(spec: Spec, name: str | None) -> str:
 
 def launch(
     spec: Spec,
-    ui: Ui,
+    ui: Reporter,
     *,
     name: str | None = None,
     resume: str | None = None,
@@ -180,7 +181,7 @@ def _owner() -> str:
         return "unknown"
 
 
-def _prepare_all(provider, record, files, source, ui: Ui, started: list) -> None:
+def _prepare_all(provider, record, files, source, ui: Reporter, started: list) -> None:
     machines = record["machines"]
     agents = {id(m) for m in common.agent_machines(record)}
     if len(machines) == 1:
@@ -195,7 +196,7 @@ def _prepare_all(provider, record, files, source, ui: Ui, started: list) -> None
             future.result()
 
 
-def _prepare(provider, record, machine, files, source, ui: Ui, started: list, with_agent: bool) -> None:
+def _prepare(provider, record, machine, files, source, ui: Reporter, started: list, with_agent: bool) -> None:
     spec = record["spec"]
     prefix = f"[node {machine['rank']}] " if len(record["machines"]) > 1 else ""
     transport = provider.connect(record, machine)
@@ -260,7 +261,7 @@ def _prepare(provider, record, machine, files, source, ui: Ui, started: list, wi
     )
 
 
-def _wait_for_setup(record: dict[str, Any], started: list, ui: Ui, poll: float = 0.5) -> None:
+def _wait_for_setup(record: dict[str, Any], started: list, ui: Reporter, poll: float = 0.5) -> None:
     """Wait until every node is past `setup`; one node failing fails the whole launch."""
     import time
 
@@ -294,7 +295,7 @@ def _sigint_deferred() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _rollback(provider, record, started, ui: Ui, on_change) -> bool:
+def _rollback(provider, record, started, ui: Reporter, on_change) -> bool:
     """Remove what the launch made; False (the record kept, state failed) when something is left."""
     removed: list[str] = []
     for transport, machine in started:

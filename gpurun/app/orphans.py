@@ -6,12 +6,12 @@ from collections.abc import Callable
 from typing import Any
 
 from gpurun import runs
+from gpurun.app.reporter import Reporter
 from gpurun.errors import BadInput
-from gpurun.ui import Ui
 
 
 def teardown_orphans(
-    ui: Ui,
+    ui: Reporter,
     *,
     yes: bool,
     confirm: Callable[[str], bool],

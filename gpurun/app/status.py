@@ -11,9 +11,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from gpurun import jobs, runs
+from gpurun.app.reporter import Reporter
 from gpurun.errors import BadInput, GpurunError
 from gpurun.providers import get_provider
-from gpurun.ui import Ui
 
 ACTIVE = ("launching", "running")
 
@@ -85,7 +85,7 @@ def reconcile(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def collect(run: str | None = None, *, ui: Ui | None = None, store_url: str | None = None) -> tuple[list[dict], list[str]]:
+def collect(run: str | None = None, *, ui: Reporter | None = None, store_url: str | None = None) -> tuple[list[dict], list[str]]:
     if run is not None:
         records, problems = [runs.load_here_or_from_store(run, store_url)], []
     else:

@@ -9,10 +9,10 @@ from typing import Any
 
 from gpurun import jobs, paths, runs
 from gpurun.app import common
+from gpurun.app.reporter import Reporter
 from gpurun.errors import BadInput, GpurunError, Interrupted
 from gpurun.providers import get_provider
 from gpurun.store import snapshots as snaps
-from gpurun.ui import Ui
 
 JOB_GRACE = 20.0
 AGENT_FINAL_SYNC_TIMEOUT = 600.0
@@ -38,7 +38,7 @@ def _adopt(record: dict[str, Any], store_url: str) -> dict[str, Any]:
 
 
 def teardown(
-    run: str, ui: Ui, *, final_sync: bool = True, keep_files: bool = False, store_url: str | None = None
+    run: str, ui: Reporter, *, final_sync: bool = True, keep_files: bool = False, store_url: str | None = None
 ) -> dict[str, Any]:
     with runs.locked(run):
         record = runs.load_here_or_from_store(run, store_url)
@@ -90,7 +90,7 @@ def teardown(
     return {"run": run, "removed": removed, "final_checkpoint": final_checkpoint}
 
 
-def _stop_machine(provider, record, machine, ui: Ui, final_sync: bool, keep_files: bool, removed: list[str]):
+def _stop_machine(provider, record, machine, ui: Reporter, final_sync: bool, keep_files: bool, removed: list[str]):
     run_dir = machine["run_dir"]
     local = record["provider"] == "local"
     try:
@@ -124,7 +124,7 @@ def _stop_machine(provider, record, machine, ui: Ui, final_sync: bool, keep_file
     return final
 
 
-def _store_latest_seq(record: dict[str, Any], ui: Ui) -> int | None:
+def _store_latest_seq(record: dict[str, Any], ui: Reporter) -> int | None:
     try:
         pointer = snaps.latest(common.open_run_store(record), record["run"])
     except GpurunError as error:
@@ -133,7 +133,7 @@ def _store_latest_seq(record: dict[str, Any], ui: Ui) -> int | None:
     return pointer["seq"] if pointer else None
 
 
-def _store_final_checkpoint(record: dict[str, Any], before: int | None, ui: Ui) -> dict[str, Any] | None:
+def _store_final_checkpoint(record: dict[str, Any], before: int | None, ui: Reporter) -> dict[str, Any] | None:
     """After the machines are gone: the newest snapshot in the store, and whether it is new."""
     try:
         pointer = snaps.latest(common.open_run_store(record), record["run"])
@@ -165,7 +165,7 @@ def _agent_seq(transport, run_dir: str, local: bool) -> int | None:
     return (state.get("agent") or {}).get("last_seq")
 
 
-def _final_sync(provider, record, machine, transport, ui: Ui, before: int | None) -> dict[str, Any] | None:
+def _final_sync(provider, record, machine, transport, ui: Reporter, before: int | None) -> dict[str, Any] | None:
     """The agent sees the job exit and takes the final snapshot; wait for it, or take it ourselves."""
     run_dir = machine["run_dir"]
     local = record["provider"] == "local"
