@@ -188,7 +188,7 @@ def checkpoint_sync(run, list_mode, download, seq, store_url, watch, to_url, eve
     if watch is not None:
         _agent_mode(run, watch, to_url, every, keep, run_dir, spot_notice, ui)
         return
-    _reject_dropped_options(store_url=store_url, list_mode=list_mode, download=download)
+    _reject_dropped_options(store_url=store_url, list_mode=list_mode, download=download, seq=seq)
     if not run:
         raise BadInput("checkpoint-sync needs a RUN (or --watch DIR --to URL for agent mode)")
     from gpurun.app import checkpoints
@@ -213,8 +213,6 @@ def checkpoint_sync(run, list_mode, download, seq, store_url, watch, to_url, eve
         else:
             ui.result(f"snapshot {info['seq']}: {info['files']} files, {info['bytes']} bytes, verified, in {info['dir']}")
         return
-    if seq is not None:
-        raise BadInput("--seq goes with --download")
     info = checkpoints.sync_now(run, ui)
     if json_mode:
         ui.emit_json(info)
@@ -224,7 +222,7 @@ def checkpoint_sync(run, list_mode, download, seq, store_url, watch, to_url, eve
         ui.result(f"snapshot {info['seq']}: unchanged since the last sync ({info['files']} files, {info['bytes']} bytes)")
 
 
-def _reject_dropped_options(*, store_url: str | None, list_mode: bool, download: Path | None) -> None:
+def _reject_dropped_options(*, store_url: str | None, list_mode: bool, download: Path | None, seq: int | None) -> None:
     """Options this checkpoint-sync mode would ignore are bad input, not silently dropped."""
     from click.core import ParameterSource
 
@@ -239,6 +237,8 @@ def _reject_dropped_options(*, store_url: str | None, list_mode: bool, download:
         raise BadInput(f"{', '.join(agent_only)} {verb} with --watch DIR (agent mode: --watch DIR --to URL)")
     if store_url is not None and not list_mode and download is None:
         raise BadInput("--store goes with --list or --download (to read a run launched elsewhere)")
+    if seq is not None and download is None:
+        raise BadInput("--seq goes with --download DIR (which snapshot to download)")
 
 
 def _agent_mode(run, watch, to_url, every, keep, run_dir, spot_notice, ui) -> None:
