@@ -982,19 +982,22 @@ def test_connect_builds_an_ssh_transport_with_the_run_key(provider, tmp_path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    from gpurun.app.connections import AWS_CONNECT_RETRY_FOR, open_transport
+
     record, machines, _ = launch(provider, make_spec(tmp_path))
     machine = machines[0]
-    transport = provider.connect(record, machine)  # nothing is dialled until the first command
+    transport = open_transport(record, machine)  # nothing is dialled until the first command
     assert (transport.host, transport.port, transport.user) == (machine["host"], 22, "ubuntu")
     assert transport.key_filenames == [machine["key_path"]]
     assert transport.known_hosts_file == str(key_dir() / "known_hosts")
     assert transport.pinned_keys == [] and transport.trust_on_first_use is True
     assert transport.label == f"ubuntu@{machine['host']}:22"
+    assert transport.connect_retry_for == AWS_CONNECT_RETRY_FOR == 120.0  # sshd may answer before the key is in
 
     public = Ed25519PrivateKey.generate().public_key()
     line = public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
     machine["host_keys"] = [line]
-    pinned = provider.connect(record, machine)
+    pinned = open_transport(record, machine)
     assert pinned.pinned_keys == [line] and pinned.trust_on_first_use is False
     assert provider.machine_env(record, machine) == {"AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
 

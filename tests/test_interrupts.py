@@ -434,6 +434,7 @@ class _InterruptingTransport(LocalTransport):
 @pytest.fixture
 def aws_launch(session, recorder, monkeypatch, tmp_path):
     """The whole `launch` workflow on moto, the machine being this computer (HOME moved)."""
+    from gpurun.app import connections
     from gpurun.app import launch as launch_module
     from gpurun.ui import Ui
 
@@ -442,7 +443,7 @@ def aws_launch(session, recorder, monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(machine_home))
     session.client("s3").create_bucket(Bucket=STORE[len("s3://") :].split("/")[0])
     provider = make_provider(recorder)
-    provider.connect = lambda record, machine: _InterruptingTransport()
+    monkeypatch.setattr(connections, "open_transport", lambda record, machine, **_: _InterruptingTransport())
     monkeypatch.setattr(launch_module, "get_provider", lambda name: provider)
     code = tmp_path / "code"
     code.mkdir()

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from gpurun.app import connections
 from gpurun.providers.aws import AwsProvider
 from gpurun.spec import load_spec
 from gpurun.transport.local import LocalTransport
@@ -265,14 +266,18 @@ def test_the_cli_prints_and_writes_no_secret(world, recorder, monkeypatch, tmp_p
         for name in ("wait_ssh", "poll_interval", "iam_propagation_timeout", "host_key_timeout", "sleep", "teardown_timing"):
             setattr(self, name, getattr(configured, name))
         self.event_handlers.extend(recorder.handlers())
-        self.connect = lambda record, machine: LocalTransport()
-        # The agent talks to a closed port: this computer has no moto for it to reach.
-        self.agent_python = lambda record, machine, transport, say: (
-            f"env AWS_ENDPOINT_URL=http://127.0.0.1:9 AWS_EC2_METADATA_SERVICE_ENDPOINT=http://127.0.0.1:9 "
-            f"{shlex.quote(sys.executable)}"
-        )
 
     monkeypatch.setattr(AwsProvider, "__init__", patched_init)
+    monkeypatch.setattr(connections, "open_transport", lambda record, machine, **_: LocalTransport())
+    # The agent talks to a closed port: this computer has no moto for it to reach.
+    monkeypatch.setattr(
+        connections,
+        "agent_python",
+        lambda record, transport, say: (
+            f"env AWS_ENDPOINT_URL=http://127.0.0.1:9 AWS_EC2_METADATA_SERVICE_ENDPOINT=http://127.0.0.1:9 "
+            f"{shlex.quote(sys.executable)}"
+        ),
+    )
     experiment = next(p for p in AWS_EXPERIMENTS if "spot" in p.stem)
     code, out, err = _cli(
         capsys, "launch", str(experiment), "--json", "--set", "setup=null", "--set", "run=sleep 60", "--set", "aws.nodes=1"

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from gpurun.errors import BadInput, TransportError
+from gpurun.ssh_config import parse_destination, resolve
 from gpurun.transport.base import CommandResult, Transport
 from gpurun.transport.ssh import SshTransport, parse_key_line
-from gpurun.transport.ssh_config import parse_destination, resolve
 from tests.helpers import wait_until
 
 
@@ -331,7 +331,7 @@ class CountingTransport(Transport):
 
 
 def test_ensure_agent_ships_once_and_is_reused(private_sshd) -> None:
-    from gpurun.agent.install import agent_bundle, ensure_agent
+    from gpurun.app.agent_install import agent_bundle, ensure_agent
 
     said: list[str] = []
     with connect(private_sshd) as ssh:
@@ -383,7 +383,7 @@ def _fake_boto3_wheel(directory: Path) -> None:
 def test_ensure_agent_installs_boto3_into_its_venv_only_when_needed(
     private_sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gpurun.agent.install import ensure_agent
+    from gpurun.app.agent_install import ensure_agent
 
     wheels = tmp_path / "wheels"
     _fake_boto3_wheel(wheels)
@@ -401,7 +401,7 @@ def test_ensure_agent_installs_boto3_into_its_venv_only_when_needed(
 
 
 def test_seeded_agent_venv_finds_boto3_without_pip(private_sshd) -> None:
-    from gpurun.agent.install import ensure_agent
+    from gpurun.app.agent_install import ensure_agent
 
     private_sshd.seed_agent_venv()
     said: list[str] = []
@@ -413,7 +413,7 @@ def test_seeded_agent_venv_finds_boto3_without_pip(private_sshd) -> None:
 
 
 def test_ensure_agent_names_python3_venv_when_venv_is_missing(private_sshd) -> None:
-    from gpurun.agent.install import ensure_agent
+    from gpurun.app.agent_install import ensure_agent
 
     fake = private_sshd.directory / "fakebin"
     fake.mkdir()
@@ -448,6 +448,7 @@ def _ssh_spec(tmp_path: Path, hosts: list[str], **ssh):
 
 
 def test_ssh_provider_acquires_hosts_through_ssh_config(sshd, tmp_path: Path, client_home: Path, gpurun_home) -> None:
+    from gpurun.app.connections import Connections
     from gpurun.providers.ssh import SshProvider, tofu_known_hosts
 
     (client_home / ".ssh" / "config").write_text(
@@ -460,7 +461,8 @@ def test_ssh_provider_acquires_hosts_through_ssh_config(sshd, tmp_path: Path, cl
     assert f"{sshd.user}@127.0.0.1:{sshd.port} (alias testbox)" == rows["node 0"] == rows["node 1"]
 
     said: list[str] = []
-    machines = provider.acquire(spec, record, lambda r: None, said.append)
+    conns = Connections()
+    machines = provider.acquire(spec, record, lambda r: None, said.append, connect=conns.connect)
     assert [m["rank"] for m in machines] == [0, 1]
     first = machines[0]
     assert (first["host"], first["port"], first["user"], first["key_path"]) == (
@@ -476,18 +478,21 @@ def test_ssh_provider_acquires_hosts_through_ssh_config(sshd, tmp_path: Path, cl
     assert tofu_known_hosts(record["run"]).read_text().startswith(f"[127.0.0.1]:{sshd.port} ssh-ed25519 ")
 
     record["machines"] = machines
-    transport = provider.connect(record, machines[1])
+    transport = conns.connect(record, machines[1])  # the connection acquire opened, kept per (run, rank)
     assert transport.run("echo ok").text == "ok\n"
     assert provider.release(record, lambda r: None, said.append) == []
+    conns.close(record["run"])
     assert not transport.connected
 
 
 def test_ssh_provider_reports_an_unreachable_host_in_one_line(sshd, tmp_path: Path) -> None:
+    from gpurun.app.connections import Connections
     from gpurun.providers.ssh import SshProvider
 
     spec = _ssh_spec(tmp_path, [f"127.0.0.1:{free_port()}"], identity_file=sshd.key_path)
+    record = {"run": "box-x", "provider": "ssh", "store": "file:///s"}
     with pytest.raises(TransportError) as excinfo:
-        SshProvider().acquire(spec, {"run": "box-x", "store": "file:///s"}, lambda r: None, lambda line: None)
+        SshProvider().acquire(spec, record, lambda r: None, lambda line: None, connect=Connections().connect)
     assert "connection refused" in one_line_error(excinfo)
     with pytest.raises(BadInput, match="identity_file"):
         SshProvider().plan(_ssh_spec(tmp_path, ["h"], identity_file=str(tmp_path / "nope")), "box-x")

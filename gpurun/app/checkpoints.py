@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from gpurun import jobs, runs
-from gpurun.app import common
+from gpurun.app import common, connections
 from gpurun.app.reporter import Reporter
 from gpurun.errors import BadInput, GpurunError
-from gpurun.providers import get_provider
 from gpurun.store import open_store
 from gpurun.store import snapshots as snaps
 
@@ -56,8 +55,8 @@ def sync_now(run: str, ui: Reporter, *, timeout: float = SYNC_TIMEOUT) -> dict[s
     if record["state"] == "ended":
         raise BadInput(f"run {run} has ended; `gpurun checkpoint-sync {run} --list` shows its snapshots")
     machine = common.agent_machines(record)[0]
-    provider = get_provider(record["provider"])
-    with provider.connect(record, machine) as transport:
+    conns = connections.Connections()
+    with conns.connect(record, machine) as transport:
         state = jobs.read_state(transport, machine["run_dir"])
         before = (state.get("agent") or {}).get("last_seq")
         if state["agent_alive"]:
@@ -78,7 +77,7 @@ def sync_now(run: str, ui: Reporter, *, timeout: float = SYNC_TIMEOUT) -> dict[s
                     raise GpurunError(f"the agent of {run} did not answer in {timeout:.0f}s; see its agent.log")
             agent = state.get("agent") or {}
         else:
-            python = provider.agent_python(record, machine, transport, ui.say)
+            python = connections.agent_python(record, transport, ui.say)
             with ui.spinner(f"taking a snapshot of {run} (its agent is not running)"):
                 transport.run(common.agent_command(python, common.agent_arguments(record, machine, once=True)))
             agent = jobs.read_state(transport, machine["run_dir"]).get("agent") or {}

@@ -27,10 +27,10 @@ from gpurun.errors import BadInput, GpurunError
 if TYPE_CHECKING:
     from gpurun.providers.aws.session import Aws
     from gpurun.spec import Spec
-    from gpurun.transport.ssh_config import SshTarget
+    from gpurun.ssh_config import SshTarget
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
-MIN_PYTHON = (3, 10)  # the checkpoint agent's floor on a machine (gpurun.agent.install.MIN_PYTHON)
+MIN_PYTHON = (3, 10)  # the checkpoint agent's floor on a machine (gpurun.app.agent_install.MIN_PYTHON)
 
 # What an SSH host must offer: python3 (3.10+, with venv) for the agent, tar for the code, nvidia-smi for GPUs.
 _HOST_PROBE = r"""

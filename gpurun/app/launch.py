@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gpurun import jobs, paths, runs
-from gpurun.app import common
+from gpurun.app import common, connections
 from gpurun.app.reporter import Reporter
 from gpurun.durations import format_duration
 from gpurun.errors import BadInput, GpurunError, Interrupted, TransportError
@@ -78,6 +78,7 @@ def launch(
     create_bucket: bool = False,
 ) -> dict[str, Any]:
     provider = get_provider(spec.provider)
+    conns = connections.Connections()
     store_url = common.store_url_for(spec)
     run = _choose_name(spec, name)
     files = scan(spec.workdir_path, [*spec.sync.exclude, f"/{spec.checkpoint.dir.strip('/')}/"])
@@ -141,11 +142,11 @@ def launch(
         runs.save(record)
     try:
         ui.say(f"launching {run} on {spec.provider}")
-        machines = provider.acquire(spec, record, on_change, ui.say)
+        machines = provider.acquire(spec, record, on_change, ui.say, connect=conns.connect)
         record["machines"] = machines
         on_change(record)
         step = "preparing machines"
-        _prepare_all(provider, record, files, source, ui, started)
+        _prepare_all(provider, conns, record, files, source, ui, started)
         if spec.setup:
             step = "running setup"
             _wait_for_setup(record, started, ui)
@@ -158,7 +159,7 @@ def launch(
             write_ssh_config(record)
     except BaseException as error:
         with _sigint_deferred():  # a second Ctrl-C must not cut the rollback short: that leaks
-            complete = _rollback(provider, record, started, ui, on_change)
+            complete = _rollback(provider, conns, record, started, ui, on_change)
         outcome = (
             "everything it created was removed"
             if complete
@@ -181,25 +182,25 @@ def _owner() -> str:
         return "unknown"
 
 
-def _prepare_all(provider, record, files, source, ui: Reporter, started: list) -> None:
+def _prepare_all(provider, conns, record, files, source, ui: Reporter, started: list) -> None:
     machines = record["machines"]
     agents = {id(m) for m in common.agent_machines(record)}
     if len(machines) == 1:
-        _prepare(provider, record, machines[0], files, source, ui, started, id(machines[0]) in agents)
+        _prepare(provider, conns, record, machines[0], files, source, ui, started, id(machines[0]) in agents)
         return
     with ThreadPoolExecutor(max_workers=min(16, len(machines))) as pool:
         futures = [
-            pool.submit(_prepare, provider, record, machine, files, source, ui, started, id(machine) in agents)
+            pool.submit(_prepare, provider, conns, record, machine, files, source, ui, started, id(machine) in agents)
             for machine in machines
         ]
         for future in futures:
             future.result()
 
 
-def _prepare(provider, record, machine, files, source, ui: Reporter, started: list, with_agent: bool) -> None:
+def _prepare(provider, conns, record, machine, files, source, ui: Reporter, started: list, with_agent: bool) -> None:
     spec = record["spec"]
     prefix = f"[node {machine['rank']}] " if len(record["machines"]) > 1 else ""
-    transport = provider.connect(record, machine)
+    transport = conns.connect(record, machine)
     started.append((transport, machine))
     if record["provider"] == "aws":
         # The login's real home, whatever the AMI's user layout is.
@@ -235,7 +236,7 @@ def _prepare(provider, record, machine, files, source, ui: Reporter, started: li
     ui.say(f"{prefix}synced {result.files_sent} files ({human_bytes(result.bytes_sent)}) to {transport.label}")
     python = None
     if with_agent or source:
-        python = provider.agent_python(record, machine, transport, ui.say)
+        python = connections.agent_python(record, transport, ui.say)
     resume_from = None
     if source:
         # Every node gets the snapshot it needs: rank 0's, or its own with checkpoint.nodes=all.
@@ -295,7 +296,7 @@ def _sigint_deferred() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _rollback(provider, record, started, ui: Reporter, on_change) -> bool:
+def _rollback(provider, conns, record, started, ui: Reporter, on_change) -> bool:
     """Remove what the launch made; False (the record kept, state failed) when something is left."""
     removed: list[str] = []
     for transport, machine in started:
@@ -309,6 +310,7 @@ def _rollback(provider, record, started, ui: Reporter, on_change) -> bool:
             ui.warn(f"could not clean {machine.get('run_dir')} on {transport.label}: {error}")
     try:
         removed += provider.release(record, on_change, ui.say)
+        conns.close(record["run"])
     except BaseException as error:
         ui.error(
             f"rollback of {record['run']} is incomplete: {error}. Run `gpurun teardown {record['run']}` to finish it"

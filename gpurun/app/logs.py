@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from gpurun import jobs, runs
+from gpurun.app import connections
 from gpurun.errors import BadInput, GpurunError, TransportError
-from gpurun.providers import get_provider
 
 q = shlex.quote
 
@@ -102,14 +102,14 @@ def _show_node(
     if rank >= len(machines):
         raise BadInput(f"--node {rank}: run {run} has nodes 0..{len(machines) - 1}")
     machine = machines[rank]
-    provider = get_provider(record["provider"])
+    conns = connections.Connections()
     write = write or _stdout
     offset: int | None = None
     failures = 0
     while True:
         reader = _OffsetReader(write)
         try:
-            with provider.connect(record, machine) as transport:
+            with conns.connect(record, machine) as transport:
                 transport.stream(_follow_command(machine["run_dir"], offset, tail, follow), reader.feed)
                 if reader.offset is not None:
                     offset = reader.offset + reader.received

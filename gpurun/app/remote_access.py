@@ -208,7 +208,7 @@ def remove_ssh_config(run: str) -> bool:
 
 
 def user_ssh_config() -> Path:
-    from gpurun.transport.ssh_config import config_path
+    from gpurun.ssh_config import config_path
 
     return config_path()
 

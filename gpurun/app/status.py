@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from gpurun import jobs, runs
+from gpurun.app import connections
 from gpurun.app.reporter import Reporter
 from gpurun.errors import BadInput, GpurunError
 from gpurun.providers import get_provider
@@ -52,7 +53,7 @@ def reconcile(record: dict[str, Any]) -> dict[str, Any]:
     if record["state"] not in ACTIVE or not record.get("machines"):
         return record
     before = json.dumps(record, sort_keys=True)
-    provider = None
+    conns = connections.Connections()
     for machine in record["machines"]:
         if machine.get("state") in ("terminated", "gone", "shutting-down"):
             continue
@@ -60,8 +61,7 @@ def reconcile(record: dict[str, Any]) -> dict[str, Any]:
             if record["provider"] == "local":
                 state = jobs.read_state_here(machine["run_dir"])
             else:
-                provider = provider or get_provider(record["provider"])
-                with provider.connect(record, machine) as transport:
+                with conns.connect(record, machine) as transport:
                     state = jobs.read_state(transport, machine["run_dir"])
             machine.pop("unreachable", None)
         except GpurunError as error:

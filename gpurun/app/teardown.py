@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from gpurun import jobs, paths, runs
-from gpurun.app import common
+from gpurun.app import common, connections
 from gpurun.app.reporter import Reporter
 from gpurun.errors import BadInput, GpurunError, Interrupted
 from gpurun.providers import get_provider
@@ -45,6 +45,7 @@ def teardown(
         if record.get("source") == "store":
             record = _adopt(record, store_url or "")
     provider = get_provider(record["provider"])
+    conns = connections.Connections()
     removed: list[str] = []
     final_checkpoint = None
     gone_states = ("terminated", "gone", "shutting-down")
@@ -60,8 +61,9 @@ def teardown(
         for machine in record.get("machines", []):
             if adopted or machine.get("state") in gone_states or machine.get("cleaned"):
                 continue
-            final_checkpoint = _stop_machine(provider, record, machine, ui, final_sync, keep_files, removed) or final_checkpoint
+            final_checkpoint = _stop_machine(conns, record, machine, ui, final_sync, keep_files, removed) or final_checkpoint
         removed += provider.release(record, _save_progress, ui.say)
+        conns.close(run)
         if adopted:
             final_checkpoint = _store_final_checkpoint(record, store_seq_before, ui)
     except KeyboardInterrupt:
@@ -90,11 +92,11 @@ def teardown(
     return {"run": run, "removed": removed, "final_checkpoint": final_checkpoint}
 
 
-def _stop_machine(provider, record, machine, ui: Reporter, final_sync: bool, keep_files: bool, removed: list[str]):
+def _stop_machine(conns, record, machine, ui: Reporter, final_sync: bool, keep_files: bool, removed: list[str]):
     run_dir = machine["run_dir"]
     local = record["provider"] == "local"
     try:
-        transport = provider.connect(record, machine)
+        transport = conns.connect(record, machine)
     except GpurunError as error:
         ui.warn(f"node {machine.get('rank', 0)} is unreachable ({error}); releasing it without a final sync")
         return None
@@ -114,7 +116,7 @@ def _stop_machine(provider, record, machine, ui: Reporter, final_sync: bool, kee
                 record["exit_code"] = state["exit_code"]
             record["job"] = {"phase": state["phase"], "alive": False}
         if final_sync and machine in common.agent_machines(record):
-            final = _final_sync(provider, record, machine, transport, ui, before)
+            final = _final_sync(record, machine, transport, ui, before)
         jobs.stop(transport, run_dir, "agent", grace=10, here=local)
         if not keep_files and not local:
             transport.run(f"rm -rf {shlex.quote(run_dir)}", timeout=120)
@@ -165,7 +167,7 @@ def _agent_seq(transport, run_dir: str, local: bool) -> int | None:
     return (state.get("agent") or {}).get("last_seq")
 
 
-def _final_sync(provider, record, machine, transport, ui: Reporter, before: int | None) -> dict[str, Any] | None:
+def _final_sync(record, machine, transport, ui: Reporter, before: int | None) -> dict[str, Any] | None:
     """The agent sees the job exit and takes the final snapshot; wait for it, or take it ourselves."""
     run_dir = machine["run_dir"]
     local = record["provider"] == "local"
@@ -178,7 +180,7 @@ def _final_sync(provider, record, machine, transport, ui: Reporter, before: int 
             time.sleep(0.3)
         agent = state.get("agent") or {}
         if state["agent_alive"] or agent.get("state") != "stopped" or agent.get("last_error"):
-            python = provider.agent_python(record, machine, transport, ui.say)
+            python = connections.agent_python(record, transport, ui.say)
             jobs.signal_group(transport, run_dir, "agent", "KILL")
             transport.run(common.agent_command(python, common.agent_arguments(record, machine, once=True)))
             state = jobs.read_state_here(run_dir) if local else jobs.read_state(transport, run_dir)

@@ -3,21 +3,39 @@
 A provider records each resource in the run record the moment it exists
 (`record["resources"]`, saved through `on_change`), so that a failed or
 interrupted launch, or a teardown from another process, can find and remove it.
+
+Providers import no transport: the app opens transports from the machine dicts
+(`gpurun.app.connections`), and hands `acquire` a `Connect` for a provider that
+must look at its machines while acquiring them.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from gpurun.spec import Spec
-    from gpurun.transport.base import Transport
 
 Record = dict[str, Any]
 OnChange = Callable[[Record], None]
 Say = Callable[[str], None]
+
+
+class Shell(Protocol):
+    """What a provider may do on a machine while acquiring it (the app's transport satisfies it)."""
+
+    label: str
+
+    @property
+    def server_key_line(self) -> str | None: ...
+
+    def check(self, command: str, *, what: str, timeout: float | None = None) -> str: ...
+
+
+#: connect(record, machine, say): a shell on one machine of the run; `say` hears its warnings.
+Connect = Callable[[Record, dict[str, Any], Say], Shell]
 
 
 class Provider(ABC):
@@ -31,20 +49,17 @@ class Provider(ABC):
         """
 
     @abstractmethod
-    def acquire(self, spec: Spec, record: Record, on_change: OnChange, say: Say) -> list[dict[str, Any]]:
+    def acquire(
+        self, spec: Spec, record: Record, on_change: OnChange, say: Say, *, connect: Connect | None = None
+    ) -> list[dict[str, Any]]:
         """Create or reach the machines; returns one dict per node, rank order.
 
         Each machine dict holds at least `rank`, `host` and, once connected,
-        `run_dir` (absolute path of the run directory on that machine).
+        `run_dir` (absolute path of the run directory on that machine), plus
+        what the app needs to connect to it (port, user, key_path, host_keys, ...).
+        `connect` opens a shell on a machine, for a provider that looks at its
+        machines while acquiring them.
         """
-
-    @abstractmethod
-    def connect(self, record: Record, machine: dict[str, Any]) -> Transport:
-        """A transport to one machine of the run."""
-
-    @abstractmethod
-    def agent_python(self, record: Record, machine: dict[str, Any], transport: Transport, say: Say) -> str:
-        """A Python on the machine that can run `python -m gpurun` (shipping gpurun if needed)."""
 
     def refresh(self, records: list[Record]) -> None:
         """Update machine states in place from the provider (cheap; may be a no-op)."""

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import shlex
 import socket
-import sys
 from typing import Any
 
 from gpurun import paths
-from gpurun.providers.base import OnChange, Provider, Record, Say
-from gpurun.transport.base import Transport
-from gpurun.transport.local import LocalTransport
+from gpurun.providers.base import Connect, OnChange, Provider, Record, Say
 
 
 class LocalProvider(Provider):
@@ -22,16 +18,12 @@ class LocalProvider(Provider):
             ("run directory", str(paths.local_runs_dir() / run)),
         ]
 
-    def acquire(self, spec, record: Record, on_change: OnChange, say: Say) -> list[dict[str, Any]]:
+    def acquire(
+        self, spec, record: Record, on_change: OnChange, say: Say, *, connect: Connect | None = None
+    ) -> list[dict[str, Any]]:
         run_dir = paths.local_runs_dir() / record["run"]
         run_dir.mkdir(parents=True, exist_ok=True)
         return [{"rank": 0, "host": "localhost", "private_ip": "127.0.0.1", "run_dir": str(run_dir), "state": "running"}]
-
-    def connect(self, record: Record, machine: dict[str, Any]) -> Transport:
-        return LocalTransport()
-
-    def agent_python(self, record: Record, machine: dict[str, Any], transport: Transport, say: Say) -> str:
-        return shlex.quote(sys.executable)
 
     def release(self, record: Record, on_change: OnChange, say: Say) -> list[str]:
         return []

@@ -5,27 +5,25 @@ directory and the job are the app's to stop and remove. Hosts resolve through
 ~/.ssh/config. Host keys come from the user's known_hosts; a host not in it is
 trusted on first use with a warning, its key stored for this run only
 (`<state>/known_hosts/<run>`), and the key seen at launch is pinned in the run
-record for every later connection.
+record for every later connection. `acquire` looks at each host through the
+`connect` the app hands it.
 """
 
 from __future__ import annotations
 
 import getpass
 import os
-import threading
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpurun import paths
 from gpurun.errors import BadInput, GpurunError, TransportError
-from gpurun.providers.base import OnChange, Provider, Record, Say
+from gpurun.providers.base import Connect, OnChange, Provider, Record, Say
 
 if TYPE_CHECKING:
     from gpurun.spec import Spec
-    from gpurun.transport.base import Transport
-    from gpurun.transport.ssh import SshTransport
-    from gpurun.transport.ssh_config import SshTarget
+    from gpurun.ssh_config import SshTarget
 
 _PROBE = r"""
 printf 'home=%s\n' "$HOME"
@@ -44,7 +42,7 @@ def tofu_known_hosts(run: str) -> Path:
 
 def targets(spec: Spec) -> list[SshTarget]:
     """`ssh.hosts` resolved through the SSH config; the spec's user/port/identity_file win."""
-    from gpurun.transport.ssh_config import resolve
+    from gpurun.ssh_config import resolve
 
     ssh = spec.ssh
     port = ssh.port if ("port" in ssh.model_fields_set or ssh.port != 22) else None
@@ -80,10 +78,6 @@ def _destination(machine: dict[str, Any]) -> tuple[str, int, str]:
 class SshProvider(Provider):
     name = "ssh"
 
-    def __init__(self) -> None:
-        self._transports: dict[tuple[str, int], SshTransport] = {}
-        self._lock = threading.Lock()
-
     def plan(self, spec: Spec, run: str) -> list[tuple[str, str]]:
         hosts = targets(spec)
         rows = [("provider", "ssh: your own machines; nothing is rented or created")]
@@ -104,7 +98,11 @@ class SshProvider(Provider):
         )
         return rows
 
-    def acquire(self, spec: Spec, record: Record, on_change: OnChange, say: Say) -> list[dict[str, Any]]:
+    def acquire(
+        self, spec: Spec, record: Record, on_change: OnChange, say: Say, *, connect: Connect | None = None
+    ) -> list[dict[str, Any]]:
+        if connect is None:
+            raise TypeError("SshProvider.acquire needs connect: it looks at each host while acquiring it")
         run = record["run"]
         hosts = targets(spec)
         machines = [
@@ -125,7 +123,7 @@ class SshProvider(Provider):
         destinations = [_destination(machine) for machine in machines]
 
         def reach(machine: dict[str, Any]) -> dict[str, Any]:
-            transport = self._transport(run, machine, on_warning=say)
+            transport = connect(record, machine, say)
             values: dict[str, list[str]] = {}
             for line in transport.check(_PROBE, what="checking the machine", timeout=60).splitlines():
                 key, sep, value = line.partition("=")
@@ -165,44 +163,8 @@ class SshProvider(Provider):
             raise first
         return machines
 
-    def _transport(self, run: str, machine: dict[str, Any], *, on_warning=None) -> SshTransport:
-        from gpurun.transport.ssh import SshTransport
-
-        key = (run, int(machine.get("rank", 0)))
-        with self._lock:
-            transport = self._transports.get(key)
-            if transport is None or transport.host != machine["host"] or transport.port != int(machine["port"]):
-                transport = SshTransport(
-                    machine["host"],
-                    port=int(machine["port"]),
-                    user=machine.get("user"),
-                    key_filename=machine.get("key_path"),
-                    pinned_keys=machine.get("host_keys") or None,
-                    known_hosts_file=str(tofu_known_hosts(run)),
-                    trust_on_first_use=machine.get("trust_on_first_use", True),
-                    proxy_jump=machine.get("proxy_jump"),
-                    label=f"{machine.get('user')}@{machine.get('alias') or machine['host']}:{machine['port']}",
-                    on_warning=on_warning,
-                )
-                self._transports[key] = transport
-            return transport
-
-    def connect(self, record: Record, machine: dict[str, Any]) -> Transport:
-        return self._transport(record["run"], machine)
-
-    def agent_python(self, record: Record, machine: dict[str, Any], transport: Transport, say: Say) -> str:
-        from gpurun.agent.install import ensure_agent
-
-        store = str(record.get("store") or "")
-        return ensure_agent(transport, say, need_s3=store.startswith("s3://"))
-
     def release(self, record: Record, on_change: OnChange, say: Say) -> list[str]:
-        run = record["run"]
-        with self._lock:
-            mine = [key for key in self._transports if key[0] == run]
-            for key in mine:
-                self._transports.pop(key).close()
-        return []
+        return []  # nothing was created; the app closes its connections
 
     def machine_env(self, record: Record, machine: dict[str, Any]) -> dict[str, str]:
         return {}

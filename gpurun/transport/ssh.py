@@ -298,7 +298,7 @@ class SshTransport(Transport):
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
         except socket.gaierror:
-            from gpurun.transport.ssh_config import config_path
+            from gpurun.ssh_config import config_path
 
             raise TransportError(
                 f"cannot resolve host {self.host!r} (for {self.label}): it is neither a DNS name nor an "
@@ -516,7 +516,7 @@ def _fast_transport(sock, **kwargs) -> paramiko.Transport:
 
 def _jump_transport(target: SshTransport) -> SshTransport:
     """The transport to the last hop of `target.proxy_jump` (earlier hops chain through it)."""
-    from gpurun.transport.ssh_config import resolve
+    from gpurun.ssh_config import resolve
 
     hops = [hop.strip() for hop in (target.proxy_jump or "").split(",") if hop.strip()]
     hop = resolve(hops[-1])

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import botocore.exceptions
 
-from gpurun import paths
 from gpurun.durations import format_duration
 from gpurun.errors import GpurunError
 from gpurun.providers.aws import requests
@@ -35,11 +34,10 @@ from gpurun.providers.aws.teardown import (
     remove_run,
 )
 from gpurun.providers.aws.teardown import find_orphans as _find_orphans
-from gpurun.providers.base import OnChange, Provider, Record, Say
+from gpurun.providers.base import Connect, OnChange, Provider, Record, Say
 
 if TYPE_CHECKING:
     from gpurun.spec import Spec
-    from gpurun.transport.base import Transport
 
 #: (machines, ssh_cidr, say) -> None; raises when SSH does not answer in time.
 WaitSsh = Callable[[list[dict[str, Any]], str, Say], None]
@@ -58,7 +56,6 @@ class AwsProvider(Provider):
         self.running_timeout = 600.0
         self.ssh_timeout = 300.0
         self.ssh_poll_interval = 3.0
-        self.connect_retry_for = 120.0
         #: How long to keep reading console output for host keys before trusting on first use.
         self.host_key_timeout = 90.0
         self.host_key_poll_interval = 5.0
@@ -94,7 +91,9 @@ class AwsProvider(Provider):
 
     # -- acquire ---------------------------------------------------------------------------------
 
-    def acquire(self, spec: Spec, record: Record, on_change: OnChange, say: Say) -> list[dict[str, Any]]:
+    def acquire(
+        self, spec: Spec, record: Record, on_change: OnChange, say: Say, *, connect: Connect | None = None
+    ) -> list[dict[str, Any]]:
         run = record["run"]
         prepared = self._prepare(spec, run)  # every BadInput is raised here, before anything exists
         aws = prepared.aws
@@ -186,33 +185,6 @@ class AwsProvider(Provider):
             )
 
     # -- using the machines ------------------------------------------------------------------------
-
-    def connect(self, record: Record, machine: dict[str, Any]) -> Transport:
-        from gpurun.transport.ssh import SshTransport
-
-        host = machine["host"]
-        port = int(machine.get("port") or 22)
-        user = machine.get("user") or "ubuntu"
-        known_hosts = machine.get("known_hosts") or str(paths.keys_dir() / record["run"] / "known_hosts")
-        pinned = machine.get("host_keys") or None
-        return SshTransport(
-            host,
-            port=port,
-            user=user,
-            key_filename=machine.get("key_path"),
-            pinned_keys=pinned,
-            known_hosts_file=known_hosts,
-            # Keys the console did not show: the first one seen is kept in the run's own file.
-            trust_on_first_use=pinned is None and machine.get("trust_on_first_use", True),
-            # sshd may answer before cloud-init has installed the run's key.
-            connect_retry_for=self.connect_retry_for,
-            label=f"{user}@{host}:{port}",
-        )
-
-    def agent_python(self, record: Record, machine: dict[str, Any], transport: Transport, say: Say) -> str:
-        from gpurun.agent.install import ensure_agent
-
-        return ensure_agent(transport, say, need_s3=True)
 
     def machine_env(self, record: Record, machine: dict[str, Any]) -> dict[str, str]:
         region, _ = _location(record)

@@ -10,6 +10,9 @@ The user's Python environment is never touched. The package goes over as one
 gzip'd tar stream; a second call with the same content finds the wrapper and
 the venv with one quick command and sends nothing. Concurrent installs on one
 machine (several nodes on one host) are serialized with flock.
+
+This runs on the laptop, over a transport, so it belongs to the app layer;
+the agent itself (`gpurun.agent`) imports only the store.
 """
 
 from __future__ import annotations
