@@ -1,0 +1,34 @@
+"""The code keeps the design's layers: scripts/check_layers.py reads every import under gpurun/."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_import_follows_the_layer_table() -> None:
+    checked = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "check_layers.py"), str(ROOT / "gpurun")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "no layer violations" in checked.stdout
+
+
+def test_the_check_catches_a_lower_layer_importing_a_higher_one(tmp_path: Path) -> None:
+    package = tmp_path / "gpurun"
+    (package / "store").mkdir(parents=True)
+    (package / "app").mkdir()
+    (package / "store" / "bad.py").write_text("from gpurun.app import launch\n")
+    checked = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "check_layers.py"), str(package)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 1 and "gpurun.app" in checked.stdout, checked.stdout + checked.stderr
