@@ -169,6 +169,8 @@ def test_aws_launch_ssh_sync_job_checkpoint_teardown(aws_world, sshd, capsys) ->
     assert gpurun_resources(aws_world["endpoint"]) == {"instances": [], "security_groups": [], "key_pairs": []}
     keys = s3.list_objects_v2(Bucket=aws_world["bucket"], Prefix=f"runs/{run}/")["Contents"]
     assert any(k["Key"].endswith("weights.json") for k in keys), "teardown never deletes snapshots"
+    code, out, err = cli(capsys, "logs", run)
+    assert code == 2 and "machines are terminated" in err, err
 
 
 @pytest.mark.slow

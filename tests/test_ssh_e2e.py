@@ -108,6 +108,8 @@ def test_ssh_provider_end_to_end(sshd, ssh_experiment: Path, tmp_path: Path) -> 
     assert down["final_checkpoint"]["seq"] >= snapshot["seq"]
     wait_until(lambda: not process_alive(job_pid), timeout=10, what="the job to stop")
     assert not run_dir.exists(), "teardown removes the run directory unless --keep-files"
+    gone = gpurun("logs", run, check=False)
+    assert gone.returncode == 2 and "its logs were removed at teardown" in gone.stderr, gone.stderr
     restored = tmp_path / "restored"
     gpurun("checkpoint-sync", run, "--download", str(restored))
     assert '"epoch": 40' in (restored / "state.json").read_text(), "the final snapshot holds the last epoch"
@@ -136,3 +138,13 @@ def test_an_unknown_host_is_refused_when_trust_on_first_use_is_off(
     assert "Traceback" not in refused.stderr
     assert not list((sshd.home / "gpurun").glob("box-*")), "nothing was started on the machine"
     assert gpurun_json("status") == [], "the failed launch left no run behind"
+
+
+@pytest.mark.slow
+def test_logs_of_a_run_torn_down_with_keep_files_are_still_shown(sshd, ssh_experiment: Path) -> None:
+    ssh_experiment.write_text(ssh_experiment.read_text().replace("train.py 40", "train.py 2"))
+    run = gpurun_json("launch", str(ssh_experiment))["run"]
+    wait_until(lambda: gpurun_json("status", run)[0]["state"] == "succeeded", timeout=60, what="the job to end")
+    gpurun_json("teardown", run, "--yes", "--keep-files")
+    shown = gpurun("logs", run)
+    assert "epoch 2" in shown.stdout

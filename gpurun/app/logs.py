@@ -51,12 +51,25 @@ def show_logs(
     machines = record.get("machines", [])
     if not machines:
         raise BadInput(f"run {run} has no machine (it never started); nothing to show")
-    removed = not any(Path(machine["run_dir"]).is_dir() for machine in machines)
-    if record.get("state") == "ended" and record["provider"] == "local" and removed:
-        raise BadInput(f"run {run} has ended; its logs were removed at teardown (`teardown --keep-files` keeps them)")
+    if record.get("state") == "ended":
+        _check_logs_outlived_teardown(record)
     if node is None and len(machines) > 1:
         return _merged(run, machines, follow=follow, tail=tail, write=write or _stdout)
     return _show_node(run, record, node or 0, follow=follow, tail=tail, write=write)
+
+
+def _check_logs_outlived_teardown(record: dict[str, Any]) -> None:
+    """An ended run's logs exist only where teardown kept its run directory."""
+    run, machines = record["run"], record["machines"]
+    if record["provider"] == "aws":
+        raise BadInput(f"run {run} has ended and its machines are terminated; the job's output went with them")
+    if record["provider"] == "local":
+        kept = any(Path(machine["run_dir"]).is_dir() for machine in machines)
+    else:
+        # Records from before teardown noted this say nothing: try the machine.
+        kept = any(machine.get("files_kept", True) for machine in machines)
+    if not kept:
+        raise BadInput(f"run {run} has ended; its logs were removed at teardown (`teardown --keep-files` keeps them)")
 
 
 def _merged(run: str, machines: list, *, follow: bool, tail: int | None, write: Callable[[bytes], None]) -> dict[str, Any]:

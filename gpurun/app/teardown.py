@@ -122,6 +122,7 @@ def _stop_machine(conns, record, machine, ui: Reporter, final_sync: bool, keep_f
             transport.run(f"rm -rf {shlex.quote(run_dir)}", timeout=120)
             removed.append(f"run directory {run_dir} on {transport.label}")
     machine["cleaned"] = True
+    machine["files_kept"] = keep_files  # `gpurun logs` tells a removed directory from a lost connection
     _save_progress(record)
     return final
 
