@@ -52,6 +52,8 @@ def test_staging_never_takes_a_file_half_written(tmp_path: Path) -> None:
     previous = None
     taken = 0
     try:
+        # On a loaded machine the writer thread may not have created the file yet.
+        wait_until((watch / "weights.bin").exists, timeout=30, interval=0.01, what="the first write")
         for _ in range(6):
             try:
                 staged, _changed = stager.stage(attempts=10)
