@@ -27,6 +27,19 @@ def _written_a_while_ago(path: Path) -> None:
     os.utime(path, (then, then))
 
 
+def _agent_watching_one_checkpoint(tmp_path: Path):
+    """An agent (settle 0) over a checkpoint directory holding weights.bin, written a while ago."""
+    from gpurun.agent.loop import Agent, AgentOptions
+
+    watch = tmp_path / "run/work/checkpoints"
+    watch.mkdir(parents=True)
+    (watch / "weights.bin").write_bytes(b"1" * 200_000)
+    _written_a_while_ago(watch / "weights.bin")
+    agent = Agent(AgentOptions(watch, f"file://{tmp_path / 'store'}", "r1", every=60, keep=3, run_dir=tmp_path / "run"))
+    agent.stager.settle = 0
+    return agent, watch
+
+
 def test_staging_never_takes_a_file_half_written(tmp_path: Path) -> None:
     watch = tmp_path / "ckpt"
     watch.mkdir()
@@ -132,14 +145,7 @@ def test_files_written_in_place_during_upload_are_not_committed_and_then_copied(
 def test_agent_retries_at_once_when_a_file_is_written_in_place_during_its_upload(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gpurun.agent.loop import Agent, AgentOptions
-
-    watch = tmp_path / "run/work/checkpoints"
-    watch.mkdir(parents=True)
-    (watch / "weights.bin").write_bytes(b"1" * 200_000)
-    _written_a_while_ago(watch / "weights.bin")
-    agent = Agent(AgentOptions(watch, f"file://{tmp_path / 'store'}", "r1", every=60, keep=3, run_dir=tmp_path / "run"))
-    agent.stager.settle = 0
+    agent, watch = _agent_watching_one_checkpoint(tmp_path)
     uploads = []
     real_put_file = type(agent.store).put_file
 
@@ -322,13 +328,7 @@ def test_whole_second_mtimes_still_reveal_a_rewrite_in_place(tmp_path: Path) -> 
 def test_agent_copies_a_file_rewritten_in_place_at_another_size(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gpurun.agent.loop import Agent, AgentOptions
-
-    watch = tmp_path / "run/work/checkpoints"
-    watch.mkdir(parents=True)
-    (watch / "weights.bin").write_bytes(b"1" * 200_000)
-    agent = Agent(AgentOptions(watch, f"file://{tmp_path / 'store'}", "r1", every=60, keep=3, run_dir=tmp_path / "run"))
-    agent.stager.settle = 0
+    agent, watch = _agent_watching_one_checkpoint(tmp_path)
     uploads = []
     real_put_file = type(agent.store).put_file
 

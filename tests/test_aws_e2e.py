@@ -118,6 +118,14 @@ def gpurun_resources(endpoint: str) -> dict[str, list]:
     return {"instances": instances, "security_groups": groups, "key_pairs": keys}
 
 
+def bucket_latest(s3, bucket: str, run: str) -> dict | None:
+    """The run's LATEST pointer in the bucket, or None before the first snapshot."""
+    try:
+        return json.loads(s3.get_object(Bucket=bucket, Key=f"runs/{run}/LATEST")["Body"].read())
+    except s3.exceptions.NoSuchKey:
+        return None
+
+
 @pytest.mark.slow
 def test_aws_launch_ssh_sync_job_checkpoint_teardown(aws_world, sshd, capsys) -> None:
     code, out, err = cli(capsys, "launch", str(aws_world["spec"]), "--json")
@@ -145,10 +153,7 @@ def test_aws_launch_ssh_sync_job_checkpoint_teardown(aws_world, sshd, capsys) ->
     s3 = boto3.client("s3", endpoint_url=aws_world["endpoint"], region_name="us-east-1")
 
     def latest():
-        try:
-            return json.loads(s3.get_object(Bucket=aws_world["bucket"], Key=f"runs/{run}/LATEST")["Body"].read())
-        except s3.exceptions.NoSuchKey:
-            return None
+        return bucket_latest(s3, aws_world["bucket"], run)
 
     first = wait_until(latest, timeout=60, what="a snapshot in the bucket")
     assert first["seq"] >= 1
@@ -183,14 +188,7 @@ def test_a_second_computer_sees_and_ends_an_aws_run_through_the_store(
     job_pid = int((sshd.home / "gpurun" / run / "job.pid").read_text())
     store = f"s3://{aws_world['bucket']}/runs"
     s3 = boto3.client("s3", endpoint_url=aws_world["endpoint"], region_name="us-east-1")
-
-    def latest():
-        try:
-            return json.loads(s3.get_object(Bucket=aws_world["bucket"], Key=f"runs/{run}/LATEST")["Body"].read())
-        except s3.exceptions.NoSuchKey:
-            return None
-
-    wait_until(latest, timeout=60, what="a snapshot in the bucket")
+    wait_until(lambda: bucket_latest(s3, aws_world["bucket"], run), timeout=60, what="a snapshot in the bucket")
     first_computer = os.environ["GPURUN_HOME"]
     monkeypatch.setenv("GPURUN_HOME", str(tmp_path / "other-laptop"))  # same credentials, no local state
 
