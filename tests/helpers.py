@@ -54,6 +54,24 @@ def process_alive(pid: int) -> bool:
     return False
 
 
+def live_processes(matches: Callable[[bytes, list[bytes]], Any]) -> list[int]:
+    """PIDs of live processes (not this one) for which matches(command line, environment entries) holds."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                cmdline = handle.read().replace(b"\0", b" ")
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                environ = handle.read().split(b"\0")
+        except OSError:
+            continue
+        if matches(cmdline, environ) and process_alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
 def write_spec(directory: Path, text: str, name: str = "experiment.yaml") -> Path:
     path = directory / name
     path.write_text(text)

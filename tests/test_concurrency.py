@@ -20,7 +20,7 @@ import pytest
 
 from gpurun import paths, runs
 from gpurun.cli import main
-from tests.helpers import REPO, gpurun, process_alive, wait_until
+from tests.helpers import REPO, gpurun, live_processes, process_alive, wait_until
 
 WORKER = r"""
 import contextlib, io, json, os, random, sys, time
@@ -169,20 +169,8 @@ def test_the_same_name_launched_twice_at_once_makes_one_run(tmp_path, gpurun_hom
 
 
 def _sleepers(command: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                argv = handle.read().split(b"\0")
-            with open(f"/proc/{entry}/environ", "rb") as handle:
-                environ = handle.read()
-        except OSError:
-            continue
-        if command.encode() in b" ".join(argv) and os.environ["GPURUN_HOME"].encode() in environ:
-            found.append(int(entry))
-    return found
+    home = f"GPURUN_HOME={os.environ['GPURUN_HOME']}".encode()
+    return live_processes(lambda cmdline, environ: command.encode() in cmdline and home in environ)
 
 
 def _cli(capsys, *args: str) -> tuple[int, str, str]:

@@ -34,7 +34,7 @@ import pytest
 from gpurun import paths
 from gpurun.errors import GpurunError, Interrupted
 from gpurun.transport.local import LocalTransport
-from tests.helpers import REPO, gpurun, gpurun_json, process_alive, wait_until
+from tests.helpers import REPO, gpurun, gpurun_json, live_processes, process_alive, wait_until
 from tests.test_aws_provider import (
     STORE,
     FakeAws,
@@ -123,20 +123,7 @@ def _experiment(tmp_path: Path, *, run: str = "sleep 30", setup: str | None = No
 def _run_processes(run: str) -> list[int]:
     """Live processes of the run: its environment names it, or its command line names its directory."""
     run_dir = str(paths.local_runs_dir() / run).encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as handle:
-                environ = handle.read().split(b"\0")
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                cmdline = handle.read()
-        except OSError:
-            continue
-        if (f"GPURUN_RUN={run}".encode() in environ or run_dir in cmdline) and process_alive(int(entry)):
-            found.append(int(entry))
-    return found
+    return live_processes(lambda cmdline, environ: f"GPURUN_RUN={run}".encode() in environ or run_dir in cmdline)
 
 
 def _pids(run_dir: Path) -> list[int]:
