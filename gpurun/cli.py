@@ -475,9 +475,19 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(0)
 
 
+# Commands whose words after the subcommand may belong to a program on the machine.
+_PASS_THROUGH = ("ssh",)
+
+
 def _take_debug(args: list[str]) -> tuple[list[str], bool]:
-    """Remove `--debug` from anywhere before a `--` (what follows `--` is passed on untouched)."""
+    """Remove `--debug` from anywhere before a `--` (what follows `--` is passed on untouched).
+
+    For `gpurun ssh RUN CMD...`, CMD is the machine's: only `--debug` before `ssh` is ours.
+    """
     end = args.index("--") if "--" in args else len(args)
+    command = next((index for index, arg in enumerate(args[:end]) if not arg.startswith("-")), None)
+    if command is not None and args[command] in _PASS_THROUGH:
+        end = command
     kept = [arg for arg in args[:end] if arg != "--debug"]
     return kept + args[end:], len(kept) < end
 

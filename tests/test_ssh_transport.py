@@ -8,6 +8,7 @@ import io
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -654,3 +655,20 @@ def test_parse_key_line_accepts_known_hosts_and_pub_formats(sshd) -> None:
     assert parse_key_line(sshd.host_key_line + " comment") == key
     with pytest.raises(ValueError):
         parse_key_line("garbage")
+
+
+def test_gpurun_ssh_passes_the_commands_own_debug_flag_on(sshd, gpurun_home: Path) -> None:
+    from gpurun import runs
+
+    record = {**_record(sshd), "created_at": "2026-11-26T10:00:00Z", "store": "file:///tmp/unused"}
+    runs.save(record)
+    (sshd.home / "gpurun" / record["run"] / "work").mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "gpurun", "ssh", record["run"], "echo", "train.py", "--debug"],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "train.py --debug\n"  # the machine's command keeps its --debug
