@@ -178,18 +178,7 @@ class Backup(keras.callbacks.BackupAndRestore):
         return self.epoch * self.steps_per_epoch + self.batches_done
 
     def position(self) -> dict | None:
-        """Where the backup stands: kept inside the weights file, so the two cannot disagree."""
-        try:
-            with h5py.File(self._weights_path, "r") as f:
-                if POSITION_ATTR in f.attrs:
-                    return json.loads(f.attrs[POSITION_ATTR])
-        except FileNotFoundError:
-            return None
-        try:  # a backup from before the position moved into the weights file
-            with open(self._training_metadata_path) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return None
+        return read_position(self._weights_path, self._training_metadata_path)
 
     def on_train_begin(self, logs=None):
         # Keras's restore reads its epoch from training_metadata.json: write it
@@ -337,10 +326,25 @@ def check_writable(ckpt_dir: Path) -> None:
         fail(f"cannot write checkpoint directory {ckpt_dir}: {e.strerror or e}")
 
 
-def backup_step(ckpt_dir: Path) -> int | None:
+def read_position(weights_path: str | Path, metadata_path: str | Path) -> dict | None:
+    """Where a backup stands: kept inside its weights file, so the two cannot disagree."""
     try:
-        with open(ckpt_dir / BACKUP_DIR / "training_metadata.json") as f:
-            return int(json.load(f)["step"])
+        with h5py.File(weights_path, "r") as f:
+            if POSITION_ATTR in f.attrs:
+                return json.loads(f.attrs[POSITION_ATTR])
+    except FileNotFoundError:
+        return None
+    try:  # a backup from before the position moved into the weights file
+        with open(metadata_path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def backup_step(ckpt_dir: Path) -> int | None:
+    backup = ckpt_dir / BACKUP_DIR
+    try:
+        return int(read_position(backup / "latest.weights.h5", backup / "training_metadata.json")["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
