@@ -237,6 +237,8 @@ def _reject_dropped_options(*, store_url: str | None, list_mode: bool, download:
         raise BadInput(f"{', '.join(agent_only)} {verb} with --watch DIR (agent mode: --watch DIR --to URL)")
     if store_url is not None and not list_mode and download is None:
         raise BadInput("--store goes with --list or --download (to read a run launched elsewhere)")
+    if list_mode and download is not None:
+        raise BadInput("--list and --download DIR: one at a time")
     if seq is not None and download is None:
         raise BadInput("--seq goes with --download DIR (which snapshot to download)")
 
@@ -276,7 +278,7 @@ def _agent_mode(run, watch, to_url, every, keep, run_dir, spot_notice, ui) -> No
 @click.option("--keep-files", is_flag=True, help="Keep the run directory on the machine (ssh and local).")
 @click.option("--store", "store_url", metavar="URL", help="End AWS runs recorded only in this store (launched from another computer); with --orphans, runs live in it are not orphans.")
 @click.option("--region", "regions", multiple=True, metavar="REGION", help="With --orphans: where to look (repeatable; default: the regions of known runs).")
-@click.option("--profile", metavar="NAME", help="With --orphans: the AWS profile to search with.")
+@click.option("--profile", metavar="NAME", help="With --orphans or --store: the AWS profile to use here.")
 @click.option("--json", "json_mode", is_flag=True, help="Print one JSON document.")
 def teardown(names: tuple[str, ...], all_runs: bool, orphans: bool, yes: bool, no_final_sync: bool, keep_files: bool, store_url: str | None, regions: tuple[str, ...], profile: str | None, json_mode: bool) -> None:
     """Final sync, stop the job, release everything the run created."""
@@ -296,8 +298,12 @@ def teardown(names: tuple[str, ...], all_runs: bool, orphans: bool, yes: bool, n
         if json_mode:
             ui.emit_json(result)
         return
-    if regions or profile:
-        raise BadInput("--region and --profile go with --orphans (a run's own region and profile come from its record)")
+    if regions:
+        raise BadInput("--region goes with --orphans (a run's own region comes from its record)")
+    if profile and not store_url:
+        raise BadInput("--profile goes with --orphans or --store (a run launched here uses its spec's aws.profile)")
+    if all_runs and store_url:
+        raise BadInput("--store goes with run names or --orphans, not --all (only runs recorded here are all known)")
     if all_runs and names:
         raise BadInput("give run names or --all, not both")
     if all_runs:
@@ -314,12 +320,14 @@ def teardown(names: tuple[str, ...], all_runs: bool, orphans: bool, yes: bool, n
         raise BadInput("teardown needs RUN names, --all or --orphans")
     for name in names:
         # Unknown names, and runs this computer cannot reach, are bad input before anything is touched.
-        check_can_end_here(runs.load_here_or_from_store(name, store_url))
+        check_can_end_here(runs.load_here_or_from_store(name, store_url, profile))
     if not yes and not _confirm(f"Tear down {', '.join(names)}?"):
         raise BadInput("not confirmed; nothing was changed")
     results = []
     for name in names:
-        result = do_teardown(name, ui, final_sync=not no_final_sync, keep_files=keep_files, store_url=store_url)
+        result = do_teardown(
+            name, ui, final_sync=not no_final_sync, keep_files=keep_files, store_url=store_url, profile=profile
+        )
         results.append(result)
         if not json_mode:
             for item in result["removed"]:

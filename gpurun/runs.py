@@ -97,10 +97,12 @@ def load(run: str) -> dict[str, Any]:
         raise GpurunError(f"run record {path} is corrupt ({why}); move it away to continue") from None
 
 
-def load_from_store(run: str, store_url: str) -> dict[str, Any]:
+def load_from_store(run: str, store_url: str, profile: str | None = None) -> dict[str, Any]:
     """The run.json that the computer which launched `run` keeps in its checkpoint store.
 
-    Marked `"source": "store"`: its key and paths belong to that computer.
+    Marked `"source": "store"`: its key and paths belong to that computer. An
+    AWS `profile` given here replaces the launching computer's (its name may
+    mean nothing on this one).
     """
     check_name(run)
     if store_url.startswith("file://") and not store_url.startswith("file:///"):
@@ -109,25 +111,53 @@ def load_from_store(run: str, store_url: str) -> dict[str, Any]:
     from gpurun.store.snapshots import get_run_record
 
     try:
-        record = get_run_record(open_store(store_url), run)
+        options = {"profile": profile} if profile and store_url.startswith("s3://") else {}
+        record = get_run_record(open_store(store_url, **options), run)
     except ValueError:
         raise GpurunError(f"{store_url}/{run}/run.json is not valid JSON; move it away to continue") from None
     if record is None:
         raise UnknownRun(f"unknown run {run!r}: not recorded here, and {store_url} has no {run}/run.json")
     try:
-        return {**_checked(record, run), "source": "store"}
+        record = {**_checked(record, run), "source": "store"}
     except ValueError as error:
         raise GpurunError(f"{store_url}/{run}/run.json is not a run record ({error})") from None
+    if profile and record["provider"] == "aws":
+        # Both places: AWS calls read the first, the checkpoint store the second.
+        record["aws"] = {**(record.get("aws") or {}), "profile": profile}
+        spec = dict(record.get("spec") or {})
+        spec["aws"] = {**(spec.get("aws") or {}), "profile": profile}
+        record["spec"] = spec
+    return record
 
 
-def load_here_or_from_store(run: str, store_url: str | None) -> dict[str, Any]:
-    """This computer's record of `run`, or else the one in `store_url`."""
+def load_all_from_store(store_url: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every readable run.json in the store (marked `"source": "store"`), and a line for each unreadable one."""
+    if store_url.startswith("file://") and not store_url.startswith("file:///"):
+        raise BadInput(f"store {store_url!r}: a file store needs an absolute path, like file:///data/checkpoints")
+    from gpurun.store import open_store
+    from gpurun.store.snapshots import get_run_record
+
+    store = open_store(store_url)
+    records, problems = [], []
+    for run in store.list_runs():
+        try:
+            record = get_run_record(store, run)
+            if record is not None:
+                records.append({**_checked(record, run), "source": "store"})
+        except ValueError as error:
+            why = str(error) if isinstance(error, _Malformed) else "not valid JSON"
+            problems.append(f"{store_url}/{run}/run.json is not a run record ({why}); skipped")
+    return records, problems
+
+
+def load_here_or_from_store(run: str, store_url: str | None, profile: str | None = None) -> dict[str, Any]:
+    """This computer's record of `run`, or else the one in `store_url` (read with `profile`)."""
     try:
         return load(run)
     except UnknownRun:
         if not store_url:
             raise
-    return load_from_store(run, store_url)
+    return load_from_store(run, store_url, profile)
 
 
 def update(run: str, **changes: Any) -> dict[str, Any]:

@@ -207,10 +207,34 @@ def test_a_second_computer_sees_and_ends_an_aws_run_through_the_store(
     assert code == 0, err
     assert json.loads(out) == {"orphans": [], "removed": []}
     assert len(gpurun_resources(aws_world["endpoint"])["instances"]) == 1
-    code, out, err = cli(capsys, "teardown", run, "--store", store, "--profile", "x", "--yes")
+    code, out, err = cli(capsys, "teardown", run, "--store", store, "--region", "us-east-1", "--yes")
     assert code == 2 and "--orphans" in err
 
-    code, out, err = cli(capsys, "teardown", run, "--store", store, "--yes", "--json")
+    # Credentials for another account would find no tagged resource and call the run ended.
+    key = f"runs/{run}/run.json"
+    original = s3.get_object(Bucket=aws_world["bucket"], Key=key)["Body"].read()
+    elsewhere = json.loads(original)
+    elsewhere["aws"]["account"] = "111111111111"
+    s3.put_object(Bucket=aws_world["bucket"], Key=key, Body=json.dumps(elsewhere).encode())
+    code, out, err = cli(capsys, "teardown", run, "--store", store, "--yes")
+    assert code == 2 and "account 111111111111" in err and "nothing was touched" in err, err
+    assert len(gpurun_resources(aws_world["endpoint"])["instances"]) == 1
+    assert not (tmp_path / "other-laptop" / "runs" / f"{run}.json").exists(), "no record kept for a refused run"
+    # The launching computer's profile name means nothing here: it is named, and --profile replaces it.
+    from_laptop_a = json.loads(original)
+    from_laptop_a["aws"]["profile"] = from_laptop_a["spec"]["aws"]["profile"] = "laptop-a"
+    s3.put_object(Bucket=aws_world["bucket"], Key=key, Body=json.dumps(from_laptop_a).encode())
+    code, out, err = cli(capsys, "teardown", run, "--store", store, "--yes")
+    assert code == 2 and "laptop-a" in err, err
+    assert not (tmp_path / "other-laptop" / "runs" / f"{run}.json").exists()
+    config = tmp_path / "aws-config"
+    config.write_text("[profile second]\nregion = us-east-1\n")
+    credentials = tmp_path / "aws-credentials"
+    credentials.write_text("[second]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+
+    code, out, err = cli(capsys, "teardown", run, "--store", store, "--profile", "second", "--yes", "--json")
     assert code == 0, err
     assert "no SSH key" in err
     down = json.loads(out)["runs"][0]

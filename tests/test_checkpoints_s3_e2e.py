@@ -219,3 +219,18 @@ def test_a_second_computer_cannot_end_an_ssh_run_it_has_no_way_into(tmp_path: Pa
     assert snaps.get_run_record(open_store(store_url), "box-abc123")["state"] == "running"
     done = gpurun("teardown", "box-abc123", "--yes", check=False)
     assert done.returncode == 2 and "unknown run" in done.stderr
+
+
+def test_an_unreadable_run_record_in_the_store_is_named_and_skipped(tmp_path: Path, gpurun_home: Path) -> None:
+    store_url = f"file://{tmp_path / 'store'}"
+    store = open_store(store_url)
+    good = {"run": "good-abc123", "provider": "aws", "state": "running", "created_at": "2026-11-26T10:00:00Z"}
+    snaps.put_run_record(store, "good-abc123", {**good, "store": store_url, "machines": []})
+    snaps.put_run_record(store, "thin-abc123", {"run": "thin-abc123", "state": "running"})
+    store.put_bytes("torn-abc123/run.json", b'{"run": "torn-abc1')
+    seen = gpurun("status", "--store", store_url, "--json", check=False)
+    assert seen.returncode == 0, seen.stderr
+    assert [r["run"] for r in json.loads(seen.stdout)] == ["good-abc123"]
+    assert "thin-abc123/run.json is not a run record" in seen.stderr
+    assert "torn-abc123/run.json is not a run record (not valid JSON)" in seen.stderr
+    assert "Traceback" not in seen.stderr

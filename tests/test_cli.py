@@ -141,6 +141,7 @@ def test_debug_after_the_command_shows_the_traceback(capsys) -> None:
         (["run-x", "--keep", "3", "--to", "file:///tmp/s"], "--to, --keep go with --watch DIR"),
         (["run-x", "--list", "--seq", "2"], "--seq goes with --download DIR"),
         (["run-x", "--seq", "2"], "--seq goes with --download DIR"),
+        (["run-x", "--list", "--download", "/tmp/never-made"], "--list and --download DIR: one at a time"),
     ],
 )
 def test_checkpoint_sync_rejects_options_it_would_drop(capsys, args: list[str], expected: str) -> None:

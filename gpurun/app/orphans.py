@@ -24,7 +24,10 @@ def teardown_orphans(
     records, _problems = runs.load_all()
     if store_url:
         # Runs other computers launched and recorded live in the store are theirs, not orphans.
-        records += _store_records(store_url)
+        remote, unreadable = runs.load_all_from_store(store_url)
+        records += remote
+        for problem in unreadable:
+            ui.warn(problem)
     # A run torn down here is "known" only while it still runs; leftovers of ended runs are leaks.
     known = {r["run"] for r in records if r["state"] != "ended"}
     regions = regions or sorted(
@@ -45,11 +48,3 @@ def teardown_orphans(
         ui.say(f"removed {item}")
     return {"orphans": orphans, "removed": removed}
 
-
-def _store_records(store_url: str) -> list[dict[str, Any]]:
-    if store_url.startswith("file://") and not store_url.startswith("file:///"):
-        raise BadInput(f"store {store_url!r}: a file store needs an absolute path, like file:///data/checkpoints")
-    from gpurun.store import open_store
-    from gpurun.store.snapshots import list_run_records
-
-    return [r for r in list_run_records(open_store(store_url)) if isinstance(r, dict) and r.get("run") and r.get("state")]

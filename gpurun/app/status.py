@@ -13,7 +13,7 @@ from typing import Any
 from gpurun import jobs, runs
 from gpurun.app import connections
 from gpurun.app.reporter import Reporter
-from gpurun.errors import BadInput, GpurunError
+from gpurun.errors import GpurunError
 from gpurun.providers import get_provider
 
 ACTIVE = ("launching", "running")
@@ -91,16 +91,10 @@ def collect(run: str | None = None, *, ui: Reporter | None = None, store_url: st
     else:
         records, problems = runs.load_all()
     if store_url and run is None:
-        if store_url.startswith("file://") and not store_url.startswith("file:///"):
-            raise BadInput(f"store {store_url!r}: a file store needs an absolute path, like file:///data/checkpoints")
-        from gpurun.store import open_store
-        from gpurun.store.snapshots import list_run_records
-
         known = {r["run"] for r in records}
-        for remote in list_run_records(open_store(store_url)):
-            if remote.get("run") not in known:
-                remote.setdefault("source", "store")
-                records.append(remote)
+        remote, unreadable = runs.load_all_from_store(store_url)
+        records += [record for record in remote if record["run"] not in known]
+        problems += unreadable
     aws_active = [r for r in records if r["provider"] == "aws" and r["state"] not in ("ended",)]
     if aws_active:
         try:

@@ -19,13 +19,17 @@ AGENT_FINAL_SYNC_TIMEOUT = 600.0
 
 
 def check_can_end_here(record: dict[str, Any]) -> None:
-    """A run known only from its store can be ended here only where the cloud API reaches it."""
-    if record.get("source") == "store" and record["provider"] != "aws":
+    """A run known only from its store can be ended here only where the cloud API reaches it,
+    with credentials for the account it runs in; checked before anything is written here."""
+    if record.get("source") != "store":
+        return
+    if record["provider"] != "aws":
         where = ", ".join(m.get("host") or "?" for m in record.get("machines", [])) or "its machine"
         raise BadInput(
             f"run {record['run']} runs on {record['provider']} ({where}) and was launched from another computer, "
             "which alone holds its way in: tear it down there"
         )
+    get_provider("aws").check_access(record)
 
 
 def _adopt(record: dict[str, Any], store_url: str) -> dict[str, Any]:
@@ -38,10 +42,16 @@ def _adopt(record: dict[str, Any], store_url: str) -> dict[str, Any]:
 
 
 def teardown(
-    run: str, ui: Reporter, *, final_sync: bool = True, keep_files: bool = False, store_url: str | None = None
+    run: str,
+    ui: Reporter,
+    *,
+    final_sync: bool = True,
+    keep_files: bool = False,
+    store_url: str | None = None,
+    profile: str | None = None,
 ) -> dict[str, Any]:
     with runs.locked(run):
-        record = runs.load_here_or_from_store(run, store_url)
+        record = runs.load_here_or_from_store(run, store_url, profile)
         if record.get("source") == "store":
             record = _adopt(record, store_url or "")
     provider = get_provider(record["provider"])
@@ -52,6 +62,8 @@ def teardown(
     adopted = bool(record.get("adopted_from"))
     store_seq_before = _store_latest_seq(record, ui) if adopted else None
     try:
+        if adopted and (keep_files or not final_sync):
+            ui.warn("--keep-files and --no-final-sync change nothing for a run ended from another computer")
         if adopted:
             ui.warn(
                 f"this computer has no SSH key for {run} (it stays on the computer that launched it), so there is "

@@ -68,6 +68,9 @@ class Provider(ABC):
     def release(self, record: Record, on_change: OnChange, say: Say) -> list[str]:
         """Remove what the run created; quiet about what is already gone. Returns what was removed."""
 
+    def check_access(self, record: Record) -> None:
+        """Raise BadInput when these credentials cannot reach what the run created (before touching it)."""
+
     def machine_env(self, record: Record, machine: dict[str, Any]) -> dict[str, str]:
         """Extra environment for the job on this machine (credentials are never among it)."""
         return {}

@@ -292,9 +292,13 @@ def get_run_record(store: ObjectStore, run: str) -> dict[str, Any] | None:
 
 
 def list_run_records(store: ObjectStore) -> list[dict[str, Any]]:
+    """The readable run records; one that is not JSON or not an object is left out."""
     records = []
     for run in store.list_runs():
-        record = get_run_record(store, run)
-        if record:
+        try:
+            record = get_run_record(store, run)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record:
             records.append(record)
     return records

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 import botocore.exceptions
 
 from gpurun.durations import format_duration
-from gpurun.errors import GpurunError
+from gpurun.errors import BadInput, GpurunError
 from gpurun.providers.aws import requests
 from gpurun.providers.aws.launch import Launcher, launch_error, sigint_deferred
 from gpurun.providers.aws.network import wait_ssh_answer
 from gpurun.providers.aws.prepare import Prepared, plan_rows, prepare
 from gpurun.providers.aws.pricing import hourly_price
-from gpurun.providers.aws.session import Aws, check_identity, client_error_message, make_session
+from gpurun.providers.aws.session import Aws, check_identity, client_error_message, make_session, profile_label
 from gpurun.providers.aws.teardown import (
     Outcome,
     Timing,
@@ -219,11 +219,24 @@ class AwsProvider(Provider):
 
     # -- teardown ----------------------------------------------------------------------------------
 
+    def check_access(self, record: Record) -> None:
+        """Tags are per account: other credentials would find nothing and call the run ended."""
+        region, profile = _location(record)
+        aws = self.session(region, profile)
+        identity = check_identity(aws)
+        launched_in = (record.get("aws") or {}).get("account")
+        if launched_in and identity.account and identity.account != launched_in:
+            raise BadInput(
+                f"run {record['run']} was launched in AWS account {launched_in}, but {profile_label(profile)} "
+                f"is account {identity.account}; nothing was touched. Use credentials for {launched_in} "
+                "(teardown --profile NAME, or AWS_PROFILE)"
+            )
+
     def release(self, record: Record, on_change: OnChange, say: Say) -> list[str]:
         run = record["run"]
         region, profile = _location(record)
         aws = self.session(region, profile)
-        check_identity(aws)
+        self.check_access(record)
         outcome = self._remove_recorded(aws, record, say)
         record["resources"] = outcome.left
         gone = {entry.split(" ", 1)[1] for entry in outcome.removed if entry.startswith("instance i-")}
