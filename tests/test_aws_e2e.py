@@ -10,8 +10,10 @@ profile: gpurun copies no credentials.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -248,8 +250,52 @@ def test_a_second_computer_sees_and_ends_an_aws_run_through_the_store(
     code, out, err = cli(capsys, "teardown", run, "--yes")
     assert code == 0, err
 
-    # moto's termination cannot stop processes on the loopback sshd: the first computer stops the job.
+    # Back on the first computer: the instance is terminated, so teardown only settles the record.
     monkeypatch.setenv("GPURUN_HOME", first_computer)
-    code, out, err = cli(capsys, "teardown", run, "--yes")
+    code, out, err = cli(capsys, "teardown", run, "--yes", "--json")
     assert code == 0, err
-    wait_until(lambda: not process_alive(job_pid), timeout=20, what="the job to stop")
+    assert not any(item.startswith("job on") for item in json.loads(out)["runs"][0]["removed"])
+    code, out, err = cli(capsys, "status", run, "--json")
+    assert json.loads(out)[0]["state"] == "ended"
+    # moto's termination cannot stop processes on the loopback sshd.
+    run_dir = sshd.home / "gpurun" / run
+    for pid in [job_pid, int((run_dir / "agent.pid").read_text())]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_teardown_releases_a_run_whose_machine_is_gone_or_does_not_answer(
+    aws_world, sshd, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpurun import runs
+    from gpurun.app import connections
+
+    ec2 = boto3.client("ec2", endpoint_url=aws_world["endpoint"], region_name="us-east-1")
+    pids = []
+    for vanished in (True, False):
+        code, out, err = cli(capsys, "launch", str(aws_world["spec"]), "--json")
+        assert code == 0, err
+        launched = json.loads(out)
+        run, instance = launched["run"], launched["instances"][0]["id"]
+        run_dir = sshd.home / "gpurun" / run
+        pids += [int((run_dir / name).read_text()) for name in ("job.pid", "agent.pid")]
+        if vanished:
+            ec2.terminate_instances(InstanceIds=[instance])  # the console, or a spot reclaim
+        else:
+            runs.update(run, machines=[{**m, "port": 1} for m in runs.load(run)["machines"]])  # nothing answers
+            monkeypatch.setattr(connections, "AWS_CONNECT_RETRY_FOR", 0.0)
+        code, out, err = cli(capsys, "teardown", run, "--yes", "--json")
+        assert code == 0, err
+        removed = json.loads(out)["runs"][0]["removed"]
+        # A terminated machine is not dialled (that would wait for SSH); nor is one that does not answer.
+        assert not any(item.startswith("job on") for item in removed), removed
+        if not vanished:
+            assert "unreachable" in err and "terminating it without a final sync" in err
+        assert gpurun_resources(aws_world["endpoint"]) == {"instances": [], "security_groups": [], "key_pairs": []}
+        code, out, err = cli(capsys, "status", run, "--json")
+        assert json.loads(out)[0]["state"] == "ended"
+    # moto's termination cannot stop processes on the loopback sshd.
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

@@ -148,3 +148,21 @@ def test_logs_of_a_run_torn_down_with_keep_files_are_still_shown(sshd, ssh_exper
     gpurun_json("teardown", run, "--yes", "--keep-files")
     shown = gpurun("logs", run)
     assert "epoch 2" in shown.stdout
+
+
+@pytest.mark.slow
+def test_teardown_of_an_unreachable_ssh_machine_stops_short_and_says_so(sshd, ssh_experiment: Path) -> None:
+    from gpurun import runs
+
+    run = gpurun_json("launch", str(ssh_experiment))["run"]
+    job_pid = int((sshd.home / "gpurun" / run / "job.pid").read_text())
+    machines = runs.load(run)["machines"]
+    runs.update(run, machines=[{**m, "port": 1} for m in machines])  # the box stopped answering
+    refused = gpurun("teardown", run, "--yes", check=False)
+    assert refused.returncode == 1
+    assert "unreachable, so its job was not stopped" in refused.stderr and f"gpurun teardown {run}" in refused.stderr
+    assert gpurun_json("status", run)[0]["state"] != "ended" and process_alive(job_pid)
+    runs.update(run, machines=machines)  # it answers again
+    gpurun("teardown", run, "--yes")
+    wait_until(lambda: not process_alive(job_pid), timeout=20, what="the job to stop")
+    assert gpurun_json("status", run)[0]["state"] == "ended"

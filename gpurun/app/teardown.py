@@ -10,7 +10,7 @@ from typing import Any
 from gpurun import jobs, paths, runs
 from gpurun.app import common, connections
 from gpurun.app.reporter import Reporter
-from gpurun.errors import BadInput, GpurunError, Interrupted
+from gpurun.errors import BadInput, GpurunError, Interrupted, TransportError
 from gpurun.providers import get_provider
 from gpurun.store import snapshots as snaps
 
@@ -58,7 +58,7 @@ def teardown(
     conns = connections.Connections()
     removed: list[str] = []
     final_checkpoint = None
-    gone_states = ("terminated", "gone", "shutting-down")
+    gone_states = ("terminated", "gone", "shutting-down", "stopping", "stopped")
     adopted = bool(record.get("adopted_from"))
     store_seq_before = _store_latest_seq(record, ui) if adopted else None
     try:
@@ -70,10 +70,17 @@ def teardown(
                 "no final sync from here: terminating the machine sends the agent SIGTERM, and it takes its own "
                 "final snapshot while the machine shuts down"
             )
+        if not adopted:
+            _refresh_machine_states(provider, record, ui)
         for machine in record.get("machines", []):
             if adopted or machine.get("state") in gone_states or machine.get("cleaned"):
                 continue
-            final_checkpoint = _stop_machine(conns, record, machine, ui, final_sync, keep_files, removed) or final_checkpoint
+            try:
+                stopped = _stop_machine(conns, record, machine, ui, final_sync, keep_files, removed)
+            except TransportError as error:
+                _unreachable(record, machine, error, ui)
+                continue
+            final_checkpoint = stopped or final_checkpoint
         removed += provider.release(record, _save_progress, ui.say)
         conns.close(run)
         if adopted:
@@ -104,14 +111,31 @@ def teardown(
     return {"run": run, "removed": removed, "final_checkpoint": final_checkpoint}
 
 
+def _refresh_machine_states(provider, record: dict[str, Any], ui: Reporter) -> None:
+    """A machine the cloud already ended (spot reclaim, console) is not waited for over SSH."""
+    try:
+        provider.refresh([record])
+    except GpurunError as error:
+        ui.warn(f"could not read the machines' states ({error}); trying each one")
+
+
+def _unreachable(record: dict[str, Any], machine: dict[str, Any], error: GpurunError, ui: Reporter) -> None:
+    """A cloud machine is terminated anyway; on the user's own box the job would keep running."""
+    rank, run = machine.get("rank", 0), record["run"]
+    if record["provider"] == "aws":
+        ui.warn(f"node {rank} is unreachable ({error}); terminating it without a final sync from here")
+        return
+    _save_progress(record)
+    raise TransportError(
+        f"node {rank} ({machine.get('host')}) is unreachable, so its job was not stopped ({error}); "
+        f"run `gpurun teardown {run}` again when it answers"
+    )
+
+
 def _stop_machine(conns, record, machine, ui: Reporter, final_sync: bool, keep_files: bool, removed: list[str]):
     run_dir = machine["run_dir"]
     local = record["provider"] == "local"
-    try:
-        transport = conns.connect(record, machine)
-    except GpurunError as error:
-        ui.warn(f"node {machine.get('rank', 0)} is unreachable ({error}); releasing it without a final sync")
-        return None
+    transport = conns.connect(record, machine)
     final = None
     with transport:
         if not final_sync:
