@@ -234,3 +234,17 @@ def test_an_unreadable_run_record_in_the_store_is_named_and_skipped(tmp_path: Pa
     assert "thin-abc123/run.json is not a run record" in seen.stderr
     assert "torn-abc123/run.json is not a run record (not valid JSON)" in seen.stderr
     assert "Traceback" not in seen.stderr
+
+
+def test_a_run_seen_through_the_store_shows_its_newest_snapshot(tmp_path: Path, gpurun_home: Path) -> None:
+    store_url = f"file://{tmp_path / 'store'}"
+    store = open_store(store_url)
+    record = {"run": "far-abc123", "provider": "local", "state": "running", "created_at": "2026-11-26T10:00:00Z"}
+    snaps.put_run_record(store, "far-abc123", {**record, "store": store_url, "machines": [], "last_checkpoint": None})
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"w" * 1000)
+    staged = [snaps.StagedFile("weights.bin", 1000, snaps.sha256_file(weights), str(weights))]
+    snaps.write_snapshot(store, "far-abc123", staged, previous=None)  # run.json is not rewritten per snapshot
+    for args in (["status", "--store", store_url, "--json"], ["status", "far-abc123", "--store", store_url, "--json"]):
+        [seen] = gpurun_json(*args)
+        assert seen["last_checkpoint"]["seq"] == 1 and seen["last_checkpoint"]["bytes"] == 1000

@@ -25,7 +25,8 @@ def teardown_orphans(
     if store_url:
         # Runs other computers launched and recorded live in the store are theirs, not orphans.
         remote, unreadable = runs.load_all_from_store(store_url)
-        records += remote
+        here = {r["run"] for r in records}  # this computer's record of a run is the newer word on it
+        records += [r for r in remote if r["run"] not in here]
         for problem in unreadable:
             ui.warn(problem)
     # A run torn down here is "known" only while it still runs; leftovers of ended runs are leaks.

@@ -103,9 +103,24 @@ def collect(run: str | None = None, *, ui: Reporter | None = None, store_url: st
             problems.append(f"AWS: {error}")
     for record in records:
         if record.get("source") == "store":
+            _latest_from_store(record, store_url or record["store"], problems)
             continue
         reconcile(record)
     return records, problems
+
+
+def _latest_from_store(record: dict[str, Any], store_url: str, problems: list[str]) -> None:
+    """The store's run.json changes only at launch, job end and teardown; LATEST moves with every snapshot."""
+    from gpurun.store import open_store
+    from gpurun.store.snapshots import latest
+
+    try:
+        pointer = latest(open_store(store_url), record["run"])
+    except GpurunError as error:
+        problems.append(f"{record['run']}: cannot read its snapshots in {store_url}: {error}")
+        return
+    if pointer is not None:
+        record["last_checkpoint"] = {key: pointer[key] for key in ("seq", "at", "bytes")}
 
 
 def age(iso: str | None) -> str:
