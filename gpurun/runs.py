@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gpurun import paths
-from gpurun.errors import BadInput, GpurunError, UnknownRun
+from gpurun.errors import GpurunError, UnknownRun
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}(/rank-[0-9]+)?")
 STATES = ("launching", "running", "succeeded", "failed", "interrupted", "ended")
@@ -105,8 +105,6 @@ def load_from_store(run: str, store_url: str, profile: str | None = None) -> dic
     mean nothing on this one).
     """
     check_name(run)
-    if store_url.startswith("file://") and not store_url.startswith("file:///"):
-        raise BadInput(f"store {store_url!r}: a file store needs an absolute path, like file:///data/checkpoints")
     from gpurun.store import open_store
     from gpurun.store.snapshots import get_run_record
 
@@ -132,8 +130,6 @@ def load_from_store(run: str, store_url: str, profile: str | None = None) -> dic
 
 def load_all_from_store(store_url: str) -> tuple[list[dict[str, Any]], list[str]]:
     """Every readable run.json in the store (marked `"source": "store"`), and a line for each unreadable one."""
-    if store_url.startswith("file://") and not store_url.startswith("file:///"):
-        raise BadInput(f"store {store_url!r}: a file store needs an absolute path, like file:///data/checkpoints")
     from gpurun.store import open_store
     from gpurun.store.snapshots import get_run_record
 

@@ -142,6 +142,7 @@ def test_debug_after_the_command_shows_the_traceback(capsys) -> None:
         (["run-x", "--list", "--seq", "2"], "--seq goes with --download DIR"),
         (["run-x", "--seq", "2"], "--seq goes with --download DIR"),
         (["run-x", "--list", "--download", "/tmp/never-made"], "--list and --download DIR: one at a time"),
+        (["run-x", "--list", "--store", "file://relative/store"], "a file store needs an absolute path"),
     ],
 )
 def test_checkpoint_sync_rejects_options_it_would_drop(capsys, args: list[str], expected: str) -> None:

@@ -166,7 +166,7 @@ class Stager:
                 self._quiet_needed(identity) - (now - identity.mtime_ns / 1e9) for _, identity, _ in held.values()
             )
             if wait > 0:
-                time.sleep(min(wait, self._quiet_needed(None)))
+                time.sleep(min(wait, max(self.settle, COARSE_MTIME_SPAN)))  # an mtime in the future waits no longer
         retry = []
         for path, (held_path, identity, linked) in held.items():
             try:
@@ -196,7 +196,7 @@ class Stager:
             self._pending[path] = (identity, digest)
         return retry
 
-    def _quiet_needed(self, identity: FileIdentity | None) -> float:
+    def _quiet_needed(self, identity: FileIdentity) -> float:
         """How long a file must have been quiet before its stat can vouch for its bytes.
 
         On file systems that keep whole-second mtimes (FAT keeps two seconds;
@@ -204,9 +204,9 @@ class Stager:
         in the same second keeps the same mtime, and the truncated mtime makes
         the file look older than it is. Once the clock has left that mtime's
         two-second span, any later write changes the mtime, so `verify` and the
-        copy's before/after check see it. `None`: the longest wait there is.
+        copy's before/after check see it.
         """
-        if identity is None or identity.mtime_ns % 1_000_000_000 == 0:
+        if identity.mtime_ns % 1_000_000_000 == 0:
             return max(self.settle, COARSE_MTIME_SPAN)
         return self.settle
 

@@ -48,4 +48,3 @@ def teardown_orphans(
     for item in removed:
         ui.say(f"removed {item}")
     return {"orphans": orphans, "removed": removed}
-

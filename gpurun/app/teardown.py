@@ -60,7 +60,7 @@ def teardown(
     final_checkpoint = None
     gone_states = ("terminated", "gone", "shutting-down", "stopping", "stopped")
     adopted = bool(record.get("adopted_from"))
-    store_seq_before = _store_latest_seq(record, ui) if adopted else None
+    store_seq_before = (_store_latest(record, ui) or {}).get("seq") if adopted else None
     try:
         if adopted and (keep_files or not final_sync):
             ui.warn("--keep-files and --no-final-sync change nothing for a run ended from another computer")
@@ -163,22 +163,17 @@ def _stop_machine(conns, record, machine, ui: Reporter, final_sync: bool, keep_f
     return final
 
 
-def _store_latest_seq(record: dict[str, Any], ui: Reporter) -> int | None:
+def _store_latest(record: dict[str, Any], ui: Reporter) -> dict[str, Any] | None:
     try:
-        pointer = snaps.latest(common.open_run_store(record), record["run"])
+        return snaps.latest(common.open_run_store(record), record["run"])
     except GpurunError as error:
         ui.warn(f"cannot read {record['store']}: {error}")
         return None
-    return pointer["seq"] if pointer else None
 
 
 def _store_final_checkpoint(record: dict[str, Any], before: int | None, ui: Reporter) -> dict[str, Any] | None:
     """After the machines are gone: the newest snapshot in the store, and whether it is new."""
-    try:
-        pointer = snaps.latest(common.open_run_store(record), record["run"])
-    except GpurunError as error:
-        ui.warn(f"cannot read {record['store']}: {error}")
-        return None
+    pointer = _store_latest(record, ui)
     if pointer is None:
         ui.say("no snapshot in the store")
         return None

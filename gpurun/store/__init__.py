@@ -13,6 +13,8 @@ if TYPE_CHECKING:
 def open_store(url: str, **options: object) -> ObjectStore:
     """The store behind `url`; s3 support is imported only when used."""
     if url.startswith("file://"):
+        if not url.startswith("file:///"):
+            raise BadInput(f"store {url!r}: a file store needs an absolute path, like file:///data/checkpoints")
         from gpurun.store.file import FileStore
 
         return FileStore(url)
