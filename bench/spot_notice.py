@@ -54,7 +54,9 @@ def main() -> None:
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url,
     }
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="b", aws_secret_access_key="b")
+    s3 = boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="b", aws_secret_access_key="b"
+    )
     s3.create_bucket(Bucket="spot-bench")
     samples = []
     try:
@@ -66,14 +68,32 @@ def main() -> None:
             (ckpt / "weights.bin").write_bytes(os.urandom(args.mb * 1_000_000))
             run = f"spot-{attempt}"
             agent = subprocess.Popen(
-                [sys.executable, "-m", "gpurun.agent", "--watch", str(ckpt), "--to", "s3://spot-bench/runs",
-                 "--run", run, "--every", "1s", "--run-dir", str(root), "--spot-notice"],
-                env=env, stdout=open(root / "agent.log", "wb"), stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "gpurun.agent",
+                    "--watch",
+                    str(ckpt),
+                    "--to",
+                    "s3://spot-bench/runs",
+                    "--run",
+                    run,
+                    "--every",
+                    "1s",
+                    "--run-dir",
+                    str(root),
+                    "--spot-notice",
+                ],
+                env=env,
+                stdout=open(root / "agent.log", "wb"),
+                stderr=subprocess.STDOUT,
             )
 
             def latest(run: str = run) -> int:
                 try:
-                    return json.loads(s3.get_object(Bucket="spot-bench", Key=f"runs/{run}/LATEST")["Body"].read())["seq"]
+                    return json.loads(s3.get_object(Bucket="spot-bench", Key=f"runs/{run}/LATEST")["Body"].read())[
+                        "seq"
+                    ]
                 except s3.exceptions.NoSuchKey:
                     return 0
 
@@ -85,9 +105,25 @@ def main() -> None:
             agent.wait()
             before = latest()
             agent = subprocess.Popen(
-                [sys.executable, "-m", "gpurun.agent", "--watch", str(ckpt), "--to", "s3://spot-bench/runs",
-                 "--run", run, "--every", "1h", "--run-dir", str(root), "--spot-notice"],
-                env=env, stdout=open(root / "agent.log", "ab"), stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "gpurun.agent",
+                    "--watch",
+                    str(ckpt),
+                    "--to",
+                    "s3://spot-bench/runs",
+                    "--run",
+                    run,
+                    "--every",
+                    "1h",
+                    "--run-dir",
+                    str(root),
+                    "--spot-notice",
+                ],
+                env=env,
+                stdout=open(root / "agent.log", "ab"),
+                stderr=subprocess.STDOUT,
             )
             time.sleep(2.0)
             (ckpt / "weights.tmp").write_bytes(os.urandom(args.mb * 1_000_000))

@@ -44,13 +44,24 @@ def cli(debug: bool) -> None:
 @cli.command(context_settings=CONTEXT)
 @click.argument("spec_file", metavar="SPEC", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("--name", help="Run name (default: <spec name>-<6 chars>).")
-@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE", help="Override a spec field, e.g. aws.spot=false.")
+@click.option(
+    "--set", "overrides", multiple=True, metavar="FIELD=VALUE", help="Override a spec field, e.g. aws.spot=false."
+)
 @click.option("--dry-run", is_flag=True, help="Print the plan; create nothing.")
 @click.option("--follow", "-f", is_flag=True, help="Follow the job's output after launch.")
 @click.option("--resume", metavar="RUN", help="Restore RUN's latest snapshot before the job starts.")
 @click.option("--create-bucket", is_flag=True, help="Create the s3:// store's bucket if missing (private, encrypted).")
 @click.option("--json", "json_mode", is_flag=True, help="Print one JSON document.")
-def launch(spec_file: Path, name: str | None, overrides: tuple[str, ...], dry_run: bool, follow: bool, resume: str | None, create_bucket: bool, json_mode: bool) -> None:
+def launch(
+    spec_file: Path,
+    name: str | None,
+    overrides: tuple[str, ...],
+    dry_run: bool,
+    follow: bool,
+    resume: str | None,
+    create_bucket: bool,
+    json_mode: bool,
+) -> None:
     """Launch the experiment described in SPEC."""
     from gpurun.app.launch import launch as do_launch
     from gpurun.spec import load_spec
@@ -72,7 +83,9 @@ def launch(spec_file: Path, name: str | None, overrides: tuple[str, ...], dry_ru
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("run", required=False)
-@click.option("--store", "store_url", metavar="URL", help="Also list runs recorded in this store (from other computers).")
+@click.option(
+    "--store", "store_url", metavar="URL", help="Also list runs recorded in this store (from other computers)."
+)
 @click.option("--json", "json_mode", is_flag=True, help="Print one JSON document.")
 def status(run: str | None, store_url: str | None, json_mode: bool) -> None:
     """Runs with their state, job, machine, cost and last checkpoint."""
@@ -101,7 +114,9 @@ def _status_table(ui, records: list[dict[str, Any]]) -> None:
         machines = record.get("machines", [])
         job = record.get("job") or {}
         if record["state"] in ("succeeded", "failed", "interrupted") or record.get("exit_code") is not None:
-            job_text = f"exit {record.get('exit_code')}" if record.get("exit_code") is not None else job.get("note", "ended")
+            job_text = (
+                f"exit {record.get('exit_code')}" if record.get("exit_code") is not None else job.get("note", "ended")
+            )
         elif job.get("alive"):
             job_text = job.get("phase") or "running"
         else:
@@ -109,25 +124,35 @@ def _status_table(ui, records: list[dict[str, Any]]) -> None:
         if record["provider"] == "local":
             where = "local"
         else:
-            where = ", ".join(
-                f"{m.get('instance_type') or m.get('host')} {m.get('state') or ''}".strip() + (" (unreachable)" if m.get("unreachable") else "")
-                for m in machines
-            ) or "-"
+            where = (
+                ", ".join(
+                    f"{m.get('instance_type') or m.get('host')} {m.get('state') or ''}".strip()
+                    + (" (unreachable)" if m.get("unreachable") else "")
+                    for m in machines
+                )
+                or "-"
+            )
         checkpoint = record.get("last_checkpoint")
-        text = f"{age(checkpoint['at'])}, {human_bytes(checkpoint['bytes'])} (#{checkpoint['seq']})" if checkpoint else "none yet"
+        text = (
+            f"{age(checkpoint['at'])}, {human_bytes(checkpoint['bytes'])} (#{checkpoint['seq']})"
+            if checkpoint
+            else "none yet"
+        )
         error = record.get("checkpoint_error")
         if error:
             text += f"; SYNC FAILING: {error['error']}"
         cost = record.get("cost_usd")
-        rows.append([
-            record["run"],
-            record["state"],
-            job_text,
-            where,
-            age(record.get("created_at")).replace(" ago", ""),
-            f"${cost:.2f}" if isinstance(cost, (int, float)) else "-",
-            text,
-        ])
+        rows.append(
+            [
+                record["run"],
+                record["state"],
+                job_text,
+                where,
+                age(record.get("created_at")).replace(" ago", ""),
+                f"${cost:.2f}" if isinstance(cost, (int, float)) else "-",
+                text,
+            ]
+        )
     ui.table(["RUN", "STATE", "JOB", "MACHINE", "AGE", "COST", "LAST CHECKPOINT"], rows)
 
 
@@ -169,17 +194,29 @@ def _stderr_bytes(chunk: bytes) -> None:
 @cli.command("checkpoint-sync", context_settings=CONTEXT)
 @click.argument("run", required=False)
 @click.option("--list", "list_mode", is_flag=True, help="List the run's snapshots.")
-@click.option("--download", type=click.Path(file_okay=False, path_type=Path), metavar="DIR", help="Download a snapshot into DIR, verified.")
+@click.option(
+    "--download",
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
+    help="Download a snapshot into DIR, verified.",
+)
 @click.option("--seq", type=click.IntRange(min=1), help="Which snapshot (default: LATEST).")
 @click.option("--store", "store_url", metavar="URL", help="Store to read (for runs launched elsewhere).")
-@click.option("--watch", type=click.Path(file_okay=False, path_type=Path), metavar="DIR", help="Agent mode: snapshot DIR on a schedule.")
+@click.option(
+    "--watch",
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
+    help="Agent mode: snapshot DIR on a schedule.",
+)
 @click.option("--to", "to_url", metavar="URL", help="Agent mode: the store URL.")
 @click.option("--every", default="5m", show_default=True, help="Agent mode: interval (90s, 5m, 1h).")
 @click.option("--keep", type=click.IntRange(min=1), default=3, show_default=True, help="Agent mode: snapshots to keep.")
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), hidden=True)
 @click.option("--spot-notice", is_flag=True, hidden=True)
 @click.option("--json", "json_mode", is_flag=True, help="Print one JSON document.")
-def checkpoint_sync(run, list_mode, download, seq, store_url, watch, to_url, every, keep, run_dir, spot_notice, json_mode) -> None:
+def checkpoint_sync(
+    run, list_mode, download, seq, store_url, watch, to_url, every, keep, run_dir, spot_notice, json_mode
+) -> None:
     """Sync RUN's checkpoints now, list them, or download one.
 
     With --watch DIR --to URL it is the checkpoint agent itself.
@@ -204,22 +241,31 @@ def checkpoint_sync(run, list_mode, download, seq, store_url, watch, to_url, eve
         if not found:
             ui.say(f"run {run} has no snapshot yet")
             return
-        ui.table(["SEQ", "TAKEN", "FILES", "SIZE"], [[str(s["seq"]), age(s["at"]), str(s["files"]), human_bytes(s["bytes"])] for s in found])
+        ui.table(
+            ["SEQ", "TAKEN", "FILES", "SIZE"],
+            [[str(s["seq"]), age(s["at"]), str(s["files"]), human_bytes(s["bytes"])] for s in found],
+        )
         return
     if download is not None:
         info = checkpoints.download(run, download, seq=seq, ui=ui, store_url=store_url)
         if json_mode:
             ui.emit_json(info)
         else:
-            ui.result(f"snapshot {info['seq']}: {info['files']} files, {info['bytes']} bytes, verified, in {info['dir']}")
+            ui.result(
+                f"snapshot {info['seq']}: {info['files']} files, {info['bytes']} bytes, verified, in {info['dir']}"
+            )
         return
     info = checkpoints.sync_now(run, ui)
     if json_mode:
         ui.emit_json(info)
     elif info["new"]:
-        ui.result(f"snapshot {info['seq']}: {info['files']} files, {info['bytes']} bytes (sent {info.get('sent_bytes') or 0})")
+        ui.result(
+            f"snapshot {info['seq']}: {info['files']} files, {info['bytes']} bytes (sent {info.get('sent_bytes') or 0})"
+        )
     else:
-        ui.result(f"snapshot {info['seq']}: unchanged since the last sync ({info['files']} files, {info['bytes']} bytes)")
+        ui.result(
+            f"snapshot {info['seq']}: unchanged since the last sync ({info['files']} files, {info['bytes']} bytes)"
+        )
 
 
 def _reject_dropped_options(*, store_url: str | None, list_mode: bool, download: Path | None, seq: int | None) -> None:
@@ -276,11 +322,33 @@ def _agent_mode(run, watch, to_url, every, keep, run_dir, spot_notice, ui) -> No
 @click.option("--yes", "-y", is_flag=True, help="Do not ask.")
 @click.option("--no-final-sync", is_flag=True, help="Skip the final checkpoint sync.")
 @click.option("--keep-files", is_flag=True, help="Keep the run directory on the machine (ssh and local).")
-@click.option("--store", "store_url", metavar="URL", help="End AWS runs recorded only in this store (launched from another computer); with --orphans, runs live in it are not orphans.")
-@click.option("--region", "regions", multiple=True, metavar="REGION", help="With --orphans: where to look (repeatable; default: the regions of known runs).")
+@click.option(
+    "--store",
+    "store_url",
+    metavar="URL",
+    help="End AWS runs recorded only in this store (launched from another computer); with --orphans, runs live in it are not orphans.",
+)
+@click.option(
+    "--region",
+    "regions",
+    multiple=True,
+    metavar="REGION",
+    help="With --orphans: where to look (repeatable; default: the regions of known runs).",
+)
 @click.option("--profile", metavar="NAME", help="With --orphans or --store: the AWS profile to use here.")
 @click.option("--json", "json_mode", is_flag=True, help="Print one JSON document.")
-def teardown(names: tuple[str, ...], all_runs: bool, orphans: bool, yes: bool, no_final_sync: bool, keep_files: bool, store_url: str | None, regions: tuple[str, ...], profile: str | None, json_mode: bool) -> None:
+def teardown(
+    names: tuple[str, ...],
+    all_runs: bool,
+    orphans: bool,
+    yes: bool,
+    no_final_sync: bool,
+    keep_files: bool,
+    store_url: str | None,
+    regions: tuple[str, ...],
+    profile: str | None,
+    json_mode: bool,
+) -> None:
     """Final sync, stop the job, release everything the run created."""
     from gpurun import runs
     from gpurun.app.teardown import check_can_end_here
@@ -356,7 +424,9 @@ def init(directory: Path, template: str, force: bool) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("spec_file", metavar="[SPEC]", required=False, type=click.Path(dir_okay=True, path_type=Path))
-@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE", help="Override a spec field, e.g. aws.region=us-west-2.")
+@click.option(
+    "--set", "overrides", multiple=True, metavar="FIELD=VALUE", help="Override a spec field, e.g. aws.region=us-west-2."
+)
 @click.option("--json", "json_mode", is_flag=True, help="Print the checks as one JSON list.")
 def doctor(spec_file: Path | None, overrides: tuple[str, ...], json_mode: bool) -> None:
     """Check what a launch of SPEC needs, creating nothing; exit 0 only when all pass.
@@ -387,7 +457,9 @@ def _remote_record(run: str) -> dict[str, Any]:
 
     record = runs.load(run)
     if record["provider"] == "local":
-        raise BadInput(f"run {run} runs on this computer; its files are in {record['machines'][0]['run_dir'] if record.get('machines') else 'GPURUN_HOME/local'}")
+        raise BadInput(
+            f"run {run} runs on this computer; its files are in {record['machines'][0]['run_dir'] if record.get('machines') else 'GPURUN_HOME/local'}"
+        )
     if record["state"] == "ended":
         raise BadInput(f"run {run} has ended; its machine is gone")
     return record

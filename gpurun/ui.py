@@ -70,7 +70,9 @@ class Ui:
         sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
         sys.stdout.flush()
 
-    def table(self, columns: list[str], rows: list[list[str]], *, title: str | None = None, styles: dict | None = None) -> None:
+    def table(
+        self, columns: list[str], rows: list[list[str]], *, title: str | None = None, styles: dict | None = None
+    ) -> None:
         if self.json_mode:
             return
         if sys.stdout.isatty():

@@ -14,7 +14,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 
-def gpurun(*args: str, check: bool = True, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+def gpurun(
+    *args: str, check: bool = True, timeout: float = 120, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run the real CLI in a child process, as a user would."""
     done = subprocess.run(
         [sys.executable, "-m", "gpurun", *args],
@@ -32,7 +34,9 @@ def gpurun_json(*args: str) -> Any:
     return json.loads(gpurun(*args, "--json").stdout)
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.2, what: str = "condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.2, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

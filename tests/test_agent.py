@@ -196,10 +196,22 @@ def start_agent(tmp_path: Path, store_url: str, *extra: str) -> tuple[subprocess
     (run_dir / "work/checkpoints").mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "gpurun.agent",
-            "--watch", str(run_dir / "work/checkpoints"),
-            "--to", store_url, "--run", "r1", "--every", "1s", "--keep", "2",
-            "--run-dir", str(run_dir), *extra,
+            sys.executable,
+            "-m",
+            "gpurun.agent",
+            "--watch",
+            str(run_dir / "work/checkpoints"),
+            "--to",
+            store_url,
+            "--run",
+            "r1",
+            "--every",
+            "1s",
+            "--keep",
+            "2",
+            "--run-dir",
+            str(run_dir),
+            *extra,
         ],
         stdout=open(run_dir / "agent.log", "ab"),
         stderr=subprocess.STDOUT,
@@ -258,7 +270,9 @@ def test_failing_store_is_loud_and_retried(tmp_path: Path) -> None:
     process, run_dir = start_agent(tmp_path, f"file://{blocked}/store")
     try:
         (run_dir / "work/checkpoints/w.bin").write_bytes(b"data")
-        status = wait_until(lambda: agent_status(run_dir).get("failures", 0) >= 2 and agent_status(run_dir), what="failures")
+        status = wait_until(
+            lambda: agent_status(run_dir).get("failures", 0) >= 2 and agent_status(run_dir), what="failures"
+        )
         assert "blocked/store" in status["last_error"] and "Not a directory" in status["last_error"]
         assert process_alive(process.pid), "the agent must keep retrying, not give up"
         assert "FAILED" in (run_dir / "agent.log").read_text()

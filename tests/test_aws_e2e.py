@@ -112,7 +112,9 @@ def gpurun_resources(endpoint: str) -> dict[str, list]:
     ec2 = boto3.client("ec2", endpoint_url=endpoint, region_name="us-east-1")
     tagged = [{"Name": "tag:gpurun:managed", "Values": ["true"]}]
     instances = [
-        i for r in ec2.describe_instances(Filters=tagged)["Reservations"] for i in r["Instances"]
+        i
+        for r in ec2.describe_instances(Filters=tagged)["Reservations"]
+        for i in r["Instances"]
         if i["State"]["Name"] not in ("terminated", "shutting-down")
     ]
     groups = ec2.describe_security_groups(Filters=tagged)["SecurityGroups"]

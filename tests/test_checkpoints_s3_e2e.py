@@ -53,7 +53,9 @@ def experiment(tmp_path: Path, store: str, epochs: int, pause: float) -> Path:
 
 
 @pytest.mark.slow
-def test_spot_notice_lands_a_final_snapshot_and_marks_the_run_interrupted(s3_bucket: str, fake_imds, tmp_path: Path) -> None:
+def test_spot_notice_lands_a_final_snapshot_and_marks_the_run_interrupted(
+    s3_bucket: str, fake_imds, tmp_path: Path
+) -> None:
     store = open_store(s3_bucket)
     run_dir = tmp_path / "run"
     ckpt = run_dir / "work/ckpt"
@@ -61,9 +63,24 @@ def test_spot_notice_lands_a_final_snapshot_and_marks_the_run_interrupted(s3_buc
     snaps.put_run_record(store, "spot-1", {"run": "spot-1", "state": "running", "provider": "aws"})
     (ckpt / "weights.bin").write_bytes(b"before" * 1000)
     agent = subprocess.Popen(
-        [sys.executable, "-m", "gpurun.agent", "--watch", str(ckpt), "--to", s3_bucket, "--run", "spot-1",
-         "--every", "1h", "--run-dir", str(run_dir), "--spot-notice"],
-        stdout=open(run_dir / "agent.log", "wb"), stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "gpurun.agent",
+            "--watch",
+            str(ckpt),
+            "--to",
+            s3_bucket,
+            "--run",
+            "spot-1",
+            "--every",
+            "1h",
+            "--run-dir",
+            str(run_dir),
+            "--spot-notice",
+        ],
+        stdout=open(run_dir / "agent.log", "wb"),
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_until(lambda: (run_dir / "agent.status.json").exists(), what="agent start")
@@ -117,28 +134,32 @@ def test_s3_run_seen_from_another_computer_and_unchanged_sync_sends_nothing(
 
 
 @pytest.mark.slow
-def test_a_bucket_that_stops_accepting_writes_shows_in_status(
-    moto_server: str, s3_bucket: str, tmp_path: Path
-) -> None:
+def test_a_bucket_that_stops_accepting_writes_shows_in_status(moto_server: str, s3_bucket: str, tmp_path: Path) -> None:
     spec = experiment(tmp_path, s3_bucket, epochs=200, pause=0.3)
     run = gpurun_json("launch", str(spec))["run"]
     try:
         wait_until(lambda: gpurun_json("status", run)[0]["last_checkpoint"], timeout=60, what="first snapshot")
-        bucket = s3_bucket[len("s3://"):].split("/")[0]
+        bucket = s3_bucket[len("s3://") :].split("/")[0]
         client = s3_client(moto_server)
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
             for item in page.get("Contents", []):
                 client.delete_object(Bucket=bucket, Key=item["Key"])
         client.delete_bucket(Bucket=bucket)
-        view = wait_until(lambda: (v := gpurun_json("status", run)[0])["checkpoint_error"] and v, timeout=60, what="error")
-        assert "NoSuchBucket" in view["checkpoint_error"]["error"] or "does not exist" in view["checkpoint_error"]["error"]
+        view = wait_until(
+            lambda: (v := gpurun_json("status", run)[0])["checkpoint_error"] and v, timeout=60, what="error"
+        )
+        assert (
+            "NoSuchBucket" in view["checkpoint_error"]["error"] or "does not exist" in view["checkpoint_error"]["error"]
+        )
         table = gpurun("status").stdout
         assert "SYNC FAILING" in table
     finally:
         gpurun("teardown", run, "--yes", "--no-final-sync")
 
 
-def test_missing_bucket_is_refused_before_anything_starts(moto_server: str, tmp_path: Path, monkeypatch, gpurun_home) -> None:
+def test_missing_bucket_is_refused_before_anything_starts(
+    moto_server: str, tmp_path: Path, monkeypatch, gpurun_home
+) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
     spec = experiment(tmp_path, "s3://no-such-bucket-gpurun/x", epochs=1, pause=0)
     done = gpurun("launch", str(spec), check=False)

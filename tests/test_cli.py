@@ -95,7 +95,17 @@ def test_teardown_without_a_terminal_needs_yes(capsys, spec: Path, monkeypatch) 
     code, out, _ = run_cli(capsys, "status", run, "--json")
     view = json.loads(out)[0]
     assert view["state"] == "ended"
-    assert set(view) >= {"run", "provider", "state", "exit_code", "created_at", "store", "last_checkpoint", "instances", "cost_usd"}
+    assert set(view) >= {
+        "run",
+        "provider",
+        "state",
+        "exit_code",
+        "created_at",
+        "store",
+        "last_checkpoint",
+        "instances",
+        "cost_usd",
+    }
     # Teardown is idempotent.
     code, out, _ = run_cli(capsys, "teardown", run, "--yes", "--json")
     assert code == 0

@@ -147,7 +147,9 @@ def test_the_same_name_launched_twice_at_once_makes_one_run(tmp_path, gpurun_hom
     for round_ in range(3):
         name = f"same-{round_}"
         both = [
-            subprocess.Popen([*command, name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ)
+            subprocess.Popen(
+                [*command, name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ
+            )
             for _ in range(2)
         ]
         results = [(p.wait(timeout=60), *p.communicate()) for p in both]

@@ -198,7 +198,11 @@ def _expected_for(args: list[str]) -> str:
 
 @pytest.mark.parametrize("args", SUBPROCESS_CASES, ids=lambda args: " ".join(args))
 def test_real_process(args: list[str], gpurun_home: Path) -> None:
-    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"}  # any AWS call fails: exit 1
+    env = {
+        **os.environ,
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+        "AWS_MAX_ATTEMPTS": "1",
+    }  # any AWS call fails: exit 1
     env.pop("GPURUN_DEBUG", None)
     result = subprocess.run(
         [sys.executable, "-m", "gpurun", *args], cwd=CORPUS, env=env, capture_output=True, text=True, timeout=60
@@ -211,10 +215,42 @@ def test_real_process(args: list[str], gpurun_home: Path) -> None:
 # ---- property tests over the spec loader -----------------------------------------------
 
 _KEYS = [
-    "name", "run", "provider", "workdir", "sync", "exclude", "env", "setup", "checkpoint", "dir", "store", "every",
-    "keep", "resume", "nodes", "aws", "region", "profile", "instance_type", "ami", "spot", "max_price", "disk_gb",
-    "ssh_cidr", "max_runtime", "idle_timeout", "ssh", "user", "port", "hosts", "identity_file", "subnet_id",
-    "spec_dir", "<<", "Name", "1",
+    "name",
+    "run",
+    "provider",
+    "workdir",
+    "sync",
+    "exclude",
+    "env",
+    "setup",
+    "checkpoint",
+    "dir",
+    "store",
+    "every",
+    "keep",
+    "resume",
+    "nodes",
+    "aws",
+    "region",
+    "profile",
+    "instance_type",
+    "ami",
+    "spot",
+    "max_price",
+    "disk_gb",
+    "ssh_cidr",
+    "max_runtime",
+    "idle_timeout",
+    "ssh",
+    "user",
+    "port",
+    "hosts",
+    "identity_file",
+    "subnet_id",
+    "spec_dir",
+    "<<",
+    "Name",
+    "1",
 ]
 _SCALARS = st.one_of(
     st.none(),
@@ -222,13 +258,36 @@ _SCALARS = st.one_of(
     st.integers(),
     st.sampled_from([0, -1, 2**70, 1.5, -0.0, float("inf"), float("nan"), 1e308]),
     st.text(max_size=8),
-    st.sampled_from(["5m", "-1s", "90", "auto", "s3://", "s3://b/x", "file://", "file:///x", "../x", ".", "g5.xlarge",
-                     "ami-12345678", "local", "ssh", "aws", "0.0.0.0/0", "\x00", "a\nb", "x" * 300, b"\xff"]),
+    st.sampled_from(
+        [
+            "5m",
+            "-1s",
+            "90",
+            "auto",
+            "s3://",
+            "s3://b/x",
+            "file://",
+            "file:///x",
+            "../x",
+            ".",
+            "g5.xlarge",
+            "ami-12345678",
+            "local",
+            "ssh",
+            "aws",
+            "0.0.0.0/0",
+            "\x00",
+            "a\nb",
+            "x" * 300,
+            b"\xff",
+        ]
+    ),
 )
 _VALUES = st.recursive(
     _SCALARS,
     lambda children: st.one_of(
-        st.lists(children, max_size=3), st.dictionaries(st.one_of(st.sampled_from(_KEYS), _SCALARS), children, max_size=3)
+        st.lists(children, max_size=3),
+        st.dictionaries(st.one_of(st.sampled_from(_KEYS), _SCALARS), children, max_size=3),
     ),
     max_leaves=8,
 )
@@ -236,8 +295,22 @@ _DOCUMENTS = st.dictionaries(st.one_of(st.sampled_from(_KEYS), st.text(max_size=
 _FIELDS = {
     "sync": ["exclude"],
     "checkpoint": ["dir", "store", "every", "keep", "resume", "nodes"],
-    "aws": ["region", "profile", "instance_type", "ami", "spot", "max_price", "disk_gb", "ssh_cidr", "max_runtime",
-            "idle_timeout", "nodes", "subnet_id", "vpc_id", "iam_instance_profile"],
+    "aws": [
+        "region",
+        "profile",
+        "instance_type",
+        "ami",
+        "spot",
+        "max_price",
+        "disk_gb",
+        "ssh_cidr",
+        "max_runtime",
+        "idle_timeout",
+        "nodes",
+        "subnet_id",
+        "vpc_id",
+        "iam_instance_profile",
+    ],
     "ssh": ["user", "port", "hosts", "identity_file"],
 }
 # Valid name and run, then sections with real field names and random values: reaches every validator.
@@ -249,15 +322,38 @@ _NEAR_VALID = st.fixed_dictionaries(
         "env": st.dictionaries(st.text(max_size=4), _SCALARS, max_size=3),
         "setup": _SCALARS,
         **{
-            section: st.dictionaries(st.sampled_from(fields), st.one_of(_SCALARS, st.lists(_SCALARS, max_size=2)), max_size=4)
+            section: st.dictionaries(
+                st.sampled_from(fields), st.one_of(_SCALARS, st.lists(_SCALARS, max_size=2)), max_size=4
+            )
             for section, fields in _FIELDS.items()
         },
     },
 )
 _YAML_TOKENS = st.sampled_from(
     list("ab: -[]{}&*!|>'\"#%@`,?\n\t\\\x00\x85\u2028\ufeff")
-    + ["name", "run", "aws", "  ", "<<", "!!python/object:os.system", "!!binary", "!!int", "!!timestamp", "!!bool",
-       "&a ", "*a", "---", "...", "%YAML 1.1", "%TAG", "9" * 50, "name: x\nrun: y\n", "\naws:\n  ", "spot: ", "1e999"]
+    + [
+        "name",
+        "run",
+        "aws",
+        "  ",
+        "<<",
+        "!!python/object:os.system",
+        "!!binary",
+        "!!int",
+        "!!timestamp",
+        "!!bool",
+        "&a ",
+        "*a",
+        "---",
+        "...",
+        "%YAML 1.1",
+        "%TAG",
+        "9" * 50,
+        "name: x\nrun: y\n",
+        "\naws:\n  ",
+        "spot: ",
+        "1e999",
+    ]
 )
 _SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
@@ -294,7 +390,9 @@ def test_near_valid_documents_through_yaml_never_escape_as_another_error(data: d
 
 
 @_SETTINGS
-@given(st.lists(st.one_of(st.text(max_size=30), st.sampled_from(_KEYS).map(lambda k: f"aws.{k}=")), max_size=3), _SCALARS)
+@given(
+    st.lists(st.one_of(st.text(max_size=30), st.sampled_from(_KEYS).map(lambda k: f"aws.{k}=")), max_size=3), _SCALARS
+)
 def test_overrides_never_escape_as_another_error(overrides: list[str], value: Any) -> None:
     def apply() -> None:
         data: dict[str, Any] = {"name": "exp", "run": "python train.py"}

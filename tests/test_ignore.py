@@ -56,7 +56,10 @@ def git_kept(root: Path, env: dict[str, str]) -> set[str]:
     """What `git add -A` would take: untracked files that are not ignored."""
     out = subprocess.run(
         ["git", "ls-files", "-z", "--others", "--exclude-standard"],
-        cwd=root, env=env, check=True, capture_output=True,
+        cwd=root,
+        env=env,
+        check=True,
+        capture_output=True,
     ).stdout
     return {name for name in out.decode().split("\0") if name}
 
@@ -64,7 +67,10 @@ def git_kept(root: Path, env: dict[str, str]) -> set[str]:
 def git_check_ignore(root: Path, env: dict[str, str], paths: list[str]) -> set[str]:
     result = subprocess.run(
         ["git", "check-ignore", "-z", "--stdin"],
-        cwd=root, env=env, input="\0".join(paths).encode() + b"\0", capture_output=True,
+        cwd=root,
+        env=env,
+        input="\0".join(paths).encode() + b"\0",
+        capture_output=True,
     )
     assert result.returncode in (0, 1), result.stderr.decode()
     return {name for name in result.stdout.decode().split("\0") if name}
@@ -110,69 +116,134 @@ tmp
 CASES: dict[str, dict[str, str | bytes]] = {
     "basic patterns": {
         ".gitignore": BASIC_GITIGNORE,
-        "a.log": "", "keep.log": "", "sub/a.log": "", "sub/keep.log": "",
-        "build/x.o": "", "sub/build/y.o": "", "buildx/z": "",
-        "top.txt": "", "sub/top.txt": "",
-        "x/cache/z": "", "cache/w": "", "cache.txt": "",
-        "docs/a/b/c.tmp": "", "docs/c.tmp": "", "docs/c.txt": "", "other/docs/d.tmp": "",
-        "#hash.txt": "", "!bang.txt": "", "trailing.txt": "", "escaped space.txt ": "", "escaped space.txt": "",
-        "a.dat": "", "d.dat": "", "x.md": "", "xy.md": "",
-        "tmp/t": "", "sub/tmp": "", "src/tmp.py": "", "src/main.py": "", "src/main.pyc": "",
+        "a.log": "",
+        "keep.log": "",
+        "sub/a.log": "",
+        "sub/keep.log": "",
+        "build/x.o": "",
+        "sub/build/y.o": "",
+        "buildx/z": "",
+        "top.txt": "",
+        "sub/top.txt": "",
+        "x/cache/z": "",
+        "cache/w": "",
+        "cache.txt": "",
+        "docs/a/b/c.tmp": "",
+        "docs/c.tmp": "",
+        "docs/c.txt": "",
+        "other/docs/d.tmp": "",
+        "#hash.txt": "",
+        "!bang.txt": "",
+        "trailing.txt": "",
+        "escaped space.txt ": "",
+        "escaped space.txt": "",
+        "a.dat": "",
+        "d.dat": "",
+        "x.md": "",
+        "xy.md": "",
+        "tmp/t": "",
+        "sub/tmp": "",
+        "src/tmp.py": "",
+        "src/main.py": "",
+        "src/main.pyc": "",
     },
     "nested gitignore files, deeper wins": {
         ".gitignore": "*.log\n/local.txt\nbuild/\nsecret*\n",
-        "a.log": "", "local.txt": "", "secret.key": "",
+        "a.log": "",
+        "local.txt": "",
+        "secret.key": "",
         "sub/.gitignore": "!a.log\n/local.txt\n!secret.key\n!build/\n",
-        "sub/a.log": "", "sub/b.log": "", "sub/local.txt": "", "sub/secret.key": "", "sub/secret.txt": "",
-        "sub/build/kept.o": "", "build/gone.o": "",
-        "sub/deeper/local.txt": "", "sub/deeper/a.log": "",
+        "sub/a.log": "",
+        "sub/b.log": "",
+        "sub/local.txt": "",
+        "sub/secret.key": "",
+        "sub/secret.txt": "",
+        "sub/build/kept.o": "",
+        "build/gone.o": "",
+        "sub/deeper/local.txt": "",
+        "sub/deeper/a.log": "",
         "sub/deeper/.gitignore": "*.txt\n",
-        "sub/deeper/notes.txt": "", "sub/deeper/code.py": "",
+        "sub/deeper/notes.txt": "",
+        "sub/deeper/code.py": "",
         "other/local.txt": "",
     },
     "excluded directory cannot be re-included": {
         ".gitignore": "logs/\n!logs/important.log\nout\n!out/keep.txt\nstar/*\n!star/keep.txt\n",
-        "logs/important.log": "", "logs/other.log": "",
-        "out/keep.txt": "", "out/other.txt": "",
-        "star/keep.txt": "", "star/other.txt": "", "star/deep/x.txt": "",
+        "logs/important.log": "",
+        "logs/other.log": "",
+        "out/keep.txt": "",
+        "out/other.txt": "",
+        "star/keep.txt": "",
+        "star/other.txt": "",
+        "star/deep/x.txt": "",
     },
     "gitignore inside an ignored directory is never read": {
         ".gitignore": "vendor/\n",
-        "vendor/.gitignore": "!*\n", "vendor/lib.py": "",
+        "vendor/.gitignore": "!*\n",
+        "vendor/lib.py": "",
         "main.py": "",
     },
     "whitelist: ignore all but python files": {
         ".gitignore": "*\n!*/\n!*.py\n!.gitignore\n",
-        "a.py": "", "a.txt": "", "pkg/b.py": "", "pkg/b.json": "", "pkg/deep/c.py": "", "pkg/deep/c.bin": "",
+        "a.py": "",
+        "a.txt": "",
+        "pkg/b.py": "",
+        "pkg/b.json": "",
+        "pkg/deep/c.py": "",
+        "pkg/deep/c.bin": "",
     },
     "middle slash anchors, leading and trailing double star": {
         ".gitignore": "a/b.txt\n**/foo\nabc/**\nx/**/y\n/**/z.txt\n",
-        "a/b.txt": "", "x/a/b.txt": "",
-        "foo": "", "e/foo": "", "d/foo/inner": "", "food": "",
-        "abc/1": "", "abc/d/2": "", "abcd/3": "",
-        "x/y": "", "x/p/q/y": "", "w/x/y": "",
-        "z.txt": "", "m/z.txt": "",
+        "a/b.txt": "",
+        "x/a/b.txt": "",
+        "foo": "",
+        "e/foo": "",
+        "d/foo/inner": "",
+        "food": "",
+        "abc/1": "",
+        "abc/d/2": "",
+        "abcd/3": "",
+        "x/y": "",
+        "x/p/q/y": "",
+        "w/x/y": "",
+        "z.txt": "",
+        "m/z.txt": "",
     },
     "directory-only pattern does not match a file": {
         ".gitignore": "data/\nmodels/*/\n",
-        "data": "a file named data", "sub/data/x.npy": "",
-        "models/a/w.bin": "", "models/readme": "",
+        "data": "a file named data",
+        "sub/data/x.npy": "",
+        "models/a/w.bin": "",
+        "models/readme": "",
     },
     "negated directory in a nested file": {
         ".gitignore": "build/\n*.bin\n",
-        "build/a.bin": "", "pkg/build/b.txt": "", "pkg/.gitignore": "!build/\n!*.bin\n", "pkg/c.bin": "", "d.bin": "",
+        "build/a.bin": "",
+        "pkg/build/b.txt": "",
+        "pkg/.gitignore": "!build/\n!*.bin\n",
+        "pkg/c.bin": "",
+        "d.bin": "",
     },
     "unicode, spaces and dotfiles": {
         ".gitignore": "*.tmp\n.cache/\nweird name/\n",
-        "ünïcode.py": "", "ünïcode.tmp": "", "with space.py": "", ".env": "", ".cache/x": "",
-        "weird name/a": "", "weird namex/b": "",
+        "ünïcode.py": "",
+        "ünïcode.tmp": "",
+        "with space.py": "",
+        ".env": "",
+        ".cache/x": "",
+        "weird name/a": "",
+        "weird namex/b": "",
     },
     "crlf line endings": {
         ".gitignore": b"*.log\r\n!keep.log\r\nbuild/\r\n",
-        "a.log": "", "keep.log": "", "build/x": "",
+        "a.log": "",
+        "keep.log": "",
+        "build/x": "",
     },
     "no ignore file at all": {
-        "a.py": "", "b/c.txt": "", ".hidden": "",
+        "a.py": "",
+        "b/c.txt": "",
+        ".hidden": "",
     },
 }
 
@@ -199,11 +270,72 @@ def test_symlinks_are_files_for_git_and_walk(tmp_path: Path) -> None:
 
 _NAMES = ["a", "b", "c.log", "d.txt", "build", "keep.log", "x.py", "cache", "[x]", "a b", "é", "!n", "#h", "*", "ab"]
 _PATTERNS = [
-    "*.log", "!keep.log", "build/", "/d.txt", "**/cache", "a/", "!a/", "b", "!b", "*.py", "!x.py", "/a/b", "c.log",
-    "**/b/**", "!*.txt", "*", "!*/", "a/**", "?.py", "[ab]", "cache/", "!cache", "/build", "d.*", "a/**/", "**/",
-    "a**", "**b", "a/**/b", "b/**/", "[!a]", "[^ab]*", "[a-c]*", "[[:alpha:]]", "[[:digit:]]*", "\\[x\\]", "[x]",
-    "a\\ b", "a b  ", "\\!n", "\\#h", "\\*", "*/", "*/*", "/*", "/*/", "**", "/**", "a/*", "*/b", "[]]", "[!]]",
-    "[a-]", "[z-a]", "é", "?", "??", "!b/", "/a", "!/a", "a/b/", "**/a/**", "[[:bad:]]", "[", "a\\", "[[:alpha:]",
+    "*.log",
+    "!keep.log",
+    "build/",
+    "/d.txt",
+    "**/cache",
+    "a/",
+    "!a/",
+    "b",
+    "!b",
+    "*.py",
+    "!x.py",
+    "/a/b",
+    "c.log",
+    "**/b/**",
+    "!*.txt",
+    "*",
+    "!*/",
+    "a/**",
+    "?.py",
+    "[ab]",
+    "cache/",
+    "!cache",
+    "/build",
+    "d.*",
+    "a/**/",
+    "**/",
+    "a**",
+    "**b",
+    "a/**/b",
+    "b/**/",
+    "[!a]",
+    "[^ab]*",
+    "[a-c]*",
+    "[[:alpha:]]",
+    "[[:digit:]]*",
+    "\\[x\\]",
+    "[x]",
+    "a\\ b",
+    "a b  ",
+    "\\!n",
+    "\\#h",
+    "\\*",
+    "*/",
+    "*/*",
+    "/*",
+    "/*/",
+    "**",
+    "/**",
+    "a/*",
+    "*/b",
+    "[]]",
+    "[!]]",
+    "[a-]",
+    "[z-a]",
+    "é",
+    "?",
+    "??",
+    "!b/",
+    "/a",
+    "!/a",
+    "a/b/",
+    "**/a/**",
+    "[[:bad:]]",
+    "[",
+    "a\\",
+    "[[:alpha:]",
 ]
 
 
@@ -232,13 +364,20 @@ def test_random_trees_match_git(seed: int, tmp_path: Path) -> None:
 def test_ignore_file_oddities_match_git(tmp_path: Path) -> None:
     """A BOM, bytes that are not UTF-8, a symlinked and a directory .gitignore (git reads neither)."""
     root = tmp_path / "tree"
-    build(root, {
-        ".gitignore": b"\xef\xbb\xbf*.log\n\xff\xfe.bin\n!keep.log",  # no final newline
-        "a.log": "", "keep.log": "", "b.bin": "",
-        "real-rules": "*.py\n",
-        "linked/x.py": "", "linked/y.txt": "",
-        "dir-rules/.gitignore/inner": "", "dir-rules/z.py": "",
-    })
+    build(
+        root,
+        {
+            ".gitignore": b"\xef\xbb\xbf*.log\n\xff\xfe.bin\n!keep.log",  # no final newline
+            "a.log": "",
+            "keep.log": "",
+            "b.bin": "",
+            "real-rules": "*.py\n",
+            "linked/x.py": "",
+            "linked/y.txt": "",
+            "dir-rules/.gitignore/inner": "",
+            "dir-rules/z.py": "",
+        },
+    )
     (root / "linked" / ".gitignore").symlink_to("../real-rules")
     compare_with_git(root, tmp_path)
 
@@ -248,17 +387,34 @@ def test_ignore_file_oddities_match_git(tmp_path: Path) -> None:
 
 def test_gpurunignore_at_root_replaces_gitignore(tmp_path: Path) -> None:
     root = tmp_path / "tree"
-    build(root, {
-        ".gitignore": "*.log\n",
-        ".gpurunignore": "data/\n*.npy\n",
-        "a.log": "", "data/x.csv": "", "w.npy": "", "train.py": "",
-        "sub/.gitignore": "*.py\n", "sub/m.py": "",
-        "sub/.gpurunignore": "*.txt\n", "sub/n.txt": "", "sub/o.csv": "",
-    })
+    build(
+        root,
+        {
+            ".gitignore": "*.log\n",
+            ".gpurunignore": "data/\n*.npy\n",
+            "a.log": "",
+            "data/x.csv": "",
+            "w.npy": "",
+            "train.py": "",
+            "sub/.gitignore": "*.py\n",
+            "sub/m.py": "",
+            "sub/.gpurunignore": "*.txt\n",
+            "sub/n.txt": "",
+            "sub/o.csv": "",
+        },
+    )
     walked = {item.path for item in IgnoreRules(root).walk()}
     # .gitignore files (root and nested) no longer count; nested .gpurunignore files do.
-    assert walked == {".gitignore", ".gpurunignore", "a.log", "train.py", "sub/.gitignore", "sub/m.py",
-                      "sub/.gpurunignore", "sub/o.csv"}
+    assert walked == {
+        ".gitignore",
+        ".gpurunignore",
+        "a.log",
+        "train.py",
+        "sub/.gitignore",
+        "sub/m.py",
+        "sub/.gpurunignore",
+        "sub/o.csv",
+    }
     rules = IgnoreRules(root)
     assert rules.is_ignored("data/x.csv") and rules.is_ignored("sub/n.txt") and not rules.is_ignored("a.log")
 
@@ -272,11 +428,19 @@ def test_gpurunignore_only_in_a_subdirectory_does_not_replace(tmp_path: Path) ->
 
 def test_sync_exclude_applies_on_top(tmp_path: Path) -> None:
     root = tmp_path / "tree"
-    build(root, {
-        ".gitignore": "*.log\n",
-        "a.log": "", "data/big.npy": "", "sub/data/x": "", "w.npy": "", "checkpoints/c.pt": "", "sub/checkpoints/d": "",
-        "train.py": "",
-    })
+    build(
+        root,
+        {
+            ".gitignore": "*.log\n",
+            "a.log": "",
+            "data/big.npy": "",
+            "sub/data/x": "",
+            "w.npy": "",
+            "checkpoints/c.pt": "",
+            "sub/checkpoints/d": "",
+            "train.py": "",
+        },
+    )
     rules = IgnoreRules(root, ["data/", "*.npy", "/checkpoints/"])
     walked = {item.path for item in rules.walk()}
     assert walked == {".gitignore", "train.py", "sub/checkpoints/d"}
@@ -293,14 +457,17 @@ def test_sync_exclude_without_any_ignore_file(tmp_path: Path) -> None:
 
 def test_dot_git_is_never_sent(tmp_path: Path) -> None:
     root = tmp_path / "tree"
-    build(root, {
-        ".gitignore": "!.git\n!.git/\n!*\n",
-        ".gpurunignore": "!.git\n",
-        "a.py": "",
-        "sub/.git": "gitdir: ../elsewhere\n",  # a worktree's .git file
-        "vendored/.git/config": "",
-        "vendored/lib.py": "",
-    })
+    build(
+        root,
+        {
+            ".gitignore": "!.git\n!.git/\n!*\n",
+            ".gpurunignore": "!.git\n",
+            "a.py": "",
+            "sub/.git": "gitdir: ../elsewhere\n",  # a worktree's .git file
+            "vendored/.git/config": "",
+            "vendored/lib.py": "",
+        },
+    )
     subprocess.run(["git", "init", "-q", str(root)], env=_git_env(tmp_path), check=True)
     for extra in [(), ("!.git/",)]:
         rules = IgnoreRules(root, extra)

@@ -34,8 +34,12 @@ def test_generated_pytorch_project_launches_and_checkpoints(tmp_path: Path) -> N
     project = tmp_path / "lstm"
     gpurun("init", str(project), "--template", "pytorch")
     fast = "python train.py --epochs 2 --steps-per-epoch 6 --batch-size 8 --seq-len 32 --hidden 16 --val-batches 1"
-    run = gpurun_json("launch", str(project / "experiment.yaml"), "--set", f"run={fast}", "--set", "checkpoint.every=2s")["run"]
-    status = wait_until(lambda: (s := gpurun_json("status", run)[0])["state"] != "running" and s, timeout=120, what="the job")
+    run = gpurun_json(
+        "launch", str(project / "experiment.yaml"), "--set", f"run={fast}", "--set", "checkpoint.every=2s"
+    )["run"]
+    status = wait_until(
+        lambda: (s := gpurun_json("status", run)[0])["state"] != "running" and s, timeout=120, what="the job"
+    )
     log = gpurun("logs", run).stdout
     assert status["state"] == "succeeded", log
     assert "done:" in log
@@ -68,7 +72,9 @@ def test_keras_project_stopped_by_teardown_resumes_through_gpurun(tmp_path: Path
     assert first_log_tail and first_log_tail["seq"] >= 1, "teardown's SIGTERM save reached the store"
 
     second = gpurun_json("launch", spec, "--set", f"run={slow}", "--resume", run)["run"]
-    status = wait_until(lambda: (s := gpurun_json("status", second)[0])["state"] != "running" and s, timeout=240, what="resumed run")
+    status = wait_until(
+        lambda: (s := gpurun_json("status", second)[0])["state"] != "running" and s, timeout=240, what="resumed run"
+    )
     log = gpurun("logs", second).stdout
     assert status["state"] == "succeeded", log
     resumed = re.search(r"resumed from \S+ at epoch (\d+) step (\d+)", log)

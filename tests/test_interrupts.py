@@ -52,6 +52,7 @@ def recorder() -> FakeAws:
     """Records every request body; serves the DLAMI parameters and placement groups moto lacks."""
     return FakeAws()
 
+
 # The CLI, with one function wrapped so that the child stops at a known stage until SIGINT arrives.
 CHILD = r"""
 import sys, time

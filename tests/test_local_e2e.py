@@ -83,7 +83,11 @@ def test_failed_setup_fails_the_launch_and_leaves_nothing(tmp_path: Path, gpurun
     done = gpurun("launch", str(spec), check=False)
     assert done.returncode == 1
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "setup failed with exit status 7" in errors[0] and "everything it created was removed" in errors[0]
+    assert (
+        len(errors) == 1
+        and "setup failed with exit status 7" in errors[0]
+        and "everything it created was removed" in errors[0]
+    )
     assert not list((gpurun_home / "runs").glob("*.json"))
     assert not (gpurun_home / "local").exists() or not list((gpurun_home / "local").iterdir())
 

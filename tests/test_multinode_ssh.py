@@ -15,9 +15,7 @@ from tests.helpers import REPO, gpurun, gpurun_json, process_alive, wait_until
 @pytest.mark.slow
 def test_two_ssh_nodes_train_together_with_torchrun(sshd, ssh_client_home: Path, tmp_path: Path) -> None:
     shutil.copytree(REPO / "templates/pytorch", tmp_path / "code")
-    train = (
-        "--epochs 2 --steps-per-epoch 6 --batch-size 8 --seq-len 32 --hidden 16 --val-batches 1 --log-every 0"
-    )
+    train = "--epochs 2 --steps-per-epoch 6 --batch-size 8 --seq-len 32 --hidden 16 --val-batches 1 --log-every 0"
     torchrun = (
         f"{sys.executable} -m torch.distributed.run --nnodes $GPURUN_NUM_NODES --node-rank $GPURUN_NODE_RANK"
         " --master-addr $GPURUN_MASTER_ADDR --master-port $GPURUN_MASTER_PORT --nproc-per-node 1"
@@ -44,7 +42,9 @@ def _check_run(run: str, sshd) -> None:
     assert (node0 / "work/train.py").exists() and (node1 / "work/train.py").exists(), "separate run directories"
     assert (node0 / "agent.pid").exists() and not (node1 / "agent.pid").exists(), "the agent runs on rank 0"
 
-    status = wait_until(lambda: (s := gpurun_json("status", run)[0])["state"] != "running" and s, timeout=240, what="DDP job")
+    status = wait_until(
+        lambda: (s := gpurun_json("status", run)[0])["state"] != "running" and s, timeout=240, what="DDP job"
+    )
     logs = [gpurun("logs", run, "--node", str(rank)).stdout for rank in (0, 1)]
     assert status["state"] == "succeeded", logs
     for log in logs:
@@ -65,7 +65,9 @@ def _check_run(run: str, sshd) -> None:
 
 
 @pytest.mark.slow
-def test_one_node_failing_setup_rolls_back_every_node(sshd, ssh_client_home: Path, tmp_path: Path, gpurun_home: Path) -> None:
+def test_one_node_failing_setup_rolls_back_every_node(
+    sshd, ssh_client_home: Path, tmp_path: Path, gpurun_home: Path
+) -> None:
     (tmp_path / "code").mkdir()
     spec = tmp_path / "half.yaml"
     spec.write_text(

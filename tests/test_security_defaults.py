@@ -46,6 +46,7 @@ def recorder() -> FakeAws:
     """Records every request body; serves the DLAMI parameters and placement groups moto lacks."""
     return FakeAws()
 
+
 ACCESS_KEY = "AKIAIOSFODNN7EXAMPLE"
 SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 SESSION_TOKEN = "FwoGZXIvYXdzEXAMPLEsessionTOKENgpurunTEST0123456789"
@@ -95,7 +96,11 @@ def _user_data(body: dict[str, Any]) -> str:
 
 
 def _has_managed_tag(body: dict[str, Any]) -> bool:
-    keys = [k for k, v in body.items() if re.fullmatch(r"(TagSpecification\.\d+\.Tag|Tags\.member)\.\d+\.Key", k) and v == "gpurun:managed"]
+    keys = [
+        k
+        for k, v in body.items()
+        if re.fullmatch(r"(TagSpecification\.\d+\.Tag|Tags\.member)\.\d+\.Key", k) and v == "gpurun:managed"
+    ]
     return any(body[key.replace(".Key", ".Value")] == "true" for key in keys)
 
 
@@ -115,7 +120,9 @@ def check_requests(recorder: FakeAws, *, cidr: str, bucket: str, prefix: str, no
     for body in ingress:
         ranges = _indexed(body, r"IpPermissions\.\d+\.(IpRanges|Ipv6Ranges)\.\d+\.CidrIpv?6?")
         assert set(ranges.values()) == {cidr}, ranges
-        ports = {(body[k], body[k.replace("FromPort", "ToPort")]) for k in _indexed(body, r"IpPermissions\.\d+\.FromPort")}
+        ports = {
+            (body[k], body[k.replace("FromPort", "ToPort")]) for k in _indexed(body, r"IpPermissions\.\d+\.FromPort")
+        }
         assert ports <= {("22", "22"), (22, 22), ("-1", "-1"), (-1, -1)}, ports
         groups = _indexed(body, r"IpPermissions\.\d+\.Groups\.\d+\.GroupId")
         assert set(groups.values()) <= {body["GroupId"]}, "only the run's own group may reach all ports"
@@ -132,7 +139,9 @@ def check_requests(recorder: FakeAws, *, cidr: str, bucket: str, prefix: str, no
         assert devices
         for key in devices:
             index = key.split(".")[1]
-            assert body.get(f"BlockDeviceMapping.{index}.Ebs.Encrypted") in (True, "true"), f"device {index} unencrypted"
+            assert body.get(f"BlockDeviceMapping.{index}.Ebs.Encrypted") in (True, "true"), (
+                f"device {index} unencrypted"
+            )
             assert body.get(f"BlockDeviceMapping.{index}.Ebs.DeleteOnTermination") in (True, "true")
         assert body["InstanceInitiatedShutdownBehavior"] == "terminate"
         script = _user_data(body)
@@ -196,7 +205,9 @@ def test_every_request_of_every_aws_experiment_is_safe(world, recorder, experime
     assert len(machines) == spec.aws.nodes
     assert not any("open to the whole internet" in line for line in said)
     bucket, _, prefix = spec.checkpoint.store[len("s3://") :].partition("/")
-    checked = check_requests(recorder, cidr=f"{CALLER_IP}/32", bucket=bucket, prefix=prefix.strip("/"), nodes=spec.aws.nodes)
+    checked = check_requests(
+        recorder, cidr=f"{CALLER_IP}/32", bucket=bucket, prefix=prefix.strip("/"), nodes=spec.aws.nodes
+    )
     assert checked > 10
     check_key_files(record)
     for saved in saves.records:
@@ -263,7 +274,14 @@ def test_the_cli_prints_and_writes_no_secret(world, recorder, monkeypatch, tmp_p
 
     def patched_init(self) -> None:
         original_init(self)
-        for name in ("wait_ssh", "poll_interval", "iam_propagation_timeout", "host_key_timeout", "sleep", "teardown_timing"):
+        for name in (
+            "wait_ssh",
+            "poll_interval",
+            "iam_propagation_timeout",
+            "host_key_timeout",
+            "sleep",
+            "teardown_timing",
+        ):
             setattr(self, name, getattr(configured, name))
         self.event_handlers.extend(recorder.handlers())
 
@@ -280,7 +298,16 @@ def test_the_cli_prints_and_writes_no_secret(world, recorder, monkeypatch, tmp_p
     )
     experiment = next(p for p in AWS_EXPERIMENTS if "spot" in p.stem)
     code, out, err = _cli(
-        capsys, "launch", str(experiment), "--json", "--set", "setup=null", "--set", "run=sleep 60", "--set", "aws.nodes=1"
+        capsys,
+        "launch",
+        str(experiment),
+        "--json",
+        "--set",
+        "setup=null",
+        "--set",
+        "run=sleep 60",
+        "--set",
+        "aws.nodes=1",
     )
     assert code == 0, err
     launched = json.loads(out)

@@ -66,7 +66,12 @@ GOOD: list[tuple[str, str, list[str], Callable[[Spec, Path], Any]]] = [
     ("duration 1d", BASE + "aws: {max_runtime: 1d}\n", [], lambda s, d: s.aws.max_runtime == 86400),
     ("duration in plain seconds", BASE + "checkpoint: {every: 45}\n", [], lambda s, d: s.checkpoint.every == 45),
     ("duration 1.5h", BASE + "aws: {idle_timeout: 1.5h}\n", [], lambda s, d: s.aws.idle_timeout == 5400),
-    ("idle_timeout null turns it off", BASE + "aws: {idle_timeout: null}\n", [], lambda s, d: s.aws.idle_timeout is None),
+    (
+        "idle_timeout null turns it off",
+        BASE + "aws: {idle_timeout: null}\n",
+        [],
+        lambda s, d: s.aws.idle_timeout is None,
+    ),
     (
         "instance_type string becomes a list",
         BASE + "aws: {instance_type: g6.xlarge}\n",
@@ -142,32 +147,80 @@ GOOD: list[tuple[str, str, list[str], Callable[[Spec, Path], Any]]] = [
             and s.ssh.user == "ubuntu"
         ),
     ),
-    ("store file:// with absolute path", BASE + "checkpoint: {store: 'file:///data/ckpt/'}\n", [],
-     lambda s, d: s.checkpoint.store == "file:///data/ckpt"),
-    ("ami forms: ami-id", BASE + "aws: {ami: ami-0123456789abcdef0}\n", [], lambda s, d: s.aws.ami == "ami-0123456789abcdef0"),
-    ("ami forms: ssm path", BASE + "aws: {ami: 'ssm:/aws/service/x/ami-id'}\n", [], lambda s, d: s.aws.ami.startswith("ssm:/")),
-    ("ami forms: name@owner", BASE + "aws: {ami: 'name:Deep Learning*@amazon'}\n", [], lambda s, d: s.aws.ami.startswith("name:")),
-    ("ssh_cidr normalised", BASE + "aws: {ssh_cidr: 203.0.113.7/24}\n", [], lambda s, d: s.aws.ssh_cidr == "203.0.113.0/24"),
-    ("max_price 0 and disk 8", BASE + "aws: {max_price: 0, disk_gb: 8}\n", [],
-     lambda s, d: s.aws.max_price == 0 and s.aws.disk_gb == 8),
-    ("provider ssh with hosts", BASE + "provider: ssh\nssh: {hosts: [gpu-box, 'me@10.0.0.2:2222']}\n", [],
-     lambda s, d: s.num_nodes == 2),
+    (
+        "store file:// with absolute path",
+        BASE + "checkpoint: {store: 'file:///data/ckpt/'}\n",
+        [],
+        lambda s, d: s.checkpoint.store == "file:///data/ckpt",
+    ),
+    (
+        "ami forms: ami-id",
+        BASE + "aws: {ami: ami-0123456789abcdef0}\n",
+        [],
+        lambda s, d: s.aws.ami == "ami-0123456789abcdef0",
+    ),
+    (
+        "ami forms: ssm path",
+        BASE + "aws: {ami: 'ssm:/aws/service/x/ami-id'}\n",
+        [],
+        lambda s, d: s.aws.ami.startswith("ssm:/"),
+    ),
+    (
+        "ami forms: name@owner",
+        BASE + "aws: {ami: 'name:Deep Learning*@amazon'}\n",
+        [],
+        lambda s, d: s.aws.ami.startswith("name:"),
+    ),
+    (
+        "ssh_cidr normalised",
+        BASE + "aws: {ssh_cidr: 203.0.113.7/24}\n",
+        [],
+        lambda s, d: s.aws.ssh_cidr == "203.0.113.0/24",
+    ),
+    (
+        "max_price 0 and disk 8",
+        BASE + "aws: {max_price: 0, disk_gb: 8}\n",
+        [],
+        lambda s, d: s.aws.max_price == 0 and s.aws.disk_gb == 8,
+    ),
+    (
+        "provider ssh with hosts",
+        BASE + "provider: ssh\nssh: {hosts: [gpu-box, 'me@10.0.0.2:2222']}\n",
+        [],
+        lambda s, d: s.num_nodes == 2,
+    ),
     ("aws nodes count", BASE + "provider: aws\naws: {nodes: 4}\n", [], lambda s, d: s.num_nodes == 4),
     ("--set env.X=1 works", BASE, ["env.X=1"], lambda s, d: s.env == {"X": "1"}),
     ("--set aws.spot=false works", BASE + "aws: {spot: true}\n", ["aws.spot=false"], lambda s, d: s.aws.spot is False),
     ("--set a duration", BASE, ["checkpoint.every=90s"], lambda s, d: s.checkpoint.every == 90),
-    ("--set a list", BASE, ["aws.instance_type=[g6.xlarge, g5.xlarge]"],
-     lambda s, d: s.aws.instance_type == ["g6.xlarge", "g5.xlarge"]),
-    ("--set into a section the file lacks", BASE, ["ssh.port=2222", "aws.region=eu-west-1"],
-     lambda s, d: s.ssh.port == 2222 and s.aws.region == "eu-west-1"),
+    (
+        "--set a list",
+        BASE,
+        ["aws.instance_type=[g6.xlarge, g5.xlarge]"],
+        lambda s, d: s.aws.instance_type == ["g6.xlarge", "g5.xlarge"],
+    ),
+    (
+        "--set into a section the file lacks",
+        BASE,
+        ["ssh.port=2222", "aws.region=eu-west-1"],
+        lambda s, d: s.ssh.port == 2222 and s.aws.region == "eu-west-1",
+    ),
     ("--set later wins", BASE, ["checkpoint.keep=5", "checkpoint.keep=7"], lambda s, d: s.checkpoint.keep == 7),
     ("--set a top-level field", BASE, ["run=python other.py --fast"], lambda s, d: s.run == "python other.py --fast"),
     ("--set env value with '='", BASE, ["env.OPTS=a=b"], lambda s, d: s.env == {"OPTS": "a=b"}),
-    ("YAML merge key", BASE + "aws: {<<: {spot: true}, region: eu-west-1}\n", [],
-     lambda s, d: s.aws.spot is True and s.aws.region == "eu-west-1"),
+    (
+        "YAML merge key",
+        BASE + "aws: {<<: {spot: true}, region: eu-west-1}\n",
+        [],
+        lambda s, d: s.aws.spot is True and s.aws.region == "eu-west-1",
+    ),
     ("UTF-8 byte order mark", "\ufeff" + BASE, [], lambda s, d: s.name == "exp"),
-    ("a multi-line run command", BASE.replace("run: python train.py\n", "run: |\n  set -e\n  python train.py\n"), [],
-     lambda s, d: s.run == "set -e\npython train.py\n"),
+    (
+        "a multi-line run command",
+        BASE.replace("run: python train.py\n", "run: |\n  set -e\n  python train.py\n"),
+        [],
+        lambda s, d: s.run == "set -e\npython train.py\n",
+    ),
 ]
 
 
@@ -185,10 +238,24 @@ def test_good_specs(tmp_path: Path, text: str, overrides: list[str], check) -> N
 BAD: list[tuple[str, str, list[str], list[str]]] = [
     ("invalid YAML with line", BASE + "aws:\n  region: [us-east-1\n", [], ["line ", "invalid YAML"]),
     ("invalid YAML: tab indentation", BASE + "aws:\n\tspot: true\n", [], ["line 4", "invalid YAML", "'\\t'"]),
-    ("unknown key, did you mean", BASE + "chekpoint: {every: 5m}\n", [], ["chekpoint", "unknown key", "did you mean 'checkpoint'"]),
-    ("unknown nested key, did you mean", BASE + "aws: {instance_typ: g5.xlarge}\n", [],
-     ["aws.instance_typ", "unknown key", "did you mean 'instance_type'"]),
-    ("unknown key with no near match lists the known ones", BASE + "zzz: 1\n", [], ["zzz", "unknown key", "known: name, provider"]),
+    (
+        "unknown key, did you mean",
+        BASE + "chekpoint: {every: 5m}\n",
+        [],
+        ["chekpoint", "unknown key", "did you mean 'checkpoint'"],
+    ),
+    (
+        "unknown nested key, did you mean",
+        BASE + "aws: {instance_typ: g5.xlarge}\n",
+        [],
+        ["aws.instance_typ", "unknown key", "did you mean 'instance_type'"],
+    ),
+    (
+        "unknown key with no near match lists the known ones",
+        BASE + "zzz: 1\n",
+        [],
+        ["zzz", "unknown key", "known: name, provider"],
+    ),
     ("missing name", "run: python train.py\n", [], ["name", "required field is missing", "name: my-experiment"]),
     ("missing run", "name: exp\n", [], ["run", "required field is missing", "run: python train.py"]),
     ("wrong type: keep", BASE + "checkpoint: {keep: many}\n", [], ["checkpoint.keep", "valid integer", "'many'"]),
@@ -196,35 +263,90 @@ BAD: list[tuple[str, str, list[str], list[str]]] = [
     ("wrong type: section is a string", BASE + "aws: us-east-1\n", [], ["aws", "mapping", "aws: {region: us-east-1}"]),
     ("wrong type: exclude a string", BASE + "sync: {exclude: data/}\n", [], ["sync.exclude", "expected a list"]),
     ("wrong type: run a list", "name: exp\nrun: [python, train.py]\n", [], ["run", "valid string"]),
-    ("negative duration", BASE + "checkpoint: {every: -5m}\n", [], ["checkpoint.every", "'-5m' is not a duration", "90s, 5m, 12h, 1d"]),
+    (
+        "negative duration",
+        BASE + "checkpoint: {every: -5m}\n",
+        [],
+        ["checkpoint.every", "'-5m' is not a duration", "90s, 5m, 12h, 1d"],
+    ),
     ("negative number duration", BASE + "checkpoint: {every: -5}\n", [], ["checkpoint.every", "greater than zero"]),
-    ("malformed duration", BASE + "aws: {max_runtime: 5 minutes}\n", [], ["aws.max_runtime", "not a duration", "like 90s"]),
+    (
+        "malformed duration",
+        BASE + "aws: {max_runtime: 5 minutes}\n",
+        [],
+        ["aws.max_runtime", "not a duration", "like 90s"],
+    ),
     ("duration too long", BASE + "aws: {max_runtime: 400d}\n", [], ["aws.max_runtime", "at most 366d"]),
     ("zero duration", BASE + "checkpoint: {every: 0s}\n", [], ["checkpoint.every", "greater than zero"]),
-    ("unknown store scheme", BASE + "checkpoint: {store: 'gs://bucket/x'}\n", [], ["checkpoint.store", "not a store URL", "s3://bucket/prefix"]),
-    ("s3 URL with no bucket", BASE + "checkpoint: {store: 's3://'}\n", [], ["checkpoint.store", "no valid bucket", "s3://bucket/prefix"]),
-    ("s3 URL with bad bucket", BASE + "checkpoint: {store: 's3://My_Bucket/x'}\n", [], ["checkpoint.store", "no valid bucket"]),
-    ("file store relative", BASE + "checkpoint: {store: 'file://relative/x'}\n", [], ["checkpoint.store", "absolute path"]),
-    ("workdir that does not exist", BASE + "workdir: nowhere\n", [], ["workdir", "'nowhere' is not a directory", "relative to the experiment file"]),
+    (
+        "unknown store scheme",
+        BASE + "checkpoint: {store: 'gs://bucket/x'}\n",
+        [],
+        ["checkpoint.store", "not a store URL", "s3://bucket/prefix"],
+    ),
+    (
+        "s3 URL with no bucket",
+        BASE + "checkpoint: {store: 's3://'}\n",
+        [],
+        ["checkpoint.store", "no valid bucket", "s3://bucket/prefix"],
+    ),
+    (
+        "s3 URL with bad bucket",
+        BASE + "checkpoint: {store: 's3://My_Bucket/x'}\n",
+        [],
+        ["checkpoint.store", "no valid bucket"],
+    ),
+    (
+        "file store relative",
+        BASE + "checkpoint: {store: 'file://relative/x'}\n",
+        [],
+        ["checkpoint.store", "absolute path"],
+    ),
+    (
+        "workdir that does not exist",
+        BASE + "workdir: nowhere\n",
+        [],
+        ["workdir", "'nowhere' is not a directory", "relative to the experiment file"],
+    ),
     ("workdir that is a file", BASE + "workdir: experiment.yaml\n", [], ["workdir", "is not a directory"]),
     ("keep < 1", BASE + "checkpoint: {keep: 0}\n", [], ["checkpoint.keep", "greater than or equal to 1", "got 0"]),
     ("nodes < 1", BASE + "aws: {nodes: 0}\n", [], ["aws.nodes", "greater than or equal to 1"]),
-    ("bad ssh_cidr", BASE + "aws: {ssh_cidr: 'everyone'}\n", [], ["aws.ssh_cidr", "not a CIDR", "auto or an address block"]),
+    (
+        "bad ssh_cidr",
+        BASE + "aws: {ssh_cidr: 'everyone'}\n",
+        [],
+        ["aws.ssh_cidr", "not a CIDR", "auto or an address block"],
+    ),
     ("max_price < 0", BASE + "aws: {max_price: -0.5}\n", [], ["aws.max_price", "greater than or equal to 0"]),
     ("max_price infinite", BASE + "aws: {max_price: .inf}\n", [], ["aws.max_price", "finite number"]),
     ("disk_gb too small", BASE + "aws: {disk_gb: 4}\n", [], ["aws.disk_gb", "greater than or equal to 8"]),
     ("bad region", BASE + "aws: {region: us-east}\n", [], ["aws.region", "not an AWS region", "like us-east-1"]),
     ("bad AMI form", BASE + "aws: {ami: ubuntu-22.04}\n", [], ["aws.ami", "not an AMI", "ami-...", "dlami-base"]),
-    ("bad instance type", BASE + "aws: {instance_type: [g5.xlarge, 'G5 XL']}\n", [], ["aws.instance_type", "'G5 XL'", "like g5.xlarge"]),
+    (
+        "bad instance type",
+        BASE + "aws: {instance_type: [g5.xlarge, 'G5 XL']}\n",
+        [],
+        ["aws.instance_type", "'G5 XL'", "like g5.xlarge"],
+    ),
     ("empty instance type list", BASE + "aws: {instance_type: []}\n", [], ["aws.instance_type", "at least one"]),
     ("provider ssh without hosts", BASE + "provider: ssh\n", [], ["ssh.hosts", "provider ssh needs at least one host"]),
-    ("unknown provider", BASE + "provider: gcp\n", [], ["provider", "'gcp' is not accepted", "'aws', 'ssh' or 'local'"]),
+    (
+        "unknown provider",
+        BASE + "provider: gcp\n",
+        [],
+        ["provider", "'gcp' is not accepted", "'aws', 'ssh' or 'local'"],
+    ),
     ("resume value", BASE + "checkpoint: {resume: always}\n", [], ["checkpoint.resume", "'auto' or 'never'"]),
     ("bad name", "name: my experiment\nrun: x\n", [], ["name", "not a run name", "letters, digits"]),
     ("name with trailing newline", 'name: "exp\\n"\nrun: x\n', [], ["name", "'exp\\n' is not a run name"]),
     ("env bad name", BASE + "env: {'1BAD': x}\n", [], ["env", "'1BAD' is not an environment variable name"]),
     ("env nested value", BASE + "env: {A: {b: 1}}\n", [], ["env", "env.A must be a string, number or boolean"]),
-    ("checkpoint.dir absolute", BASE + "checkpoint: {dir: /etc}\n", [], ["checkpoint.dir", "inside workdir", "like checkpoints"]),
+    (
+        "checkpoint.dir absolute",
+        BASE + "checkpoint: {dir: /etc}\n",
+        [],
+        ["checkpoint.dir", "inside workdir", "like checkpoints"],
+    ),
     ("checkpoint.dir escapes", BASE + "checkpoint: {dir: ../../x}\n", [], ["checkpoint.dir", "inside workdir"]),
     ("exclude escapes", BASE + "sync: {exclude: ['../secrets']}\n", [], ["sync.exclude", "outside workdir"]),
     ("port out of range", BASE + "ssh: {port: 70000}\n", [], ["ssh.port", "less than or equal to 65535"]),
@@ -234,13 +356,28 @@ BAD: list[tuple[str, str, list[str], list[str]]] = [
     ("a list instead of a mapping", "- name: exp\n- run: x\n", [], ["expected a mapping of fields", "got list"]),
     ("empty file", "", [], ["empty experiment file", "name and run"]),
     ("only a comment", "# nothing\n", [], ["empty experiment file"]),
-    ("--set on an unknown path", BASE, ["aws.spto=false"], ["--set aws.spto=false", "aws.spto", "unknown field", "did you mean 'spot'"]),
+    (
+        "--set on an unknown path",
+        BASE,
+        ["aws.spto=false"],
+        ["--set aws.spto=false", "aws.spto", "unknown field", "did you mean 'spot'"],
+    ),
     ("--set on an unknown section", BASE, ["chekpoint.every=5m"], ["--set", "chekpoint", "did you mean 'checkpoint'"]),
-    ("--set with a type error", BASE, ["aws.disk_gb=big"], ["experiment.yaml (--set aws.disk_gb=big)", "aws.disk_gb", "valid integer"]),
+    (
+        "--set with a type error",
+        BASE,
+        ["aws.disk_gb=big"],
+        ["experiment.yaml (--set aws.disk_gb=big)", "aws.disk_gb", "valid integer"],
+    ),
     ("--set with no '='", BASE, ["nodot"], ["--set nodot", "FIELD=VALUE", "aws.spot=false"]),
     ("--set below a field", BASE, ["name.x=1"], ["--set name.x=1", "name is a field, not a section"]),
     ("--set env too deep", BASE, ["env.A.B=1"], ["--set env.A.B=1", "env.NAME=value"]),
-    ("--set bad duration", BASE, ["checkpoint.every=soon"], ["--set checkpoint.every=soon", "checkpoint.every", "not a duration"]),
+    (
+        "--set bad duration",
+        BASE,
+        ["checkpoint.every=soon"],
+        ["--set checkpoint.every=soon", "checkpoint.every", "not a duration"],
+    ),
 ]
 
 
@@ -345,7 +482,10 @@ def test_parse_duration(text, seconds) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["-1s", "5x", "", "1e3", "5 minutes", "0", 0, -3, True, None, [5], float("nan"), float("inf"), 10**400, "367d"])
+@pytest.mark.parametrize(
+    "text",
+    ["-1s", "5x", "", "1e3", "5 minutes", "0", 0, -3, True, None, [5], float("nan"), float("inf"), 10**400, "367d"],
+)
 def test_parse_duration_rejects(text) -> None:
     with pytest.raises(ValueError) as excinfo:
         parse_duration(text)
@@ -353,4 +493,10 @@ def test_parse_duration_rejects(text) -> None:
 
 
 def test_format_duration() -> None:
-    assert [format_duration(s) for s in (45, 300, 330, 7800, 3 * 86400 + 7200)] == ["45s", "5m", "5m30s", "2h10m", "3d2h"]
+    assert [format_duration(s) for s in (45, 300, 330, 7800, 3 * 86400 + 7200)] == [
+        "45s",
+        "5m",
+        "5m30s",
+        "2h10m",
+        "3d2h",
+    ]

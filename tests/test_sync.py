@@ -100,7 +100,11 @@ def test_a_dropped_connection_mid_sync_then_a_retry_ends_with_the_same_tree(sshd
         (source / f"d{index % 4}/blob{index}.bin").write_bytes(rng.randbytes(1_000_000))
     manifest = str(tmp_path / "sync.manifest")
     transport = SshTransport(
-        sshd.host, port=sshd.port, user=sshd.user, key_filename=sshd.key_path, pinned_keys=[sshd.host_key_line],
+        sshd.host,
+        port=sshd.port,
+        user=sshd.user,
+        key_filename=sshd.key_path,
+        pinned_keys=[sshd.host_key_line],
         reconnect_retry_for=10.0,
     )
     seen = []

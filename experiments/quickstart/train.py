@@ -116,7 +116,10 @@ def main() -> int:
             step += 1
         history.append(float(np.mean(losses)))
         save(checkpoints, params, moments, epoch, step, history)
-        print(f"epoch {epoch}/{args.epochs} step {step} loss {history[-1]:.5f} ({time.monotonic() - started:.2f}s)", flush=True)
+        print(
+            f"epoch {epoch}/{args.epochs} step {step} loss {history[-1]:.5f} ({time.monotonic() - started:.2f}s)",
+            flush=True,
+        )
         if stop_requested:
             print(f"SIGTERM: saved checkpoint at epoch {epoch}, exiting", flush=True)
             return 0

@@ -24,9 +24,9 @@ def store_url_for(spec) -> str:
     url = spec.checkpoint.store
     if spec.provider == "aws" and (url is None or not url.startswith("s3://")):
         raise BadInput(
-                "checkpoint.store: provider aws needs an s3:// store (the machine's disk goes with it), "
-                "like s3://my-bucket/gpurun"
-            )
+            "checkpoint.store: provider aws needs an s3:// store (the machine's disk goes with it), "
+            "like s3://my-bucket/gpurun"
+        )
     return url or paths.default_store_url()
 
 

@@ -78,7 +78,10 @@ def init_project(directory: Path, template: str, *, force: bool = False) -> list
     for name in TEMPLATE_FILES:
         shutil.copyfile(source / name, directory / name)
         written.append(directory / name)
-    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in directory.resolve().name)[:40].strip("-_") or "experiment"
+    name = (
+        "".join(c if c.isalnum() or c in "-_" else "-" for c in directory.resolve().name)[:40].strip("-_")
+        or "experiment"
+    )
     env = "env: {KERAS_BACKEND: torch}\n" if template == "keras" else ""
     probe = "keras" if template == "keras" else "torch"
     (directory / "experiment.yaml").write_text(EXPERIMENT.format(name=name, env=env, probe=probe))

@@ -90,7 +90,10 @@ def launch(
         ("code", f"{spec.workdir_path} ({len(files)} files, {human_bytes(total)})"),
         ("setup", spec.setup or "-"),
         ("run", spec.run),
-        ("checkpoints", f"{spec.checkpoint.dir} -> {store_url}/{run} every {format_duration(spec.checkpoint.every)}, keep {spec.checkpoint.keep}"),
+        (
+            "checkpoints",
+            f"{spec.checkpoint.dir} -> {store_url}/{run} every {format_duration(spec.checkpoint.every)}, keep {spec.checkpoint.keep}",
+        ),
         ("resume", f"from {source['run']} snapshot {source['seq']}" if source else "no (fresh start)"),
     ]
     if spec.checkpoint.every < 10:
@@ -102,14 +105,18 @@ def launch(
         return {"run": run, "dry_run": True, "plan": [{"item": label, "value": value} for label, value in rows]}
     if total > LARGE_SYNC_BYTES:
         largest = ", ".join(f"{f.path} ({human_bytes(f.size)})" for f in sorted(files, key=lambda f: -f.size)[:5])
-        ui.warn(f"the code to sync is {human_bytes(total)}; largest: {largest}. Exclude data with sync.exclude or .gpurunignore")
+        ui.warn(
+            f"the code to sync is {human_bytes(total)}; largest: {largest}. Exclude data with sync.exclude or .gpurunignore"
+        )
 
     if create_bucket and store_url.startswith("s3://"):
         from gpurun.store.s3 import create_bucket as make_bucket
 
         options = common.store_options(spec)
         if make_bucket(store_url, options.get("region"), profile=options.get("profile")):
-            ui.say(f"created bucket for {store_url} (Block Public Access, SSE-S3 encryption); teardown never deletes it")
+            ui.say(
+                f"created bucket for {store_url} (Block Public Access, SSE-S3 encryption); teardown never deletes it"
+            )
     store = open_store(store_url, **common.store_options(spec))
     store.check_writable()
     record: dict[str, Any] = {
@@ -277,7 +284,9 @@ def _wait_for_setup(record: dict[str, Any], started: list, ui: Reporter, poll: f
                     tail = transport.run(f"tail -n 5 {shlex.quote(machine['run_dir'])}/job.log").text.strip()
                     last = tail.splitlines()[-2] if len(tail.splitlines()) > 1 else tail
                     where = f" on node {rank}" if len(record["machines"]) > 1 else ""
-                    raise GpurunError(f"setup failed{where} with exit status {state['exit_code']} (log: {last[:200]!r})")
+                    raise GpurunError(
+                        f"setup failed{where} with exit status {state['exit_code']} (log: {last[:200]!r})"
+                    )
             if pending:
                 update(f"running setup on {len(pending)} node(s)")
                 time.sleep(poll)

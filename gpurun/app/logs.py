@@ -35,12 +35,12 @@ def _follow_command(run_dir: str, offset: int | None, tail: int | None, follow: 
         # The exit status is read in the same command, right after the job ends:
         # teardown may remove the run directory a moment later.
         reader = (
-            f"tail -s 0.2 -c +$((o + 1)) -f --pid=\"$p\" {log} 2>/dev/null; "
+            f'tail -s 0.2 -c +$((o + 1)) -f --pid="$p" {log} 2>/dev/null; '
             f"printf '\\000@@gpurun-exit %s\\n' \"$(cat {exit_file} 2>/dev/null || {{ [ -d {q(run_dir)} ] || echo gone; }})\""
         )
     else:
         reader = f"tail -c +$((o + 1)) {log} 2>/dev/null"
-    return f"{start}; echo \"@@gpurun-offset $o\"; p=$(cat {pid} 2>/dev/null || echo 1); {reader}"
+    return f'{start}; echo "@@gpurun-offset $o"; p=$(cat {pid} 2>/dev/null || echo 1); {reader}'
 
 
 def show_logs(
@@ -72,7 +72,9 @@ def _check_logs_outlived_teardown(record: dict[str, Any]) -> None:
         raise BadInput(f"run {run} has ended; its logs were removed at teardown (`teardown --keep-files` keeps them)")
 
 
-def _merged(run: str, machines: list, *, follow: bool, tail: int | None, write: Callable[[bytes], None]) -> dict[str, Any]:
+def _merged(
+    run: str, machines: list, *, follow: bool, tail: int | None, write: Callable[[bytes], None]
+) -> dict[str, Any]:
     lock = threading.Lock()
     outcomes: dict[int, dict[str, Any]] = {}
     failures: list[BaseException] = []
@@ -109,7 +111,13 @@ def _merged(run: str, machines: list, *, follow: bool, tail: int | None, write: 
 
 
 def _show_node(
-    run: str, record: dict[str, Any], rank: int, *, follow: bool, tail: int | None, write: Callable[[bytes], None] | None
+    run: str,
+    record: dict[str, Any],
+    rank: int,
+    *,
+    follow: bool,
+    tail: int | None,
+    write: Callable[[bytes], None] | None,
 ) -> dict[str, Any]:
     machines = record["machines"]
     if rank >= len(machines):

@@ -40,7 +40,10 @@ def teardown_orphans(
     if not orphans:
         ui.say("no orphaned gpurun resources")
         return {"orphans": [], "removed": []}
-    rows = [[o.get("run") or "-", o.get("region") or "global", o["kind"], str(o["id"]), o.get("owner") or "-"] for o in orphans]
+    rows = [
+        [o.get("run") or "-", o.get("region") or "global", o["kind"], str(o["id"]), o.get("owner") or "-"]
+        for o in orphans
+    ]
     ui.table(["RUN", "REGION", "KIND", "ID", "OWNER"], rows, title="gpurun resources no live local record knows")
     if not yes and not confirm(f"Remove these {len(orphans)} resources?"):
         raise BadInput("not confirmed; nothing was removed")

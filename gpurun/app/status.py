@@ -85,7 +85,9 @@ def reconcile(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def collect(run: str | None = None, *, ui: Reporter | None = None, store_url: str | None = None) -> tuple[list[dict], list[str]]:
+def collect(
+    run: str | None = None, *, ui: Reporter | None = None, store_url: str | None = None
+) -> tuple[list[dict], list[str]]:
     if run is not None:
         records, problems = [runs.load_here_or_from_store(run, store_url)], []
     else:

@@ -223,7 +223,12 @@ def _final_sync(record, machine, transport, ui: Reporter, before: int | None) ->
     if agent.get("last_seq") is None:
         ui.say("no checkpoint files to sync")
         return None
-    info = {"seq": agent["last_seq"], "at": agent["last_at"], "bytes": agent["last_bytes"], "files": agent["last_files"]}
+    info = {
+        "seq": agent["last_seq"],
+        "at": agent["last_at"],
+        "bytes": agent["last_bytes"],
+        "files": agent["last_files"],
+    }
     info["new"] = agent["last_seq"] != before
     ui.say(f"final checkpoint: snapshot {info['seq']} ({info['files']} files)")
     return info

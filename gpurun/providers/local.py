@@ -23,7 +23,9 @@ class LocalProvider(Provider):
     ) -> list[dict[str, Any]]:
         run_dir = paths.local_runs_dir() / record["run"]
         run_dir.mkdir(parents=True, exist_ok=True)
-        return [{"rank": 0, "host": "localhost", "private_ip": "127.0.0.1", "run_dir": str(run_dir), "state": "running"}]
+        return [
+            {"rank": 0, "host": "localhost", "private_ip": "127.0.0.1", "run_dir": str(run_dir), "state": "running"}
+        ]
 
     def release(self, record: Record, on_change: OnChange, say: Say) -> list[str]:
         return []
