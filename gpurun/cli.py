@@ -9,17 +9,20 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from gpurun import __version__
 from gpurun.errors import BadInput, GpurunError
 
+if TYPE_CHECKING:
+    from gpurun.ui import Ui
+
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-def _ui(json_mode: bool = False):
+def _ui(json_mode: bool = False) -> Ui:
     from gpurun.ui import Ui
 
     ctx = click.get_current_context()
@@ -86,12 +89,15 @@ def launch(
 @click.option(
     "--store", "store_url", metavar="URL", help="Also list runs recorded in this store (from other computers)."
 )
+@click.option("--jobs", "list_jobs", is_flag=True, help="With RUN: list every job of the run.")
 @click.option("--json", "json_mode", is_flag=True, help="Print one JSON document.")
-def status(run: str | None, store_url: str | None, json_mode: bool) -> None:
+def status(run: str | None, store_url: str | None, list_jobs: bool, json_mode: bool) -> None:
     """Runs with their state, job, machine, cost and last checkpoint."""
     from gpurun.app.status import collect
     from gpurun.runs import public_view
 
+    if list_jobs and run is None:
+        raise BadInput("--jobs goes with a RUN: `gpurun status RUN --jobs`")
     ui = _ui(json_mode)
     records, problems = collect(run, ui=ui, store_url=store_url)
     for problem in problems:
@@ -102,10 +108,62 @@ def status(run: str | None, store_url: str | None, json_mode: bool) -> None:
     if not records:
         ui.say("no runs yet: `gpurun launch SPEC` starts one")
         return
+    if list_jobs:
+        _jobs_table(ui, records[0])
+        return
     _status_table(ui, records)
+    if run is not None:
+        _current_job_line(ui, records[0])
 
 
-def _status_table(ui, records: list[dict[str, Any]]) -> None:
+def _job_outcome_text(job: dict[str, Any]) -> str:
+    ended_by = str(job.get("ended_by") or "")
+    if not ended_by:
+        return "running"
+    code = job.get("exit_code")
+    if ended_by == "exited":
+        return f"exit {code}"
+    return ended_by.replace("_", " ") + (f" (exit {code})" if code is not None else "")
+
+
+def _current_job_line(ui: Ui, record: dict[str, Any]) -> None:
+    from gpurun.app.status import age
+    from gpurun.runs import jobs_of
+    from gpurun.text import escape_controls
+
+    listed = jobs_of(record)
+    if not listed:
+        return
+    job = listed[-1]
+    ui.say(
+        f"job {job['number']} of {len(listed)}: {escape_controls(str(job.get('command') or ''))[:200]}, "
+        f"{_job_outcome_text(job)}, started {age(job.get('started_at'))}"
+        + ("" if len(listed) == 1 else f" (`gpurun status {record['run']} --jobs` lists all)")
+    )
+
+
+def _jobs_table(ui: Ui, record: dict[str, Any]) -> None:
+    from gpurun.app.status import age
+    from gpurun.runs import jobs_of
+    from gpurun.text import escape_controls
+
+    rows = []
+    for job in jobs_of(record):
+        rows.append(
+            [
+                str(job["number"]),
+                escape_controls(str(job.get("command") or ""))[:80],
+                str(job.get("code") or "-")[:12],
+                "yes" if job.get("setup_ran") else "no",
+                age(job.get("started_at")),
+                age(job.get("ended_at")) if job.get("ended_at") else "-",
+                _job_outcome_text(job),
+            ]
+        )
+    ui.table(["JOB", "COMMAND", "CODE", "SETUP", "STARTED", "ENDED", "OUTCOME"], rows)
+
+
+def _status_table(ui: Ui, records: list[dict[str, Any]]) -> None:
     from gpurun.app.status import age
     from gpurun.sizes import human_bytes
 
@@ -121,6 +179,9 @@ def _status_table(ui, records: list[dict[str, Any]]) -> None:
             job_text = job.get("phase") or "running"
         else:
             job_text = "-"
+        listed = record.get("jobs")
+        if isinstance(listed, list) and listed and isinstance(listed[-1], dict):
+            job_text = f"#{listed[-1].get('number')} {job_text}"
         if record["provider"] == "local":
             where = "local"
         else:

@@ -105,6 +105,7 @@ alive() {{ p=$(cat "$d/$1.pid" 2>/dev/null) || {{ echo none; return; }}
 echo "job_pid=$(alive job)"
 echo "agent_pid=$(alive agent)"
 echo "exit=$(cat "$d/job.exit" 2>/dev/null)"
+echo "exit_at=$(stat -c %Y "$d/job.exit" 2>/dev/null)"
 echo "phase=$(cat "$d/job.phase" 2>/dev/null)"
 echo "interrupted=$(cat "$d/interrupted" 2>/dev/null | head -c 200 | tr '\n' ' ')"
 echo "agent_status=$(cat "$d/agent.status.json" 2>/dev/null | tr '\n' ' ')"
@@ -120,6 +121,7 @@ def _parse_state(text: str) -> dict[str, Any]:
         "exit_code": int(values["exit"]) if values.get("exit", "").strip().lstrip("-").isdigit() else None,
         "phase": values.get("phase") or None,
         "interrupted": bool(values.get("interrupted", "").strip()),
+        "ended_at": _iso(values.get("exit_at", "")),
         "agent": None,
     }
     raw = values.get("agent_status", "").strip()
@@ -129,6 +131,16 @@ def _parse_state(text: str) -> dict[str, Any]:
         except ValueError:
             state["agent"] = None
     return state
+
+
+def _iso(epoch: str) -> str | None:
+    """An epoch seconds text from the machine as ISO 8601 UTC; None when it is not one."""
+    from datetime import datetime, timezone
+
+    text = epoch.strip()
+    if not text.isdigit() or len(text) > 12:
+        return None
+    return datetime.fromtimestamp(int(text), timezone.utc).isoformat(timespec="seconds")
 
 
 def read_state(transport: Transport, run_dir: str) -> dict[str, Any]:
@@ -168,6 +180,10 @@ def read_state_here(run_dir: str) -> dict[str, Any]:
     job_started, job_alive = _pid_alive_here(os.path.join(run_dir, "job.pid"))
     _agent_started, agent_alive = _pid_alive_here(os.path.join(run_dir, "agent.pid"))
     exit_text = read("job.exit").strip()
+    try:
+        exit_at = str(int(os.stat(os.path.join(run_dir, "job.exit")).st_mtime)) if exit_text else ""
+    except OSError:
+        exit_at = ""
     agent_text = read("agent.status.json")
     agent = None
     if agent_text:
@@ -182,6 +198,7 @@ def read_state_here(run_dir: str) -> dict[str, Any]:
         "exit_code": int(exit_text) if exit_text.lstrip("-").isdigit() else None,
         "phase": read("job.phase").strip() or None,
         "interrupted": bool(read("interrupted").strip()),
+        "ended_at": _iso(exit_at),
         "agent": agent,
     }
 

@@ -50,23 +50,34 @@ def locked(run: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-# A run's state only moves forward; the terminal states rank alike.
+# A run's state only moves forward within one job; the terminal states rank alike.
 _STATE_ORDER = {"launching": 0, "running": 1, "succeeded": 2, "failed": 2, "interrupted": 2, "ended": 3}
 
 
+def _progress(record: Any) -> tuple[bool, int, int]:
+    """How far a record has come: ended beats everything, then a later job, then the state."""
+    if not isinstance(record, dict):
+        return (False, 0, 0)
+    state = record.get("state")
+    listed = record.get("jobs")
+    count = len(listed) if isinstance(listed, list) else 0
+    return (state == "ended", count, _STATE_ORDER.get(state, 0) if isinstance(state, str) else 0)
+
+
 def save(record: dict[str, Any]) -> bool:
-    """Write the record atomically; False (nothing written) when it would move the state back.
+    """Write the record atomically; False (nothing written) when it would move the run back.
 
     A writer holding an older copy, such as `status` reading a run while `teardown`
-    ends it, must not undo the newer state. Read-modify-write callers hold `locked(run)`.
+    ends it, or while `exec` starts its next job, must not undo the newer state.
+    Read-modify-write callers hold `locked(run)`.
     """
     paths.ensure_private(paths.runs_dir())
     path = record_path(record["run"])
     try:
-        current = json.loads(path.read_bytes()).get("state")
-    except (OSError, ValueError, AttributeError):
+        current = json.loads(path.read_bytes())
+    except (OSError, ValueError):
         current = None
-    if _STATE_ORDER.get(current, 0) > _STATE_ORDER.get(record.get("state"), 0):
+    if _progress(current) > _progress(record):
         return False
     paths.atomic_write(path, json.dumps(record, indent=1, sort_keys=True).encode())
     return True
@@ -204,6 +215,87 @@ def _checked(record: Any, run: str) -> dict[str, Any]:
     return record
 
 
+# How a job ended. None while it runs.
+ENDINGS = ("exited", "killed", "interrupted", "machine_lost")
+_JOB_KEYS = ("number", "command", "code", "setup_hash", "setup_ran", "started_at", "ended_at", "exit_code", "ended_by")
+
+
+def jobs_of(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's jobs, oldest first. A record written before runs held jobs has its one job made up from it."""
+    listed = record.get("jobs")
+    if isinstance(listed, list):
+        return [job for job in listed if isinstance(job, dict) and isinstance(job.get("number"), int)]
+    spec: dict[str, Any] = record["spec"] if isinstance(record.get("spec"), dict) else {}
+    terminal = record.get("state") in ("succeeded", "failed", "interrupted", "ended")
+    ended_by = None
+    if terminal:
+        ended_by = "interrupted" if record.get("state") == "interrupted" else "exited"
+        if record.get("exit_code") is None:
+            ended_by = "killed" if record.get("state") != "interrupted" else "interrupted"
+    return [
+        {
+            "number": 1,
+            "command": str(spec.get("run") or ""),
+            "code": None,
+            "setup_hash": None,
+            "setup_ran": bool(spec.get("setup")),
+            "started_at": record.get("created_at"),
+            "ended_at": record.get("ended_at") if terminal else None,
+            "exit_code": record.get("exit_code"),
+            "ended_by": ended_by,
+        }
+    ]
+
+
+def current_job(record: dict[str, Any]) -> dict[str, Any] | None:
+    listed = jobs_of(record)
+    return listed[-1] if listed else None
+
+
+def add_job(
+    record: dict[str, Any], *, command: str, code: str | None, setup_hash: str | None, setup_ran: bool
+) -> dict[str, Any]:
+    """Append the next job (number, command, code hash, start) and make it the run's current one."""
+    listed = jobs_of(record)
+    job = {
+        "number": (listed[-1]["number"] + 1) if listed else 1,
+        "command": command,
+        "code": code,
+        "setup_hash": setup_hash,
+        "setup_ran": setup_ran,
+        "started_at": now_iso(),
+        "ended_at": None,
+        "exit_code": None,
+        "ended_by": None,
+    }
+    record["jobs"] = [*listed, job]
+    record["exit_code"] = None
+    return job
+
+
+def end_job(
+    record: dict[str, Any], ended_by: str, exit_code: int | None = None, ended_at: str | None = None
+) -> dict[str, Any] | None:
+    """Mark the current job ended (first ending wins: a later reading must not rewrite it)."""
+    if ended_by not in ENDINGS:
+        raise ValueError(f"unknown job ending {ended_by!r}")
+    listed = jobs_of(record)
+    if not listed:
+        return None
+    job = listed[-1]
+    if job.get("ended_by") is None:
+        job["ended_by"] = ended_by
+        job["exit_code"] = exit_code
+        job["ended_at"] = ended_at or now_iso()
+    record["jobs"] = listed
+    return job
+
+
+def job_view(job: dict[str, Any]) -> dict[str, Any]:
+    """The documented JSON shape of one job."""
+    return {key: job.get(key) for key in _JOB_KEYS}
+
+
 def delete(run: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         record_path(run).unlink()
@@ -233,4 +325,5 @@ def public_view(record: dict[str, Any]) -> dict[str, Any]:
         "cost_usd": record.get("cost_usd"),
         "job": record.get("job"),
         "checkpoint_error": record.get("checkpoint_error"),
+        "jobs": [job_view(job) for job in jobs_of(record)],
     }

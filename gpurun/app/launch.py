@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gpurun import jobs, paths, runs
-from gpurun.app import common, connections
+from gpurun.app import common, connections, fingerprints
 from gpurun.app.reporter import Reporter
 from gpurun.durations import format_duration
 from gpurun.errors import BadInput, GpurunError, Interrupted, TransportError
@@ -133,6 +133,7 @@ def launch(
         "resumed_from": source,
         "last_checkpoint": None,
         "cost_usd": None,
+        "jobs": [],
     }
     lock = threading.Lock()
 
@@ -151,6 +152,13 @@ def launch(
         ui.say(f"launching {run} on {spec.provider}")
         machines = provider.acquire(spec, record, on_change, ui.say, connect=conns.connect)
         record["machines"] = machines
+        runs.add_job(
+            record,
+            command=spec.run,
+            code=fingerprints.code_hash(files),
+            setup_hash=fingerprints.setup_hash(spec.setup, spec.workdir_path, files),
+            setup_ran=bool(spec.setup),
+        )
         on_change(record)
         step = "preparing machines"
         _prepare_all(provider, conns, record, files, source, ui, started)

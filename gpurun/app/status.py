@@ -43,9 +43,13 @@ def _job_outcome(record: dict[str, Any], state: dict[str, Any]) -> None:
             record["state"] = "interrupted"
         else:
             record["state"] = "succeeded" if state["exit_code"] == 0 else "failed"
+        runs.end_job(
+            record, "interrupted" if state["interrupted"] else "exited", state["exit_code"], state.get("ended_at")
+        )
     elif state["job_started"] and not state["job_alive"]:
         record["state"] = "interrupted" if state["interrupted"] else "failed"
         record["job"]["note"] = "the job ended without recording its exit status (killed?)"
+        runs.end_job(record, "interrupted" if state["interrupted"] else "killed")
 
 
 def reconcile(record: dict[str, Any]) -> dict[str, Any]:
@@ -73,6 +77,7 @@ def reconcile(record: dict[str, Any]) -> dict[str, Any]:
     gone = machines and all(m.get("state") in ("terminated", "gone") for m in machines)
     if record["provider"] == "aws" and record["state"] == "running" and gone:
         record["state"] = "interrupted"
+        runs.end_job(record, "machine_lost")
     if json.dumps(record, sort_keys=True) != before:
         with runs.locked(record["run"]):
             # Save only over the copy we read: a teardown or launch that wrote since wins.

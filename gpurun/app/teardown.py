@@ -98,7 +98,11 @@ def teardown(
         remove_ssh_config(run)
     with runs.locked(run):
         current = runs.load(run)
-        current.update({k: record[k] for k in ("machines", "resources", "exit_code", "job") if k in record})
+        current.update({k: record[k] for k in ("machines", "resources", "exit_code", "job", "jobs") if k in record})
+        job = runs.current_job(current)
+        if job is not None and job.get("ended_by") is None and record.get("state") != "launching":
+            # Not stopped here: its machine was gone (or unreachable) before teardown came.
+            runs.end_job(current, "machine_lost" if current["provider"] == "aws" else "killed")
         current["ended_at"] = current.get("ended_at") or runs.now_iso()
         current["state"] = "ended"
         if final_checkpoint:
@@ -140,7 +144,9 @@ def _stop_machine(conns, record, machine, ui: Reporter, final_sync: bool, keep_f
     with transport:
         if not final_sync:
             jobs.signal_group(transport, run_dir, "agent", "KILL")
-        before = _agent_seq(transport, run_dir, local)
+        state = jobs.read_state_here(run_dir) if local else jobs.read_state(transport, run_dir)
+        before = (state.get("agent") or {}).get("last_seq")
+        job_was_running = state["job_alive"]
         with ui.spinner(f"stopping the job of {record['run']} on {transport.label}"):
             killed = jobs.stop(transport, run_dir, "job", grace=JOB_GRACE, here=local)
         if killed:
@@ -151,6 +157,13 @@ def _stop_machine(conns, record, machine, ui: Reporter, final_sync: bool, keep_f
             if record.get("exit_code") is None:
                 record["exit_code"] = state["exit_code"]
             record["job"] = {"phase": state["phase"], "alive": False}
+            if job_was_running:
+                runs.end_job(record, "killed", state["exit_code"], state.get("ended_at"))
+            elif state["exit_code"] is not None:
+                ending = "interrupted" if state["interrupted"] else "exited"
+                runs.end_job(record, ending, state["exit_code"], state.get("ended_at"))
+            elif state["job_started"]:
+                runs.end_job(record, "killed")
         if final_sync and machine in common.agent_machines(record):
             final = _final_sync(record, machine, transport, ui, before)
         jobs.stop(transport, run_dir, "agent", grace=10, here=local)
@@ -192,11 +205,6 @@ def _save_progress(record: dict[str, Any]) -> None:
             current = record
         current.update({key: record[key] for key in ("machines", "resources") if key in record})
         runs.save(current)
-
-
-def _agent_seq(transport, run_dir: str, local: bool) -> int | None:
-    state = jobs.read_state_here(run_dir) if local else jobs.read_state(transport, run_dir)
-    return (state.get("agent") or {}).get("last_seq")
 
 
 def _final_sync(record, machine, transport, ui: Reporter, before: int | None) -> dict[str, Any] | None:
