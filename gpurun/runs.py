@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import string
+import threading
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,16 +39,38 @@ def record_path(run: str) -> Path:
     return paths.runs_dir() / f"{run}.json"
 
 
+_held = threading.local()
+
+
 @contextlib.contextmanager
 def locked(run: str) -> Iterator[None]:
-    """Serialize writers of one record across processes."""
-    directory = paths.ensure_private(paths.runs_dir())
-    with open(directory / f".{run}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    """Serialize writers of run records across processes.
+
+    The lock is the records' directory itself, not a lock file beside them: a
+    lock file deleted while held (a clean-up of dot files) would let the next
+    process create a fresh one and walk in. The directory goes only with every
+    record in it. Holds are short (a read-modify-write of one record), so one
+    lock for all runs costs nothing; a thread that already holds it goes on.
+    """
+    if getattr(_held, "depth", 0):
+        _held.depth += 1
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            _held.depth -= 1
+        return
+    directory = paths.ensure_private(paths.runs_dir())
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _held.depth = 1
+        try:
+            yield
+        finally:
+            _held.depth = 0
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 # A run's state only moves forward within one job; the terminal states rank alike.

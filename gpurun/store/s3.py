@@ -31,6 +31,7 @@ import botocore.exceptions
 from s3transfer.manager import TransferConfig, TransferManager
 from s3transfer.subscribers import BaseSubscriber
 
+from gpurun.aws_files import check_shared_files
 from gpurun.errors import BadInput, SnapshotConflict, StoreError
 from gpurun.store.base import ObjectStore, Progress, StoredObject
 
@@ -120,6 +121,7 @@ class S3Store(ObjectStore):
     ) -> None:
         self.bucket, self.prefix = parse_url(url)
         self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        check_shared_files(profile)
         try:
             session = boto3.session.Session(profile_name=profile, region_name=region)
         except botocore.exceptions.ProfileNotFound:

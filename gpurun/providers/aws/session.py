@@ -14,6 +14,7 @@ import botocore.exceptions
 import botocore.session
 from botocore.config import Config
 
+from gpurun.aws_files import check_shared_files
 from gpurun.errors import BadInput, GpurunError
 
 #: (event name, handler) pairs registered on every session; tests inject faults here.
@@ -128,7 +129,8 @@ def new_botocore_session() -> botocore.session.Session:
 
 
 def make_session(region: str, profile: str | None, *, handlers: EventHandlers = ()) -> Aws:
-    """A session for region/profile; a missing profile or unknown region is BadInput."""
+    """A session for region/profile; a missing profile, unknown region or malformed AWS file is BadInput."""
+    check_shared_files(profile)
     try:
         session = boto3.Session(botocore_session=new_botocore_session(), region_name=region, profile_name=profile)
     except botocore.exceptions.ProfileNotFound:
