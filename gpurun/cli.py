@@ -634,8 +634,10 @@ def _take_debug(args: list[str]) -> tuple[list[str], bool]:
 
 
 def _print_error(message: str) -> None:
+    from gpurun.ui import printable
+
     first = message.strip().splitlines()[0] if message.strip() else "failed"
-    click.echo(f"error: {first}", err=True)
+    click.echo(f"error: {printable(first, one_line=True)}", err=True)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,11 @@ def save(record: dict[str, Any]) -> bool:
     return True
 
 
+def shown_name(run: str) -> str:
+    """A name read from outside, quoted and cut short for a message (the ui escapes what is left)."""
+    return repr(run if len(run) <= 60 else run[:57] + "...")
+
+
 def check_name(run: str, what: str = "run") -> str:
     """A run name as gpurun makes them; anything else is bad input, never a path."""
     if not RUN_NAME.fullmatch(run):
@@ -170,6 +175,10 @@ def load_all_from_store(store_url: str) -> tuple[list[dict[str, Any]], list[str]
     store = open_store(store_url)
     records, problems = [], []
     for run in store.list_runs():
+        if not RUN_NAME.fullmatch(run):
+            if store.size_of(f"{run}/run.json") is not None:
+                problems.append(f"{store_url}/{shown_name(run)}/run.json: {shown_name(run)} is not a run name; skipped")
+            continue
         try:
             record = get_run_record(store, run)
             if record is not None:

@@ -10,11 +10,33 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from gpurun.sizes import human_bytes  # noqa: F401  (ui's callers format sizes with it)
+
+# C0 and C1 controls, DEL, and the Unicode line separators and bidirectional overrides
+# (text that reorders what follows it on the screen).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_CONTROL_KEEPING_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str, *, one_line: bool = False) -> str:
+    """`text` with every control character written out as an escape (ESC as `\\x1b`).
+
+    Everything gpurun shows passes through here: host names, run names, file names
+    and error texts may come from a store or a machine, and a terminal obeys
+    what it is sent. Tabs and newlines are kept unless `one_line` (table cells).
+    """
+    pattern = _CONTROL if one_line else _CONTROL_KEEPING_LINES
+    return pattern.sub(_escaped, text)
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 class Ui:
@@ -43,18 +65,21 @@ class Ui:
         return self._out
 
     def say(self, message: str) -> None:
+        message = printable(message)
         if self.interactive:
             self.err.print(message, markup=False)
         else:
             print(message, file=sys.stderr, flush=True)
 
     def warn(self, message: str) -> None:
+        message = printable(message)
         if self.interactive:
             self.err.print(f"[yellow]warning:[/] {_escape(message)}")
         else:
             print(f"warning: {message}", file=sys.stderr, flush=True)
 
     def error(self, message: str) -> None:
+        message = printable(message)
         if self.interactive:
             self.err.print(f"[red]error:[/] {_escape(message)}")
         else:
@@ -64,7 +89,7 @@ class Ui:
         """A line of the command's answer (stdout), suppressed in --json mode."""
         if self.json_mode:
             return
-        print(message, flush=True)
+        print(printable(message), flush=True)
 
     def emit_json(self, data: Any) -> None:
         sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
@@ -75,6 +100,8 @@ class Ui:
     ) -> None:
         if self.json_mode:
             return
+        columns = [printable(column, one_line=True) for column in columns]
+        rows = [[printable(str(cell), one_line=True) for cell in row] for row in rows]
         if sys.stdout.isatty():
             from rich.table import Table
 
@@ -102,8 +129,8 @@ class Ui:
     def spinner(self, text: str) -> Iterator[Callable[[str], None]]:
         """A spinner in a terminal; one line per update when piped."""
         if self.interactive and not self.json_mode:
-            with self.err.status(text) as status:
-                yield lambda message: status.update(message)
+            with self.err.status(_escape(printable(text))) as status:
+                yield lambda message: status.update(_escape(printable(message)))
         else:
             self.say(text)
             yield self.say
@@ -125,7 +152,7 @@ class Ui:
             if unit == "bytes":
                 columns += [DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()]
             with Progress(*columns, console=self.err, transient=True) as bar:
-                task = bar.add_task(description, total=total)
+                task = bar.add_task(_escape(printable(description)), total=total)
                 yield lambda n: bar.advance(task, n)
         else:
             yield lambda n: None

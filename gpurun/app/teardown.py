@@ -33,10 +33,16 @@ def check_can_end_here(record: dict[str, Any]) -> None:
 
 
 def _adopt(record: dict[str, Any], store_url: str) -> dict[str, Any]:
-    """Keep a record of the store's run here, so an interrupted teardown can be run again."""
+    """Keep a record of the store's run here, so an interrupted teardown can be run again.
+
+    The record's own `store` is whatever the store holds: it is replaced by the
+    store the record was read from, so neither this teardown nor a later
+    command reads or writes where a planted record points.
+    """
     check_can_end_here(record)
     record = {key: value for key, value in record.items() if key != "source"}
     record["adopted_from"] = store_url
+    record["store"] = store_url
     runs.save(record)
     return record
 
@@ -109,10 +115,16 @@ def teardown(
             current["last_checkpoint"] = {k: final_checkpoint[k] for k in ("seq", "at", "bytes")}
         runs.save(current)
     try:
-        snaps.put_run_record(common.open_run_store(current), run, current)
+        snaps.put_run_record(common.open_run_store(_home_store(current)), run, current)
     except GpurunError as error:
-        ui.warn(f"could not update run.json in {current['store']}: {error}")
+        ui.warn(f"could not update run.json in {_home_store(current)['store']}: {error}")
     return {"run": run, "removed": removed, "final_checkpoint": final_checkpoint}
+
+
+def _home_store(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as far as its store goes: an adopted run's record goes back where it was read from
+    (records adopted before `store` was replaced at adoption still name the planted one)."""
+    return {**record, "store": record.get("adopted_from") or record["store"]}
 
 
 def _refresh_machine_states(provider, record: dict[str, Any], ui: Reporter) -> None:
@@ -178,7 +190,7 @@ def _stop_machine(conns, record, machine, ui: Reporter, final_sync: bool, keep_f
 
 def _store_latest(record: dict[str, Any], ui: Reporter) -> dict[str, Any] | None:
     try:
-        return snaps.latest(common.open_run_store(record), record["run"])
+        return snaps.latest(common.open_run_store(_home_store(record)), record["run"])
     except GpurunError as error:
         ui.warn(f"cannot read {record['store']}: {error}")
         return None

@@ -28,6 +28,8 @@ from gpurun.store.base import ObjectStore, Progress
 
 _MANIFEST = re.compile(r"^snapshots/(\d{6,})\.manifest\.json$")
 _SEQ_ANY = re.compile(r"^snapshots/(\d{6,})(?:[./]|$)")
+# The run-name pattern of gpurun.runs (the store layer imports nothing above it).
+_RUN_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 
 
 @dataclass(frozen=True)
@@ -292,13 +294,15 @@ def get_run_record(store: ObjectStore, run: str) -> dict[str, Any] | None:
 
 
 def list_run_records(store: ObjectStore) -> list[dict[str, Any]]:
-    """The readable run records; one that is not JSON or not an object is left out."""
+    """The readable run records; one that is not JSON or not an object, or names another run, is left out."""
     records = []
     for run in store.list_runs():
+        if not _RUN_KEY.fullmatch(run):
+            continue
         try:
             record = get_run_record(store, run)
         except ValueError:
             continue
-        if isinstance(record, dict) and record:
+        if isinstance(record, dict) and record.get("run") == run:
             records.append(record)
     return records
