@@ -367,8 +367,8 @@ def test_launch_applies_every_safe_default(provider, session, fake, tmp_path):
     if isinstance(policy, str):
         policy = json.loads(policy)
     resources = [statement["Resource"] for statement in policy["Statement"]]
-    assert resources == ["arn:aws:s3:::ckpt-bucket/team/exp/*", "arn:aws:s3:::ckpt-bucket"]
-    assert policy["Statement"][1]["Condition"]["StringLike"]["s3:prefix"] == ["team/exp", "team/exp/*"]
+    assert resources == ["arn:aws:s3:::ckpt-bucket/team/exp/exp-abc123/*", "arn:aws:s3:::ckpt-bucket"]
+    assert policy["Statement"][1]["Condition"]["StringLike"]["s3:prefix"] == ["team/exp/exp-abc123/*"]
     role_tags = {t["Key"]: t["Value"] for t in iam.list_role_tags(RoleName="gpurun-exp-abc123")["Tags"]}
     assert role_tags["gpurun:managed"] == "true"
     assert iam.list_attached_role_policies(RoleName="gpurun-exp-abc123")["AttachedPolicies"] == []

@@ -162,23 +162,47 @@ def test_filters_find_managed_resources_of_a_run():
     assert states["Name"] == "instance-state-name" and "terminated" not in states["Values"]
 
 
-def test_role_policy_is_scoped_to_the_bucket_prefix():
-    policy = rq.role_policy("ckpt-bucket", "team/exp")
+def test_role_policy_is_scoped_to_the_run():
+    policy = rq.role_policy("ckpt-bucket", "team/exp", "exp-abc123")
     objects, listing = policy["Statement"]
     assert objects["Action"] == ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"]
-    assert objects["Resource"] == "arn:aws:s3:::ckpt-bucket/team/exp/*"
+    assert objects["Resource"] == "arn:aws:s3:::ckpt-bucket/team/exp/exp-abc123/*"
     assert listing["Action"] == "s3:ListBucket"
     assert listing["Resource"] == "arn:aws:s3:::ckpt-bucket"
-    assert listing["Condition"] == {"StringLike": {"s3:prefix": ["team/exp", "team/exp/*"]}}
+    assert listing["Condition"] == {"StringLike": {"s3:prefix": ["team/exp/exp-abc123/*"]}}
     text = rq.policy_json(policy)
-    assert '"*"' not in text and "s3:*" not in text
+    assert '"*"' not in text and "s3:*" not in text and "team/exp/*" not in text
     assert json.loads(text) == policy
 
 
+def test_role_policy_reads_the_resumed_run_and_nothing_else():
+    policy = rq.role_policy("b", "p", "exp-new111", read_from=("old-bucket", "q", "exp-old222"))
+    _own, _own_list, source, source_list = policy["Statement"]
+    assert source["Action"] == ["s3:GetObject"]
+    assert source["Resource"] == "arn:aws:s3:::old-bucket/q/exp-old222/*"
+    assert source_list["Resource"] == "arn:aws:s3:::old-bucket"
+    assert source_list["Condition"] == {"StringLike": {"s3:prefix": ["q/exp-old222/*"]}}
+    # Resuming from itself (the same key) adds nothing.
+    assert len(rq.role_policy("b", "p", "exp-new111", read_from=("b", "p", "exp-new111"))["Statement"]) == 2
+
+
+def test_role_policy_reads_exactly_the_named_secrets():
+    parameter = rq.parameter_arn("/team/db", region="eu-west-1", account="123456789012")
+    secret = rq.secret_arn("hf-token", region="eu-west-1", account="123456789012")
+    assert parameter == "arn:aws:ssm:eu-west-1:123456789012:parameter/team/db"
+    assert secret == "arn:aws:secretsmanager:eu-west-1:123456789012:secret:hf-token-??????"
+    policy = rq.role_policy("b", "", "exp-abc123", parameter_arns=[parameter], secret_arns=[secret])
+    statements = {statement["Sid"]: statement for statement in policy["Statement"]}
+    assert statements["SecretParameters"]["Action"] == "ssm:GetParameter"
+    assert statements["SecretParameters"]["Resource"] == [parameter]
+    assert statements["Secrets"]["Action"] == "secretsmanager:GetSecretValue"
+    assert statements["Secrets"]["Resource"] == [secret]
+
+
 def test_role_policy_for_a_whole_bucket_and_other_partitions():
-    policy = rq.role_policy("b", "", partition="aws-cn")
-    assert policy["Statement"][0]["Resource"] == "arn:aws-cn:s3:::b/*"
-    assert "Condition" not in policy["Statement"][1]
+    policy = rq.role_policy("b", "", "exp-abc123", partition="aws-cn")
+    assert policy["Statement"][0]["Resource"] == "arn:aws-cn:s3:::b/exp-abc123/*"
+    assert policy["Statement"][1]["Condition"] == {"StringLike": {"s3:prefix": ["exp-abc123/*"]}}
 
 
 def test_trust_policy_lets_only_ec2_assume_the_role():

@@ -104,7 +104,38 @@ def _has_managed_tag(body: dict[str, Any]) -> bool:
     return any(body[key.replace(".Key", ".Value")] == "true" for key in keys)
 
 
-def check_requests(recorder: FakeAws, *, cidr: str, bucket: str, prefix: str, nodes: int) -> int:
+def check_role_policy(
+    policy: dict[str, Any], *, bucket: str, prefix: str, run: str, resumed: tuple[str, str, str] | None = None
+) -> None:
+    """Each statement scoped to one run: this one's objects, and only reading the resumed one's."""
+    scopes = [(bucket, f"{prefix}/{run}", ["s3:DeleteObject", "s3:GetObject", "s3:PutObject"])]
+    if resumed:
+        scopes.append((resumed[0], f"{resumed[1]}/{resumed[2]}", ["s3:GetObject"]))
+    statements = policy["Statement"]
+    assert len(statements) == 2 * len(scopes), statements
+    for (scope_bucket, key, actions), objects, listing in zip(scopes, statements[::2], statements[1::2]):
+        assert objects["Effect"] == "Allow" and objects["Resource"] == f"arn:aws:s3:::{scope_bucket}/{key}/*"
+        assert sorted(objects["Action"]) == actions
+        assert "Condition" not in objects
+        assert listing["Effect"] == "Allow" and listing["Action"] == "s3:ListBucket"
+        assert listing["Resource"] == f"arn:aws:s3:::{scope_bucket}"
+        assert listing["Condition"] == {"StringLike": {"s3:prefix": [f"{key}/*"]}}
+    text = json.dumps(policy)
+    for _bucket, key, _actions in scopes:
+        text = text.replace(f"{key}/*", "")
+    assert "*" not in text, f"a wildcard beyond the run's own keys: {policy}"
+
+
+def check_requests(
+    recorder: FakeAws,
+    *,
+    cidr: str,
+    bucket: str,
+    prefix: str,
+    nodes: int,
+    run: str = "exp-sec123",
+    resumed: tuple[str, str, str] | None = None,
+) -> int:
     """Every assertion over what gpurun sent; returns how many bodies were checked."""
     everything = [(name, body) for name, bodies in recorder.bodies.items() for body in bodies]
     for name, body in everything:
@@ -156,18 +187,7 @@ def check_requests(recorder: FakeAws, *, cidr: str, bucket: str, prefix: str, no
     trust = json.loads(role["AssumeRolePolicyDocument"])
     assert [s["Principal"] for s in trust["Statement"]] == [{"Service": "ec2.amazonaws.com"}]
     [put] = _bodies(recorder, "PutRolePolicy")
-    policy = json.loads(put["PolicyDocument"])
-    objects, listing = policy["Statement"]
-    assert objects["Effect"] == "Allow" and objects["Resource"] == f"arn:aws:s3:::{bucket}/{prefix}/*"
-    assert sorted(objects["Action"]) == ["s3:DeleteObject", "s3:GetObject", "s3:PutObject"]
-    assert listing == {
-        "Sid": "ListRunPrefix",
-        "Effect": "Allow",
-        "Action": "s3:ListBucket",
-        "Resource": f"arn:aws:s3:::{bucket}",
-        "Condition": {"StringLike": {"s3:prefix": [prefix, f"{prefix}/*"]}},
-    }
-    assert "*" not in json.dumps(policy).replace(f"{prefix}/*", "")
+    check_role_policy(json.loads(put["PolicyDocument"]), bucket=bucket, prefix=prefix, run=run, resumed=resumed)
 
     for name in ("ImportKeyPair", "CreateSecurityGroup", "RunInstances", "CreateRole", "CreateInstanceProfile"):
         for body in _bodies(recorder, name):
@@ -223,6 +243,27 @@ def test_every_request_of_every_aws_experiment_is_safe(world, recorder, experime
     provider.release(record, Saves(), said.append)
     assert leftovers(world, recorder) == []
     assert not key_dir(RUN).exists()
+
+
+def test_the_role_only_reads_the_run_it_resumes_from(world, recorder):
+    """Resuming from another run: read-only on that run's keys, nothing on the store's other runs."""
+    spec = load_spec(AWS_EXPERIMENTS[0])
+    provider = make_provider(recorder)
+    record = new_record(RUN)
+    record["store"] = spec.checkpoint.store
+    record["resumed_from"] = {"run": "exp-old456", "seq": 3, "store": "s3://other-bucket/older", "bytes": 10}
+    provider.acquire(spec, record, Saves(), [].append)
+    bucket, _, prefix = spec.checkpoint.store[len("s3://") :].partition("/")
+    check_requests(
+        recorder,
+        cidr=f"{CALLER_IP}/32",
+        bucket=bucket,
+        prefix=prefix.strip("/"),
+        nodes=1,
+        resumed=("other-bucket", "older", "exp-old456"),
+    )
+    provider.release(record, Saves(), [].append)
+    assert leftovers(world, recorder) == []
 
 
 @pytest.mark.parametrize("open_range", OPEN)
@@ -324,7 +365,7 @@ def test_the_cli_prints_and_writes_no_secret(world, recorder, monkeypatch, tmp_p
     assert run_dir.is_relative_to(machine_home)
     job_pid = int((run_dir / "job.pid").read_text())
     bucket, _, prefix = launched["store"][len("s3://") :].partition("/")
-    check_requests(recorder, cidr=f"{CALLER_IP}/32", bucket=bucket, prefix=prefix.strip("/"), nodes=1)
+    check_requests(recorder, cidr=f"{CALLER_IP}/32", bucket=bucket, prefix=prefix.strip("/"), nodes=1, run=run)
     stored = world.client("s3").get_object(Bucket=bucket, Key=f"{prefix}/{run}/run.json")["Body"].read().decode()
     printed.append(stored)
     for name in ("job.sh", "sync.manifest.json"):

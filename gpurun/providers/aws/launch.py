@@ -154,7 +154,7 @@ class Launcher:
             iam.put_role_policy(
                 RoleName=self.name,
                 PolicyName=requests.ROLE_POLICY_NAME,
-                PolicyDocument=requests.policy_json(requests.role_policy(bucket, prefix, self.aws.partition)),
+                PolicyDocument=requests.policy_json(self.role_policy(bucket, prefix)),
             )
         with self._step("creating the instance profile", "CreateInstanceProfile"):
             iam.create_instance_profile(InstanceProfileName=self.name, Path=requests.IAM_PATH, Tags=self.tags)
@@ -162,6 +162,13 @@ class Launcher:
         with self._step("adding the role to the instance profile", "AddRoleToInstanceProfile"):
             iam.add_role_to_instance_profile(InstanceProfileName=self.name, RoleName=self.name)
         return self.name
+
+    def role_policy(self, bucket: str, prefix: str) -> dict[str, Any]:
+        source = self.record.get("resumed_from") or {}
+        read_from = None
+        if str(source.get("store", "")).startswith("s3://"):
+            read_from = (*requests.parse_s3_url(source["store"]), source["run"])
+        return requests.role_policy(bucket, prefix, self.run, self.aws.partition, read_from=read_from)
 
     def placement_group(self) -> str | None:
         if not self.prepared.placement(self.spec.aws.nodes):

@@ -257,32 +257,82 @@ def trust_policy() -> dict[str, Any]:
     }
 
 
-def role_policy(bucket: str, prefix: str, partition: str = "aws") -> dict[str, Any]:
-    """Get/Put/Delete under the prefix, List limited to it; nothing else."""
-    objects = f"arn:{partition}:s3:::{bucket}/{prefix}/*" if prefix else f"arn:{partition}:s3:::{bucket}/*"
-    list_condition: dict[str, Any] = {}
-    if prefix:
-        list_condition = {"StringLike": {"s3:prefix": [prefix, f"{prefix}/*"]}}
-    listing: dict[str, Any] = {
-        "Sid": "ListRunPrefix",
-        "Effect": "Allow",
-        "Action": "s3:ListBucket",
-        "Resource": f"arn:{partition}:s3:::{bucket}",
-    }
-    if list_condition:
-        listing["Condition"] = list_condition
-    return {
-        "Version": "2012-10-17",
-        "Statement": [
+def _run_key(prefix: str, run: str) -> str:
+    return f"{prefix}/{run}" if prefix else run
+
+
+def _run_statements(sid: str, actions: list[str], bucket: str, key: str, partition: str) -> list[dict[str, Any]]:
+    """Object actions on `<key>/*` and a listing that may name only keys under it."""
+    return [
+        {
+            "Sid": f"{sid}Objects",
+            "Effect": "Allow",
+            "Action": actions,
+            "Resource": f"arn:{partition}:s3:::{bucket}/{key}/*",
+        },
+        {
+            "Sid": f"{sid}List",
+            "Effect": "Allow",
+            "Action": "s3:ListBucket",
+            "Resource": f"arn:{partition}:s3:::{bucket}",
+            "Condition": {"StringLike": {"s3:prefix": [f"{key}/*"]}},
+        },
+    ]
+
+
+def role_policy(
+    bucket: str,
+    prefix: str,
+    run: str,
+    partition: str = "aws",
+    *,
+    read_from: tuple[str, str, str] | None = None,
+    parameter_arns: list[str] | tuple[str, ...] = (),
+    secret_arns: list[str] | tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """What the machine may do, and nothing else: read, write and delete its own run's objects
+    (`<prefix>/<run>/*`, its ranks included), read those of the run it resumes from
+    (`read_from`: bucket, prefix, run), and read exactly the spec's SSM parameters and
+    Secrets Manager secrets. A compromised job cannot touch the store's other runs."""
+    statements = _run_statements(
+        "ThisRun", ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"], bucket, _run_key(prefix, run), partition
+    )
+    if read_from is not None and read_from != (bucket, prefix, run):
+        source_bucket, source_prefix, source_run = read_from
+        statements += _run_statements(
+            "ResumedRun", ["s3:GetObject"], source_bucket, _run_key(source_prefix, source_run), partition
+        )
+    if parameter_arns:
+        statements.append(
             {
-                "Sid": "ReadWriteRunPrefix",
+                "Sid": "SecretParameters",
                 "Effect": "Allow",
-                "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
-                "Resource": objects,
-            },
-            listing,
-        ],
-    }
+                "Action": "ssm:GetParameter",
+                "Resource": sorted(set(parameter_arns)),
+            }
+        )
+    if secret_arns:
+        statements.append(
+            {
+                "Sid": "Secrets",
+                "Effect": "Allow",
+                "Action": "secretsmanager:GetSecretValue",
+                "Resource": sorted(set(secret_arns)),
+            }
+        )
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
+def parameter_arn(path: str, *, region: str, account: str, partition: str = "aws") -> str:
+    """The ARN of an SSM parameter named `/a/b` (or `a`, a name without a path)."""
+    return f"arn:{partition}:ssm:{region}:{account}:parameter/{path.lstrip('/')}"
+
+
+def secret_arn(name: str, *, region: str, account: str, partition: str = "aws") -> str:
+    """The ARN of a Secrets Manager secret: AWS appends six random characters to the name."""
+    if name.startswith("arn:"):
+        return name
+    return f"arn:{partition}:secretsmanager:{region}:{account}:secret:{name}-??????"
 
 
 def policy_json(document: dict[str, Any]) -> str:
