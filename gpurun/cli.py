@@ -54,6 +54,8 @@ def cli(debug: bool) -> None:
 @click.option("--follow", "-f", is_flag=True, help="Follow the job's output after launch.")
 @click.option("--resume", metavar="RUN", help="Restore RUN's latest snapshot before the job starts.")
 @click.option("--create-bucket", is_flag=True, help="Create the s3:// store's bucket if missing (private, encrypted).")
+@click.option("--on", "on_run", metavar="RUN", help="Run SPEC as the next job of live run RUN (as `gpurun exec`).")
+@click.option("--replace", is_flag=True, help="With --on: stop RUN's running job first (SIGTERM, final snapshot).")
 @click.option("--json", "json_mode", is_flag=True, help="Print one JSON document.")
 def launch(
     spec_file: Path,
@@ -63,14 +65,29 @@ def launch(
     follow: bool,
     resume: str | None,
     create_bucket: bool,
+    on_run: str | None,
+    replace: bool,
     json_mode: bool,
 ) -> None:
     """Launch the experiment described in SPEC."""
     from gpurun.app.launch import launch as do_launch
     from gpurun.spec import load_spec
 
+    if on_run is None and replace:
+        raise BadInput("--replace goes with --on RUN (or `gpurun exec RUN --replace`)")
+    if on_run is not None:
+        given = [flag for flag, value in (("--name", name), ("--resume", resume)) if value]
+        given += [flag for flag, value in (("--dry-run", dry_run), ("--create-bucket", create_bucket)) if value]
+        if given:
+            raise BadInput(f"{', '.join(given)}: not with --on RUN (the run, its store and its machines exist)")
     ui = _ui(json_mode)
     spec = load_spec(spec_file, overrides)
+    if on_run is not None:
+        from gpurun.app.execute import exec_job
+
+        result = exec_job(on_run, ui, spec=spec, replace=replace)
+        _finish_job_command(ui, result, follow=follow, json_mode=json_mode)
+        return
     result = do_launch(spec, ui, name=name, resume=resume, dry_run=dry_run, create_bucket=create_bucket)
     if json_mode:
         ui.emit_json(result)
@@ -82,6 +99,45 @@ def launch(
     if follow and not dry_run:
         # With --json, stdout holds the one JSON document; the job's output goes to stderr.
         _follow_logs(result["run"], tail=None, to_stderr=json_mode)
+
+
+def _finish_job_command(ui: Ui, result: dict[str, Any], *, follow: bool, json_mode: bool) -> None:
+    """What exec (and launch --on) print: the run, then with --follow the job's output."""
+    if json_mode and not follow:
+        ui.emit_json(result)
+        return
+    if not json_mode:
+        ui.result(result["run"])
+    if follow:
+        _follow_logs(result["run"], tail=None, to_stderr=json_mode)
+
+
+@cli.command("exec", context_settings=CONTEXT)
+@click.argument("run")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[-- CMD]")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    help="Change run, setup, env.NAME or sync for this job on.",
+)
+@click.option("--replace", is_flag=True, help="Stop the running job first (SIGTERM, final snapshot).")
+@click.option("--follow", "-f", is_flag=True, help="Follow the new job's output.")
+@click.option("--json", "json_mode", is_flag=True, help="Print one JSON document (the run).")
+def exec_command(
+    run: str, command: tuple[str, ...], overrides: tuple[str, ...], replace: bool, follow: bool, json_mode: bool
+) -> None:
+    """Sync what changed to RUN's machines and start its next job there (CMD replaces the spec's run).
+
+    Setup runs again only when it, or a file it names, changed. A running job is
+    left alone unless --replace.
+    """
+    from gpurun.app.execute import command_text, exec_job
+
+    ui = _ui(json_mode)
+    result = exec_job(run, ui, command=command_text(list(command)), overrides=overrides, replace=replace)
+    _finish_job_command(ui, result, follow=follow, json_mode=json_mode)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -222,17 +278,24 @@ def _status_table(ui: Ui, records: list[dict[str, Any]]) -> None:
 @click.option("--follow", "-f", is_flag=True, help="Keep following until the job ends.")
 @click.option("--tail", type=click.IntRange(min=0), help="Start with the last N lines.")
 @click.option("--node", type=click.IntRange(min=0), help="Show one node's output (default: rank 0).")
-def logs(run: str, follow: bool, tail: int | None, node: int | None) -> None:
+@click.option("--job", type=click.IntRange(min=1), help="Which job (default: the current one).")
+def logs(run: str, follow: bool, tail: int | None, node: int | None, job: int | None) -> None:
     """The job's output (stdout and stderr)."""
-    _follow_logs(run, tail=tail, follow=follow, node=node)
+    _follow_logs(run, tail=tail, follow=follow, node=node, job=job)
 
 
 def _follow_logs(
-    run: str, *, tail: int | None, follow: bool = True, node: int | None = None, to_stderr: bool = False
+    run: str,
+    *,
+    tail: int | None,
+    follow: bool = True,
+    node: int | None = None,
+    to_stderr: bool = False,
+    job: int | None = None,
 ) -> None:
     from gpurun.app.logs import show_logs
 
-    outcome = show_logs(run, follow=follow, tail=tail, node=node, write=_stderr_bytes if to_stderr else None)
+    outcome = show_logs(run, follow=follow, tail=tail, node=node, write=_stderr_bytes if to_stderr else None, job=job)
     if follow:
         code = outcome.get("exit_code")
         if outcome.get("gone"):

@@ -116,6 +116,9 @@ def job_environment(record: dict[str, Any], machine: dict[str, Any], resume_from
             "PYTHONUNBUFFERED": "1",
         }
     )
+    listed = record.get("jobs")
+    if isinstance(listed, list) and listed and isinstance(listed[-1], dict):
+        env["GPURUN_JOB"] = str(listed[-1].get("number"))
     if resume_from:
         env["GPURUN_RESUME_FROM"] = resume_from
     return env

@@ -164,7 +164,7 @@ def launch(
         _prepare_all(provider, conns, record, files, source, ui, started)
         if spec.setup:
             step = "running setup"
-            _wait_for_setup(record, started, ui)
+            wait_for_setup(record, started, ui)
         record["state"] = "running"
         on_change(record)
         snaps.put_run_record(store, run, record)
@@ -277,7 +277,7 @@ def _prepare(provider, conns, record, machine, files, source, ui: Reporter, star
     )
 
 
-def _wait_for_setup(record: dict[str, Any], started: list, ui: Reporter, poll: float = 0.5) -> None:
+def wait_for_setup(record: dict[str, Any], started: list, ui: Reporter, poll: float = 0.5) -> None:
     """Wait until every node is past `setup`; one node failing fails the whole launch."""
     import time
 

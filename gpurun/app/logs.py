@@ -44,7 +44,13 @@ def _follow_command(run_dir: str, offset: int | None, tail: int | None, follow: 
 
 
 def show_logs(
-    run: str, *, follow: bool, tail: int | None, node: int | None, write: Callable[[bytes], None] | None = None
+    run: str,
+    *,
+    follow: bool,
+    tail: int | None,
+    node: int | None,
+    write: Callable[[bytes], None] | None = None,
+    job: int | None = None,
 ) -> dict[str, Any]:
     """One node's output; with several nodes and no `node`, all of them merged with a rank prefix."""
     record = runs.load(run)
@@ -53,9 +59,51 @@ def show_logs(
         raise BadInput(f"run {run} has no machine (it never started); nothing to show")
     if record.get("state") == "ended":
         _check_logs_outlived_teardown(record)
+    current = runs.current_job(record)
+    if job is not None and (current is None or job != current["number"]):
+        return _earlier_job(record, job, current, node=node, follow=follow, tail=tail, write=write or _stdout)
     if node is None and len(machines) > 1:
         return _merged(run, machines, follow=follow, tail=tail, write=write or _stdout)
     return _show_node(run, record, node or 0, follow=follow, tail=tail, write=write)
+
+
+def _earlier_job(
+    record: dict[str, Any],
+    job: int,
+    current: dict[str, Any] | None,
+    *,
+    node: int | None,
+    follow: bool,
+    tail: int | None,
+    write: Callable[[bytes], None],
+) -> dict[str, Any]:
+    """A job before the current one: its output was set aside under jobs/ on each node when the next started."""
+    from gpurun.app.execute import job_log_name
+
+    run = record["run"]
+    last = current["number"] if current else 0
+    if not 1 <= job <= last:
+        raise BadInput(f"--job {job}: run {run} has jobs 1..{last}" if last else f"--job {job}: run {run} has no job")
+    if follow:
+        raise BadInput(f"--job {job} has ended; -f follows the current job ({last})")
+    machines = record["machines"]
+    ranks = [node or 0] if node is not None or len(machines) == 1 else list(range(len(machines)))
+    if ranks[0] >= len(machines):
+        raise BadInput(f"--node {ranks[0]}: run {run} has nodes 0..{len(machines) - 1}")
+    conns = connections.Connections()
+    path = job_log_name(job)
+    for rank in ranks:
+        machine = machines[rank]
+        reader = f"tail -n {int(tail)}" if tail is not None else "cat"
+        with conns.connect(record, machine) as transport:
+            result = transport.run(f"cd {q(machine['run_dir'])} && {reader} {q(path)}", timeout=120)
+        if not result.ok:
+            raise GpurunError(f"job {job}'s output is not on node {rank} ({path} is missing)")
+        data = result.stdout
+        if len(ranks) > 1:
+            data = b"".join(b"[node %d] %s\n" % (rank, line) for line in data.splitlines())
+        write(data)
+    return {"run": run}
 
 
 def _check_logs_outlived_teardown(record: dict[str, Any]) -> None:

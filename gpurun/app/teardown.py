@@ -177,7 +177,7 @@ def _stop_machine(conns, record, machine, ui: Reporter, final_sync: bool, keep_f
             elif state["job_started"]:
                 runs.end_job(record, "killed")
         if final_sync and machine in common.agent_machines(record):
-            final = _final_sync(record, machine, transport, ui, before)
+            final = wait_for_final_snapshot(record, machine, transport, ui, before)
         jobs.stop(transport, run_dir, "agent", grace=10, here=local)
         if not keep_files and not local:
             transport.run(f"rm -rf {shlex.quote(run_dir)}", timeout=120)
@@ -219,7 +219,9 @@ def _save_progress(record: dict[str, Any]) -> None:
         runs.save(current)
 
 
-def _final_sync(record, machine, transport, ui: Reporter, before: int | None) -> dict[str, Any] | None:
+def wait_for_final_snapshot(
+    record: dict[str, Any], machine: dict[str, Any], transport: Any, ui: Reporter, before: int | None
+) -> dict[str, Any] | None:
     """The agent sees the job exit and takes the final snapshot; wait for it, or take it ourselves."""
     run_dir = machine["run_dir"]
     local = record["provider"] == "local"
