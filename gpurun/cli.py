@@ -221,6 +221,7 @@ def _jobs_table(ui: Ui, record: dict[str, Any]) -> None:
 
 def _status_table(ui: Ui, records: list[dict[str, Any]]) -> None:
     from gpurun.app.status import age
+    from gpurun.runs import restarts_view as public_restarts
     from gpurun.sizes import human_bytes
 
     rows = []
@@ -238,6 +239,9 @@ def _status_table(ui: Ui, records: list[dict[str, Any]]) -> None:
         listed = record.get("jobs")
         if isinstance(listed, list) and listed and isinstance(listed[-1], dict):
             job_text = f"#{listed[-1].get('number')} {job_text}"
+        restarts = public_restarts(record)
+        if restarts and restarts["used"]:
+            job_text += f" (restart {restarts['used']}/{restarts['max']})"
         if record["provider"] == "local":
             where = "local"
         else:

@@ -5,6 +5,7 @@
     <run_dir>/job.phase   setup | run
     <run_dir>/job.exit    the exit status, written when the job ends
     <run_dir>/job.log     stdout and stderr
+    <run_dir>/job.restarts  restarts used so far (recovery on)
 
 Everything goes through a Transport as shell text, so the same code drives
 the local machine and an SSH host. Every interpolated value is quoted.
@@ -16,6 +17,7 @@ import json
 import os
 import shlex
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from gpurun.errors import TransportError
@@ -32,7 +34,59 @@ def _in_workdir(workdir: str, command: str) -> str:
     return f"trap 'exit $?' TERM; cd {q(workdir)} && {command}"
 
 
-def job_script(run_dir: str, workdir: str, env: dict[str, str], setup: str | None, run: str) -> str:
+@dataclass(frozen=True)
+class Restarts:
+    """The wrapper restarts the job on this machine (recovery on ssh and local).
+
+    A job killed by a signal (exit status above 128: the OOM killer, a person, a
+    lost GPU) is restarted; one that exits non-zero only with `on_failure`.
+    Before each restart the agent takes its final snapshot, then `restore`
+    (a shell command) puts LATEST into `checkpoint_dir`.
+    """
+
+    max_restarts: int
+    on_failure: bool
+    checkpoint_dir: str
+    restore: str
+    # How long to wait for the agent's snapshot before restarting anyway.
+    snapshot_wait: int = 300
+
+
+def _restart_block(run_dir: str, restarts: Restarts) -> str:
+    qdir = q(run_dir)
+    restart_on = '[ "$code" -gt 128 ]' + (' || [ "$code" -ne 0 ]' if restarts.on_failure else "")
+    return f"""  if [ "$code" -eq 0 ] || [ -n "$stopping" ] || ! {{ {restart_on}; }}; then break; fi
+  if [ "$used" -ge {restarts.max_restarts} ]; then
+    echo "[gpurun] job ended with exit status $code; restart budget spent ($used of {restarts.max_restarts})"
+    break
+  fi
+  used=$((used + 1))
+  echo "$used" > {qdir}/job.restarts
+  echo "[gpurun] job ended with exit status $code; restart $used of {restarts.max_restarts} from LATEST"
+  nonce="restart-$used-$$-$(date +%s%N)"
+  echo "$nonce" > {qdir}/sync.request
+  waited=0
+  while ! grep -qF "$nonce" {qdir}/agent.status.json 2>/dev/null && [ "$waited" -lt {restarts.snapshot_wait * 10} ]; do
+    p=$(cat {qdir}/agent.pid 2>/dev/null); [ -n "$p" ] && [ -d "/proc/$p" ] || break
+    sleep 0.1; waited=$((waited + 1))
+  done
+  [ -n "$stopping" ] && break
+  if ( {restarts.restore} ); then
+    export GPURUN_RESUME_FROM={q(restarts.checkpoint_dir)}
+  else
+    echo "[gpurun] no snapshot to restore; restarting from the start"
+  fi
+"""
+
+
+def job_script(
+    run_dir: str,
+    workdir: str,
+    env: dict[str, str],
+    setup: str | None,
+    run: str,
+    restarts: Restarts | None = None,
+) -> str:
     exports = "\n".join(f"export {name}={q(value)}" for name, value in sorted(env.items()))
     setup_block = ""
     if setup:
@@ -46,37 +100,49 @@ if [ "$code" -ne 0 ]; then
   exit "$code"
 fi
 """
+    restart_block = _restart_block(run_dir, restarts) if restarts else "  break\n"
     return f"""#!/usr/bin/env bash
 # Written by gpurun. Runs setup, then the job, and records how it ended.
-# TERM is trapped so this shell outlives its child and can record the exit status.
-trap 'echo "[gpurun] received SIGTERM"' TERM
+# TERM is trapped so this shell outlives its child and can record the exit status;
+# it also means "stop": a TERM never leads to a restart.
+stopping=
+trap 'stopping=1; echo "[gpurun] received SIGTERM"' TERM
 record() {{ echo "$1" > {q(run_dir)}/job.exit.tmp && mv {q(run_dir)}/job.exit.tmp {q(run_dir)}/job.exit; }}
 cd {q(workdir)} || {{ record 1; exit 1; }}
 # Started from an SSH session, bash would read ~/.bashrc for every child shell.
 unset SSH_CLIENT SSH2_CLIENT SSH_CONNECTION SSH_TTY
 {exports}
-{setup_block}echo run > {q(run_dir)}/job.phase
-echo "[gpurun] run: "{q(run)}
-bash -c {q(_in_workdir(workdir, run))} &
-child=$!
-wait "$child"
-code=$?
-# A trapped TERM interrupts wait: keep waiting for the job to finish saving.
-while kill -0 "$child" 2>/dev/null; do wait "$child"; code=$?; done
+{setup_block}used=0
+while true; do
+  echo run > {q(run_dir)}/job.phase
+  echo "[gpurun] run: "{q(run)}
+  bash -c {q(_in_workdir(workdir, run))} &
+  child=$!
+  wait "$child"
+  code=$?
+  # A trapped TERM interrupts wait: keep waiting for the job to finish saving.
+  while kill -0 "$child" 2>/dev/null; do wait "$child"; code=$?; done
+{restart_block}done
 record "$code"
 exit "$code"
 """
 
 
 def start_job(
-    transport: Transport, run_dir: str, workdir: str, env: dict[str, str], setup: str | None, run: str
+    transport: Transport,
+    run_dir: str,
+    workdir: str,
+    env: dict[str, str],
+    setup: str | None,
+    run: str,
+    restarts: Restarts | None = None,
 ) -> int:
-    script = job_script(run_dir, workdir, env, setup, run).encode()
+    script = job_script(run_dir, workdir, env, setup, run, restarts).encode()
     qdir = q(run_dir)
     # Only the setsid command goes to the background: a backgrounded `a && b` list
     # would keep a subshell holding our output pipe open.
     command = (
-        f"mkdir -p {qdir} && cat > {qdir}/job.sh && rm -f {qdir}/job.exit {qdir}/job.phase && cd {qdir} || exit 1\n"
+        f"mkdir -p {qdir} && cat > {qdir}/job.sh && rm -f {qdir}/job.exit {qdir}/job.phase {qdir}/job.restarts && cd {qdir} || exit 1\n"
         f"setsid nohup bash {qdir}/job.sh >> {qdir}/job.log 2>&1 < /dev/null &\n"
         f"echo $! > {qdir}/job.pid && echo $!"
     )
@@ -107,6 +173,7 @@ echo "agent_pid=$(alive agent)"
 echo "exit=$(cat "$d/job.exit" 2>/dev/null)"
 echo "exit_at=$(stat -c %Y "$d/job.exit" 2>/dev/null)"
 echo "phase=$(cat "$d/job.phase" 2>/dev/null)"
+echo "restarts=$(head -c 20 "$d/job.restarts" 2>/dev/null)"
 echo "interrupted=$(cat "$d/interrupted" 2>/dev/null | head -c 200 | tr '\n' ' ')"
 echo "agent_status=$(cat "$d/agent.status.json" 2>/dev/null | tr '\n' ' ')"
 """
@@ -120,6 +187,7 @@ def _parse_state(text: str) -> dict[str, Any]:
         "agent_alive": values.get("agent_pid", "none") not in ("none", "dead", ""),
         "exit_code": int(values["exit"]) if values.get("exit", "").strip().lstrip("-").isdigit() else None,
         "phase": values.get("phase") or None,
+        "restarts": _count(values.get("restarts", "")),
         "interrupted": bool(values.get("interrupted", "").strip()),
         "ended_at": _iso(values.get("exit_at", "")),
         "agent": None,
@@ -141,6 +209,11 @@ def _iso(epoch: str) -> str | None:
     if not text.isdigit() or len(text) > 12:
         return None
     return datetime.fromtimestamp(int(text), timezone.utc).isoformat(timespec="seconds")
+
+
+def _count(text: str) -> int:
+    text = text.strip()
+    return int(text) if text.isdigit() and len(text) < 10 else 0
 
 
 def read_state(transport: Transport, run_dir: str) -> dict[str, Any]:
@@ -197,6 +270,7 @@ def read_state_here(run_dir: str) -> dict[str, Any]:
         "agent_alive": agent_alive,
         "exit_code": int(exit_text) if exit_text.lstrip("-").isdigit() else None,
         "phase": read("job.phase").strip() or None,
+        "restarts": _count(read("job.restarts")),
         "interrupted": bool(read("interrupted").strip()),
         "ended_at": _iso(exit_at),
         "agent": agent,

@@ -358,4 +358,14 @@ def public_view(record: dict[str, Any]) -> dict[str, Any]:
         "job": record.get("job"),
         "checkpoint_error": record.get("checkpoint_error"),
         "jobs": [job_view(job) for job in jobs_of(record)],
+        "restarts": restarts_view(record),
     }
+
+
+def restarts_view(record: dict[str, Any]) -> dict[str, int] | None:
+    """Restarts used of the budget; None when recovery is off."""
+    budget = record.get("spec", {}).get("recovery", {}).get("max_restarts")
+    if not isinstance(budget, int) or budget <= 0:
+        return None
+    used = record.get("restarts_used")
+    return {"used": used if isinstance(used, int) else 0, "max": budget}

@@ -225,6 +225,13 @@ class AwsSpec(_Section):
         return None if value is None else parse_duration(value)
 
 
+class RecoverySpec(_Section):
+    """Restarts after a lost machine (or a killed job); None until the provider's default is chosen."""
+
+    max_restarts: int | None = Field(default=None, ge=0, le=1000)
+    on_failure: bool = False
+
+
 class SshSpec(_Section):
     user: str | None = None
     port: int = Field(default=22, ge=1, le=65535)
@@ -269,6 +276,7 @@ class Spec(_Section):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     aws: AwsSpec = Field(default_factory=AwsSpec)
     ssh: SshSpec = Field(default_factory=SshSpec)
+    recovery: RecoverySpec = Field(default_factory=RecoverySpec)
     # Where the spec was read from: relative paths are resolved against it.
     spec_dir: str = Field(default=".", exclude=True)
 
@@ -333,6 +341,16 @@ class Spec(_Section):
         if self.provider == "ssh" and not self.ssh.hosts:
             # "field: message": _format_validation names the field for model-level checks.
             raise ValueError("ssh.hosts: provider ssh needs at least one host to run on, like hosts: [gpu-box]")
+        if self.recovery.max_restarts is None:
+            # Spot machines are taken away as a matter of course; elsewhere a restart is asked for.
+            # Several nodes are not recovered (ranks would need agreeing again), so no default there.
+            spot = self.provider == "aws" and self.aws.spot and self.num_nodes == 1
+            self.recovery.max_restarts = 3 if spot else 0
+        elif self.recovery.max_restarts > 0 and self.num_nodes > 1:
+            raise ValueError(
+                f"recovery.max_restarts: recovery of a run with {self.num_nodes} nodes is not supported; "
+                "use one node, or recovery: {max_restarts: 0}"
+            )
         return self
 
     @property
@@ -360,6 +378,7 @@ _MODELS: dict[str, type[BaseModel]] = {
     "checkpoint": CheckpointSpec,
     "aws": AwsSpec,
     "ssh": SshSpec,
+    "recovery": RecoverySpec,
 }
 
 
@@ -384,6 +403,7 @@ _SECTION_EXAMPLES = {
     "checkpoint": "checkpoint: {every: 5m}",
     "aws": "aws: {region: us-east-1}",
     "ssh": "ssh: {hosts: [gpu-box]}",
+    "recovery": "recovery: {max_restarts: 3}",
 }
 
 
@@ -412,7 +432,7 @@ def _format_validation(source: str | Any, error: ValidationError) -> str:
     message = first["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
-        if not location and ": " in message and message.split(": ", 1)[0] in ("ssh.hosts",):
+        if not location and ": " in message and message.split(": ", 1)[0] in ("ssh.hosts", "recovery.max_restarts"):
             field, message = message.split(": ", 1)
     elif kind == "literal_error":
         expected = first.get("ctx", {}).get("expected", "")

@@ -81,6 +81,22 @@ def agent_arguments(record: dict[str, Any], machine: dict[str, Any], *, once: bo
     return arguments
 
 
+def max_restarts(record: dict[str, Any]) -> int:
+    """The run's restart budget (0: recovery off; a record from before recovery has none)."""
+    value = record.get("spec", {}).get("recovery", {}).get("max_restarts")
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+def restore_arguments(record: dict[str, Any], machine: dict[str, Any]) -> list[str]:
+    """The agent's arguments that put this run's LATEST into the machine's checkpoint directory."""
+    arguments = ["--to", agent_store_url(record, machine), "--restore-from", agent_run_name(record, machine)]
+    arguments += ["--into", checkpoint_dir(record, machine)]
+    region = store_options(record).get("region")
+    if region:
+        arguments += ["--region", region]
+    return arguments
+
+
 def agent_run_name(record: dict[str, Any], machine: dict[str, Any]) -> str:
     """Rank 0 writes under the run; with checkpoint.nodes=all, other ranks write under <run>/rank-K."""
     if machine.get("rank", 0) == 0:

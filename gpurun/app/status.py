@@ -21,6 +21,8 @@ ACTIVE = ("launching", "running")
 
 def _job_outcome(record: dict[str, Any], state: dict[str, Any]) -> None:
     record["job"] = {"phase": state["phase"], "alive": state["job_alive"]}
+    if state.get("restarts"):
+        record["restarts_used"] = state["restarts"]
     agent = state.get("agent")
     if agent:
         if agent.get("last_seq") is not None:
