@@ -301,3 +301,35 @@ def test_teardown_releases_a_run_whose_machine_is_gone_or_does_not_answer(
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_aws_exec_replaces_the_job_on_the_same_instance(aws_world, sshd, capsys) -> None:
+    code, out, err = cli(capsys, "launch", str(aws_world["spec"]), "--json")
+    assert code == 0, err
+    launched = json.loads(out)
+    run, instance_id = launched["run"], launched["instances"][0]["id"]
+    s3 = boto3.client("s3", endpoint_url=aws_world["endpoint"], region_name="us-east-1")
+    try:
+        wait_until(lambda: bucket_latest(s3, aws_world["bucket"], run), timeout=60, what="a snapshot in the bucket")
+        code, out, err = cli(capsys, "exec", run, "--", "echo second")
+        assert code == 1 and f"job 1 of {run} is still running" in err
+
+        (aws_world["spec"].parent / "code" / "extra.py").write_text("print('new file')\n")
+        code, out, err = cli(
+            capsys, "exec", run, "--replace", "--follow", "--", "python3 extra.py; echo job $GPURUN_JOB"
+        )
+        assert code == 0, err
+        assert "synced 1 changed files" in err and "final checkpoint: snapshot" in err
+        assert "new file\njob 2\n" in out
+        held = gpurun_resources(aws_world["endpoint"])
+        assert [i["InstanceId"] for i in held["instances"]] == [instance_id], "exec provisions nothing"
+
+        code, out, err = cli(capsys, "status", run, "--json")
+        jobs = json.loads(out)[0]["jobs"]
+        assert [(job["number"], job["ended_by"]) for job in jobs] == [(1, "killed"), (2, "exited")]
+        stored = json.loads(s3.get_object(Bucket=aws_world["bucket"], Key=f"runs/{run}/run.json")["Body"].read())
+        assert [job["command"] for job in stored["jobs"]][-1] == "python3 extra.py; echo job $GPURUN_JOB"
+    finally:
+        cli(capsys, "teardown", run, "--yes", "--no-final-sync")
+    assert gpurun_resources(aws_world["endpoint"])["instances"] == []
