@@ -12,7 +12,15 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from gpurun.durations import parse_duration
 from gpurun.errors import SpecError
@@ -54,17 +62,20 @@ class _Section(BaseModel):
 
 class SyncSpec(_Section):
     exclude: list[str] = Field(default_factory=list)
+    # Held-back credential files (.env, *.pem, *.key, id_* keys, .netrc, .aws/, .ssh/) to send anyway.
+    include: list[str] = Field(default_factory=list)
 
-    @field_validator("exclude")
+    @field_validator("exclude", "include")
     @classmethod
-    def _patterns(cls, patterns: list[str]) -> list[str]:
+    def _patterns(cls, patterns: list[str], info: ValidationInfo) -> list[str]:
+        what, example = ("exclude", "data/ or *.npy") if info.field_name == "exclude" else ("include", ".env")
         for pattern in patterns:
             if not pattern.strip():
-                raise ValueError("an exclude pattern must not be empty; use a pattern like data/ or *.npy")
-            _no_control(pattern, "an exclude pattern")
+                raise ValueError(f"an {what} pattern must not be empty; use a pattern like {example}")
+            _no_control(pattern, f"an {what} pattern")
             if ".." in PurePosixPath(pattern.strip("/")).parts:
                 raise ValueError(
-                    f"{show(pattern)} reaches outside workdir ('..' is not allowed); use a pattern like data/"
+                    f"{show(pattern)} reaches outside workdir ('..' is not allowed); use a pattern like {example}"
                 )
         return patterns
 

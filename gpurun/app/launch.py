@@ -20,10 +20,10 @@ from gpurun.durations import format_duration
 from gpurun.errors import BadInput, GpurunError, Interrupted, TransportError
 from gpurun.providers import get_provider
 from gpurun.sizes import human_bytes
-from gpurun.spec import NAME_PATTERN, Spec
+from gpurun.spec import NAME_PATTERN, Spec, label
 from gpurun.store import open_store
 from gpurun.store import snapshots as snaps
-from gpurun.sync.push import LARGE_SYNC_BYTES, scan, sync_tree
+from gpurun.sync.push import LARGE_SYNC_BYTES, scan_holding_back, sync_tree
 
 
 def find_resume_source(spec: Spec, store_url: str, resume: str | None) -> dict[str, Any] | None:
@@ -57,6 +57,14 @@ def find_resume_source(spec: Spec, store_url: str, resume: str | None) -> dict[s
     return {"run": name, "seq": pointer["seq"], "store": store_url, "bytes": pointer["bytes"]}
 
 
+def _held_back_text(held_back: list[str], limit: int = 20) -> str:
+    if not held_back:
+        return "-"
+    shown = ", ".join(label(path) for path in held_back[:limit])
+    more = f" and {len(held_back) - limit} more" if len(held_back) > limit else ""
+    return f"{shown}{more}"
+
+
 def _choose_name(spec: Spec, name: str | None) -> str:
     if name is None:
         return runs.new_run_name(spec.name)
@@ -81,13 +89,16 @@ def launch(
     conns = connections.Connections()
     store_url = common.store_url_for(spec)
     run = _choose_name(spec, name)
-    files = scan(spec.workdir_path, [*spec.sync.exclude, f"/{spec.checkpoint.dir.strip('/')}/"])
+    files, held_back = scan_holding_back(
+        spec.workdir_path, [*spec.sync.exclude, f"/{spec.checkpoint.dir.strip('/')}/"], spec.sync.include
+    )
     total = sum(f.size for f in files)
     rows = [("run", run), ("provider", spec.provider)]
     rows += provider.plan(spec, run)
     source = find_resume_source(spec, store_url, resume)
     rows += [
         ("code", f"{spec.workdir_path} ({len(files)} files, {human_bytes(total)})"),
+        *([("held back", _held_back_text(held_back))] if held_back else []),
         ("setup", spec.setup or "-"),
         ("run", spec.run),
         (
@@ -100,6 +111,11 @@ def launch(
         ui.warn(
             f"checkpoint.every is {format_duration(spec.checkpoint.every)}: each snapshot re-reads changed files; "
             "1m or more is usual (the spot notice and the job's exit always trigger one)"
+        )
+    if held_back:
+        ui.warn(
+            f"not syncing {_held_back_text(held_back)}: they look like credentials; "
+            "sync.include sends one on purpose, secrets: passes a value to the job"
         )
     if dry_run:
         return {"run": run, "dry_run": True, "plan": [{"item": label, "value": value} for label, value in rows]}

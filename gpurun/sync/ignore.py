@@ -29,6 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ALWAYS_EXCLUDED = (".git",)
+# Files that hold credentials, kept back whatever the ignore files say (a `.gpurunignore`
+# replaces `.gitignore` entirely, and rarely repeats them); `sync.include` sends one on purpose.
+SENSITIVE_FILES = re.compile(r"\.env|\.env\..+|.+\.pem|.+\.key|\.netrc|id_(rsa|dsa|ecdsa|ed25519)(_sk)?")
+SENSITIVE_DIRS = frozenset({".aws", ".ssh"})
 _NEVER = re.compile(rb"(?!)")
 
 _CLASSES: dict[bytes, set[int]] = {
@@ -253,11 +257,30 @@ def _last_match(patterns: list[Pattern], relative: bytes, name: bytes, is_dir: b
 Level = tuple[bytes, list[Pattern]]  # (directory relative to root, no trailing slash; its patterns)
 
 
+def is_sensitive(name: str, is_dir: bool) -> bool:
+    """A file or directory name that usually holds a credential (see SENSITIVE_FILES)."""
+    if is_dir:
+        return name in SENSITIVE_DIRS
+    return SENSITIVE_FILES.fullmatch(name) is not None
+
+
 class IgnoreRules:
-    def __init__(self, root: Path, extra: list[str] | tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, root: Path, extra: list[str] | tuple[str, ...] = (), include: list[str] | tuple[str, ...] = ()
+    ) -> None:
         self.root = Path(root)
         self.file_name = ".gpurunignore" if (self.root / ".gpurunignore").is_file() else ".gitignore"
         self.extra = parse_lines(list(extra)) if extra else []
+        self.include = parse_lines(list(include)) if include else []
+        #: Paths not sent because they look like credentials (directories end in '/'), from the last walk.
+        self.held_back: list[str] = []
+
+    def _held_back(self, relative: str, is_dir: bool) -> bool:
+        name = relative.rsplit("/", 1)[-1]
+        if not is_sensitive(name, is_dir):
+            return False
+        path = os.fsencode(relative)
+        return _last_match(self.include, path, path.rsplit(b"/", 1)[-1], is_dir) is not True
 
     def _decide(self, relative: str, levels: list[Level], is_dir: bool) -> bool:
         """True when `relative` is ignored; `levels` are the ignore files above it, shallowest first."""
@@ -276,6 +299,7 @@ class IgnoreRules:
 
     def walk(self) -> Iterator[WalkedFile]:
         """Every file that is sent, with the stat fields the manifest compares."""
+        self.held_back = []
         yield from self._walk(self.root, "", [])
 
     def _walk(self, directory: Path, relative: str, levels: list[Level]) -> Iterator[WalkedFile]:
@@ -295,6 +319,9 @@ class IgnoreRules:
             except OSError:
                 continue
             if self._decide(path, levels, is_dir):
+                continue
+            if self._held_back(path, is_dir):
+                self.held_back.append(path + "/" if is_dir else path)
                 continue
             if is_dir:
                 yield from self._walk(Path(entry.path), path, levels)

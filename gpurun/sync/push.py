@@ -58,8 +58,19 @@ class SyncResult:
     largest: list[tuple[str, int]] = field(default_factory=list)
 
 
-def scan(root: Path, exclude: list[str] | tuple[str, ...] = ()) -> list[WalkedFile]:
-    return list(IgnoreRules(root, exclude).walk())
+def scan(
+    root: Path, exclude: list[str] | tuple[str, ...] = (), include: list[str] | tuple[str, ...] = ()
+) -> list[WalkedFile]:
+    return scan_holding_back(root, exclude, include)[0]
+
+
+def scan_holding_back(
+    root: Path, exclude: list[str] | tuple[str, ...] = (), include: list[str] | tuple[str, ...] = ()
+) -> tuple[list[WalkedFile], list[str]]:
+    """The files to send, and the paths held back as credentials (not sent unless `include` names them)."""
+    rules = IgnoreRules(root, exclude, include)
+    files = list(rules.walk())
+    return files, rules.held_back
 
 
 def plan_changes(
@@ -102,11 +113,33 @@ def _member(name: str, data: bytes) -> bytes:
     return info.tobuf(tarfile.GNU_FORMAT) + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
 
 
+def _directory_member(name: str) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    info.mode = 0o700
+    info.mtime = int(time.time())
+    return info.tobuf(tarfile.GNU_FORMAT)
+
+
+def parent_directories(paths: list[str]) -> list[str]:
+    """Every directory above `paths`, parents before children."""
+    found: set[str] = set()
+    for path in paths:
+        parts = path.split("/")[:-1]
+        for depth in range(1, len(parts) + 1):
+            found.add("/".join(parts[:depth]))
+    return sorted(found)
+
+
 def _tar_chunks(root: Path, files: list[WalkedFile], on_bytes: Callable[[int], None]) -> Iterator[bytes]:
     tar = shutil.which("tar")
     if tar is None:
         raise TransportError("sync needs the tar program on this computer")
-    names = b"\0".join(f.path.encode() for f in files) + b"\0"
+    # A member for each directory above the files, before them: tar then replaces a link that
+    # stands where a directory should be (one made on the machine: `sub -> /elsewhere`) with a
+    # real directory, instead of following it and writing `sub/code.py` outside the work tree.
+    directories = parent_directories([f.path for f in files])
+    names = b"\0".join([*(d.encode() for d in directories), *(f.path.encode() for f in files)]) + b"\0"
     process = subprocess.Popen(
         [tar, "-c", "-f", "-", "-C", str(root), "--null", "--no-recursion", "-T", "-"],
         stdin=subprocess.PIPE,
@@ -168,6 +201,7 @@ def sync_tree(
     manifest_path: str,
     *,
     exclude: list[str] | tuple[str, ...] = (),
+    include: list[str] | tuple[str, ...] = (),
     progress: Progress | None = None,
     files: list[WalkedFile] | None = None,
 ) -> SyncResult:
@@ -189,7 +223,7 @@ def sync_tree(
         reader = threading.Thread(target=read, name="gpurun-sync-manifest", daemon=True)
         reader.start()
         try:
-            local = scan(root, exclude)
+            local = scan(root, exclude, include)
         finally:
             reader.join()
         if errors:
@@ -216,7 +250,7 @@ def sync_tree(
 
     qtarget, qmanifest = shlex.quote(target), shlex.quote(manifest_path)
     qmeta = shlex.quote(f"{target}/{META_DIR}")
-    head = _member(f"{META_DIR}/manifest", update)
+    head = _directory_member(META_DIR) + _member(f"{META_DIR}/manifest", update)
     steps = [f"mkdir -p {qtarget}", f"tar -x -f - -C {qtarget}"]
     if deleted:
         head += _member(f"{META_DIR}/deleted", b"\0".join(name.encode() for name in deleted) + b"\0")
