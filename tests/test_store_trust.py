@@ -7,11 +7,15 @@ moto's server (S3) or a file:// store, and the tests check what lands where.
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
+
+import pytest
 
 from gpurun.store import open_store
 from gpurun.store import snapshots as snaps
-from tests.helpers import gpurun
+from tests.helpers import gpurun, wait_until
 
 ACCOUNT = "123456789012"  # moto's
 
@@ -120,3 +124,84 @@ def test_text_from_a_store_or_a_machine_reaches_the_terminal_escaped(tmp_path: P
     assert "failed verification" in outputs[3].stderr and "w\\x1b[2J" in outputs[3].stderr
     assert "not a run name" in outputs[0].stderr
     assert json.loads(outputs[4].stdout)  # JSON keeps the value, escaped the JSON way
+
+
+def snapshot_of(store, run: str, tmp_path: Path, content: bytes = b"w" * 10) -> dict:
+    weights = tmp_path / f"{run}.bin"
+    weights.write_bytes(content)
+    staged = [snaps.StagedFile("weights.bin", len(content), snaps.sha256_file(weights), str(weights))]
+    snaps.put_run_record(store, run, {"run": run, "provider": "local", "state": "ended"})
+    return snaps.write_snapshot(store, run, staged, previous=None)
+
+
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_resume_auto_picks_the_run_the_store_wrote_last_not_the_newest_claim(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, gpurun_home: Path
+) -> None:
+    store_url = f"file://{tmp_path / 'store'}" if kind == "file" else request.getfixturevalue("s3_bucket")
+    store = open_store(store_url)
+    snapshot_of(store, "exp-aaaaaa", tmp_path)
+    store.put_bytes(
+        "exp-aaaaaa/LATEST", json.dumps({"seq": 1, "at": "9999-12-31T00:00:00+00:00", "files": 1, "bytes": 10}).encode()
+    )
+    # The store's clock keeps whole seconds (S3's LastModified): let it move on.
+    started = int(time.time())
+    wait_until(lambda: time.time() >= started + 1.1, what="the next second")
+    snapshot_of(store, "exp-bbbbbb", tmp_path, b"x" * 20)
+    snapshot_of(store, "exp-cccccc", tmp_path)
+    store.put_bytes("exp-cccccc/LATEST", json.dumps({"seq": 5, "at": "9999-12-31T00:00:00+00:00"}).encode())
+    snaps.put_run_record(store, "exp-dddddd", {"run": "exp-dddddd", "provider": "local", "state": "ended"})
+    store.put_bytes("exp-dddddd/LATEST", b"{not json")
+    (tmp_path / "code").mkdir()
+    spec = tmp_path / "exp.yaml"
+    spec.write_text(
+        f"name: exp\nworkdir: code\nrun: 'true'\ncheckpoint: {{dir: ckpt, store: '{store_url}', resume: auto}}\n"
+    )
+    done = gpurun("launch", str(spec), "--dry-run", "--json", check=False)
+    assert done.returncode == 0, done.stderr
+    plan = {row["item"]: row["value"] for row in json.loads(done.stdout)["plan"]}
+    assert plan["resume"] == "from exp-bbbbbb snapshot 1"
+    assert "skipping exp-cccccc" in done.stderr and "snapshot 5, which has no valid manifest" in done.stderr
+    assert "skipping exp-dddddd" in done.stderr and "LATEST is not valid JSON" in done.stderr
+
+
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_a_corrupt_latest_is_repaired_from_the_manifests_and_the_agent_goes_on(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    from tests.test_agent import agent_status, start_agent
+
+    store_url = f"file://{tmp_path / 'store'}" if kind == "file" else request.getfixturevalue("s3_bucket")
+    store = open_store(store_url)
+    frozen, weights = tmp_path / "frozen.bin", tmp_path / "weights.bin"
+    frozen.write_bytes(b"f" * 50_000)
+    previous = None
+    for epoch in (1, 2):
+        weights.write_bytes(bytes([epoch]) * 1000)
+        staged = [
+            snaps.StagedFile(path.name, path.stat().st_size, snaps.sha256_file(path), str(path))
+            for path in (frozen, weights)
+        ]
+        previous = snaps.write_snapshot(store, "r1", staged, previous=previous)["manifest"]
+    store.put_bytes("r1/snapshots/000003/weights.bin", b"cut short")  # no manifest: never complete
+    store.put_bytes("r1/LATEST", b'{"seq": 2, "at": "2026-')
+    process, run_dir = start_agent(tmp_path, store_url, "--every", "1h")
+    ckpt = run_dir / "work/checkpoints"
+    try:
+        os.link(frozen, ckpt / "frozen.bin")
+        (ckpt / "weights.bin").write_bytes(b"\x03" * 1000)
+        (run_dir / "sync.request").write_text("nonce-1")
+        status = wait_until(
+            lambda: agent_status(run_dir).get("handled_request") == "nonce-1" and agent_status(run_dir),
+            what="the requested snapshot",
+        )
+    finally:
+        process.kill()
+        process.wait()
+    log = (run_dir / "agent.log").read_text()
+    assert status["last_error"] is None and status["last_seq"] == 4, log
+    assert "LATEST is not valid JSON; repaired from the manifests: LATEST now points at snapshot 2" in log
+    assert snaps.latest(store, "r1")["seq"] == 4
+    assert status["last_sent_bytes"] == 1000, "frozen.bin is copied inside the store, not sent again"
+    assert [s["seq"] for s in snaps.list_snapshots(store, "r1")] == [2, 4]  # keep 2 prunes again
+    assert not [obj.key for obj in store.list("r1/snapshots/") if "/000003" in obj.key or "/000001" in obj.key]

@@ -92,7 +92,13 @@ class Agent:
 
     # -- snapshots --------------------------------------------------------
     def load_previous(self) -> None:
-        pointer = snaps.latest(self.store, self.options.run)
+        try:
+            pointer = snaps.latest(self.store, self.options.run)
+        except snaps.InvalidLatest as error:
+            # Left as it is, every snapshot would be a full upload and `keep` would never prune.
+            pointer = snaps.repair_latest(self.store, self.options.run)
+            repaired = f"LATEST now points at snapshot {pointer['seq']}" if pointer else "no complete snapshot yet"
+            log(f"{error}; repaired from the manifests: {repaired}")
         if pointer:
             self.previous = snaps.read_manifest(self.store, self.options.run, pointer["seq"])
             if self.previous:

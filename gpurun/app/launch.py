@@ -8,7 +8,7 @@ import shlex
 import shutil
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,16 @@ from gpurun.store import snapshots as snaps
 from gpurun.sync.push import LARGE_SYNC_BYTES, scan_holding_back, sync_tree
 
 
-def find_resume_source(spec: Spec, store_url: str, resume: str | None) -> dict[str, Any] | None:
-    """Which run and snapshot to restore from, or None. Raises BadInput for a bad --resume."""
+def find_resume_source(
+    spec: Spec, store_url: str, resume: str | None, warn: Callable[[str], None] | None = None
+) -> dict[str, Any] | None:
+    """Which run and snapshot to restore from, or None. Raises BadInput for a bad --resume.
+
+    With `resume: auto`, the newest of this spec's runs in the store wins, judged by
+    when the store wrote each run's LATEST: the `at` inside LATEST is the writer's
+    claim (a planted "9999-..." would always win). A run whose LATEST or manifest
+    is unusable is skipped with a warning.
+    """
     if resume is None and spec.checkpoint.resume == "never":
         return None
     source_url = store_url
@@ -46,14 +54,20 @@ def find_resume_source(spec: Spec, store_url: str, resume: str | None) -> dict[s
     prefix = runs.new_run_name(spec.name).rsplit("-", 1)[0] + "-"
     candidates = []
     for record in snaps.list_run_records(store):
-        name = record.get("run", "")
-        if name.startswith(prefix) and len(name) == len(prefix) + 6:
-            pointer = snaps.latest(store, name)
-            if pointer:
-                candidates.append((pointer.get("at", ""), name, pointer))
+        name = record["run"]
+        if not (name.startswith(prefix) and len(name) == len(prefix) + 6):
+            continue
+        try:
+            pointer = snaps.usable_latest(store, name)
+        except GpurunError as error:
+            if warn is not None:
+                warn(f"resume: skipping {name}: {error}")
+            continue
+        if pointer is not None:
+            candidates.append((snaps.written_at(store, f"{name}/LATEST") or 0.0, name, pointer))
     if not candidates:
         return None
-    _at, name, pointer = max(candidates)
+    _written, name, pointer = max(candidates, key=lambda candidate: (candidate[0], candidate[1]))
     return {"run": name, "seq": pointer["seq"], "store": store_url, "bytes": pointer["bytes"]}
 
 
@@ -95,7 +109,7 @@ def launch(
     total = sum(f.size for f in files)
     rows = [("run", run), ("provider", spec.provider)]
     rows += provider.plan(spec, run)
-    source = find_resume_source(spec, store_url, resume)
+    source = find_resume_source(spec, store_url, resume, ui.warn)
     rows += [
         ("code", f"{spec.workdir_path} ({len(files)} files, {human_bytes(total)})"),
         *([("held back", _held_back_text(held_back))] if held_back else []),

@@ -17,6 +17,10 @@ Progress = Callable[[int], None]
 class StoredObject:
     key: str
     size: int
+    # When the store itself last wrote the object (seconds since the epoch): S3's
+    # LastModified, a file's mtime. Unlike times written inside documents, a
+    # writer of the object cannot choose it.
+    modified: float | None = None
 
 
 class ObjectStore(ABC):

@@ -117,7 +117,8 @@ class FileStore(ObjectStore):
                 key = os.path.relpath(full, root)
                 if key.startswith(prefix):
                     try:
-                        found.append(StoredObject(key, os.stat(full).st_size))
+                        stat = os.stat(full)
+                        found.append(StoredObject(key, stat.st_size, stat.st_mtime))
                     except FileNotFoundError:
                         continue
         return found

@@ -371,7 +371,10 @@ class S3Store(ObjectStore):
         try:
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
-                found.extend(StoredObject(item["Key"][start:], item["Size"]) for item in page.get("Contents", ()))
+                found.extend(
+                    StoredObject(item["Key"][start:], item["Size"], _timestamp(item.get("LastModified")))
+                    for item in page.get("Contents", ())
+                )
         except Exception as error:
             raise self._error(error, "listing", prefix) from None
         return found
@@ -557,3 +560,8 @@ def create_bucket(
             f"bucket {bucket} was created but securing it failed ({_code(error)}); check it in the S3 console"
         ) from None
     return True
+
+
+def _timestamp(value: Any) -> float | None:
+    """LastModified as botocore parses it (a datetime), in seconds since the epoch."""
+    return value.timestamp() if hasattr(value, "timestamp") else None

@@ -50,14 +50,82 @@ def seq_dir(seq: int) -> str:
     return f"snapshots/{seq:06d}"
 
 
+class InvalidLatest(StoreError):
+    """LATEST is there but says nothing usable: `repair_latest` rebuilds it from the manifests."""
+
+
 def latest(store: ObjectStore, run: str) -> dict[str, Any] | None:
     data = store.get_bytes(f"{run}/LATEST")
     if data is None:
         return None
     try:
-        return json.loads(data)
+        pointer = json.loads(data)
     except ValueError:
-        raise StoreError(f"{store.url}/{run}/LATEST is not valid JSON") from None
+        raise InvalidLatest(f"{store.url}/{run}/LATEST is not valid JSON") from None
+    seq = pointer.get("seq") if isinstance(pointer, dict) else None
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+        raise InvalidLatest(f"{store.url}/{run}/LATEST has no valid seq")
+    return pointer
+
+
+def repair_latest(store: ObjectStore, run: str) -> dict[str, Any] | None:
+    """Point LATEST at the newest complete snapshot: a manifest that reads, names its own
+    seq, and whose every file is stored at the size it lists. None when there is none
+    (a corrupt LATEST then stays until the next snapshot replaces it)."""
+    objects = store.list(f"{run}/snapshots/")
+    sizes = {obj.key: obj.size for obj in objects}
+    seqs = []
+    for obj in objects:
+        match = _MANIFEST.match(obj.key[len(run) + 1 :])
+        if match:
+            seqs.append(int(match.group(1)))
+    for seq in sorted(seqs, reverse=True):
+        try:
+            manifest = read_manifest(store, run, seq)
+        except ValueError:
+            continue
+        if isinstance(manifest, dict) and _complete(manifest, run, seq, sizes):
+            pointer = summary(manifest)
+            store.put_bytes(f"{run}/LATEST", json.dumps(pointer).encode())
+            return pointer
+    return None
+
+
+def _complete(manifest: Any, run: str, seq: int, sizes: dict[str, int]) -> bool:
+    if not isinstance(manifest, dict) or manifest.get("seq") != seq or not isinstance(manifest.get("files"), list):
+        return False
+    try:
+        return all(sizes.get(f"{run}/{seq_dir(seq)}/{entry['path']}") == entry["size"] for entry in manifest["files"])
+    except (TypeError, KeyError):
+        return False
+
+
+def written_at(store: ObjectStore, key: str) -> float | None:
+    """When the store wrote `key` (its own clock, not a time the object claims); None if unknown."""
+    for obj in store.list(key):
+        if obj.key == key:
+            return obj.modified
+    return None
+
+
+def usable_latest(store: ObjectStore, run: str) -> dict[str, Any] | None:
+    """LATEST, if it points at a snapshot whose manifest is there; None when there is no LATEST.
+
+    Raises StoreError naming what is wrong, so a caller choosing among runs can skip this one.
+    """
+    pointer = latest(store, run)
+    if pointer is None:
+        return None
+    seq = pointer.get("seq") if isinstance(pointer, dict) else None
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+        raise StoreError(f"{store.url}/{run}/LATEST has no valid seq")
+    try:
+        manifest = read_manifest(store, run, seq)
+    except ValueError:
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("seq") != seq or not isinstance(manifest.get("files"), list):
+        raise StoreError(f"{store.url}/{run}/LATEST points at snapshot {seq}, which has no valid manifest")
+    return {**pointer, **summary(manifest)}
 
 
 def read_manifest(store: ObjectStore, run: str, seq: int) -> dict[str, Any] | None:
@@ -185,8 +253,11 @@ def write_snapshot(
         "sent_bytes": sent,
     }
     store.put_bytes(f"{run}/{seq_dir(seq)}.manifest.json", json.dumps(manifest, indent=1).encode(), if_absent=True)
-    current = latest(store, run)
-    if current is None or current.get("seq", 0) < seq:
+    try:
+        current = latest(store, run)
+    except InvalidLatest:
+        current = None  # this snapshot is complete and confirmed: it is a sound LATEST
+    if current is None or current["seq"] < seq:
         store.put_bytes(f"{run}/LATEST", json.dumps(summary(manifest)).encode())
     return {**summary(manifest), "sent_bytes": sent, "manifest": manifest}
 
