@@ -329,6 +329,9 @@ def _stderr_bytes(chunk: bytes) -> None:
     help="Download a snapshot into DIR, verified.",
 )
 @click.option("--seq", type=click.IntRange(min=1), help="Which snapshot (default: LATEST).")
+@click.option(
+    "--force", is_flag=True, help="With --download: replace a non-empty DIR (its old content is kept beside it)."
+)
 @click.option("--store", "store_url", metavar="URL", help="Store to read (for runs launched elsewhere).")
 @click.option(
     "--watch",
@@ -343,7 +346,7 @@ def _stderr_bytes(chunk: bytes) -> None:
 @click.option("--spot-notice", is_flag=True, hidden=True)
 @click.option("--json", "json_mode", is_flag=True, help="Print one JSON document.")
 def checkpoint_sync(
-    run, list_mode, download, seq, store_url, watch, to_url, every, keep, run_dir, spot_notice, json_mode
+    run, list_mode, download, seq, force, store_url, watch, to_url, every, keep, run_dir, spot_notice, json_mode
 ) -> None:
     """Sync RUN's checkpoints now, list them, or download one.
 
@@ -354,6 +357,8 @@ def checkpoint_sync(
         _agent_mode(run, watch, to_url, every, keep, run_dir, spot_notice, ui)
         return
     _reject_dropped_options(store_url=store_url, list_mode=list_mode, download=download, seq=seq)
+    if force and download is None:
+        raise BadInput("--force goes with --download DIR (replace what DIR holds)")
     if not run:
         raise BadInput("checkpoint-sync needs a RUN (or --watch DIR --to URL for agent mode)")
     from gpurun.app import checkpoints
@@ -375,10 +380,12 @@ def checkpoint_sync(
         )
         return
     if download is not None:
-        info = checkpoints.download(run, download, seq=seq, ui=ui, store_url=store_url)
+        info = checkpoints.download(run, download, seq=seq, ui=ui, store_url=store_url, force=force)
         if json_mode:
             ui.emit_json(info)
         else:
+            if info.get("previous"):
+                ui.say(f"the previous content of {info['dir']} is now in {info['previous']}")
             ui.result(
                 f"snapshot {info['seq']}: {info['files']} files, {info['bytes']} bytes, verified, in {info['dir']}"
             )

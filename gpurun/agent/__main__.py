@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restore-from", help="restore this run's snapshot into --into, then exit")
     parser.add_argument("--seq", type=int)
     parser.add_argument("--into", type=Path)
+    parser.add_argument("--force", action="store_true", help="with --restore-from: replace a non-empty --into")
     args = parser.parse_args(argv)
     store_options = {"region": args.region} if args.region and args.store.startswith("s3://") else {}
 
@@ -44,8 +45,12 @@ def main(argv: list[str] | None = None) -> int:
             from gpurun.store.snapshots import download_snapshot
 
             store = open_store(args.store, **store_options)
-            info = download_snapshot(store, args.restore_from, args.into, seq=args.seq)
+            if args.into is None:
+                parser.error("--restore-from needs --into DIR")
+            info = download_snapshot(store, args.restore_from, args.into, seq=args.seq, force=args.force)
             print(f"restored snapshot {info['seq']} ({info['files']} files, {info['bytes']} bytes) into {args.into}")
+            if info.get("previous"):
+                print(f"the previous content of {args.into} is now in {info['previous']}")
             return 0
         if args.watch is None or args.run is None:
             parser.error("--watch and --run are required")

@@ -38,12 +38,14 @@ def list_snapshots(run: str, *, store_url: str | None = None) -> list[dict[str, 
     return found
 
 
-def download(run: str, dest: Path, *, seq: int | None, ui: Reporter, store_url: str | None = None) -> dict[str, Any]:
+def download(
+    run: str, dest: Path, *, seq: int | None, ui: Reporter, store_url: str | None = None, force: bool = False
+) -> dict[str, Any]:
+    """Restore one snapshot into `dest`, all or nothing (see store/restore.py)."""
     _record, store = _record_and_store(run, store_url)
     manifest = snaps.resolve_seq(store, run, seq)
-    dest.mkdir(parents=True, exist_ok=True)
     with ui.progress(f"downloading snapshot {manifest['seq']}", manifest["bytes"]) as advance:
-        info = snaps.download_snapshot(store, run, dest, seq=manifest["seq"], progress=advance)
+        info = snaps.download_snapshot(store, run, dest, seq=manifest["seq"], progress=advance, force=force)
     return {**info, "dir": str(dest), "verified": True}
 
 

@@ -289,7 +289,10 @@ def _prepare(provider, conns, record, machine, files, source, ui: Reporter, star
         own = spec["checkpoint"].get("nodes") == "all" and rank > 0
         source_run = f"{source['run']}/rank-{rank}" if own else source["run"]
         into = common.checkpoint_dir(record, machine)
-        arguments = ["--to", source["store"], "--restore-from", source_run, "--seq", str(source["seq"]), "--into", into]
+        # The checkpoint dir becomes exactly the snapshot; anything already there is kept beside it, never mixed.
+        arguments = [
+            "--to", source["store"], "--restore-from", source_run, "--seq", str(source["seq"]), "--into", into, "--force",
+        ]  # fmt: skip
         region = common.store_options(record).get("region")
         if region:
             arguments += ["--region", region]

@@ -6,11 +6,30 @@ once against this interface, so `file://` and `s3://` behave the same.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """One object to download: where it goes and the size the manifest claims for it."""
+
+    key: str
+    path: str
+    size: int
+
+
+#: Annotations inside ObjectStore cannot say `list`: the class has a method of that name.
+Fetches = list[Fetch]
+Digests = list[str]
+
+
+def size_mismatch(url: str, key: str, actual: int | str, expected: int) -> str:
+    return f"{url}/{key}: the stored object is {actual} bytes, the manifest says {expected}"
 
 
 @dataclass(frozen=True)
@@ -69,6 +88,18 @@ class ObjectStore(ABC):
     def get_files(self, items: list[tuple[str, str]], *, progress: Progress | None = None) -> None:
         for key, path in items:
             self.get_file(key, path, progress=progress)
+
+    def fetch_hashed(
+        self, items: Fetches, *, progress: Progress | None = None, abandon: threading.Event | None = None
+    ) -> Digests:
+        """Download each object to its path (the file is created), and return its sha256.
+
+        The hash is computed while the bytes arrive, so nothing is read twice. An
+        object whose size is not `Fetch.size` fails with StoreError (no more than
+        size + 1 bytes are ever written). Setting `abandon` stops every transfer
+        at its next chunk; the call returns only once no transfer writes any more.
+        """
+        raise NotImplementedError
 
     def list_runs(self) -> list[str]:
         """Names of the top-level folders (each may hold a run); stores that can list one level override this."""

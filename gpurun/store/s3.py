@@ -13,16 +13,23 @@ Imported only when an s3:// URL is used, so boto3 stays off the CLI's fast path.
   big files go multipart in `multipart_chunksize` parts.
 - Copies are server-side (CopyObject, or UploadPartCopy for big objects):
   an unchanged file costs one request and no upload.
-- Retries: botocore's `standard` mode (throttling, 5xx, connection errors).
+- Restores (`fetch_hashed`) run their own pool: every file at once, big
+  files as parallel ranged GETs, each written where it goes and hashed
+  (sha256) as its bytes arrive, in order, so nothing is read twice.
+- Retries: botocore's `standard` mode (throttling, 5xx, connection errors);
+  a GET whose body breaks off is started again, up to `_STREAM_ATTEMPTS` times.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import re
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import boto3
@@ -33,7 +40,7 @@ from s3transfer.subscribers import BaseSubscriber
 
 from gpurun.aws_files import check_shared_files
 from gpurun.errors import BadInput, SnapshotConflict, StoreError
-from gpurun.store.base import ObjectStore, Progress, StoredObject
+from gpurun.store.base import Digests, Fetch, Fetches, ObjectStore, Progress, StoredObject, size_mismatch
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -51,6 +58,17 @@ _CREDENTIAL_CODES = {
     "RequestExpired",
 }
 _NONCE = "gpurun-put"  # user metadata on create-only objects: x-amz-meta-gpurun-put
+_STREAM_ATTEMPTS = 3
+_READ_CHUNK = 1 << 20
+_STREAM_ERRORS = (
+    botocore.exceptions.IncompleteReadError,
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ResponseStreamingError,
+    botocore.exceptions.ConnectionClosedError,
+    ConnectionError,
+    TimeoutError,
+)
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -110,6 +128,15 @@ class S3Store(ObjectStore):
     #: Server-side copies below this are one CopyObject; above, UploadPartCopy in parallel.
     copy_threshold = 512 * MiB
     copy_chunksize = 128 * MiB
+    #: Restores: objects at least this big are fetched as parallel ranged GETs of this size.
+    ranged_threshold = 64 * MiB
+    ranged_chunksize = 16 * MiB
+    #: Restores: requests in flight at most (files and parts together).
+    max_download_concurrency = 128
+    #: Restores: bytes of one big file held in memory until their turn to be hashed, at most.
+    ranged_memory = 256 * MiB
+    #: Connections kept per client; more than any pool here runs at once, and opened only when needed.
+    max_pool_connections = 264
 
     def __init__(
         self,
@@ -128,7 +155,7 @@ class S3Store(ObjectStore):
             raise StoreError(f"store {self.url}: AWS profile {profile!r} not found in ~/.aws/config") from None
         config = botocore.config.Config(
             retries={"mode": "standard", "max_attempts": 10},
-            max_pool_connections=self.max_concurrency + 8,
+            max_pool_connections=self.max_pool_connections,
             connect_timeout=10,
             read_timeout=120,
             tcp_keepalive=True,
@@ -328,6 +355,63 @@ class S3Store(ObjectStore):
         except Exception as error:
             raise self._error(error, "downloading") from None
 
+    def fetch_hashed(
+        self, items: Fetches, *, progress: Progress | None = None, abandon: threading.Event | None = None
+    ) -> Digests:
+        """Every file at once, big ones in ranged parts; each hashed while its bytes arrive."""
+        if not items:
+            return []
+        stop = abandon or threading.Event()
+        report = self._locked(progress) or (lambda _amount: None)
+        results: dict[int, Callable[[], str]] = {}
+        big: list[Callable[[], None]] = []
+        small: list[Callable[[], None]] = []
+        ranged_files: list[_RangedFetch] = []
+        pool = ThreadPoolExecutor(
+            max_workers=min(
+                self.max_download_concurrency, len(items) + sum(i.size // self.ranged_chunksize for i in items)
+            ),
+            thread_name_prefix="gpurun-get",
+        )
+        try:
+            for index, item in enumerate(items):
+                if item.size >= self.ranged_threshold:
+                    window = self.ranged_memory // self.ranged_chunksize
+                    ranged = _RangedFetch(self, item, self.ranged_chunksize, window, stop, report)
+                    ranged_files.append(ranged)
+                    big.extend(ranged.tasks())
+                    results[index] = ranged.result
+                else:
+                    whole = _WholeFetch(self, item, stop, report)
+                    small.append(whole.run)
+                    results[index] = whole.result
+            # Big files' parts go first: they take longest, and small files fill the gaps.
+            futures: list[Future[None]] = [pool.submit(task) for task in big + small]
+            for future in futures:
+                future.result()
+            return [results[index]() for index in range(len(items))]
+        except BaseException as error:
+            # Every worker stops at its next chunk and none starts: then the caller may remove the files.
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            if isinstance(error, Exception):
+                raise self._error(error, "downloading") from None
+            raise
+        finally:
+            pool.shutdown(wait=True)
+            for ranged in ranged_files:
+                ranged.close()
+
+    def _get(self, key: str, **extra: Any) -> Any:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key), **extra)
+        except Exception as error:
+            if isinstance(error, botocore.exceptions.ClientError) and (
+                _code(error) == "InvalidRange" or _status(error) == 416
+            ):
+                raise StoreError(f"{self.url}/{key}: the stored object is shorter than the manifest says") from None
+            raise self._error(error, "downloading", key) from None
+
     def copy(self, source_key: str, dest_key: str) -> None:
         self.copy_many([(source_key, dest_key)])
 
@@ -469,6 +553,131 @@ class S3Store(ObjectStore):
         except Exception as error:
             raise self._error(error, "listing", folder) from None
         return found
+
+
+class _WholeFetch:
+    """One object, one GET: streamed to its file and hashed on the way."""
+
+    def __init__(self, store: S3Store, item: Fetch, stop: threading.Event, report: Progress) -> None:
+        self.store, self.item, self.stop, self.report = store, item, stop, report
+        self.digest = ""
+
+    def run(self) -> None:
+        item = self.item
+        for attempt in range(_STREAM_ATTEMPTS):
+            digest = hashlib.sha256()
+            received = 0
+            response = self.store._get(item.key)
+            body = response["Body"]
+            try:
+                if int(response.get("ContentLength", -1)) != item.size:
+                    raise StoreError(size_mismatch(self.store.url, item.key, response.get("ContentLength"), item.size))
+                with open(item.path, "wb" if attempt else "xb") as handle:
+                    while chunk := body.read(_READ_CHUNK):
+                        if self.stop.is_set():
+                            raise StoreError(f"{self.store.url}/{item.key}: download abandoned")
+                        received += len(chunk)
+                        if received > item.size:
+                            raise StoreError(
+                                size_mismatch(self.store.url, item.key, f"more than {item.size}", item.size)
+                            )
+                        digest.update(chunk)
+                        handle.write(chunk)
+                        self.report(len(chunk))
+                if received != item.size:
+                    raise StoreError(size_mismatch(self.store.url, item.key, received, item.size))
+                self.digest = digest.hexdigest()
+                return
+            except _STREAM_ERRORS as error:
+                self.report(-received)
+                if attempt + 1 == _STREAM_ATTEMPTS or self.stop.is_set():
+                    raise self.store._error(error, "downloading", item.key) from None
+            finally:
+                body.close()
+
+    def result(self) -> str:
+        return self.digest
+
+
+class _RangedFetch:
+    """One big object as ranged GETs in parallel, each part written at its offset.
+
+    sha256 is sequential, so parts are hashed in order as they complete; a part
+    that arrives early waits in memory, and no part starts more than `window`
+    parts ahead of the hash, which bounds that memory.
+    """
+
+    def __init__(
+        self, store: S3Store, item: Fetch, part_size: int, window: int, stop: threading.Event, report: Progress
+    ) -> None:
+        self.store, self.item, self.part_size, self.stop, self.report = store, item, part_size, stop, report
+        self.window = max(2, window)
+        self.parts = -(-item.size // part_size)
+        self.digest = hashlib.sha256()
+        self.hashed = 0  # parts hashed so far
+        self.waiting: dict[int, bytes] = {}
+        self.turn = threading.Condition()
+        self.fd = os.open(item.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self.closed = False
+
+    def tasks(self) -> list[Callable[[], None]]:
+        return [functools.partial(self._part, index) for index in range(self.parts)]
+
+    def _part(self, index: int) -> None:
+        with self.turn:
+            while index >= self.hashed + self.window and not self.stop.is_set():
+                self.turn.wait(0.2)
+        start = index * self.part_size
+        end = min(self.item.size, start + self.part_size) - 1
+        for attempt in range(_STREAM_ATTEMPTS):
+            if self.stop.is_set():
+                raise StoreError(f"{self.store.url}/{self.item.key}: download abandoned")
+            response = self.store._get(self.item.key, Range=f"bytes={start}-{end}")
+            body = response["Body"]
+            chunks: list[bytes] = []
+            try:
+                match = _CONTENT_RANGE.match(str(response.get("ContentRange", "")))
+                if not match or int(match.group(3)) != self.item.size:
+                    total = match.group(3) if match else response.get("ContentLength")
+                    raise StoreError(size_mismatch(self.store.url, self.item.key, str(total), self.item.size))
+                if (int(match.group(1)), int(match.group(2))) != (start, end):
+                    raise StoreError(f"{self.store.url}/{self.item.key}: the server sent another range than asked")
+                while chunk := body.read(_READ_CHUNK):
+                    if self.stop.is_set():
+                        raise StoreError(f"{self.store.url}/{self.item.key}: download abandoned")
+                    chunks.append(chunk)
+                    self.report(len(chunk))
+                break
+            except _STREAM_ERRORS as error:
+                self.report(-sum(map(len, chunks)))
+                if attempt + 1 == _STREAM_ATTEMPTS:
+                    raise self.store._error(error, "downloading", self.item.key) from None
+            finally:
+                body.close()
+        data = b"".join(chunks)
+        if len(data) != end - start + 1:
+            raise StoreError(size_mismatch(self.store.url, self.item.key, f"short of part {index}", self.item.size))
+        view = memoryview(data)
+        while view:
+            view = view[os.pwrite(self.fd, view, end + 1 - len(view)) :]
+        with self.turn:
+            self.waiting[index] = data
+            while self.hashed in self.waiting:
+                self.digest.update(self.waiting.pop(self.hashed))
+                self.hashed += 1
+            self.turn.notify_all()
+
+    def close(self) -> None:
+        with self.turn:
+            if not self.closed:
+                self.closed = True
+                os.close(self.fd)
+
+    def result(self) -> str:
+        with self.turn:
+            if self.hashed != self.parts:
+                raise StoreError(f"{self.store.url}/{self.item.key}: download incomplete")
+            return self.digest.hexdigest()
 
 
 def _permission(action: str) -> str:

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from gpurun.errors import BadInput, SnapshotConflict, StoreError
@@ -330,29 +329,24 @@ def sha256_file(path: str | Path, abandon: threading.Event | None = None) -> str
 
 
 def download_snapshot(
-    store: ObjectStore, run: str, dest: str | Path, *, seq: int | None = None, progress: Progress | None = None
+    store: ObjectStore,
+    run: str,
+    dest: str | Path,
+    *,
+    seq: int | None = None,
+    progress: Progress | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Fetch one snapshot into `dest` and verify every sha256; returns its summary."""
+    """Restore one snapshot into `dest`, all or nothing, every size and sha256 verified.
+
+    A non-empty `dest` needs `force`; its old content is then moved aside
+    (the summary's `previous` says where). See `restore.py`.
+    """
+    from gpurun.store import restore
+
     manifest = resolve_seq(store, run, seq)
-    dest = Path(dest)
-    items = []
-    for entry in manifest["files"]:
-        relative = PurePosixPath(entry["path"])
-        if relative.is_absolute() or ".." in relative.parts:
-            raise StoreError(f"snapshot {manifest['seq']}: refusing path {entry['path']!r} outside the target")
-        target = dest / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        items.append((f"{run}/{seq_dir(manifest['seq'])}/{entry['path']}", str(target) + ".gpurun-part"))
-    store.get_files(items, progress=progress)
-    for entry, (_key, part) in zip(manifest["files"], items):
-        actual = sha256_file(part)
-        if actual != entry["sha256"]:
-            os.unlink(part)
-            raise StoreError(
-                f"snapshot {manifest['seq']}: {entry['path']} failed verification (sha256 {actual[:12]}, expected {entry['sha256'][:12]})"
-            )
-        os.replace(part, part[: -len(".gpurun-part")])
-    return summary(manifest)
+    moved = restore.download(store, run, manifest, dest, force=force, progress=progress)
+    return {**summary(manifest), **moved}
 
 
 def put_run_record(store: ObjectStore, run: str, record: dict[str, Any]) -> None:

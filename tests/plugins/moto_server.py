@@ -9,9 +9,12 @@ failure, never a skip: install `moto[server]`.
 from __future__ import annotations
 
 import logging
+import re
 import threading
+import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -59,3 +62,42 @@ def s3_bucket(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
     bucket = f"gpurun-test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
     return f"s3://{bucket}/ckpt"
+
+
+_DELAY = re.compile(r"delay-(\d+)ms")
+
+
+@pytest.fixture(scope="session")
+def slow_moto_server(moto_server: str) -> Iterator[str]:
+    """A second endpoint onto the same moto backend that holds a GET of a key named `...delay-<N>ms...` N ms.
+
+    The delay lets a test catch a download in the middle without a fixed
+    sleep: files finish one after another, in the order their names say.
+    """
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    from moto.server import ThreadedMotoServer
+    from werkzeug.serving import make_server
+
+    def delaying(app: Any) -> Any:
+        def wrapped(environ: dict[str, Any], start_response: Any) -> Any:
+            match = _DELAY.search(environ.get("PATH_INFO", ""))
+            if match and environ["REQUEST_METHOD"] == "GET":
+                time.sleep(int(match.group(1)) / 1000)
+            return app(environ, start_response)
+
+        return wrapped
+
+    class DelayingServer(ThreadedMotoServer):
+        def _server_entry(self) -> None:
+            app = delaying(DomainDispatcherApplication(create_backend_app))
+            self._server = make_server(self._ip_address, self._port, app, True)
+            self._server_ready_event.set()
+            self._server.serve_forever()
+
+    server = DelayingServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
