@@ -346,7 +346,19 @@ def _stderr_bytes(chunk: bytes) -> None:
 @click.option("--spot-notice", is_flag=True, hidden=True)
 @click.option("--json", "json_mode", is_flag=True, help="Print one JSON document.")
 def checkpoint_sync(
-    run, list_mode, download, seq, force, store_url, watch, to_url, every, keep, run_dir, spot_notice, json_mode
+    run: str | None,
+    list_mode: bool,
+    download: Path | None,
+    seq: int | None,
+    force: bool,
+    store_url: str | None,
+    watch: Path | None,
+    to_url: str | None,
+    every: str,
+    keep: int,
+    run_dir: Path | None,
+    spot_notice: bool,
+    json_mode: bool,
 ) -> None:
     """Sync RUN's checkpoints now, list them, or download one.
 
@@ -424,7 +436,16 @@ def _reject_dropped_options(*, store_url: str | None, list_mode: bool, download:
         raise BadInput("--seq goes with --download DIR (which snapshot to download)")
 
 
-def _agent_mode(run, watch, to_url, every, keep, run_dir, spot_notice, ui) -> None:
+def _agent_mode(
+    run: str | None,
+    watch: Path,
+    to_url: str | None,
+    every: str,
+    keep: int,
+    run_dir: Path | None,
+    spot_notice: bool,
+    ui: Ui,
+) -> None:
     from gpurun.agent.loop import AgentOptions, run_agent
     from gpurun.durations import parse_duration
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -578,15 +579,16 @@ def parse_yaml(source: str, text: str) -> dict[str, Any]:
         loader = yaml.SafeLoader(text)
         try:
             node = loader.get_single_node()
+            data = None
             if node is not None:
                 _check_nodes(source, node)
-            try:
-                data = loader.construct_document(node) if node is not None else None
-            except (yaml.YAMLError, RecursionError, SpecError):
-                raise
-            except Exception as error:  # PyYAML's constructors raise plain errors on bad tagged values
-                where = _failing_line(node)
-                raise SpecError(f"{source}:{where}: invalid YAML value: {_construct_problem(error)}") from None
+                try:
+                    data = loader.construct_document(node)
+                except (yaml.YAMLError, RecursionError, SpecError):
+                    raise
+                except Exception as error:  # PyYAML's constructors raise plain errors on bad tagged values
+                    where = _failing_line(node)
+                    raise SpecError(f"{source}:{where}: invalid YAML value: {_construct_problem(error)}") from None
         finally:
             loader.dispose()
     except yaml.MarkedYAMLError as error:
@@ -682,7 +684,7 @@ def validate_spec(data: dict[str, Any], *, source: str, spec_dir: Path | str) ->
     return _validate(data, label(source), spec_dir, lambda location: label(source))
 
 
-def _validate(data: dict[str, Any], source: str, spec_dir: Path | str, blame) -> Spec:
+def _validate(data: dict[str, Any], source: str, spec_dir: Path | str, blame: Callable[[tuple[Any, ...]], str]) -> Spec:
     if not isinstance(data, dict):
         raise SpecError(f"{source}: expected a mapping of fields (name:, run:, ...), got {type(data).__name__}")
     if "spec_dir" in data:

@@ -14,8 +14,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gpurun.errors import BadInput
+
+if TYPE_CHECKING:
+    import paramiko
 
 DEFAULT_PORT = 22
 _MAX_INCLUDE_DEPTH = 16
@@ -119,7 +123,7 @@ def _split_words(value: str) -> list[str]:
     return [a or b for a, b in re.findall(r'"([^"]*)"|(\S+)', value)]
 
 
-def load_config(path: Path | None = None):
+def load_config(path: Path | None = None) -> paramiko.SSHConfig:
     """The parsed SSH config (an empty one when the file does not exist)."""
     import paramiko
 
@@ -137,7 +141,7 @@ def resolve(
     user: str | None = None,
     port: int | None = None,
     identity_file: str | None = None,
-    config=None,
+    config: paramiko.SSHConfig | None = None,
 ) -> SshTarget:
     """Apply the SSH config to `destination` ([user@]alias[:port]); explicit values win.
 

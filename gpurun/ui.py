@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpurun.sizes import human_bytes  # noqa: F401  (ui's callers format sizes with it)
 
@@ -39,17 +38,21 @@ def _escaped(match: re.Match[str]) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
 class Ui:
     def __init__(self, *, json_mode: bool = False, debug: bool = False) -> None:
         self.json_mode = json_mode
         self.debug = debug
         self.interactive = sys.stderr.isatty()
-        self._err = None
-        self._out = None
+        self._err: Console | None = None
+        self._out: Console | None = None
 
     # rich consoles, created on first use
     @property
-    def err(self):
+    def err(self) -> Console:
         if self._err is None:
             from rich.console import Console
 
@@ -57,7 +60,7 @@ class Ui:
         return self._err
 
     @property
-    def out(self):
+    def out(self) -> Console:
         if self._out is None:
             from rich.console import Console
 
@@ -96,7 +99,12 @@ class Ui:
         sys.stdout.flush()
 
     def table(
-        self, columns: list[str], rows: list[list[str]], *, title: str | None = None, styles: dict | None = None
+        self,
+        columns: list[str],
+        rows: list[list[str]],
+        *,
+        title: str | None = None,
+        styles: dict[str, str] | None = None,
     ) -> None:
         if self.json_mode:
             return
@@ -167,7 +175,3 @@ def _escape(text: str) -> str:
     from rich.markup import escape
 
     return escape(text)
-
-
-def no_color() -> bool:
-    return "NO_COLOR" in os.environ

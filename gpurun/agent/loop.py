@@ -120,9 +120,10 @@ class Agent:
                 log(f"{reason}: {error}")
                 return self._snapshot(reason)
         except (GpurunError, OSError) as error:
-            return self._failed(reason, str(error))
+            self._failed(reason, str(error))
         except Exception as error:  # boto3 and friends: keep the agent alive, make it loud
-            return self._failed(reason, f"{type(error).__name__}: {error}")
+            self._failed(reason, f"{type(error).__name__}: {error}")
+        return None
 
     def _snapshot(self, reason: str) -> dict[str, Any] | None:
         staged, changed = self.stager.stage()
@@ -179,10 +180,9 @@ class Agent:
         line = message.splitlines()[0] if message else "unknown error"
         log(f"{reason}: snapshot FAILED (attempt {self.failures}): {line}")
         self.write_status(last_error=line, last_error_at=snaps.now_iso(), failures=self.failures)
-        return None
 
     def backoff(self) -> float:
-        return min(self.options.every, 5.0 * 2 ** min(self.failures - 1, 10))
+        return min(self.options.every, 5.0 * 2.0 ** min(self.failures - 1, 10))
 
     # -- triggers ---------------------------------------------------------
     def pending_request(self) -> str | None:

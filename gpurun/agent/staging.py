@@ -21,6 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gpurun.store.snapshots import StagedFile, sha256_file
 
@@ -49,7 +50,7 @@ def _identity(stat: os.stat_result) -> FileIdentity:
 
 
 def list_checkpoint_files(directory: Path) -> dict[str, FileIdentity]:
-    found = {}
+    found: dict[str, FileIdentity] = {}
     if not directory.is_dir():
         return found
     for current, dirs, files in os.walk(directory):
@@ -94,7 +95,7 @@ class Stager:
         self.copied_paths: set[str] = set()
         self._links = 0
 
-    def remember(self, manifest: dict | None) -> None:
+    def remember(self, manifest: dict[str, Any] | None) -> None:
         """Seed from the previous snapshot's manifest when current files still match by size."""
         if not manifest:
             return
@@ -237,7 +238,7 @@ class Stager:
         shutil.rmtree(self.staging_dir, ignore_errors=True)
         self._held = {}
 
-    def committed(self, manifest: dict | None = None) -> None:
+    def committed(self, manifest: dict[str, Any] | None = None) -> None:
         """After a snapshot landed: the identities seen while staging are now known.
 
         Hashes that write_snapshot computed come from the snapshot's manifest.

@@ -23,7 +23,7 @@ import io
 import os
 import shlex
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gpurun
@@ -168,7 +168,7 @@ def ensure_agent(transport: Transport, say: Callable[[str], None], *, need_s3: b
     return wrapper
 
 
-def _chunks(data: bytes, size: int = 1 << 20):
+def _chunks(data: bytes, size: int = 1 << 20) -> Iterator[bytes]:
     for start in range(0, len(data), size):
         yield data[start : start + size]
 

@@ -27,6 +27,7 @@ def _record_and_store(run: str, store_url: str | None) -> tuple[dict[str, Any] |
         record = None
     if store_url is not None:
         return record, open_store(store_url)
+    assert record is not None  # without --store, a run unknown here raised above
     return record, common.open_run_store(record)
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import shlex
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpurun import paths
 from gpurun.errors import BadInput
 from gpurun.store import open_store
 from gpurun.store.base import ObjectStore
+
+if TYPE_CHECKING:
+    from gpurun.spec import Spec
 
 MASTER_PORT_BASE = 29500
 
@@ -20,7 +23,7 @@ def master_port(run: str) -> int:
     return MASTER_PORT_BASE + zlib.crc32(run.encode()) % 500
 
 
-def store_url_for(spec) -> str:
+def store_url_for(spec: Spec) -> str:
     url = spec.checkpoint.store
     if spec.provider == "aws" and (url is None or not url.startswith("s3://")):
         raise BadInput(
@@ -62,7 +65,7 @@ def agent_arguments(record: dict[str, Any], machine: dict[str, Any], *, once: bo
         "--watch",
         checkpoint_dir(record, machine),
         "--to",
-        agent_store_url(record, machine),
+        record["store"],
         "--run",
         agent_run_name(record, machine),
         "--every",
@@ -89,7 +92,7 @@ def max_restarts(record: dict[str, Any]) -> int:
 
 def restore_arguments(record: dict[str, Any], machine: dict[str, Any]) -> list[str]:
     """The agent's arguments that put this run's LATEST into the machine's checkpoint directory."""
-    arguments = ["--to", agent_store_url(record, machine), "--restore-from", agent_run_name(record, machine)]
+    arguments = ["--to", record["store"], "--restore-from", agent_run_name(record, machine)]
     arguments += ["--into", checkpoint_dir(record, machine)]
     region = store_options(record).get("region")
     if region:
@@ -99,17 +102,14 @@ def restore_arguments(record: dict[str, Any], machine: dict[str, Any]) -> list[s
 
 def agent_run_name(record: dict[str, Any], machine: dict[str, Any]) -> str:
     """Rank 0 writes under the run; with checkpoint.nodes=all, other ranks write under <run>/rank-K."""
+    run = str(record["run"])
     if machine.get("rank", 0) == 0:
-        return record["run"]
-    return f"{record['run']}/rank-{machine['rank']}"
-
-
-def agent_store_url(record: dict[str, Any], machine: dict[str, Any]) -> str:
-    return record["store"]
+        return run
+    return f"{run}/rank-{machine['rank']}"
 
 
 def agent_machines(record: dict[str, Any]) -> list[dict[str, Any]]:
-    machines = record.get("machines", [])
+    machines: list[dict[str, Any]] = record.get("machines", [])
     if record["spec"]["checkpoint"].get("nodes") == "all":
         return machines
     return machines[:1]

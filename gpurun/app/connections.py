@@ -44,21 +44,7 @@ def open_transport(
 
         return LocalTransport()
     if provider == "ssh":
-        from gpurun.providers.ssh import tofu_known_hosts
-        from gpurun.transport.ssh import SshTransport
-
-        return SshTransport(
-            machine["host"],
-            port=int(machine["port"]),
-            user=machine.get("user"),
-            key_filename=machine.get("key_path"),
-            pinned_keys=machine.get("host_keys") or None,
-            known_hosts_file=str(tofu_known_hosts(record["run"])),
-            trust_on_first_use=machine.get("trust_on_first_use", True),
-            proxy_jump=machine.get("proxy_jump"),
-            label=f"{machine.get('user')}@{machine.get('alias') or machine['host']}:{machine['port']}",
-            on_warning=on_warning,
-        )
+        return _user_machine_transport(record, machine, on_warning)
     if provider == "aws":
         from gpurun.transport.ssh import SshTransport
 
@@ -81,6 +67,26 @@ def open_transport(
             on_warning=on_warning,
         )
     raise BadInput(f"run {record['run']}: unknown provider {provider!r}; use aws, ssh or local")
+
+
+def _user_machine_transport(
+    record: dict[str, Any], machine: dict[str, Any], on_warning: Callable[[str], None] | None
+) -> SshTransport:
+    from gpurun.providers.ssh import tofu_known_hosts
+    from gpurun.transport.ssh import SshTransport
+
+    return SshTransport(
+        machine["host"],
+        port=int(machine["port"]),
+        user=machine.get("user"),
+        key_filename=machine.get("key_path"),
+        pinned_keys=machine.get("host_keys") or None,
+        known_hosts_file=str(tofu_known_hosts(record["run"])),
+        trust_on_first_use=machine.get("trust_on_first_use", True),
+        proxy_jump=machine.get("proxy_jump"),
+        label=f"{machine.get('user')}@{machine.get('alias') or machine['host']}:{machine['port']}",
+        on_warning=on_warning,
+    )
 
 
 def agent_python(record: dict[str, Any], transport: Transport, say: Callable[[str], None]) -> str:
@@ -109,7 +115,7 @@ class Connections:
         with self._lock:
             transport = self._kept.get(key)
             if transport is None or transport.host != machine["host"] or transport.port != int(machine["port"]):
-                transport = self._kept[key] = open_transport(record, machine, on_warning=on_warning)
+                transport = self._kept[key] = _user_machine_transport(record, machine, on_warning)
             return transport
 
     def close(self, run: str) -> None:

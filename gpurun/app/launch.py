@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpurun import jobs, paths, runs
 from gpurun.app import common, connections, fingerprints
@@ -23,7 +23,16 @@ from gpurun.sizes import human_bytes
 from gpurun.spec import NAME_PATTERN, Spec, label
 from gpurun.store import open_store
 from gpurun.store import snapshots as snaps
+from gpurun.sync.ignore import WalkedFile
 from gpurun.sync.push import LARGE_SYNC_BYTES, scan_holding_back, sync_tree
+
+if TYPE_CHECKING:
+    from gpurun.app.connections import Connections
+    from gpurun.providers.base import Provider
+    from gpurun.transport.base import Transport
+
+#: (transport, machine) of each node where the launch has started to work, for rollback.
+Started = list[tuple["Transport", dict[str, Any]]]
 
 
 def find_resume_source(
@@ -227,7 +236,15 @@ def _owner() -> str:
         return "unknown"
 
 
-def _prepare_all(provider, conns, record, files, source, ui: Reporter, started: list) -> None:
+def _prepare_all(
+    provider: Provider,
+    conns: Connections,
+    record: dict[str, Any],
+    files: list[WalkedFile],
+    source: dict[str, Any] | None,
+    ui: Reporter,
+    started: Started,
+) -> None:
     machines = record["machines"]
     agents = {id(m) for m in common.agent_machines(record)}
     if len(machines) == 1:
@@ -242,7 +259,17 @@ def _prepare_all(provider, conns, record, files, source, ui: Reporter, started: 
             future.result()
 
 
-def _prepare(provider, conns, record, machine, files, source, ui: Reporter, started: list, with_agent: bool) -> None:
+def _prepare(
+    provider: Provider,
+    conns: Connections,
+    record: dict[str, Any],
+    machine: dict[str, Any],
+    files: list[WalkedFile],
+    source: dict[str, Any] | None,
+    ui: Reporter,
+    started: Started,
+    with_agent: bool,
+) -> None:
     spec = record["spec"]
     prefix = f"[node {machine['rank']}] " if len(record["machines"]) > 1 else ""
     transport = conns.connect(record, machine)
@@ -279,7 +306,7 @@ def _prepare(provider, conns, record, machine, files, source, ui: Reporter, star
                     raise
                 ui.warn(f"{prefix}the connection dropped during sync ({error}); syncing again")
     ui.say(f"{prefix}synced {result.files_sent} files ({human_bytes(result.bytes_sent)}) to {transport.label}")
-    python = None
+    python = ""  # needed only by the agent and the restore below
     if with_agent or source:
         python = connections.agent_python(record, transport, ui.say)
     resume_from = None
@@ -318,7 +345,7 @@ def _prepare(provider, conns, record, machine, files, source, ui: Reporter, star
     )
 
 
-def wait_for_setup(record: dict[str, Any], started: list, ui: Reporter, poll: float = 0.5) -> None:
+def wait_for_setup(record: dict[str, Any], started: Started, ui: Reporter, poll: float = 0.5) -> None:
     """Wait until every node is past `setup`; one node failing fails the whole launch."""
     import time
 
@@ -354,7 +381,14 @@ def _sigint_deferred() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _rollback(provider, conns, record, started, ui: Reporter, on_change) -> bool:
+def _rollback(
+    provider: Provider,
+    conns: Connections,
+    record: dict[str, Any],
+    started: Started,
+    ui: Reporter,
+    on_change: Callable[[dict[str, Any]], None],
+) -> bool:
     """Remove what the launch made; False (the record kept, state failed) when something is left."""
     removed: list[str] = []
     for transport, machine in started:

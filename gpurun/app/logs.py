@@ -121,7 +121,7 @@ def _check_logs_outlived_teardown(record: dict[str, Any]) -> None:
 
 
 def _merged(
-    run: str, machines: list, *, follow: bool, tail: int | None, write: Callable[[bytes], None]
+    run: str, machines: list[dict[str, Any]], *, follow: bool, tail: int | None, write: Callable[[bytes], None]
 ) -> dict[str, Any]:
     lock = threading.Lock()
     outcomes: dict[int, dict[str, Any]] = {}

@@ -63,7 +63,7 @@ def _host_key_name(host: str, port: int) -> str:
 
 def pinned_known_hosts(record: dict[str, Any]) -> Path | None:
     """Write the run's recorded host keys as a known_hosts file; None when none are recorded."""
-    lines = []
+    lines: list[str] = []
     for machine in _machines(record):
         name = _host_key_name(machine["host"], int(machine.get("port") or 22))
         lines.extend(f"{name} {' '.join(key.split()[:2])}" for key in machine.get("host_keys") or [])

@@ -18,7 +18,12 @@ class Reporter(Protocol):
     def error(self, message: str) -> None: ...
 
     def table(
-        self, columns: list[str], rows: list[list[str]], *, title: str | None = None, styles: dict | None = None
+        self,
+        columns: list[str],
+        rows: list[list[str]],
+        *,
+        title: str | None = None,
+        styles: dict[str, str] | None = None,
     ) -> None: ...
 
     def spinner(self, text: str) -> AbstractContextManager[Callable[[str], None]]: ...

@@ -94,9 +94,10 @@ def reconcile(record: dict[str, Any]) -> dict[str, Any]:
 
 def collect(
     run: str | None = None, *, ui: Reporter | None = None, store_url: str | None = None
-) -> tuple[list[dict], list[str]]:
+) -> tuple[list[dict[str, Any]], list[str]]:
+    problems: list[str] = []
     if run is not None:
-        records, problems = [runs.load_here_or_from_store(run, store_url)], []
+        records = [runs.load_here_or_from_store(run, store_url)]
     else:
         records, problems = runs.load_all()
     if store_url and run is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 import shutil
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpurun import jobs, paths, runs
 from gpurun.app import common, connections
@@ -13,6 +13,11 @@ from gpurun.app.reporter import Reporter
 from gpurun.errors import BadInput, GpurunError, Interrupted, TransportError
 from gpurun.providers import get_provider
 from gpurun.store import snapshots as snaps
+
+if TYPE_CHECKING:
+    from gpurun.app.connections import Connections
+    from gpurun.providers.base import Provider
+    from gpurun.transport.base import Transport
 
 JOB_GRACE = 20.0
 AGENT_FINAL_SYNC_TIMEOUT = 600.0
@@ -127,7 +132,7 @@ def _home_store(record: dict[str, Any]) -> dict[str, Any]:
     return {**record, "store": record.get("adopted_from") or record["store"]}
 
 
-def _refresh_machine_states(provider, record: dict[str, Any], ui: Reporter) -> None:
+def _refresh_machine_states(provider: Provider, record: dict[str, Any], ui: Reporter) -> None:
     """A machine the cloud already ended (spot reclaim, console) is not waited for over SSH."""
     try:
         provider.refresh([record])
@@ -148,7 +153,15 @@ def _unreachable(record: dict[str, Any], machine: dict[str, Any], error: GpurunE
     )
 
 
-def _stop_machine(conns, record, machine, ui: Reporter, final_sync: bool, keep_files: bool, removed: list[str]):
+def _stop_machine(
+    conns: Connections,
+    record: dict[str, Any],
+    machine: dict[str, Any],
+    ui: Reporter,
+    final_sync: bool,
+    keep_files: bool,
+    removed: list[str],
+) -> dict[str, Any] | None:
     run_dir = machine["run_dir"]
     local = record["provider"] == "local"
     transport = conns.connect(record, machine)
@@ -220,7 +233,7 @@ def _save_progress(record: dict[str, Any]) -> None:
 
 
 def wait_for_final_snapshot(
-    record: dict[str, Any], machine: dict[str, Any], transport: Any, ui: Reporter, before: int | None
+    record: dict[str, Any], machine: dict[str, Any], transport: Transport, ui: Reporter, before: int | None
 ) -> dict[str, Any] | None:
     """The agent sees the job exit and takes the final snapshot; wait for it, or take it ourselves."""
     run_dir = machine["run_dir"]

@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpurun import paths
 from gpurun.providers.base import Connect, OnChange, Provider, Record, Say
+
+if TYPE_CHECKING:
+    from gpurun.spec import Spec
 
 
 class LocalProvider(Provider):
     name = "local"
 
-    def plan(self, spec, run: str) -> list[tuple[str, str]]:
+    def plan(self, spec: Spec, run: str) -> list[tuple[str, str]]:
         return [
             ("machine", f"this computer ({socket.gethostname()})"),
             ("run directory", str(paths.local_runs_dir() / run)),
         ]
 
     def acquire(
-        self, spec, record: Record, on_change: OnChange, say: Say, *, connect: Connect | None = None
+        self, spec: Spec, record: Record, on_change: OnChange, say: Say, *, connect: Connect | None = None
     ) -> list[dict[str, Any]]:
         run_dir = paths.local_runs_dir() / record["run"]
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ once against this interface, so `file://` and `s3://` behave the same.
 
 from __future__ import annotations
 
+import builtins
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
@@ -75,17 +76,17 @@ class ObjectStore(ABC):
         """The stored size, or None when the key does not exist."""
 
     def put_files(
-        self, items: list[tuple[str, str]], *, if_absent: bool = False, progress: Progress | None = None
+        self, items: builtins.list[tuple[str, str]], *, if_absent: bool = False, progress: Progress | None = None
     ) -> None:
         """Upload many files; stores that can do it concurrently override this."""
         for key, path in items:
             self.put_file(key, path, if_absent=if_absent, progress=progress)
 
-    def copy_many(self, pairs: list[tuple[str, str]]) -> None:
+    def copy_many(self, pairs: builtins.list[tuple[str, str]]) -> None:
         for source, dest in pairs:
             self.copy(source, dest)
 
-    def get_files(self, items: list[tuple[str, str]], *, progress: Progress | None = None) -> None:
+    def get_files(self, items: builtins.list[tuple[str, str]], *, progress: Progress | None = None) -> None:
         for key, path in items:
             self.get_file(key, path, progress=progress)
 
@@ -101,7 +102,7 @@ class ObjectStore(ABC):
         """
         raise NotImplementedError
 
-    def list_runs(self) -> list[str]:
+    def list_runs(self) -> builtins.list[str]:
         """Names of the top-level folders (each may hold a run); stores that can list one level override this."""
         return sorted({obj.key.split("/", 1)[0] for obj in self.list("") if "/" in obj.key})
 

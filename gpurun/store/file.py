@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import builtins
 import errno
 import hashlib
 import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 from gpurun.errors import SnapshotConflict, StoreError
 from gpurun.store.base import Digests, Fetch, Fetches, ObjectStore, Progress, StoredObject, size_mismatch
@@ -43,7 +45,7 @@ class FileStore(ObjectStore):
             if os.path.exists(temp):
                 os.unlink(temp)
 
-    def _write(self, key: str, writer, if_absent: bool) -> None:
+    def _write(self, key: str, writer: Callable[[BinaryIO], object], if_absent: bool) -> None:
         target = self._path(key)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +63,7 @@ class FileStore(ObjectStore):
         self._install(temp, target, if_absent)
 
     def put_file(self, key: str, path: str, *, if_absent: bool = False, progress: Progress | None = None) -> None:
-        def writer(handle) -> None:
+        def writer(handle: BinaryIO) -> None:
             with open(path, "rb") as source:
                 while chunk := source.read(_CHUNK):
                     handle.write(chunk)
@@ -177,7 +179,7 @@ class FileStore(ObjectStore):
                         continue
         return found
 
-    def list_runs(self) -> list[str]:
+    def list_runs(self) -> builtins.list[str]:
         try:
             return sorted(
                 entry.name for entry in os.scandir(self.root) if entry.is_dir() and not entry.name.startswith(".")

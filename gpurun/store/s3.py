@@ -22,6 +22,7 @@ Imported only when an s3:// URL is used, so boto3 stays off the CLI's fast path.
 
 from __future__ import annotations
 
+import builtins
 import functools
 import hashlib
 import os
@@ -450,7 +451,7 @@ class S3Store(ObjectStore):
             self._mark_create_only(dest_keys, False)
 
     def list(self, prefix: str) -> list[StoredObject]:
-        found = []
+        found: list[StoredObject] = []
         start = len(self.prefix)
         try:
             paginator = self.client.get_paginator("list_objects_v2")
@@ -463,7 +464,7 @@ class S3Store(ObjectStore):
             raise self._error(error, "listing", prefix) from None
         return found
 
-    def list_runs(self) -> list[str]:
+    def list_runs(self) -> builtins.list[str]:
         """Top-level folders under the prefix, with one LIST per 1,000 runs (not per object)."""
         names = []
         try:
@@ -527,12 +528,12 @@ class S3Store(ObjectStore):
 
     # -- helpers -----------------------------------------------------------------
 
-    def _existing(self, keys: list[str]) -> list[str]:
+    def _existing(self, keys: builtins.list[str]) -> builtins.list[str]:
         if len(keys) == 1:
             return keys if self.size_of(keys[0]) is not None else []
         return sorted(self._listed(keys, fallback=True))
 
-    def _listed(self, keys: list[str], *, fallback: bool = False) -> dict[str, tuple[int, str]]:
+    def _listed(self, keys: builtins.list[str], *, fallback: bool = False) -> dict[str, tuple[int, str]]:
         """(size, ETag) of those `keys` that exist, from one listing of their common folder
         (one request per 1,000 objects instead of a HEAD each)."""
         folder = os.path.commonprefix(keys)
@@ -542,7 +543,7 @@ class S3Store(ObjectStore):
                 return {}
             return {key: (size, "") for key in keys if (size := self.size_of(key)) is not None}
         wanted = set(keys)
-        found = {}
+        found: dict[str, tuple[int, str]] = {}
         try:
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + folder):

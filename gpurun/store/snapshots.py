@@ -64,7 +64,8 @@ def latest(store: ObjectStore, run: str) -> dict[str, Any] | None:
     seq = pointer.get("seq") if isinstance(pointer, dict) else None
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
         raise InvalidLatest(f"{store.url}/{run}/LATEST has no valid seq")
-    return pointer
+    document: dict[str, Any] = pointer
+    return document
 
 
 def repair_latest(store: ObjectStore, run: str) -> dict[str, Any] | None:
@@ -179,7 +180,7 @@ def write_snapshot(
     before the manifest: raising there abandons the snapshot. Returns the
     manifest summary with `sent_bytes` and the whole `manifest` added.
     """
-    previous_files = {}
+    previous_files: dict[str, dict[str, Any]] = {}
     if previous:
         previous_files = {entry["path"]: entry for entry in previous["files"]}
     hashes = {item.path: item.sha256 for item in files if item.sha256}
@@ -208,6 +209,7 @@ def write_snapshot(
     for item in files:
         old = previous_files.get(item.path)
         if old and old["sha256"] == hashes.get(item.path) and old["size"] == item.size:
+            assert previous is not None  # previous_files is empty without it
             copies.append((f"{run}/{seq_dir(previous['seq'])}/{item.path}", prefix + item.path))
         elif item.local_path is None:
             raise StoreError(f"{item.path}: no staged copy and no identical file in the previous snapshot")
@@ -221,7 +223,7 @@ def write_snapshot(
         pending = {
             item.path: pool.submit(sha256_file, item.local_path, abandon)
             for item in unhashed
-            if item.path not in hashes
+            if item.path not in hashes and item.local_path is not None
         }
         store.put_files(uploads, if_absent=True, progress=progress)
         store.copy_many(copies)
@@ -293,8 +295,8 @@ def prune(store: ObjectStore, run: str, keep: int) -> list[int]:
     if not doomed:
         return []
     doomed_set = set(doomed)
-    keys = []
-    manifests = []
+    keys: list[str] = []
+    manifests: list[str] = []
     for obj in objects:
         match = _SEQ_ANY.match(obj.key[len(run) + 1 :])
         if match and int(match.group(1)) in doomed_set:

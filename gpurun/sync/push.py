@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gzip
+import io
 import json
 import shlex
 import shutil
@@ -146,23 +147,25 @@ def _tar_chunks(root: Path, files: list[WalkedFile], on_bytes: Callable[[int], N
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    assert process.stdin and process.stdout and process.stderr
+    names_in, archive = process.stdin, process.stdout
+    # pipes opened in binary mode with the default buffering
+    assert names_in is not None and isinstance(archive, io.BufferedReader) and process.stderr
     with contextlib.suppress(OSError, AttributeError):
-        fcntl.fcntl(process.stdout.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        fcntl.fcntl(archive.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
     # Feed the name list from a thread: writing it all before reading could
     # deadlock once both pipes fill.
     def feed() -> None:
         try:
-            process.stdin.write(names)
-            process.stdin.close()
+            names_in.write(names)
+            names_in.close()
         except BrokenPipeError:
             pass
 
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
     try:
-        while chunk := process.stdout.read1(PIPE_BYTES):
+        while chunk := archive.read1(PIPE_BYTES):
             on_bytes(len(chunk))
             yield chunk
     finally:
@@ -170,7 +173,7 @@ def _tar_chunks(root: Path, files: list[WalkedFile], on_bytes: Callable[[int], N
             # At the end of the stream tar is exiting; if the consumer stopped early (the
             # remote command failed) it may be blocked writing: closing the pipe ends it.
             with contextlib.suppress(OSError):
-                process.stdout.close()
+                archive.close()
         feeder.join()
         code = process.wait()
         error = process.stderr.read().decode("utf-8", "replace").strip()

@@ -53,6 +53,11 @@ class Transport(ABC):
             raise TransportError(f"{what} on {self.label} failed: {last}")
         return result.text
 
+    @property
+    def server_key_line(self) -> str | None:
+        """The host key the machine showed ("type base64"); None where no key is exchanged."""
+        return None
+
     def close(self) -> None:
         """Release the connection; a closed transport may reconnect on next use."""
 

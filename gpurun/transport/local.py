@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import threading
 from collections.abc import Callable, Iterable
+from typing import IO
 
 from gpurun.errors import TransportError
 from gpurun.transport.base import CommandResult, Transport
@@ -29,9 +31,10 @@ class LocalTransport(Transport):
         process = subprocess.Popen(
             ["bash", "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
-        assert process.stdout is not None
+        output = process.stdout
+        assert isinstance(output, io.BufferedReader)  # a pipe opened in binary mode with the default buffering
         try:
-            while chunk := process.stdout.read1(65536):
+            while chunk := output.read1(65536):
                 on_output(chunk)
             return process.wait(timeout=timeout)
         finally:
@@ -46,7 +49,7 @@ class LocalTransport(Transport):
         assert process.stdin and process.stdout and process.stderr
         collected: dict[str, bytes] = {}
 
-        def drain(name: str, pipe) -> None:
+        def drain(name: str, pipe: IO[bytes]) -> None:
             collected[name] = pipe.read()
 
         readers = [

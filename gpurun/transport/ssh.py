@@ -29,7 +29,7 @@ import shlex
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +40,7 @@ from gpurun.transport.base import CommandResult, Transport
 
 if TYPE_CHECKING:
     from paramiko import Channel, PKey, SSHClient
+    from paramiko.transport import _SocketLike
 
 # paramiko logs connection trouble at ERROR; without a handler Python would
 # print those lines to the terminal. Our own errors say what happened.
@@ -252,7 +253,7 @@ class SshTransport(Transport):
                 self.host,
                 port=self.port,
                 username=self.user,
-                key_filename=self.key_filenames or None,
+                key_filename=self.key_filenames or None,  # type: ignore[arg-type]  # paramiko takes a list of key files; its stubs say str
                 allow_agent=True,  # after the key files, as ssh does (a passphrase-protected key in the agent)
                 look_for_keys=not self.key_filenames,
                 timeout=self.connect_timeout,
@@ -292,7 +293,7 @@ class SshTransport(Transport):
         transport.set_keepalive(KEEPALIVE_S)
         return client
 
-    def _open_socket(self):
+    def _open_socket(self) -> socket.socket | Channel:
         if self.proxy_jump:
             return self._open_via_jump()
         try:
@@ -323,7 +324,7 @@ class SshTransport(Transport):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, TCP_USER_TIMEOUT_MS)
         return sock
 
-    def _open_via_jump(self):
+    def _open_via_jump(self) -> Channel:
         if self._jump is None:
             self._jump = _jump_transport(self)
         try:
@@ -415,7 +416,7 @@ class SshTransport(Transport):
             )
         return 255
 
-    def _forget(self, transport) -> None:
+    def _forget(self, transport: paramiko.Transport | None) -> None:
         with self._lock:
             if self._client is not None and self._client.get_transport() in (transport, None):
                 self._drop()
@@ -460,7 +461,7 @@ class SshTransport(Transport):
                 for chunk in chunks:
                     if chunk:
                         # a view: sendall slices what is left after each packet, without copying it
-                        channel.sendall(memoryview(chunk))
+                        channel.sendall(memoryview(chunk))  # type: ignore[arg-type]  # paramiko sends any buffer; its stubs say bytes
             except TimeoutError:
                 raise TransportError(f"{what} on {self.label} did not finish in {timeout:.0f}s") from None
             except OSError:
@@ -501,10 +502,19 @@ class SshTransport(Transport):
             channel.close()
 
 
-def _fast_transport(sock, **kwargs) -> paramiko.Transport:
-    """A paramiko Transport that prefers AES-GCM (one pass per packet) and big windows."""
+def _fast_transport(
+    sock: _SocketLike, /, *, disabled_algorithms: Mapping[str, Iterable[str]] | None = None, **_gss: bool
+) -> paramiko.Transport:
+    """A paramiko Transport that prefers AES-GCM (one pass per packet) and big windows.
+
+    paramiko passes only `disabled_algorithms`; its stubs also name the GSS options
+    older releases passed, which do not apply here (`_gss`).
+    """
     transport = paramiko.Transport(
-        sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET_SIZE, **kwargs
+        sock,
+        default_window_size=WINDOW_SIZE,
+        default_max_packet_size=MAX_PACKET_SIZE,
+        disabled_algorithms=disabled_algorithms,
     )
     options = transport.get_security_options()
     ciphers = [c for c in _FAST_CIPHERS if c in options.ciphers]

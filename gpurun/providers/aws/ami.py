@@ -159,7 +159,7 @@ def dlami_parameters(aws: Aws, arch: str) -> list[tuple[str, str]]:
 def pick_dlami(alias: str, parameters: list[tuple[str, str]]) -> tuple[str, str] | None:
     """The newest (name, ami id) for the alias: highest framework version, then Ubuntu version."""
     pattern = ALIASES[alias]
-    best: tuple[tuple, str, str] | None = None
+    best: tuple[tuple[tuple[int, ...], tuple[int, ...]], str, str] | None = None
     for name, value in parameters:
         match = pattern.search(name)
         if not match or "neuron" in name:

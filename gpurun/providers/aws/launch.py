@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import botocore.exceptions
@@ -123,7 +123,7 @@ class Launcher:
                 VpcId=vpc_id,
                 TagSpecifications=requests.tag_specifications(["security-group"], self.tags),
             )
-        group_id = answer["GroupId"]
+        group_id: str = answer["GroupId"]
         self._created("security_group", group_id)
         with self._step("opening SSH in the security group", "AuthorizeSecurityGroupIngress"):
             self.aws.ec2.authorize_security_group_ingress(
@@ -190,7 +190,8 @@ class Launcher:
             kwargs["ClientToken"] = requests.client_token(self.run, attempt[0], self.nonce)
             attempt[0] += 1
             try:
-                return self.aws.ec2.run_instances(**kwargs)
+                reservation: dict[str, Any] = self.aws.ec2.run_instances(**kwargs)
+                return reservation
             except botocore.exceptions.ClientError as error:
                 code = client_error_code(error)
                 message = client_error_message(error).lower()
@@ -308,7 +309,9 @@ class Launcher:
                 raise StepFailed(f"instances not running after {format_duration(self.running_timeout)}: {summary}")
             self.sleep(self.poll_interval)
 
-    def machines(self, described: list[dict[str, Any]], key_path: str, type_name: str, zone: str) -> list[dict]:
+    def machines(
+        self, described: list[dict[str, Any]], key_path: str, type_name: str, zone: str
+    ) -> list[dict[str, Any]]:
         settings = self.spec.aws
         user = self.spec.ssh.user or "ubuntu"
         spot_price = self.prepared.spot.get(type_name, {}).get(zone) if settings.spot else None
@@ -439,7 +442,3 @@ def launch_error(error: BaseException, step: str, removed: list[str], failed: li
         except TypeError:
             return GpurunError(f"{error}{tail}", exit_code=error.exit_code)
     return GpurunError(f"launch failed while {step}: {type(error).__name__}: {error}{tail}")
-
-
-def now_utc() -> datetime:
-    return datetime.now(timezone.utc)

@@ -8,6 +8,7 @@ import socket
 import time
 import urllib.request
 from dataclasses import dataclass
+from typing import Any
 
 import botocore.exceptions
 
@@ -62,7 +63,7 @@ def resolve_cidr(ssh_cidr: str) -> tuple[str, str]:
     return f"{address}/{suffix}", "your public IP"
 
 
-def _subnet(item: dict) -> Subnet:
+def _subnet(item: dict[str, Any]) -> Subnet:
     return Subnet(
         id=item["SubnetId"],
         zone=item["AvailabilityZone"],

@@ -29,7 +29,8 @@ class OnDemandPrice:
 @functools.lru_cache(maxsize=1)
 def _table() -> dict[str, dict[str, float]]:
     data = json.loads(resources.files("gpurun").joinpath("data/ondemand_prices.json").read_text())
-    return data["regions"]
+    regions: dict[str, dict[str, float]] = data["regions"]
+    return regions
 
 
 def ondemand_price(instance_type: str, region: str) -> OnDemandPrice | None:

@@ -353,8 +353,9 @@ def _update_machines(record: Record, found: dict[str, dict[str, Any]], region: s
             machine["public_ip"] = item.get("PublicIpAddress")
             if item.get("PublicIpAddress"):
                 machine["host"] = item["PublicIpAddress"]
-            if item.get("LaunchTime"):
-                machine["launch_time"] = _parse_time(item["LaunchTime"]).isoformat()
+            launched = _parse_time(item.get("LaunchTime"))
+            if launched is not None:
+                machine["launch_time"] = launched.isoformat()
             if state in _ENDED_STATES and not machine.get("ended_at"):
                 machine["ended_at"] = _ended_at(item.get("StateTransitionReason")) or now.isoformat()
         cost = _machine_cost(machine, region, now)

@@ -206,7 +206,9 @@ def run_instances_kwargs(
     return kwargs
 
 
-def ingress_permissions(ssh_cidr: str, *, port: int = 22, group_id: str | None = None, nodes: int = 1) -> list[dict]:
+def ingress_permissions(
+    ssh_cidr: str, *, port: int = 22, group_id: str | None = None, nodes: int = 1
+) -> list[dict[str, Any]]:
     """TCP `port` from `ssh_cidr` only; all traffic between the run's own nodes when nodes > 1."""
     network = ipaddress.ip_network(ssh_cidr, strict=False)
     rule: dict[str, Any] = {"IpProtocol": "tcp", "FromPort": port, "ToPort": port}

@@ -7,7 +7,7 @@ import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import boto3
 import botocore.exceptions
@@ -16,6 +16,9 @@ from botocore.config import Config
 
 from gpurun.aws_files import check_shared_files
 from gpurun.errors import BadInput, GpurunError
+
+#: The AWS services gpurun calls (boto3's client() is typed per service name).
+ServiceName = Literal["ec2", "iam", "ssm", "sts", "autoscaling", "service-quotas", "pricing"]
 
 #: (event name, handler) pairs registered on every session; tests inject faults here.
 EventHandlers = Iterable[tuple[str, Callable[..., Any]]]
@@ -56,7 +59,7 @@ class Aws:
     identity: Identity | None = None
     _clients: dict[str, Any] = field(default_factory=dict)
 
-    def client(self, name: str) -> Any:
+    def client(self, name: ServiceName) -> Any:
         client = self._clients.get(name)
         if client is None:
             client = self._clients[name] = self.session.client(name, region_name=self.region, config=_CONFIG)

@@ -9,6 +9,7 @@ security group, key pair, local key files.
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 import time
 from collections.abc import Callable
@@ -158,7 +159,7 @@ def _placement_groups(aws: Aws, run: str, timing: Timing, say: Say, outcome: Out
         name = group["GroupName"]
         try:
             _retrying(
-                lambda name=name: aws.ec2.delete_placement_group(GroupName=name),
+                functools.partial(aws.ec2.delete_placement_group, GroupName=name),
                 {"InvalidPlacementGroup.InUse"},
                 timing,
             )
@@ -232,7 +233,7 @@ def _security_groups(aws: Aws, run: str, timing: Timing, say: Say, outcome: Outc
         group_id = group["GroupId"]
         try:
             _retrying(
-                lambda group_id=group_id: aws.ec2.delete_security_group(GroupId=group_id),
+                functools.partial(aws.ec2.delete_security_group, GroupId=group_id),
                 {"DependencyViolation", "InvalidGroup.InUse"},
                 timing,
             )
