@@ -89,27 +89,39 @@ def launch(
         _finish_job_command(ui, result, follow=follow, json_mode=json_mode)
         return
     result = do_launch(spec, ui, name=name, resume=resume, dry_run=dry_run, create_bucket=create_bucket)
-    if json_mode:
-        ui.emit_json(result)
-    elif dry_run:
-        ui.rows([(row["item"], row["value"]) for row in result["plan"]])
-        ui.say("dry run: nothing was created")
-    else:
-        ui.result(result["run"])
-    if follow and not dry_run:
-        # With --json, stdout holds the one JSON document; the job's output goes to stderr.
-        _follow_logs(result["run"], tail=None, to_stderr=json_mode)
+    if dry_run:
+        if json_mode:
+            ui.emit_json(result)
+        else:
+            ui.rows([(row["item"], row["value"]) for row in result["plan"]])
+            ui.say("dry run: nothing was created")
+        return
+    _finish_job_command(ui, result, follow=follow, json_mode=json_mode)
 
 
 def _finish_job_command(ui: Ui, result: dict[str, Any], *, follow: bool, json_mode: bool) -> None:
-    """What exec (and launch --on) print: the run, then with --follow the job's output."""
-    if json_mode and not follow:
-        ui.emit_json(result)
+    """What launch and exec print: the run; with --follow, the job's output, ending with the job's status.
+
+    With --json the one JSON document on stdout is the run as it stands when the
+    command ends: after the job, when following (its output goes to stderr then).
+    """
+    if not follow:
+        if json_mode:
+            ui.emit_json(result)
+        else:
+            ui.result(result["run"])
         return
     if not json_mode:
         ui.result(result["run"])
-    if follow:
-        _follow_logs(result["run"], tail=None, to_stderr=json_mode)
+    code = _follow_logs(result["run"], tail=None, to_stderr=json_mode)
+    if json_mode:
+        from gpurun.app.status import collect
+        from gpurun.runs import public_view
+
+        records, _problems = collect(result["run"])
+        ui.emit_json(public_view(records[0]))
+    if code:
+        raise SystemExit(code)
 
 
 @cli.command("exec", context_settings=CONTEXT)
@@ -285,7 +297,9 @@ def _status_table(ui: Ui, records: list[dict[str, Any]]) -> None:
 @click.option("--job", type=click.IntRange(min=1), help="Which job (default: the current one).")
 def logs(run: str, follow: bool, tail: int | None, node: int | None, job: int | None) -> None:
     """The job's output (stdout and stderr)."""
-    _follow_logs(run, tail=tail, follow=follow, node=node, job=job)
+    code = _follow_logs(run, tail=tail, follow=follow, node=node, job=job)
+    if code:
+        raise SystemExit(code)
 
 
 def _follow_logs(
@@ -296,21 +310,26 @@ def _follow_logs(
     node: int | None = None,
     to_stderr: bool = False,
     job: int | None = None,
-) -> None:
-    from gpurun.app.logs import show_logs
+) -> int:
+    """Show the job's output; following, return the exit status the command ends with."""
+    from gpurun.app.logs import follow_outcome, show_logs
 
-    outcome = show_logs(run, follow=follow, tail=tail, node=node, write=_stderr_bytes if to_stderr else None, job=job)
-    if follow:
-        code = outcome.get("exit_code")
-        if outcome.get("gone"):
-            message = "the run was torn down while following"
-        elif outcome.get("interrupted"):
-            message = "the job was interrupted (spot reclaim)"
-        elif code is None:
-            message = "the job ended without recording an exit status (killed)"
-        else:
-            message = f"the job exited with status {code}"
-        click.echo(f"[gpurun] {message}", err=True)
+    try:
+        outcome = show_logs(
+            run, follow=follow, tail=tail, node=node, write=_stderr_bytes if to_stderr else None, job=job
+        )
+    except KeyboardInterrupt:
+        click.echo(
+            f"\n[gpurun] stopped following; the job goes on. `gpurun logs {run} -f` follows it again, "
+            f"`gpurun teardown {run}` ends it",
+            err=True,
+        )
+        raise SystemExit(130) from None
+    if not follow:
+        return 0
+    code, message = follow_outcome(outcome)
+    click.echo(f"[gpurun] {message}", err=True)
+    return code
 
 
 def _stderr_bytes(chunk: bytes) -> None:

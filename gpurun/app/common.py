@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 from typing import TYPE_CHECKING, Any
 
-from gpurun import paths
+from gpurun import jobs, paths
 from gpurun.errors import BadInput
 from gpurun.store import open_store
 from gpurun.store.base import ObjectStore
@@ -88,6 +88,18 @@ def max_restarts(record: dict[str, Any]) -> int:
     """The run's restart budget (0: recovery off; a record from before recovery has none)."""
     value = record.get("spec", {}).get("recovery", {}).get("max_restarts")
     return value if isinstance(value, int) and value > 0 else 0
+
+
+def job_restarts(record: dict[str, Any], machine: dict[str, Any], python: str | None) -> jobs.Restarts | None:
+    """How the job's wrapper restarts a lost job on this machine; None with recovery off."""
+    if not python or max_restarts(record) <= 0:
+        return None
+    return jobs.Restarts(
+        max_restarts=max_restarts(record),
+        on_failure=bool(record["spec"].get("recovery", {}).get("on_failure")),
+        checkpoint_dir=checkpoint_dir(record, machine),
+        restore=agent_command(python, restore_arguments(record, machine)),
+    )
 
 
 def restore_arguments(record: dict[str, Any], machine: dict[str, Any]) -> list[str]:

@@ -207,6 +207,7 @@ def _exec(record: dict[str, Any], spec: Spec, ui: Reporter, *, command: str | No
 
     def start(machine: dict[str, Any]) -> None:
         transport = conns.connect(record, machine)
+        python = None
         if id(machine) in agents:
             python = connections.agent_python(record, transport, ui.say)
             machine["agent_pid"] = jobs.start_agent(
@@ -224,6 +225,7 @@ def _exec(record: dict[str, Any], spec: Spec, ui: Reporter, *, command: str | No
             env,
             spec.setup if run_setup else None,
             job_command,
+            common.job_restarts(record, machine, python),
         )
 
     _each_node(machines, start)

@@ -332,14 +332,7 @@ def _prepare(
         machine["agent_pid"] = jobs.start_agent(transport, run_dir, python, common.agent_arguments(record, machine))
     env = common.job_environment(record, machine, resume_from)
     env.update(provider.machine_env(record, machine))
-    restarts = None
-    if with_agent and python and common.max_restarts(record) > 0:
-        restarts = jobs.Restarts(
-            max_restarts=common.max_restarts(record),
-            on_failure=bool(spec.get("recovery", {}).get("on_failure")),
-            checkpoint_dir=common.checkpoint_dir(record, machine),
-            restore=common.agent_command(python, common.restore_arguments(record, machine)),
-        )
+    restarts = common.job_restarts(record, machine, python) if with_agent else None
     machine["job_pid"] = jobs.start_job(
         transport, run_dir, common.work_dir(machine), env, spec.get("setup"), spec["run"], restarts
     )

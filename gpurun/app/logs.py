@@ -192,10 +192,49 @@ def _show_node(
             if reader.offset is not None:
                 offset = reader.offset + reader.received
             failures += 1
+            if _machine_gone(record, machine):
+                return {"run": run, "exit_code": None, "interrupted": False, "gone": False, "lost": True}
             if failures > 30:
-                raise GpurunError(f"lost the connection to {run} and could not reconnect: {error}") from None
+                raise GpurunError(
+                    f"lost the connection to {run} and could not reconnect: {error}", exit_code=MACHINE_LOST
+                ) from None
             print(f"[gpurun] connection lost ({error}); reconnecting...", file=sys.stderr, flush=True)
             time.sleep(min(2.0 * failures, 10.0))
+
+
+def _machine_gone(record: dict[str, Any], machine: dict[str, Any]) -> bool:
+    """A cloud machine that the provider reports ended (a spot reclaim, a guard) will not answer again."""
+    if record["provider"] != "aws":
+        return False
+    from gpurun.providers import get_provider
+
+    try:
+        get_provider("aws").refresh([record])
+    except GpurunError:
+        return False
+    return machine.get("state") in ("terminated", "shutting-down", "stopped", "stopping", "gone")
+
+
+# `--follow` exit statuses besides the job's own (documented in the README and docs/json.md).
+JOB_INTERRUPTED = 4  # a spot interruption notice came while the job ran
+MACHINE_LOST = 5  # the machine went away (terminated, torn down) before the job recorded an exit status
+JOB_KILLED = 137  # the job ended without recording an exit status, as a shell reports SIGKILL
+
+
+def follow_outcome(outcome: dict[str, Any]) -> tuple[int, str]:
+    """The exit status `--follow` ends with, and the line that says why."""
+    code = outcome.get("exit_code")
+    if outcome.get("lost"):
+        return MACHINE_LOST, "the job's machine is gone (terminated) before the job recorded an exit status"
+    if outcome.get("gone"):
+        return MACHINE_LOST, "the run was torn down while following"
+    if outcome.get("interrupted"):
+        return JOB_INTERRUPTED, "the job was interrupted (spot reclaim)"
+    if code is None:
+        return JOB_KILLED, "the job ended without recording an exit status (killed)"
+    if code == 0:
+        return 0, "the job exited with status 0"
+    return (code if 0 < code < 256 else 1), f"the job exited with status {code}"
 
 
 _END_MARK = b"\x00@@gpurun-exit "
