@@ -205,3 +205,68 @@ def test_a_corrupt_latest_is_repaired_from_the_manifests_and_the_agent_goes_on(
     assert status["last_sent_bytes"] == 1000, "frozen.bin is copied inside the store, not sent again"
     assert [s["seq"] for s in snaps.list_snapshots(store, "r1")] == [2, 4]  # keep 2 prunes again
     assert not [obj.key for obj in store.list("r1/snapshots/") if "/000003" in obj.key or "/000001" in obj.key]
+
+
+def without_root_read_override() -> None:
+    """In the child: root loses CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so mode 000 stops it as it stops a user."""
+    if os.geteuid() != 0:
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # PR_CAPBSET_DROP: lost at the next exec, for it and its children
+        if libc.prctl(24, capability, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+LOCKED_JOB = """\
+import os, pathlib, time
+ckpt = pathlib.Path(os.environ["GPURUN_CHECKPOINT_DIR"])
+ckpt.mkdir(parents=True, exist_ok=True)
+(ckpt / "good.bin").write_bytes(b"g" * 1000)
+(ckpt / "locked.bin").write_bytes(b"l" * 1000)
+os.chmod(ckpt / "locked.bin", 0)
+while not os.path.exists("stop"):
+    time.sleep(0.2)
+"""
+
+
+def test_an_unreadable_checkpoint_file_is_named_and_no_partial_snapshot_is_taken(
+    tmp_path: Path, gpurun_home: Path
+) -> None:
+    import subprocess
+    import sys
+
+    store_url = f"file://{tmp_path / 'store'}"
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code/job.py").write_text(LOCKED_JOB)
+    spec = tmp_path / "locked.yaml"
+    spec.write_text(
+        f"name: locked\nworkdir: code\nrun: {sys.executable} job.py\n"
+        f"checkpoint: {{dir: ckpt, every: 1h, store: '{store_url}', resume: never}}\n"
+    )
+    launched = subprocess.run(
+        [sys.executable, "-m", "gpurun", "launch", str(spec), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=without_root_read_override,
+    )
+    assert launched.returncode == 0, launched.stderr
+    run = json.loads(launched.stdout)["run"]
+    ckpt = gpurun_home / "local" / run / "work/ckpt"
+    try:
+        wait_until(lambda: (ckpt / "locked.bin").exists() and (ckpt / "locked.bin").stat().st_mode & 0o777 == 0)
+        done = gpurun("checkpoint-sync", run, check=False)
+        assert done.returncode == 1
+        assert f"cannot read {ckpt / 'locked.bin'} (Permission denied)" in done.stderr, done.stderr
+        assert ".gpurun-staging" not in done.stderr
+        [seen] = json.loads(gpurun("status", run, "--json").stdout)
+        assert "locked.bin" in seen["checkpoint_error"]["error"] and seen["last_checkpoint"] is None
+        assert snaps.latest(open_store(store_url), run) is None, "no snapshot without locked.bin"
+        os.chmod(ckpt / "locked.bin", 0o644)
+        done = gpurun("checkpoint-sync", run, "--json")
+        assert json.loads(done.stdout)["files"] == 2
+    finally:
+        (gpurun_home / "local" / run / "work/stop").write_text("")
+        gpurun("teardown", run, "--yes", check=False)

@@ -175,6 +175,7 @@ class Agent:
         return info
 
     def _failed(self, reason: str, message: str) -> None:
+        message = self.stager.real_names(message)  # an upload that fails names the staging link it read
         self.stager.discard()  # the links would keep old checkpoint versions on disk until the retry
         self.failures += 1
         line = message.splitlines()[0] if message else "unknown error"

@@ -94,6 +94,8 @@ class Stager:
         # Paths seen written in place while held: copied from then on.
         self.copied_paths: set[str] = set()
         self._links = 0
+        # Staging link -> the checkpoint file it holds, to name the real file in errors.
+        self._link_names: dict[str, str] = {}
 
     def remember(self, manifest: dict[str, Any] | None) -> None:
         """Seed from the previous snapshot's manifest when current files still match by size."""
@@ -120,6 +122,7 @@ class Stager:
         self._pending = {}
         self._held = {}
         self._links = 0
+        self._link_names = {}
         changed = set(current) != set(self.known)
         to_take = []
         for path, identity in sorted(current.items()):
@@ -159,8 +162,19 @@ class Stager:
                 held_path, linked = source, False
             try:
                 held[path] = (held_path, _identity(os.stat(held_path)), linked)
+                # A file the agent may link but not read would fail the upload under the link's name.
+                with open(held_path, "rb"):
+                    pass
             except FileNotFoundError:
                 continue
+            except PermissionError as error:
+                if linked:
+                    os.unlink(held_path)
+                raise OSError(
+                    error.errno, f"cannot read {self.watch_dir / path} ({error.strerror}); no snapshot until it can be"
+                ) from None
+            if linked:
+                self._link_names[held_path] = str(self.watch_dir / path)
         if held:
             now = time.time()
             wait = max(
@@ -232,6 +246,12 @@ class Stager:
             raise HeldFileChanged(
                 f"{changed[0]}{more} written in place while uploaded; copied to staging from now on, and retried"
             )
+
+    def real_names(self, message: str) -> str:
+        """`message` with each staging link's path replaced by the checkpoint file it held."""
+        for link in sorted(self._link_names, key=len, reverse=True):  # .links/10 before .links/1
+            message = message.replace(link, self._link_names[link])
+        return message
 
     def discard(self) -> None:
         """Drop what a failed snapshot staged: its links hold old checkpoint versions on disk."""
