@@ -22,6 +22,7 @@ import pytest
 TOKEN_PATH = "/latest/api/token"
 SPOT_PATH = "/latest/meta-data/spot/instance-action"
 IDENTITY_PATH = "/latest/dynamic/instance-identity/document"
+CREDENTIALS_PATH = "/latest/meta-data/iam/security-credentials/"
 
 
 @dataclass
@@ -34,6 +35,17 @@ class FakeImds:
             "instanceType": "g5.xlarge",
             "region": "us-east-1",
             "availabilityZone": "us-east-1a",
+        }
+    )
+    #: The instance role's name and its credentials (moto accepts any); None: no instance profile.
+    role: str | None = "gpurun-test-role"
+    credentials: dict[str, str] = field(
+        default_factory=lambda: {
+            "Code": "Success",
+            "AccessKeyId": "ASIAFAKEIMDSKEY00001",
+            "SecretAccessKey": "fake-imds-secret",
+            "Token": "fake-imds-session-token",
+            "Expiration": "2099-01-01T00:00:00Z",
         }
     )
     tokens: dict[str, float] = field(default_factory=dict)  # token -> expiry (monotonic)
@@ -110,19 +122,32 @@ def _handler(state: FakeImds) -> type[BaseHTTPRequestHandler]:
                 return self._send(200, json.dumps(notice).encode(), {"Content-Type": "text/plain"})
             if self.path == IDENTITY_PATH:
                 return self._send(200, json.dumps(state.identity).encode(), {"Content-Type": "text/plain"})
+            if state.role and self.path == CREDENTIALS_PATH:
+                return self._send(200, state.role.encode(), {"Content-Type": "text/plain"})
+            if state.role and self.path == CREDENTIALS_PATH + state.role:
+                return self._send(200, json.dumps(state.credentials).encode(), {"Content-Type": "text/plain"})
             return self._send(404)
 
     return Handler
 
 
-@pytest.fixture
-def fake_imds(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeImds]:
-    state = FakeImds()
+def serve_fake_imds(state: FakeImds) -> ThreadingHTTPServer:
+    """Serve `state` on a free loopback port (its `url` is set); the caller shuts the server down.
+
+    One per emulated instance: each machine sees its own identity.
+    """
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="fake-imds", daemon=True)
     thread.start()
     state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    return server
+
+
+@pytest.fixture
+def fake_imds(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeImds]:
+    state = FakeImds()
+    server = serve_fake_imds(state)
     monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", state.url)
     try:
         yield state

@@ -1,0 +1,628 @@
+"""A machine of a recovering AWS run bootstraps itself from the store: python3 and the metadata only.
+
+This file is the machine's user data (with its configuration appended as
+JSON), so it imports only the standard library and nothing of gpurun at the
+top: an AMI may lack the AWS CLI, boto3 and pip. Credentials come from the
+instance role through IMDSv2, never from the user data. Requests are signed
+with Signature Version 4 here.
+
+At every boot of every machine of the group:
+
+1. take a place in `<store>/<run>/attempts.json` with a conditional write
+   (If-None-Match for the first machine, If-Match on the ETag after): the
+   first machine is generation 1; each later one uses a restart. Two machines
+   booting at once cannot both take the last restart: one write fails (412)
+   and that machine reads again. When the budget is spent, or the run is
+   over, the machine sets its group's desired capacity to 0 and stops;
+2. fetch gpurun (`agent/<tag>.tar.gz`) and the code (`code/<sha256>.tar.gz`);
+3. restore LATEST into the checkpoint directory (none yet: a fresh start);
+4. run setup, start the job with GPURUN_RESUME_FROM and the checkpoint agent;
+5. leave a monitor running that, when the job ends, records the outcome and
+   scales the group to 0 (success, failure, budget spent), or restarts the
+   job on this machine (a killed job, or a failing one with on_failure) when
+   the budget allows. A spot interruption leaves the rest to the group.
+
+The machine never powers itself off: inside a group, that would be replaced.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import io
+import json
+import os
+import pwd
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+ATTEMPTS = "attempts.json"
+ATTEMPTS_VERSION = 1
+MAX_DOCUMENT_BYTES = 1_000_000
+POLL_SECONDS = 2.0
+AGENT_EXIT_WAIT = 600.0
+# Metadata requests never go through a proxy.
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def log(message: str) -> None:
+    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} [gpurun bootstrap] {message}", flush=True)
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# -- instance metadata (IMDSv2) ------------------------------------------------------------------
+
+
+class Metadata:
+    def __init__(self, endpoint: str | None = None) -> None:
+        endpoint = endpoint or os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or "http://169.254.169.254"
+        self.endpoint = endpoint.rstrip("/")
+        self._token = ""
+        self._token_at = 0.0
+
+    def _call(self, method: str, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+        request = urllib.request.Request(self.endpoint + path, method=method, headers=headers)
+        try:
+            with _NO_PROXY.open(request, timeout=5) as response:
+                return response.status, response.read(MAX_DOCUMENT_BYTES)
+        except urllib.error.HTTPError as error:
+            with error:
+                return error.code, b""
+
+    def get(self, path: str) -> bytes | None:
+        for _attempt in range(2):
+            if not self._token or time.monotonic() - self._token_at > 3000:
+                status, body = self._call("PUT", "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "3600"})
+                if status != 200:
+                    raise RuntimeError(f"IMDSv2 token: HTTP {status}")
+                self._token, self._token_at = body.decode().strip(), time.monotonic()
+            status, body = self._call("GET", path, {"X-aws-ec2-metadata-token": self._token})
+            if status == 401:
+                self._token = ""
+                continue
+            return body if status == 200 else None
+        return None
+
+    def identity(self) -> dict[str, Any]:
+        body = self.get("/latest/dynamic/instance-identity/document")
+        document = json.loads(body or b"{}")
+        if not isinstance(document, dict) or not document.get("instanceId"):
+            raise RuntimeError("no instance identity document in the instance metadata")
+        return document
+
+    def credentials(self) -> dict[str, str]:
+        """The instance role's temporary credentials."""
+        names = (self.get("/latest/meta-data/iam/security-credentials/") or b"").decode().split()
+        if not names:
+            raise RuntimeError("the instance has no role (instance profile): it cannot reach the store")
+        body = self.get(f"/latest/meta-data/iam/security-credentials/{urllib.parse.quote(names[0])}")
+        document = json.loads(body or b"{}")
+        if not isinstance(document, dict) or not document.get("AccessKeyId"):
+            raise RuntimeError("the instance role's credentials are not in the instance metadata")
+        return {
+            "key": str(document["AccessKeyId"]),
+            "secret": str(document["SecretAccessKey"]),
+            "token": str(document.get("Token") or ""),
+            "expires": str(document.get("Expiration") or ""),
+        }
+
+
+# -- Signature Version 4 -------------------------------------------------------------------------
+
+
+def _hmac(key: bytes, text: str) -> bytes:
+    return hmac.new(key, text.encode(), hashlib.sha256).digest()
+
+
+def sign(
+    method: str,
+    url: str,
+    *,
+    headers: dict[str, str],
+    body: bytes,
+    credentials: dict[str, str],
+    region: str,
+    service: str,
+    when: datetime.datetime | None = None,
+) -> dict[str, str]:
+    """`headers` plus host, x-amz-date, x-amz-content-sha256, the session token and Authorization."""
+    parsed = urllib.parse.urlsplit(url)
+    when = when or datetime.datetime.now(datetime.timezone.utc)
+    stamp = when.strftime("%Y%m%dT%H%M%SZ")
+    day = stamp[:8]
+    payload = hashlib.sha256(body).hexdigest()
+    signed_headers = {name.lower(): value for name, value in headers.items()}
+    signed_headers.update({"host": parsed.netloc, "x-amz-date": stamp, "x-amz-content-sha256": payload})
+    if credentials.get("token"):
+        signed_headers["x-amz-security-token"] = credentials["token"]
+    names = sorted(signed_headers)
+    pairs = urllib.parse.parse_qsl(parsed.query, keep_blank_values=True)
+    query = "&".join(
+        f"{urllib.parse.quote(k, safe='-_.~')}={urllib.parse.quote(v, safe='-_.~')}" for k, v in sorted(pairs)
+    )
+    canonical = "\n".join(
+        [
+            method,
+            parsed.path or "/",
+            query,
+            "".join(f"{name}:{' '.join(str(signed_headers[name]).split())}\n" for name in names),
+            ";".join(names),
+            payload,
+        ]
+    )
+    scope = f"{day}/{region}/{service}/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    key = _hmac(_hmac(_hmac(_hmac(f"AWS4{credentials['secret']}".encode(), day), region), service), "aws4_request")
+    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    signed_headers["authorization"] = (
+        f"AWS4-HMAC-SHA256 Credential={credentials['key']}/{scope}, "
+        f"SignedHeaders={';'.join(names)}, Signature={signature}"
+    )
+    return signed_headers
+
+
+class Aws:
+    """Signed requests to S3 and Auto Scaling with the role's credentials (refreshed before expiry)."""
+
+    def __init__(self, metadata: Metadata, region: str) -> None:
+        self.metadata = metadata
+        self.region = region
+        self._credentials: dict[str, str] | None = None
+        self._fetched = 0.0
+
+    def credentials(self) -> dict[str, str]:
+        # Role credentials live for hours; fetching them every 10 minutes keeps well inside that.
+        if self._credentials is None or time.monotonic() - self._fetched > 600:
+            self._credentials, self._fetched = self.metadata.credentials(), time.monotonic()
+        return self._credentials
+
+    def request(
+        self, method: str, url: str, service: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        signed = sign(
+            method,
+            url,
+            headers=headers or {},
+            body=body,
+            credentials=self.credentials(),
+            region=self.region,
+            service=service,
+        )
+        request = urllib.request.Request(url, data=body if method in ("PUT", "POST") else None, method=method)
+        for name, value in signed.items():
+            if name != "host":
+                request.add_header(name, value)
+        for attempt in range(5):
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    return response.status, dict(response.headers.items()), response.read()
+            except urllib.error.HTTPError as error:
+                with error:
+                    if error.code >= 500 and attempt < 4:
+                        time.sleep(1.0 + attempt)
+                        continue
+                    return error.code, dict(error.headers.items()), error.read(MAX_DOCUMENT_BYTES)
+            except OSError:
+                if attempt == 4:
+                    raise
+                time.sleep(1.0 + attempt)
+        raise RuntimeError("unreachable")  # pragma: no cover
+
+    def _endpoint(self, service_env: str) -> str | None:
+        """An endpoint override, the way boto3 reads it (a test's moto server, a VPC endpoint)."""
+        return os.environ.get(f"AWS_ENDPOINT_URL_{service_env}") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+    def s3_url(self, bucket: str, key: str) -> str:
+        quoted = urllib.parse.quote(key, safe="/-_.~")
+        endpoint = self._endpoint("S3")
+        if endpoint:
+            return f"{endpoint.rstrip('/')}/{bucket}/{quoted}"
+        if "." in bucket:
+            return f"https://s3.{self.region}.amazonaws.com/{bucket}/{quoted}"
+        return f"https://{bucket}.s3.{self.region}.amazonaws.com/{quoted}"
+
+    def get_object(self, bucket: str, key: str) -> tuple[bytes, str] | None:
+        """(body, ETag), or None when there is no such object."""
+        status, headers, body = self.request("GET", self.s3_url(bucket, key), "s3")
+        if status == 404:
+            return None
+        if status != 200:
+            raise RuntimeError(f"GET s3://{bucket}/{key}: HTTP {status} {body[:200]!r}")
+        etag = next((value for name, value in headers.items() if name.lower() == "etag"), "")
+        return body, etag
+
+    def put_object(self, bucket: str, key: str, body: bytes, *, if_match: str | None = None) -> bool:
+        """PUT; with `if_match` (an ETag, or "" for "must not exist") False when another writer won."""
+        headers = {"content-type": "application/json"}
+        if if_match == "":
+            headers["if-none-match"] = "*"
+        elif if_match is not None:
+            headers["if-match"] = if_match
+        status, _headers, answer = self.request("PUT", self.s3_url(bucket, key), "s3", body, headers)
+        if status in (409, 412):
+            return False
+        if status != 200:
+            raise RuntimeError(f"PUT s3://{bucket}/{key}: HTTP {status} {answer[:200]!r}")
+        return True
+
+    def autoscaling(self, action: str, parameters: dict[str, str]) -> None:
+        endpoint = self._endpoint("AUTO_SCALING") or f"https://autoscaling.{self.region}.amazonaws.com"
+        body = urllib.parse.urlencode({"Action": action, "Version": "2011-01-01", **parameters}).encode()
+        headers = {"content-type": "application/x-www-form-urlencoded; charset=utf-8"}
+        status, _headers, answer = self.request("POST", endpoint.rstrip("/") + "/", "autoscaling", body, headers)
+        if status != 200:
+            raise RuntimeError(f"{action}: HTTP {status} {answer[:300]!r}")
+
+
+# -- the restart budget in the store -------------------------------------------------------------
+
+
+class Budget:
+    """attempts.json: machines so far, restarts used of the budget, how the run ended.
+
+    Every change is a read, a change and a conditional write, retried when
+    another machine wrote in between.
+    """
+
+    def __init__(self, aws: Aws, bucket: str, key: str, run: str, max_restarts: int) -> None:
+        self.aws, self.bucket, self.key, self.run, self.max_restarts = aws, bucket, key, run, max_restarts
+
+    def read(self) -> tuple[dict[str, Any] | None, str]:
+        found = self.aws.get_object(self.bucket, self.key)
+        if found is None:
+            return None, ""
+        body, etag = found
+        if len(body) > MAX_DOCUMENT_BYTES:
+            raise RuntimeError(f"{self.key} is larger than {MAX_DOCUMENT_BYTES} bytes")
+        document = json.loads(body)
+        if not isinstance(document, dict) or document.get("version") != ATTEMPTS_VERSION:
+            raise RuntimeError(f"{self.key} is not an attempts document of version {ATTEMPTS_VERSION}")
+        return document, etag
+
+    def change(self, update: Any) -> dict[str, Any] | None:
+        """Apply update(document or None) -> new document (None: nothing to write); returns it."""
+        for _attempt in range(50):
+            document, etag = self.read()
+            changed = update(json.loads(json.dumps(document)) if document is not None else None)
+            if changed is None:
+                return document
+            body = json.dumps(changed, indent=1, sort_keys=True).encode()
+            if self.aws.put_object(self.bucket, self.key, body, if_match=etag if document is not None else ""):
+                return dict(changed)
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.key}: too many concurrent writers")
+
+    def take_machine(self, machine: dict[str, Any]) -> dict[str, Any] | None:
+        """This machine's generation entry, or None when it must not run the job (budget spent, run over)."""
+        granted: list[dict[str, Any]] = []
+
+        def update(document: dict[str, Any] | None) -> dict[str, Any] | None:
+            granted.clear()
+            if document is None:
+                entry = {**machine, "generation": 1, "started_at": now_iso(), "restarts": 0}
+                granted.append(entry)
+                return {
+                    "version": ATTEMPTS_VERSION,
+                    "run": self.run,
+                    "max_restarts": self.max_restarts,
+                    "restarts_used": 0,
+                    "state": "running",
+                    "machines": [entry],
+                }
+            machines = document.setdefault("machines", [])
+            for entry in machines:
+                if entry.get("instance_id") == machine["instance_id"]:
+                    granted.append(entry)  # the same machine booting again: no new charge
+                    return None
+            if document.get("state") != "running":
+                return None
+            if int(document.get("restarts_used", 0)) >= self.max_restarts:
+                document["state"] = "budget_spent"
+                document["ended_at"] = now_iso()
+                return document
+            for entry in machines:
+                if not entry.get("ended_at"):
+                    entry["ended_at"], entry["why"] = now_iso(), "replaced"
+            document["restarts_used"] = int(document.get("restarts_used", 0)) + 1
+            entry = {**machine, "generation": len(machines) + 1, "started_at": now_iso(), "restarts": 0}
+            machines.append(entry)
+            granted.append(entry)
+            return document
+
+        self.change(update)
+        return granted[0] if granted else None
+
+    def take_restart(self, instance_id: str) -> bool:
+        """One restart of the job on this machine; False when the budget is spent."""
+        taken: list[bool] = []
+
+        def update(document: dict[str, Any] | None) -> dict[str, Any] | None:
+            taken.clear()
+            if document is None or document.get("state") != "running":
+                return None
+            if int(document.get("restarts_used", 0)) >= self.max_restarts:
+                document["state"], document["ended_at"] = "budget_spent", now_iso()
+                return document
+            document["restarts_used"] = int(document.get("restarts_used", 0)) + 1
+            for entry in document.get("machines", []):
+                if entry.get("instance_id") == instance_id:
+                    entry["restarts"] = int(entry.get("restarts", 0)) + 1
+            taken.append(True)
+            return document
+
+        self.change(update)
+        return bool(taken)
+
+    def record(self, instance_id: str, *, state: str | None = None, **fields: Any) -> None:
+        """Set fields on this machine's entry (and the run's state, when given)."""
+
+        def update(document: dict[str, Any] | None) -> dict[str, Any] | None:
+            if document is None:
+                return None
+            for entry in document.get("machines", []):
+                if entry.get("instance_id") == instance_id:
+                    entry.update(fields)
+            if state is not None and document.get("state") == "running":
+                document["state"], document["ended_at"] = state, now_iso()
+            return document
+
+        self.change(update)
+
+
+# -- the machine ---------------------------------------------------------------------------------
+
+
+class Machine:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.run = str(config["run"])
+        user = str(config.get("user") or "root")
+        home = os.environ.get("GPURUN_BOOT_HOME") or _home_of(user)
+        self.run_dir = os.path.join(home, "gpurun", self.run)
+        self.work = os.path.join(self.run_dir, "work")
+        self.checkpoint_dir = os.path.join(self.work, str(config["checkpoint_dir"]))
+        self.agent_dir = os.path.join(home, ".gpurun", "agent", str(config["agent_tag"]))
+        self.metadata = Metadata()
+        self.identity = self.metadata.identity()
+        self.instance_id = str(self.identity["instanceId"])
+        self.aws = Aws(self.metadata, str(config.get("region") or self.identity.get("region")))
+        bucket, _, prefix = str(config["store"])[len("s3://") :].partition("/")
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.budget = Budget(self.aws, bucket, self.key(ATTEMPTS), self.run, int(config["max_restarts"]))
+
+    def key(self, name: str) -> str:
+        return "/".join(part for part in (self.prefix, self.run, name) if part)
+
+    def scale_to_zero(self, why: str) -> None:
+        log(f"{why}: setting the desired capacity of {self.config['group']} to 0")
+        self.aws.autoscaling(
+            "SetDesiredCapacity",
+            {"AutoScalingGroupName": str(self.config["group"]), "DesiredCapacity": "0", "HonorCooldown": "false"},
+        )
+
+    def fetch(self, key: str, into: str) -> None:
+        found = self.aws.get_object(self.bucket, self.key(key))
+        if found is None:
+            raise RuntimeError(f"s3://{self.bucket}/{self.key(key)} is missing")
+        incoming = into + ".incoming"
+        subprocess.run(["rm", "-rf", incoming], check=True)
+        os.makedirs(incoming)
+        with tarfile.open(fileobj=io.BytesIO(found[0]), mode="r:gz") as archive:
+            # The "data" filter refuses links out of the target, device files and absolute names.
+            archive.extraction_filter = getattr(tarfile, "data_filter", None)
+            if archive.extraction_filter is None:
+                raise RuntimeError("this python3 cannot extract archives safely (needs 3.8.17, 3.11.4 or later)")
+            archive.extractall(incoming)
+        subprocess.run(["rm", "-rf", into], check=True)
+        os.rename(incoming, into)
+
+    def python(self) -> str:
+        """The agent's python: boto3 is the one thing it needs beyond the standard library."""
+        chosen = os.environ.get("GPURUN_AGENT_PYTHON")
+        if chosen:
+            return chosen
+        if subprocess.run(["python3", "-c", "import boto3"], capture_output=True).returncode == 0:
+            return "python3"
+        venv = os.path.join(os.path.dirname(os.path.dirname(self.agent_dir)), "venv")
+        subprocess.run(["python3", "-m", "venv", venv], check=True)
+        subprocess.run([f"{venv}/bin/python", "-m", "pip", "install", "--quiet", "boto3"], check=True)
+        return f"{venv}/bin/python"
+
+    def agent_env(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONPATH": self.agent_dir, "PYTHONNOUSERSITE": "1"}
+
+    def restore(self, python: str) -> bool:
+        arguments = [python, "-m", "gpurun.agent", "--to", str(self.config["store"]), "--restore-from", self.run]
+        arguments += ["--into", self.checkpoint_dir, "--region", self.aws.region]
+        done = subprocess.run(arguments, env=self.agent_env(), capture_output=True, text=True)
+        log((done.stdout or done.stderr).strip().splitlines()[-1] if (done.stdout or done.stderr).strip() else "")
+        return done.returncode == 0
+
+    def job_env(self, resume: bool) -> dict[str, str]:
+        env = {str(k): str(v) for k, v in dict(self.config.get("env") or {}).items()}
+        env.update(
+            {
+                "GPURUN_RUN": self.run,
+                "GPURUN_CHECKPOINT_DIR": self.checkpoint_dir,
+                "GPURUN_NODE_RANK": "0",
+                "GPURUN_NUM_NODES": "1",
+                "GPURUN_MASTER_ADDR": "127.0.0.1",
+                "GPURUN_MASTER_PORT": str(self.config.get("master_port", 29500)),
+                "GPURUN_NODE_IPS": "127.0.0.1",
+                "PYTHONUNBUFFERED": "1",
+                "AWS_DEFAULT_REGION": self.aws.region,
+                "AWS_REGION": self.aws.region,
+            }
+        )
+        if resume:
+            env["GPURUN_RESUME_FROM"] = self.checkpoint_dir
+        return env
+
+    def start(self, python: str, *, setup: bool, resume: bool) -> None:
+        """Write job.sh with gpurun's own wrapper, start the agent and the job in their own sessions."""
+        sys.path.insert(0, self.agent_dir)
+        from gpurun import jobs
+
+        for name in ("job.exit", "job.phase", "interrupted", "sync.request"):
+            _remove(os.path.join(self.run_dir, name))
+        script = jobs.job_script(
+            self.run_dir,
+            self.work,
+            self.job_env(resume),
+            str(self.config.get("setup") or "") if setup else None,
+            str(self.config["command"]),
+        )
+        _write(os.path.join(self.run_dir, "job.sh"), script)
+        agent = [python, "-m", "gpurun.agent", "--watch", self.checkpoint_dir, "--to", str(self.config["store"])]
+        agent += ["--run", self.run, "--every", str(self.config["every"]), "--keep", str(self.config["keep"])]
+        agent += ["--run-dir", self.run_dir, "--region", self.aws.region]
+        if self.config.get("spot"):
+            agent.append("--spot-notice")
+        _write(
+            os.path.join(self.run_dir, "agent.pid"), str(_detach(agent, self.run_dir, "agent.log", self.agent_env()))
+        )
+        _write(os.path.join(self.run_dir, "job.pid"), str(_detach(["bash", "job.sh"], self.run_dir, "job.log", None)))
+
+
+def _home_of(user: str) -> str:
+    try:
+        return pwd.getpwnam(user).pw_dir
+    except KeyError:
+        return os.path.expanduser("~")
+
+
+def _write(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as handle:
+        handle.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _detach(argv: list[str], run_dir: str, log_name: str, env: dict[str, str] | None) -> int:
+    with open(os.path.join(run_dir, log_name), "ab") as output:
+        process = subprocess.Popen(
+            argv,
+            cwd=run_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
+    return process.pid
+
+
+def _alive(path: str) -> bool:
+    try:
+        with open(path) as handle:
+            pid = int(handle.read().strip())
+        with open(f"/proc/{pid}/status") as handle:
+            return not any(line.startswith("State:") and line.split()[1] == "Z" for line in handle)
+    except (OSError, ValueError):
+        return False
+
+
+def boot(config: dict[str, Any]) -> int:
+    """Everything a new machine does; returns with the job and a monitor running, or the group at 0."""
+    machine = Machine(config)
+    identity = machine.identity
+    entry = machine.budget.take_machine(
+        {
+            "instance_id": machine.instance_id,
+            "type": identity.get("instanceType"),
+            "zone": identity.get("availabilityZone"),
+        }
+    )
+    if entry is None:
+        machine.scale_to_zero("the run is over or its restart budget is spent")
+        return 0
+    log(f"{machine.instance_id}: generation {entry['generation']} of {machine.run}")
+    os.makedirs(machine.run_dir, mode=0o700, exist_ok=True)
+    machine.fetch(f"agent/{config['agent_tag']}.tar.gz", machine.agent_dir)
+    machine.fetch(f"code/{config['code']}.tar.gz", machine.work)
+    python = machine.python()
+    resumed = machine.restore(python)
+    machine.start(python, setup=True, resume=resumed)
+    machine.budget.record(machine.instance_id, job_started_at=now_iso(), resumed=resumed)
+    monitor = [sys.executable, os.path.abspath(sys.argv[0]), "--monitor"]
+    _detach(monitor, machine.run_dir, "monitor.log", None)
+    return 0
+
+
+def monitor(config: dict[str, Any]) -> int:
+    """Wait for the job to end; restart it here, or end the run and scale the group to 0."""
+    machine = Machine(config)
+    run_dir = machine.run_dir
+    while True:
+        exit_path = os.path.join(run_dir, "job.exit")
+        while not os.path.exists(exit_path) and _alive(os.path.join(run_dir, "job.pid")):
+            time.sleep(POLL_SECONDS)
+        deadline = time.monotonic() + AGENT_EXIT_WAIT
+        while _alive(os.path.join(run_dir, "agent.pid")) and time.monotonic() < deadline:
+            time.sleep(POLL_SECONDS)  # the agent's final snapshot comes first
+        try:
+            code: int | None = int(open(exit_path).read().strip())
+        except (OSError, ValueError):
+            code = None
+        if os.path.exists(os.path.join(run_dir, "interrupted")):
+            machine.budget.record(machine.instance_id, ended_at=now_iso(), why="spot interruption", exit_code=code)
+            log("spot interruption: the group replaces this machine")
+            return 0
+        if code == 0:
+            machine.budget.record(machine.instance_id, state="succeeded", ended_at=now_iso(), why="job succeeded")
+            machine.scale_to_zero("the job succeeded")
+            return 0
+        lost = code is None or code > 128
+        if (lost or config.get("on_failure")) and machine.budget.take_restart(machine.instance_id):
+            log(f"the job ended with exit status {code}; restarting it here from LATEST")
+            python = machine.python()
+            machine.start(python, setup=False, resume=machine.restore(python))
+            continue
+        document, _etag = machine.budget.read()
+        spent = bool(document and document.get("state") == "budget_spent")
+        why = "restart budget spent" if spent else "job failed"
+        machine.budget.record(machine.instance_id, state="failed", ended_at=now_iso(), why=why, exit_code=code)
+        machine.scale_to_zero(f"the job ended with exit status {code} ({why})")
+        return 0
+
+
+def main(config: dict[str, Any], argv: list[str]) -> int:
+    if "--monitor" in argv:
+        return monitor(config)
+    return boot(config)
+
+
+def user_data(config: dict[str, Any]) -> str:
+    """A machine's whole user data: this module compressed (user data is at most 16 KB) and `config`."""
+    import base64
+    import zlib
+
+    with open(__file__, "rb") as handle:
+        payload = base64.b64encode(zlib.compress(handle.read(), 9)).decode()
+    return (
+        "#!/usr/bin/env python3\n"
+        f"# gpurun bootstrap for run {config['run']}: gpurun/agent/bootstrap.py (compressed) and its settings.\n"
+        "# No credentials here: the instance role has them.\n"
+        "import base64, json, sys, zlib\n"
+        f"CONFIG = json.loads({json.dumps(json.dumps(config, sort_keys=True))})\n"
+        f'SOURCE = zlib.decompress(base64.b64decode("{payload}"))\n'
+        'namespace = {"__name__": "gpurun_bootstrap"}\n'
+        'exec(compile(SOURCE, "gpurun/agent/bootstrap.py", "exec"), namespace)\n'
+        'sys.exit(namespace["main"](CONFIG, sys.argv[1:]))\n'
+    )
