@@ -9,34 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from gpurun.sizes import human_bytes  # noqa: F401  (ui's callers format sizes with it)
-
-# C0 and C1 controls, DEL, and the Unicode line separators and bidirectional overrides
-# (text that reorders what follows it on the screen).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-_CONTROL_KEEPING_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
-def printable(text: str, *, one_line: bool = False) -> str:
-    """`text` with every control character written out as an escape (ESC as `\\x1b`).
-
-    Everything gpurun shows passes through here: host names, run names, file names
-    and error texts may come from a store or a machine, and a terminal obeys
-    what it is sent. Tabs and newlines are kept unless `one_line` (table cells).
-    """
-    pattern = _CONTROL if one_line else _CONTROL_KEEPING_LINES
-    return pattern.sub(_escaped, text)
-
-
-def _escaped(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
+from gpurun.text import printable as printable  # the one escaping function; every output below uses it
 
 if TYPE_CHECKING:
     from rich.console import Console

@@ -13,6 +13,7 @@ from typing import Any
 from gpurun import jobs, runs
 from gpurun.app import connections
 from gpurun.errors import BadInput, GpurunError, TransportError
+from gpurun.text import escape_controls
 
 q = shlex.quote
 
@@ -198,7 +199,11 @@ def _show_node(
                 raise GpurunError(
                     f"lost the connection to {run} and could not reconnect: {error}", exit_code=MACHINE_LOST
                 ) from None
-            print(f"[gpurun] connection lost ({error}); reconnecting...", file=sys.stderr, flush=True)
+            print(
+                f"[gpurun] connection lost ({escape_controls(str(error))}); reconnecting...",
+                file=sys.stderr,
+                flush=True,
+            )
             time.sleep(min(2.0 * failures, 10.0))
 
 
