@@ -278,7 +278,7 @@ def _status_table(ui: Ui, records: list[dict[str, Any]]) -> None:
         rows.append(
             [
                 record["run"],
-                record["state"],
+                record["state"] + (" (launcher gone)" if record.get("launcher_gone") else ""),
                 job_text,
                 where,
                 age(record.get("created_at")).replace(" ago", ""),
@@ -705,7 +705,7 @@ def main(argv: list[str] | None = None) -> None:
             import traceback
 
             traceback.print_exc()
-        _print_error(str(error))
+        _print_error(str(error), error.details)
         sys.exit(error.exit_code)
     except click.exceptions.Abort:
         _print_error("interrupted")
@@ -747,11 +747,14 @@ def _take_debug(args: list[str]) -> tuple[list[str], bool]:
     return kept + args[end:], len(kept) < end
 
 
-def _print_error(message: str) -> None:
+def _print_error(message: str, details: list[str] | None = None) -> None:
+    """The message's first line, then the lines an error carries (a table, a removal list), indented."""
     from gpurun.ui import printable
 
     first = message.strip().splitlines()[0] if message.strip() else "failed"
     click.echo(f"error: {printable(first, one_line=True)}", err=True)
+    for line in details or []:
+        click.echo(f"  {printable(line, one_line=True)}", err=True)
 
 
 if __name__ == "__main__":

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class GpurunError(Exception):
-    """An error a person can act on; the CLI prints its message as one line."""
+    """An error a person can act on; the CLI prints its message as one line.
+
+    `details` are further lines the CLI prints under it (a table of what was
+    tried, what was removed); the message itself stays one line.
+    """
 
     exit_code = 1
 
-    def __init__(self, message: str, *, exit_code: int | None = None) -> None:
+    def __init__(self, message: str, *, exit_code: int | None = None, details: Sequence[str] = ()) -> None:
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+        self.details: list[str] = list(details)
 
     @property
     def message(self) -> str:

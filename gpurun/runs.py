@@ -11,6 +11,7 @@ import json
 import os
 import re
 import secrets
+import socket
 import string
 import threading
 from collections.abc import Iterator
@@ -33,6 +34,47 @@ def new_run_name(spec_name: str) -> str:
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def this_process() -> dict[str, Any]:
+    """Which process this is, to be recognised later even after its pid is reused."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid())}
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot; None when it is gone (or a zombie)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2 :].split()
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
+
+
+def launcher_gone(record: dict[str, Any]) -> bool:
+    """A `launching` record whose launching process, on this computer, no longer runs."""
+    info = record.get("launcher")
+    if record.get("state") != "launching" or not isinstance(info, dict):
+        return False
+    pid = info.get("pid")
+    if info.get("host") != socket.gethostname() or not isinstance(pid, int) or isinstance(pid, bool):
+        return False  # launched elsewhere: nothing here can tell
+    started = _process_start(pid)
+    if started is None:
+        return Path("/proc/self").exists() or not _pid_exists(pid)
+    return info.get("started") not in (None, started)
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def record_path(run: str) -> Path:

@@ -239,11 +239,39 @@ def new_record(run: str = "exp-abc123") -> dict[str, Any]:
     }
 
 
+class Said(list):
+    """What the rollback reports, in order (a Reporter for app/launch's rollback)."""
+
+    def say(self, message: str) -> None:
+        self.append(message)
+
+    warn = error = say
+
+
+def acquire(provider: AwsProvider, spec, record: dict[str, Any], saves, said: list[str]):
+    """provider.acquire, rolled back on failure the way `gpurun launch` does it (the one rollback)."""
+    from gpurun.app.connections import Connections
+    from gpurun.app.launch import rolled_back
+
+    reporter = Said()
+    try:
+        return provider.acquire(spec, record, saves, said.append)
+    except BaseException as error:
+        failure = rolled_back(error, provider, Connections(), record, [], reporter, saves, "acquiring machines")
+        said.extend(reporter)
+        raise failure from None
+
+
+def text(error: BaseException) -> str:
+    """An error as the CLI prints it: its line, then its details."""
+    return "\n".join([str(error), *getattr(error, "details", [])])
+
+
 def launch(provider: AwsProvider, spec, run: str = "exp-abc123", said: list[str] | None = None):
     record = new_record(run)
     saves = Saves()
     messages = said if said is not None else []
-    machines = provider.acquire(spec, record, saves, messages.append)
+    machines = acquire(provider, spec, record, saves, messages)
     record["machines"] = machines
     return record, machines, saves
 
@@ -612,8 +640,9 @@ def test_no_capacity_anywhere_is_exit_3_with_a_table(provider, session, fake, tm
     with pytest.raises(NoCapacity) as caught:
         launch(provider, make_spec(tmp_path, instance_type=["g5.xlarge", "g6.xlarge"]))
     assert caught.value.exit_code == 3
-    message = str(caught.value)
+    message = text(caught.value)
     lines = message.splitlines()
+    assert "everything it created was removed" in lines[0]
     assert lines[1].split()[:3] == ["type", "zone", "error"]
     tried = fake.calls.count("RunInstances")
     assert sum("InsufficientInstanceCapacity" in line for line in lines) == tried
@@ -662,8 +691,8 @@ def test_a_failing_step_removes_everything(provider, session, fake, tmp_path, st
     record = new_record()
     saves = Saves()
     with pytest.raises(GpurunError) as caught:
-        provider.acquire(make_spec(tmp_path, nodes=2), record, saves, said.append)
-    message = str(caught.value)
+        acquire(provider, make_spec(tmp_path, nodes=2), record, saves, said)
+    message = text(caught.value)
     assert f"({step})" in message and "InternalError: injected failure" in message
     assert caught.value.exit_code == 1
     if step != "ImportKeyPair":
@@ -672,7 +701,7 @@ def test_a_failing_step_removes_everything(provider, session, fake, tmp_path, st
     assert not key_dir().exists()
     assert record["resources"] == {}
     assert saves.records[-1]["resources"] == {}
-    assert any(line.startswith("launch stopped while") for line in said)
+    assert any(line.startswith("launch failed: removing what exp-abc123 created") for line in said)
 
 
 def test_failure_while_waiting_for_running_removes_the_instances(provider, session, fake, tmp_path):
@@ -689,8 +718,9 @@ def test_ssh_that_never_answers_rolls_back(provider, session, fake, tmp_path):
         )
 
     provider.wait_ssh = silent
-    with pytest.raises(GpurunError, match=rf"check ssh_cidr \(now {CIDR}\).*removed: instance i-"):
+    with pytest.raises(GpurunError, match=rf"check ssh_cidr \(now {CIDR}\)") as caught:
         launch(provider, make_spec(tmp_path))
+    assert "removed: instance i-" in text(caught.value)
     assert leftovers(session, fake) == []
 
 
@@ -718,8 +748,11 @@ def test_ctrl_c_while_waiting_for_ssh(provider, session, fake, tmp_path):
         raise KeyboardInterrupt
 
     provider.wait_ssh = interrupted
-    with pytest.raises(Interrupted, match="interrupted while waiting for SSH; removed: instance"):
+    with pytest.raises(
+        Interrupted, match="interrupted while waiting for SSH; everything it created was removed"
+    ) as caught:
         launch(provider, make_spec(tmp_path))
+    assert "removed: instance" in text(caught.value)
     assert leftovers(session, fake) == []
 
 

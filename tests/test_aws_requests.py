@@ -413,7 +413,7 @@ def test_capacity_table_lists_every_attempt():
             ("g6.xlarge", "us-east-1b", "Unsupported", "x" * 200),
         ]
     )
-    lines = table.splitlines()
+    lines = table
     assert lines[0].split() == ["type", "zone", "error", "message"]
     assert "g5.xlarge" in lines[1] and "us-east-1a" in lines[1] and "InsufficientInstanceCapacity" in lines[1]
     assert lines[2].endswith("...")

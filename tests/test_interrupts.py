@@ -39,11 +39,13 @@ from tests.test_aws_provider import (
     STORE,
     FakeAws,
     Saves,
+    acquire,
     key_dir,
     leftovers,
     make_provider,
     make_spec,
     new_record,
+    text,
 )
 
 
@@ -192,9 +194,12 @@ def test_sigint_at_each_stage_of_a_local_launch_leaves_nothing(stage, tmp_path):
     last = err.strip().splitlines()[-1]
     recorded, step = STAGES[stage]
     if recorded:
-        assert last == f"error: launch of {run} interrupted while {step}; everything it created was removed", err
+        lines = err.strip().splitlines()
+        assert "interrupted, removing what it created…" in lines, err
+        error_line = next(line for line in lines if line.startswith("error:"))
+        assert error_line == f"error: launch of {run} interrupted while {step}; everything it created was removed"
         if stage != "acquired":
-            assert f"removed run directory {paths.local_runs_dir() / run}" in err
+            assert lines[-1] == f"  removed: run directory {paths.local_runs_dir() / run} on local", err
     else:
         assert last == "error: interrupted", err
     assert out == ""
@@ -219,9 +224,10 @@ def test_sigint_during_setup_stops_setup_and_removes_the_run(tmp_path):
     assert pids and _run_processes(run)
     _out, err = _interrupt(proc, in_setup, "setup")
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == (
+    assert err.strip().splitlines()[-2] == (
         f"error: launch of {run} interrupted while running setup; everything it created was removed"
     )
+    assert err.strip().splitlines()[-1].startswith("  removed: run directory ")
     _assert_all_gone(run, pids)
 
 
@@ -383,12 +389,13 @@ def test_sigint_at_an_aws_step_removes_everything(session, recorder, python_sigi
     sigint = SigintAt(where, operation)
     provider.event_handlers[:0] = sigint.handlers()
     record, saves, said = new_record(), Saves(), []
-    error = _outcome(lambda: provider.acquire(make_spec(tmp_path, nodes=2), record, saves, said.append))
+    error = _outcome(lambda: acquire(provider, make_spec(tmp_path, nodes=2), record, saves, said))
     assert sigint.fired
     assert isinstance(error, Interrupted), repr(error)
     assert error.exit_code == 130
-    message = str(error)
-    assert message.startswith(f"interrupted while {step}") and "removed:" in message, message
+    message = text(error)
+    assert message.startswith(f"launch of exp-abc123 interrupted while {step}"), message
+    assert "removed:" in message and "everything it created was removed" in message, message
     assert "COULD NOT REMOVE" not in message
     assert leftovers(session, recorder) == []
     assert not key_dir().exists()
@@ -400,9 +407,9 @@ def test_a_second_sigint_during_the_rollback_is_held_until_it_is_done(session, r
     first, second = SigintAt("after", "RunInstances"), SigintAt("before", "TerminateInstances")
     provider.event_handlers[:0] = first.handlers() + second.handlers()
     record = new_record()
-    error = _outcome(lambda: provider.acquire(make_spec(tmp_path, nodes=2), record, Saves(), [].append))
+    error = _outcome(lambda: acquire(provider, make_spec(tmp_path, nodes=2), record, Saves(), []))
     assert first.fired and second.fired
-    assert isinstance(error, Interrupted) and "removed: instance" in str(error), repr(error)
+    assert isinstance(error, Interrupted) and "removed: instance" in text(error), repr(error)
     assert leftovers(session, recorder) == []
     assert not key_dir().exists()
 

@@ -173,6 +173,8 @@ def launch(
         "last_checkpoint": None,
         "cost_usd": None,
         "jobs": [],
+        # Who is launching: `status` tells a launch still in progress from one whose process died.
+        "launcher": runs.this_process(),
     }
     lock = threading.Lock()
 
@@ -212,19 +214,7 @@ def launch(
 
             write_ssh_config(record)
     except BaseException as error:
-        with _sigint_deferred():  # a second Ctrl-C must not cut the rollback short: that leaks
-            complete = _rollback(provider, conns, record, started, ui, on_change)
-        outcome = (
-            "everything it created was removed"
-            if complete
-            else f"some of what it created is left: run `gpurun teardown {run}` to remove it"
-        )
-        if isinstance(error, (KeyboardInterrupt, Interrupted)):
-            raise Interrupted(f"launch of {run} interrupted while {step}; {outcome}") from None
-        if isinstance(error, GpurunError):
-            error.args = (f"launch of {run} failed while {step}: {error}; {outcome}",)
-            raise
-        raise
+        raise rolled_back(error, provider, conns, record, started, ui, on_change, step) from None
     ui.say(f"{run} is running: `gpurun logs {run} -f` follows it, `gpurun teardown {run}` ends it")
     return runs.public_view(record)
 
@@ -362,27 +352,74 @@ def wait_for_setup(record: dict[str, Any], started: Started, ui: Reporter, poll:
 
 
 @contextlib.contextmanager
-def _sigint_deferred() -> Iterator[None]:
-    """Ignore SIGINT for the duration (main thread only; elsewhere signals cannot be set)."""
+def sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C while rolling back (main thread only; elsewhere signals cannot be set).
+
+    A second Ctrl-C must not cut the rollback short: a half-done rollback is what leaks money.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except (ValueError, OSError):
+        yield
+        return
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
 
 
-def _rollback(
+def rolled_back(
+    error: BaseException,
     provider: Provider,
     conns: Connections,
     record: dict[str, Any],
     started: Started,
     ui: Reporter,
     on_change: Callable[[dict[str, Any]], None],
-) -> bool:
-    """Remove what the launch made; False (the record kept, state failed) when something is left."""
+    step: str,
+) -> BaseException:
+    """Remove what the launch made (the one rollback); the error to raise, saying what happened.
+
+    The first line says what failed and whether everything is gone; the error's
+    own lines (a capacity table) and the list of what was removed follow it.
+    """
+    run = record["run"]
+    interrupted = isinstance(error, (KeyboardInterrupt, Interrupted))
+    ui.say("interrupted, removing what it created…" if interrupted else f"launch failed: removing what {run} created")
+    with sigint_deferred():
+        complete, removed = roll_back(provider, conns, record, started, ui, on_change)
+    outcome = (
+        "everything it created was removed"
+        if complete
+        else f"some of what it created is left: run `gpurun teardown {run}` to remove it"
+    )
+    details = list(error.details) if isinstance(error, GpurunError) else []
+    if removed:
+        details.append(f"removed: {', '.join(removed)}")
+    if interrupted:
+        # The provider names the step it was in ("interrupted while waiting for SSH").
+        what = str(error) if isinstance(error, Interrupted) and str(error) else f"interrupted while {step}"
+        return Interrupted(f"launch of {run} {what}; {outcome}", details=details)
+    if isinstance(error, GpurunError):
+        error.args = (f"launch of {run} failed while {step}: {error}; {outcome}",)
+        error.details = details
+        return error
+    return error
+
+
+def roll_back(
+    provider: Provider,
+    conns: Connections,
+    record: dict[str, Any],
+    started: Started,
+    ui: Reporter,
+    on_change: Callable[[dict[str, Any]], None],
+) -> tuple[bool, list[str]]:
+    """Remove what the launch made: (complete, what was removed). When something is left, the
+    record stays (state failed) for `gpurun teardown`; else it is deleted."""
     removed: list[str] = []
     for transport, machine in started:
         try:
@@ -402,10 +439,8 @@ def _rollback(
         )
         record["state"] = "failed"
         on_change(record)
-        return False
+        return False, removed
     if record["provider"] == "local":
         shutil.rmtree(paths.local_runs_dir() / record["run"], ignore_errors=True)
-    for item in removed:
-        ui.say(f"removed {item}")
     runs.delete(record["run"])
-    return True
+    return True, removed

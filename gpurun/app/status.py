@@ -54,12 +54,31 @@ def _job_outcome(record: dict[str, Any], state: dict[str, Any]) -> None:
         runs.end_job(record, "interrupted" if state["interrupted"] else "killed")
 
 
-def reconcile(record: dict[str, Any]) -> dict[str, Any]:
-    """Ask the machine how the job is doing; returns the updated record."""
-    if record["state"] not in ACTIVE or not record.get("machines"):
-        return record
-    before = json.dumps(record, sort_keys=True)
+def reconcile(record: dict[str, Any], loaded: str | None = None, problems: list[str] | None = None) -> dict[str, Any]:
+    """Ask the machine how the job is doing, save what changed; returns the updated record.
+
+    `loaded` is the record as read from disk (before an AWS refresh changed it):
+    the record is saved only over that copy, so a teardown or launch that wrote
+    since wins. When no machine answers, the last checkpoint comes from the
+    store's LATEST, which outlives every machine.
+    """
+    before = loaded if loaded is not None else json.dumps(record, sort_keys=True)
+    if record["state"] in ACTIVE and record.get("machines"):
+        _ask_machines(record, problems if problems is not None else [])
+    if json.dumps(record, sort_keys=True) != before:
+        with runs.locked(record["run"]):
+            try:
+                unchanged = json.dumps(runs.load(record["run"]), sort_keys=True) == before
+            except GpurunError:
+                unchanged = False
+            if unchanged:
+                runs.save(record)
+    return record
+
+
+def _ask_machines(record: dict[str, Any], problems: list[str]) -> None:
     conns = connections.Connections()
+    answered = False
     for machine in record["machines"]:
         if machine.get("state") in ("terminated", "gone", "shutting-down"):
             continue
@@ -74,22 +93,15 @@ def reconcile(record: dict[str, Any]) -> dict[str, Any]:
             machine["unreachable"] = str(error)
             continue
         if machine.get("rank", 0) == 0:
+            answered = True
             _job_outcome(record, state)
     machines = record["machines"]
     gone = machines and all(m.get("state") in ("terminated", "gone") for m in machines)
     if record["provider"] == "aws" and record["state"] == "running" and gone:
         record["state"] = "interrupted"
         runs.end_job(record, "machine_lost")
-    if json.dumps(record, sort_keys=True) != before:
-        with runs.locked(record["run"]):
-            # Save only over the copy we read: a teardown or launch that wrote since wins.
-            try:
-                unchanged = json.dumps(runs.load(record["run"]), sort_keys=True) == before
-            except GpurunError:
-                unchanged = False
-            if unchanged:
-                runs.save(record)
-    return record
+    if not answered and record["provider"] != "local" and record.get("store"):
+        _latest_from_store(record, record["store"], problems)
 
 
 def collect(
@@ -105,6 +117,7 @@ def collect(
         remote, unreadable = runs.load_all_from_store(store_url)
         records += [record for record in remote if record["run"] not in known]
         problems += unreadable
+    loaded = {record["run"]: json.dumps(record, sort_keys=True) for record in records}
     aws_active = [r for r in records if r["provider"] == "aws" and r["state"] not in ("ended",)]
     if aws_active:
         try:
@@ -115,7 +128,13 @@ def collect(
         if record.get("source") == "store":
             _latest_from_store(record, store_url or record["store"], problems)
             continue
-        reconcile(record)
+        reconcile(record, loaded[record["run"]], problems)
+        if runs.launcher_gone(record):
+            record["launcher_gone"] = True
+            problems.append(
+                f"{record['run']} is still `launching` but the process that launched it "
+                f"(pid {record['launcher']['pid']}) is gone: `gpurun teardown {record['run']}` removes what it created"
+            )
     return records, problems
 
 
@@ -130,7 +149,10 @@ def _latest_from_store(record: dict[str, Any], store_url: str, problems: list[st
         problems.append(f"{record['run']}: cannot read its snapshots in {store_url}: {error}")
         return
     if pointer is not None:
-        record["last_checkpoint"] = {key: pointer[key] for key in ("seq", "at", "bytes")}
+        newest = {key: pointer[key] for key in ("seq", "at", "bytes")}
+        known = record.get("last_checkpoint")
+        if not isinstance(known, dict) or not isinstance(known.get("seq"), int) or known["seq"] <= newest["seq"]:
+            record["last_checkpoint"] = newest
 
 
 def age(iso: str | None) -> str:

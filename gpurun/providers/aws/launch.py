@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +19,7 @@ import botocore.exceptions
 
 from gpurun import paths
 from gpurun.durations import format_duration
-from gpurun.errors import GpurunError, Interrupted, NoCapacity
+from gpurun.errors import GpurunError, NoCapacity
 from gpurun.providers.aws import requests
 from gpurun.providers.aws.pricing import hourly_price
 from gpurun.providers.aws.session import client_error_code, client_error_message
@@ -32,6 +30,10 @@ if TYPE_CHECKING:
 
 Say = Callable[[str], None]
 OnChange = Callable[[dict[str, Any]], None]
+
+
+#: How often one RunInstances is sent again after throttling or a dropped connection.
+RUN_INSTANCES_RETRIES = 4
 
 
 class StepFailed(GpurunError):
@@ -183,17 +185,32 @@ class Launcher:
         return self.name
 
     def _run_once(self, kwargs: dict[str, Any], attempt: list[int]) -> dict[str, Any]:
-        """RunInstances, waiting out a fresh instance profile that IAM has not propagated yet."""
+        """RunInstances in one type/zone: one request per answer AWS gives.
+
+        The client makes one attempt (botocore would repeat a capacity error's HTTP 500);
+        here only throttling and a dropped connection are tried again, with the same
+        ClientToken so AWS starts the instances once, and a fresh instance profile
+        that IAM has not propagated yet is waited out.
+        """
+        ec2 = self.aws.view("single").ec2
         deadline = time.monotonic() + self.iam_propagation_timeout
         delay = max(self.poll_interval, 0.0)
+        retries_left = RUN_INSTANCES_RETRIES
+        backoff = 1.0
+        kwargs["ClientToken"] = requests.client_token(self.run, attempt[0], self.nonce)
+        attempt[0] += 1
         while True:
-            kwargs["ClientToken"] = requests.client_token(self.run, attempt[0], self.nonce)
-            attempt[0] += 1
             try:
-                reservation: dict[str, Any] = self.aws.ec2.run_instances(**kwargs)
+                reservation: dict[str, Any] = ec2.run_instances(**kwargs)
                 return reservation
             except botocore.exceptions.ClientError as error:
                 code = client_error_code(error)
+                if code in requests.RETRYABLE_ERRORS and retries_left > 0:
+                    retries_left -= 1
+                    self.say(f"RunInstances: {code}; trying again in {backoff:.0f}s")
+                    self.sleep(backoff)
+                    backoff = min(backoff * 2, 20.0)
+                    continue
                 message = client_error_message(error).lower()
                 propagating = "IamInstanceProfile" in kwargs and (
                     (code == "InvalidParameterValue" and "iaminstanceprofile" in message)
@@ -202,9 +219,18 @@ class Launcher:
                 )
                 if not propagating or time.monotonic() >= deadline:
                     raise
+            except (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError):
+                if retries_left <= 0:
+                    raise
+                retries_left -= 1
+                self.sleep(backoff)
+                backoff = min(backoff * 2, 20.0)
+                continue
             self.say("waiting for the new instance profile to reach EC2")
             self.sleep(delay)
             delay = min(max(delay * 2, 1.0), 10.0) if delay > 0 else 0.0
+            kwargs["ClientToken"] = requests.client_token(self.run, attempt[0], self.nonce)
+            attempt[0] += 1
 
     def instances(
         self, key_name: str, group_id: str, profile: str | None, placement: str | None
@@ -247,6 +273,9 @@ class Launcher:
                     kind = requests.error_kind(code)
                     message = error.response.get("Error", {}).get("Message", "")
                     if kind == "capacity":
+                        if code == "SpotMaxPriceTooLow":
+                            price = self.prepared.spot.get(info.name, {}).get(subnet.zone)
+                            message = requests.spot_price_note(price, settings.max_price)
                         tried.append((info.name, subnet.zone, code, message))
                         self.say(f"{info.name} in {subnet.zone}: {code}; trying the next option")
                         continue
@@ -270,9 +299,13 @@ class Launcher:
                 launched = answer.get("Instances", [])
                 self._created("instances", [item["InstanceId"] for item in launched])
                 return launched, info.name, subnet.zone
+        details = requests.capacity_table(tried)
+        if any(code == "SpotMaxPriceTooLow" for _, _, code, _ in tried):
+            details.append(requests.SPOT_PRICE_ADVICE)
         raise NoCapacity(
             f"no capacity for {', '.join(info.name for info in self.prepared.types)} "
-            f"in {', '.join(self.prepared.zones())}; tried:\n{requests.capacity_table(tried)}"
+            f"in {', '.join(self.prepared.zones())} ({len(tried)} tried, below)",
+            details=details,
         )
 
     def wait_running(self, ids: list[str]) -> list[dict[str, Any]]:
@@ -410,35 +443,3 @@ def _count(states: Any) -> dict[str, int]:
     for state in states:
         counts[state] = counts.get(state, 0) + 1
     return dict(sorted(counts.items()))
-
-
-@contextlib.contextmanager
-def sigint_deferred() -> Iterator[None]:
-    """Ignore Ctrl-C while rolling back: a half-done rollback is what leaks money."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except (ValueError, OSError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def launch_error(error: BaseException, step: str, removed: list[str], failed: list[str]) -> BaseException:
-    """The error to raise after a rollback: the original message, plus what was removed (or left)."""
-    tail = f"; removed: {', '.join(removed)}" if removed else "; nothing had been created"
-    if failed:
-        tail += f"; COULD NOT REMOVE: {'; '.join(failed)} (run `gpurun teardown` for this run)"
-    if isinstance(error, KeyboardInterrupt):
-        return Interrupted(f"interrupted while {step}{tail}")
-    if isinstance(error, GpurunError):
-        try:
-            return type(error)(f"{error}{tail}", exit_code=error.exit_code)
-        except TypeError:
-            return GpurunError(f"{error}{tail}", exit_code=error.exit_code)
-    return GpurunError(f"launch failed while {step}: {type(error).__name__}: {error}{tail}")

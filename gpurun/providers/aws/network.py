@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -126,10 +127,15 @@ def ssh_answers(host: str, port: int, timeout: float = 5.0) -> bool:
         return False
 
 
-def wait_ssh_answer(host: str, port: int, deadline: float, interval: float = 3.0) -> bool:
-    while True:
-        if ssh_answers(host, port):
+def wait_ssh_answer(
+    host: str, port: int, deadline: float, interval: float = 3.0, stop: threading.Event | None = None
+) -> bool:
+    """Probe until SSH answers, `deadline` passes, or `stop` is set (Ctrl-C: the caller leaves at once)."""
+    stop = stop or threading.Event()
+    while not stop.is_set():
+        if ssh_answers(host, port, timeout=min(5.0, max(0.5, deadline - time.monotonic()))):
             return True
         if time.monotonic() >= deadline:
             return False
-        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+        stop.wait(min(interval, max(0.0, deadline - time.monotonic())))
+    return False

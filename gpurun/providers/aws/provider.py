@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import botocore.exceptions
 
 from gpurun.durations import format_duration
-from gpurun.errors import BadInput, GpurunError
+from gpurun.errors import BadInput, GpurunError, Interrupted
 from gpurun.providers.aws import requests
-from gpurun.providers.aws.launch import Launcher, launch_error, sigint_deferred
+from gpurun.providers.aws.launch import Launcher
 from gpurun.providers.aws.network import wait_ssh_answer
 from gpurun.providers.aws.prepare import Prepared, plan_rows, prepare
 from gpurun.providers.aws.pricing import hourly_price
@@ -135,26 +136,17 @@ class AwsProvider(Provider):
                 interval=self.host_key_poll_interval,
                 trust_on_first_use=spec.ssh.trust_on_first_use,
             )
-        except BaseException as error:
-            outcome = self._rollback(aws, record, on_change, say, launcher.step)
-            raise launch_error(error, launcher.step, outcome.removed, outcome.failed) from error
+        except KeyboardInterrupt:
+            # What exists is in the record (the ledger); app/launch removes it and says so.
+            raise Interrupted(f"interrupted while {launcher.step}") from None
+        except GpurunError:
+            raise
+        except Exception as error:
+            raise GpurunError(f"launch failed while {launcher.step}: {type(error).__name__}: {error}") from error
         return machines
 
-    def _rollback(self, aws: Aws, record: Record, on_change: OnChange, say: Say, step: str) -> Outcome:
-        with sigint_deferred():
-            say(f"launch stopped while {step}: removing what it created")
-            try:
-                outcome = self._remove_recorded(aws, record, say)
-            except Exception as error:  # the rollback must report, never hide the first error
-                outcome = Outcome(failed=[f"rollback: {type(error).__name__}: {error}"])
-            record["resources"] = outcome.left
-            on_change(record)
-        if outcome.removed:
-            say(f"removed: {', '.join(outcome.removed)}")
-        return outcome
-
     def _remove_recorded(self, aws: Aws, record: Record, say: Say) -> Outcome:
-        """Everything tagged with the run, plus what the record names (rollback and teardown alike)."""
+        """What the record's ledger names (by id), then everything tagged with the run."""
         return remove_run(
             aws,
             record["run"],
@@ -162,6 +154,7 @@ class AwsProvider(Provider):
             self.teardown_timing,
             names=record.get("resources") or {},
             placement_groups=_may_have_placement_group(record),
+            fresh=record.get("state") == "launching",
         )
 
     def _wait_ssh(self, machines: list[dict[str, Any]], ssh_cidr: str, say: Say) -> None:
@@ -170,11 +163,18 @@ class AwsProvider(Provider):
         say(f"waiting for SSH on {len(machines)} machine(s) (at most {format_duration(self.ssh_timeout)})")
         deadline = time.monotonic() + self.ssh_timeout
 
-        def probe(machine: dict[str, Any]) -> bool:
-            return wait_ssh_answer(machine["host"], int(machine["port"]), deadline, self.ssh_poll_interval)
+        stop = threading.Event()
 
-        with ThreadPoolExecutor(max_workers=min(32, len(machines))) as pool:
+        def probe(machine: dict[str, Any]) -> bool:
+            return wait_ssh_answer(machine["host"], int(machine["port"]), deadline, self.ssh_poll_interval, stop)
+
+        # Not `with`: leaving it waits for every probe to reach its deadline, and Ctrl-C must answer now.
+        pool = ThreadPoolExecutor(max_workers=min(32, len(machines)))
+        try:
             answered = list(pool.map(probe, machines))
+        finally:
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
         silent = [machine for machine, ok in zip(machines, answered, strict=True) if not ok]
         if silent:
             first = silent[0]
@@ -345,6 +345,10 @@ def _update_machines(record: Record, found: dict[str, dict[str, Any]], region: s
     for machine in record.get("machines") or []:
         item = found.get(machine.get("instance_id", ""))
         if item is None:
+            if machine.get("state") != "gone" and not machine.get("ended_at"):
+                # AWS forgets a terminated instance after about an hour: it ended by the last time
+                # it was seen running, or by now; cost so far counts up to then.
+                machine["ended_at"] = machine.get("seen_at") or now.isoformat()
             machine["state"] = "gone"
             machine["public_ip"] = None
         else:
@@ -356,6 +360,8 @@ def _update_machines(record: Record, found: dict[str, dict[str, Any]], region: s
             launched = _parse_time(item.get("LaunchTime"))
             if launched is not None:
                 machine["launch_time"] = launched.isoformat()
+            if state in _BILLED_STATES:
+                machine["seen_at"] = now.isoformat()
             if state in _ENDED_STATES and not machine.get("ended_at"):
                 machine["ended_at"] = _ended_at(item.get("StateTransitionReason")) or now.isoformat()
         cost = _machine_cost(machine, region, now)

@@ -33,6 +33,10 @@ CAPACITY_ERRORS = frozenset(
         "UnfulfillableCapacity",
     }
 )
+#: Errors worth sending the same RunInstances again for (same ClientToken): AWS is busy, not full.
+RETRYABLE_ERRORS = frozenset(
+    {"RequestLimitExceeded", "Throttling", "ThrottlingException", "Unavailable", "ServiceUnavailable"}
+)
 #: Errors that stop the launch: a quota must be raised first.
 QUOTA_ERRORS = frozenset({"VcpuLimitExceeded", "InstanceLimitExceeded"})
 
@@ -530,12 +534,25 @@ def quota_message(code: str, instance_type: str, *, spot: bool, vcpus: int | Non
     return f"{instance_type} x{nodes} needs {need} but the quota {name!r} is too low ({code}); raise it with: {how}"
 
 
-def capacity_table(attempts: list[tuple[str, str, str, str]]) -> str:
-    """A small text table of (type, zone, code, message) attempts."""
+def capacity_table(attempts: list[tuple[str, str, str, str]]) -> list[str]:
+    """A small text table of (type, zone, code, message) attempts, one string per line."""
     rows = [("type", "zone", "error", "message"), *attempts]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     out = []
     for row in rows:
         message = row[3] if len(row[3]) <= 100 else row[3][:97] + "..."
-        out.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + message)
-    return "\n".join(out)
+        out.append(("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + message).rstrip())
+    return out
+
+
+def spot_price_note(spot_price: float | None, max_price: float | None) -> str:
+    """The table's message for SpotMaxPriceTooLow: the price now against the cap that refused it."""
+    now = f"spot price now ${spot_price:.4f}/h" if spot_price is not None else "spot price now unknown"
+    cap = f"aws.max_price ${max_price:g}/h" if max_price is not None else "the maximum price"
+    return f"{now}, above {cap}"
+
+
+SPOT_PRICE_ADVICE = (
+    "SpotMaxPriceTooLow: raise aws.max_price (or remove it: the on-demand price is then the cap), "
+    "or set aws.spot: false for on-demand"
+)

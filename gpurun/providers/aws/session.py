@@ -34,12 +34,17 @@ _EXPIRED_CODES = {
     "AuthFailure",
 }
 
-_CONFIG = Config(
-    retries={"mode": "standard", "max_attempts": 5},
-    connect_timeout=10,
-    read_timeout=60,
-    max_pool_connections=32,
-)
+_TIMEOUTS: dict[str, Any] = {"connect_timeout": 10, "read_timeout": 60, "max_pool_connections": 32}
+
+#: Per purpose. botocore's standard mode retries HTTP 500 answers, and AWS sends capacity errors
+#: (InsufficientInstanceCapacity) as 500: RunInstances gets one attempt so they reach the failover at
+#: once, and launch retries throttling itself. Rollback and teardown get clients of their own, so a
+#: launch that spent its client's retry quota still leaves them theirs (botocore keeps one per client).
+_CONFIGS = {
+    "default": Config(retries={"mode": "standard", "max_attempts": 5}, **_TIMEOUTS),
+    "single": Config(retries={"mode": "standard", "total_max_attempts": 1}, **_TIMEOUTS),
+    "cleanup": Config(retries={"mode": "standard", "max_attempts": 10}, **_TIMEOUTS),
+}
 
 
 @dataclass
@@ -57,13 +62,31 @@ class Aws:
     region: str
     profile: str | None
     identity: Identity | None = None
+    #: Which retry settings this view's clients use: "default", "single" or "cleanup" (see _CONFIGS).
+    purpose: str = "default"
     _clients: dict[str, Any] = field(default_factory=dict)
+    _views: dict[str, Aws] = field(default_factory=dict)
 
     def client(self, name: ServiceName) -> Any:
         client = self._clients.get(name)
         if client is None:
-            client = self._clients[name] = self.session.client(name, region_name=self.region, config=_CONFIG)
+            config = _CONFIGS[self.purpose]
+            client = self._clients[name] = self.session.client(name, region_name=self.region, config=config)
         return client
+
+    def view(self, purpose: str) -> Aws:
+        """The same account and region with clients of another retry purpose (made once, then shared)."""
+        if purpose == self.purpose:
+            return self
+        view = self._views.get(purpose)
+        if view is None:
+            view = self._views[purpose] = Aws(self.session, self.region, self.profile, self.identity, purpose)
+        view.identity = view.identity or self.identity
+        return view
+
+    def cleanup(self) -> Aws:
+        """Clients for rollback and teardown, with a retry budget of their own."""
+        return self.view("cleanup")
 
     @property
     def ec2(self) -> Any:

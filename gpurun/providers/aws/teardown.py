@@ -42,6 +42,8 @@ class Timing:
 
     poll_interval: float = 3.0
     terminate_timeout: float = 600.0
+    #: How long a NotFound for an instance launch just started is taken as "not visible yet".
+    not_found_timeout: float = 120.0
     dependency_timeout: float = 300.0
     sleep: Callable[[float], None] = time.sleep
 
@@ -83,35 +85,110 @@ def describe_by_ids(aws: Aws, ids: list[str]) -> dict[str, dict[str, Any]]:
     return found
 
 
-def _terminate(aws: Aws, run: str, timing: Timing, say: Say, outcome: Outcome) -> bool:
-    """Terminate the run's live instances and wait; True when none is left running."""
+def describe_each(aws: Aws, ids: list[str]) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """Describe by id (InstanceIds, not a filter: filtered describes omit an instance for a while
+    after RunInstances); returns (id -> instance, ids AWS answered NotFound for)."""
+    found: dict[str, dict[str, Any]] = {}
+    missing: set[str] = set()
+    for start in range(0, len(ids), 100):
+        chunk = ids[start : start + 100]
+        try:
+            _collect(aws.ec2.describe_instances(InstanceIds=chunk), found)
+            continue
+        except botocore.exceptions.ClientError as error:
+            if client_error_code(error) != "InvalidInstanceID.NotFound":
+                raise
+        for key in chunk:  # one unknown id fails the whole call: ask one at a time
+            try:
+                _collect(aws.ec2.describe_instances(InstanceIds=[key]), found)
+            except botocore.exceptions.ClientError as error:
+                if client_error_code(error) != "InvalidInstanceID.NotFound":
+                    raise
+                missing.add(key)
+    return found, missing
+
+
+def _collect(answer: dict[str, Any], found: dict[str, dict[str, Any]]) -> None:
+    for reservation in answer.get("Reservations", []):
+        for item in reservation.get("Instances", []):
+            found[item["InstanceId"]] = item
+
+
+def _terminate(
+    aws: Aws, run: str, timing: Timing, say: Say, outcome: Outcome, *, ledger: list[str], fresh: bool
+) -> bool:
+    """Terminate the run's instances and wait; True when none is left running.
+
+    The ids the launch recorded come first: right after RunInstances a filtered
+    describe may not list the instance yet, and tags are only a second source. A
+    NotFound for a recorded id is "gone" only when the instance is old (`fresh`
+    False); for a fresh one it means AWS has not caught up, and the terminate is
+    sent again until `timing.not_found_timeout`.
+    """
     try:
         live = run_instances_live(aws, run)
     except _aws_errors() as error:
         outcome.failed.append(f"listing instances: {client_error_message(error)}")
+        outcome.left["instances"] = list(ledger)
         return False
-    ids = [item["InstanceId"] for item in live]
+    ids = list(dict.fromkeys([*ledger, *(item["InstanceId"] for item in live)]))
     if not ids:
         return True
     say(f"terminating {len(ids)} instance(s): {', '.join(ids[:8])}{' ...' if len(ids) > 8 else ''}")
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
+    recorded = set(ledger)
+    unconfirmed: set[str] = set()
+    deadline = time.monotonic() + timing.not_found_timeout
+    pending = list(ids)
+    while pending:
+        chunk, pending = pending[:500], pending[500:]
         try:
             aws.ec2.terminate_instances(InstanceIds=chunk)
+            continue
         except _aws_errors() as error:
             if not _gone(error):
                 outcome.failed.append(f"terminating {', '.join(chunk)}: {client_error_message(error)}")
                 outcome.left["instances"] = ids
                 return False
+        # NotFound names one id and says nothing about the others: ask about each by id.
+        try:
+            found, missing = describe_each(aws, chunk)
+        except _aws_errors() as error:
+            outcome.failed.append(f"confirming {', '.join(chunk)}: {client_error_message(error)}")
+            outcome.left["instances"] = ids
+            return False
+        ended = {key for key, item in found.items() if item["State"]["Name"] == "terminated"}
+        unseen = {key for key in missing if key in recorded and fresh}
+        retry = [key for key in chunk if (key in found and key not in ended) or key in unseen]
+        if not retry:
+            continue
+        if time.monotonic() >= deadline:
+            live_ids = sorted(key for key in retry if key in found)
+            what = (
+                f"{', '.join(live_ids)} still {found[live_ids[0]]['State']['Name']}"
+                if live_ids
+                else f"{', '.join(sorted(retry))} not visible yet"
+            )
+            outcome.failed.append(
+                f"AWS kept answering NotFound to TerminateInstances for {', '.join(sorted(retry))} "
+                f"for {format_duration(timing.not_found_timeout)} ({what})"
+            )
+            outcome.left["instances"] = ids
+            return False
+        unconfirmed.update(retry)
+        say(f"AWS does not know {', '.join(sorted(retry))} yet (NotFound right after launch); terminating again")
+        timing.sleep(timing.poll_interval)
+        pending = [*retry, *pending]
     outcome.removed.extend(f"instance {instance_id}" for instance_id in ids)
     deadline = time.monotonic() + timing.terminate_timeout
     last = None
     while True:
         try:
-            states = {key: item["State"]["Name"] for key, item in describe_by_ids(aws, ids).items()}
+            found, missing = describe_each(aws, ids)
         except _aws_errors() as error:
             outcome.failed.append(f"waiting for termination: {client_error_message(error)}")
+            outcome.left["instances"] = ids
             return False
+        states = {key: item["State"]["Name"] for key, item in found.items()}
         waiting = sorted(key for key, state in states.items() if state != "terminated")
         if not waiting:
             return True
@@ -120,7 +197,8 @@ def _terminate(aws: Aws, run: str, timing: Timing, say: Say, outcome: Outcome) -
             last = waiting
         if time.monotonic() >= deadline:
             outcome.failed.append(
-                f"{', '.join(waiting)} still not terminated after {format_duration(timing.terminate_timeout)}"
+                f"{', '.join(waiting)} still {states[waiting[0]]} {format_duration(timing.terminate_timeout)} "
+                "after TerminateInstances"
             )
             outcome.left["instances"] = waiting
             return False
@@ -279,15 +357,20 @@ def remove_run(
     names: dict[str, Any] | None = None,
     key_files: bool = True,
     placement_groups: bool = True,
+    fresh: bool = False,
 ) -> Outcome:
-    """Remove everything tagged for `run` in this region (and its IAM role/profile).
+    """Remove what `names` (the launch's ledger) lists, then everything tagged for `run` in this
+    region (and its IAM role/profile); the run's key files last, once no instance is left.
 
     `placement_groups=False` skips looking for a placement group (a one-node
-    run never makes one); one named in `names` is always looked for.
+    run never makes one); one named in `names` is always looked for. `fresh`:
+    the ledger's instances were launched moments ago (see `_terminate`).
     """
     outcome = Outcome()
     names = names or {}
-    terminated = _terminate(aws, run, timing, say, outcome)
+    aws = aws.cleanup()
+    ledger = [str(key) for key in names.get("instances") or [] if isinstance(key, str)]
+    terminated = _terminate(aws, run, timing, say, outcome, ledger=ledger, fresh=fresh)
     if placement_groups or names.get("placement_group"):
         _placement_groups(aws, run, timing, say, outcome, expected=bool(names.get("placement_group")))
     profile_names = dict.fromkeys([names.get("instance_profile"), requests.resource_name(run)])
