@@ -274,6 +274,8 @@ def _status_table(ui: Ui, records: list[dict[str, Any]]) -> None:
         error = record.get("checkpoint_error")
         if error:
             text += f"; SYNC FAILING: {error['error']}"
+        if record.get("checkpoint_warning"):
+            text += f"; {record['checkpoint_warning']}"
         cost = record.get("cost_usd")
         rows.append(
             [

@@ -399,6 +399,7 @@ def public_view(record: dict[str, Any]) -> dict[str, Any]:
         "cost_usd": record.get("cost_usd"),
         "job": record.get("job"),
         "checkpoint_error": record.get("checkpoint_error"),
+        "checkpoint_warning": record.get("checkpoint_warning"),
         "jobs": [job_view(job) for job in jobs_of(record)],
         "restarts": restarts_view(record),
     }

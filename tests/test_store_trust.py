@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -270,3 +271,94 @@ def test_an_unreadable_checkpoint_file_is_named_and_no_partial_snapshot_is_taken
     finally:
         (gpurun_home / "local" / run / "work/stop").write_text("")
         gpurun("teardown", run, "--yes", check=False)
+
+
+LINKING_JOB = """\
+import os, pathlib, sys, time
+ckpt = pathlib.Path(os.environ["GPURUN_CHECKPOINT_DIR"])
+(ckpt / "epochs/e3").mkdir(parents=True, exist_ok=True)
+(ckpt / "epoch1.pt").write_bytes(b"1" * 100)
+(ckpt / "epoch2.pt").write_bytes(b"2" * 100)
+(ckpt / "epochs/e3/w.bin").write_bytes(b"3" * 100)
+os.symlink("epoch1.pt", ckpt / "last.pt")
+os.symlink("epochs/e3", ckpt / "best")
+os.symlink(str(ckpt / "epoch2.pt"), ckpt / "abs.pt")
+os.symlink(sys.argv[1], ckpt / "data")
+pathlib.Path("ready").write_text("")
+while not os.path.exists("stop"):
+    time.sleep(0.2)
+"""
+
+
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_links_inside_the_checkpoint_dir_are_kept_as_links_and_links_outside_are_reported(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, gpurun_home: Path
+) -> None:
+    store_url = f"file://{tmp_path / 'store'}" if kind == "file" else request.getfixturevalue("s3_bucket")
+    outside = tmp_path / "datasets"
+    outside.mkdir()
+    (outside / "big.npy").write_bytes(b"d" * 1000)
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code/job.py").write_text(LINKING_JOB)
+    spec = tmp_path / "links.yaml"
+    spec.write_text(
+        f"name: links\nworkdir: code\nrun: {sys.executable} job.py {outside}\n"
+        f"checkpoint: {{dir: ckpt, every: 1h, store: '{store_url}', resume: never}}\n"
+    )
+    run = json.loads(gpurun("launch", str(spec), "--json").stdout)["run"]
+    work = gpurun_home / "local" / run / "work"
+    try:
+        wait_until((work / "ready").exists, what="the job's checkpoint directory")
+        first = json.loads(gpurun("checkpoint-sync", run, "--json").stdout)
+        assert first["files"] == 3
+        manifest = snaps.read_manifest(open_store(store_url), run, first["seq"])
+        assert [entry["path"] for entry in manifest["files"]] == ["epoch1.pt", "epoch2.pt", "epochs/e3/w.bin"]
+        assert manifest["links"] == [
+            {"path": "abs.pt", "target": "epoch2.pt"},
+            {"path": "best", "target": "epochs/e3"},
+            {"path": "last.pt", "target": "epoch1.pt"},
+        ]
+        [seen] = json.loads(gpurun("status", run, "--json").stdout)
+        assert f"data -> {outside}" in seen["checkpoint_warning"] and "not in snapshots" in seen["checkpoint_warning"]
+        assert f"data -> {outside}" in gpurun("status").stdout
+        # Moving a link is a change like any other.
+        os.symlink("epoch2.pt", work / "ckpt/last.tmp")
+        os.replace(work / "ckpt/last.tmp", work / "ckpt/last.pt")
+        second = json.loads(gpurun("checkpoint-sync", run, "--json").stdout)
+        assert second["seq"] == first["seq"] + 1
+        restored = tmp_path / "restored"
+        gpurun("checkpoint-sync", run, "--download", str(restored))
+        assert os.readlink(restored / "last.pt") == "epoch2.pt" and (restored / "last.pt").read_bytes() == b"2" * 100
+        assert os.readlink(restored / "best") == "epochs/e3" and (restored / "best/w.bin").read_bytes() == b"3" * 100
+        assert os.readlink(restored / "abs.pt") == "epoch2.pt"
+        assert not os.path.lexists(restored / "data")
+    finally:
+        (work / "stop").write_text("")
+        gpurun("teardown", run, "--yes", check=False)
+
+
+@pytest.mark.parametrize(
+    ("link", "target", "why"),
+    [
+        ("evil", "../../outside", "leads outside the target"),
+        ("evil", "/etc", "leads outside the target"),
+        ("a/b/evil", "d/../../..", "leads outside the target"),
+        ("weights.bin/x", "weights.bin", "inside what is a file"),
+        ("weights.bin", "other", "both a link and a file"),
+        ("d/x", "../weights.bin", "written through link 'd'"),
+    ],
+)
+def test_a_restore_refuses_a_link_that_escapes_or_stands_in_the_way(
+    link: str, target: str, why: str, tmp_path: Path, gpurun_home: Path
+) -> None:
+    store_url = f"file://{tmp_path / 'store'}"
+    store = open_store(store_url)
+    info = snapshot_of(store, "linky-abc123", tmp_path)
+    manifest = info["manifest"]
+    manifest["links"] = [{"path": "d", "target": "."}, {"path": link, "target": target}]
+    store.delete([f"linky-abc123/{snaps.seq_dir(info['seq'])}.manifest.json"])
+    store.put_bytes(f"linky-abc123/{snaps.seq_dir(info['seq'])}.manifest.json", json.dumps(manifest).encode())
+    into = tmp_path / "deep/restored"
+    done = gpurun("checkpoint-sync", "linky-abc123", "--store", store_url, "--download", str(into), check=False)
+    assert done.returncode == 1 and why in done.stderr, done.stderr
+    assert not (tmp_path / "deep").exists() and not (tmp_path / "outside").exists()

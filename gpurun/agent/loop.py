@@ -74,6 +74,7 @@ class Agent:
             "last_sent_bytes": None,
             "last_error": None,
             "last_error_at": None,
+            "last_warning": None,
             "failures": 0,
             "handled_request": None,
             "interrupted": None,
@@ -127,6 +128,7 @@ class Agent:
 
     def _snapshot(self, reason: str) -> dict[str, Any] | None:
         staged, changed = self.stager.stage()
+        self._report_outside_links()
         if not staged:
             log(f"{reason}: no checkpoint files in {self.options.watch} yet")
             self.write_status(last_error=None, failures=0)
@@ -146,6 +148,7 @@ class Agent:
                 previous=self.previous,
                 writer=self.status["host"],
                 before_commit=self.stager.verify,
+                links=self.stager.links,
             )
         except HeldFileChanged:
             raise
@@ -173,6 +176,19 @@ class Agent:
             failures=0,
         )
         return info
+
+    def _report_outside_links(self) -> None:
+        outside = self.stager.outside_links
+        warning = None
+        if outside:
+            more = f" and {len(outside) - 3} more" if len(outside) > 3 else ""
+            warning = (
+                f"links pointing outside {self.options.watch} are not in snapshots: {', '.join(outside[:3])}{more}"
+            )
+        if warning != self.status.get("last_warning"):
+            if warning:
+                log(warning)
+            self.write_status(last_warning=warning)
 
     def _failed(self, reason: str, message: str) -> None:
         message = self.stager.real_names(message)  # an upload that fails names the staging link it read

@@ -69,6 +69,37 @@ def list_checkpoint_files(directory: Path) -> dict[str, FileIdentity]:
     return found
 
 
+def find_links(directory: Path) -> tuple[dict[str, str], list[str]]:
+    """The symbolic links in the checkpoint directory: those whose target is inside it
+    (path -> target relative to the link's folder), and "path -> target" for the others.
+
+    Links to folders are not descended into (their files are under their target
+    already); a link whose target lies outside is never followed.
+    """
+    inside: dict[str, str] = {}
+    outside: list[str] = []
+    if not directory.is_dir():
+        return inside, outside
+    root = os.path.realpath(directory)
+    for current, dirs, files in os.walk(directory):
+        dirs[:] = [d for d in dirs if not d.startswith(".gpurun")]
+        for name in sorted(dirs + files):
+            full = os.path.join(current, name)
+            if not os.path.islink(full) or name.endswith(TEMPORARY_SUFFIXES) or name.startswith(TEMPORARY_PREFIXES):
+                continue
+            relative = os.path.relpath(full, directory).replace(os.sep, "/")
+            try:
+                target = os.readlink(full)
+            except OSError:
+                continue  # removed while we looked
+            resolved = os.path.realpath(os.path.join(current, target))
+            if resolved == root or resolved.startswith(root + os.sep):
+                inside[relative] = os.path.relpath(resolved, os.path.realpath(current)).replace(os.sep, "/")
+            else:
+                outside.append(f"{relative} -> {target}")
+    return inside, outside
+
+
 def _copy_and_hash(source: str, dest: str) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
@@ -96,11 +127,17 @@ class Stager:
         self._links = 0
         # Staging link -> the checkpoint file it holds, to name the real file in errors.
         self._link_names: dict[str, str] = {}
+        # Symbolic links in the checkpoint directory: kept as links when they stay inside it.
+        self.links: dict[str, str] = {}
+        self.outside_links: list[str] = []
+        self.known_links: dict[str, str] = {}
+        self._pending_links: dict[str, str] = {}
 
     def remember(self, manifest: dict[str, Any] | None) -> None:
         """Seed from the previous snapshot's manifest when current files still match by size."""
         if not manifest:
             return
+        self.known_links = {entry["path"]: entry["target"] for entry in manifest.get("links", [])}
         current = list_checkpoint_files(self.watch_dir)
         for entry in manifest["files"]:
             identity = current.get(entry["path"])
@@ -123,7 +160,9 @@ class Stager:
         self._held = {}
         self._links = 0
         self._link_names = {}
-        changed = set(current) != set(self.known)
+        self.links, self.outside_links = find_links(self.watch_dir)
+        self._pending_links = dict(self.links)
+        changed = set(current) != set(self.known) or self.links != self.known_links
         to_take = []
         for path, identity in sorted(current.items()):
             known = self.known.get(path)
@@ -264,6 +303,7 @@ class Stager:
         Hashes that write_snapshot computed come from the snapshot's manifest.
         """
         self.discard()  # the links and copies are in the store now: let the old inodes go
+        self.known_links = self._pending_links
         digests = {entry["path"]: entry["sha256"] for entry in (manifest or {}).get("files", [])}
         self.known = {
             path: (identity, digest or digests[path])

@@ -36,6 +36,8 @@ def _job_outcome(record: dict[str, Any], state: dict[str, Any]) -> None:
             if agent.get("last_error")
             else None
         )
+        warning = agent.get("last_warning")
+        record["checkpoint_warning"] = warning if isinstance(warning, str) else None
         record["agent_alive"] = state["agent_alive"]
     if record["state"] != "running":
         return

@@ -85,6 +85,58 @@ def checked_entries(manifest: dict[str, Any]) -> list[Entry]:
     return entries
 
 
+def checked_links(manifest: dict[str, Any], entries: list[Entry]) -> list[tuple[str, str]]:
+    """The manifest's symbolic links as (path, target), or StoreError naming the first that
+    could not be restored safely: a target must be relative and stay inside DIR, and a
+    link may not stand where a file, a folder of files or another link's folder is."""
+    seq = manifest["seq"]
+    raw_links = manifest.get("links", [])
+    if not isinstance(raw_links, list):
+        raise StoreError(f"snapshot {seq}: the manifest's links are not a list")
+    files = {entry.path for entry in entries}
+    folders = {str(parent) for entry in entries for parent in PurePosixPath(entry.path).parents}
+    links: list[tuple[str, str]] = []
+    for raw in raw_links:
+        path = raw.get("path") if isinstance(raw, dict) else None
+        target = raw.get("target") if isinstance(raw, dict) else None
+        if not isinstance(path, str) or not _safe_path(path):
+            raise StoreError(f"snapshot {seq}: refusing link {path!r} outside the target")
+        if not isinstance(target, str) or not _inside(path, target):
+            raise StoreError(f"snapshot {seq}: refusing link {path!r} -> {target!r}, which leads outside the target")
+        if path in files or path in folders or path in dict(links):
+            raise StoreError(f"snapshot {seq}: {path!r} is both a link and a file or folder")
+        if any(str(parent) in files for parent in PurePosixPath(path).parents):
+            raise StoreError(f"snapshot {seq}: link {path!r} is inside what is a file")
+        links.append((path, target))
+    paths = dict(links)
+    for path, _target in links:
+        under = next((str(p) for p in PurePosixPath(path).parents if str(p) in paths), None)
+        if under is not None:
+            raise StoreError(f"snapshot {seq}: link {path!r} would be written through link {under!r}")
+    return links
+
+
+def _inside(path: str, target: str) -> bool:
+    """Whether `target`, read from the folder of `path`, names something inside the restore directory.
+
+    Only the form the agent writes is accepted: some `..` first, then names (or
+    `.`). Checking `a/../..` by its letters would not do: `a` may be another
+    link, and the system resolves `..` from where that link leads.
+    """
+    if target == ".":
+        return True
+    if not target or "\0" in target or "\\" in target or target.startswith("/"):
+        return False
+    parts = target.split("/")
+    ups = 0
+    while ups < len(parts) and parts[ups] == "..":
+        ups += 1
+    names = parts[ups:]
+    if any(part in ("", ".", "..") for part in names):
+        return False
+    return ups <= len(PurePosixPath(path).parent.parts)
+
+
 def _safe_path(path: str) -> bool:
     if not path or "\\" in path or "\0" in path or path.startswith("/"):
         return False
@@ -103,6 +155,7 @@ def download(
 ) -> dict[str, Any]:
     """Restore `manifest` into `dest`, all or nothing; returns where the old content went (or None)."""
     entries = checked_entries(manifest)
+    links = checked_links(manifest, entries)
     with _staging(Path(dest), force=force) as (temp, swap):
         total = sum(entry.size for entry in entries)
         free = _free_bytes(temp)
@@ -123,6 +176,9 @@ def download(
                     f"snapshot {manifest['seq']}: {entry.path} failed verification "
                     f"(sha256 {actual[:12]}, expected {entry.sha256[:12]})"
                 )
+        for path, target in links:
+            (temp / path).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(target, temp / path)
         moved_aside = swap()
     return {"previous": str(moved_aside) if moved_aside else None}
 

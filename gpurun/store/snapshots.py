@@ -172,8 +172,12 @@ def write_snapshot(
     progress: Progress | None = None,
     writer: str = "",
     before_commit: Callable[[], None] | None = None,
+    links: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Upload a new numbered snapshot, then its manifest, then move LATEST.
+
+    `links` (path -> relative target, both inside the checkpoint directory) go
+    into the manifest as they are: a restore makes them links again.
 
     Files equal to the previous snapshot's are copied inside the store (no
     bytes sent). `before_commit` runs after every object is confirmed and
@@ -253,6 +257,8 @@ def write_snapshot(
         "bytes": sum(f.size for f in files),
         "sent_bytes": sent,
     }
+    if links:
+        manifest["links"] = [{"path": path, "target": links[path]} for path in sorted(links)]
     store.put_bytes(f"{run}/{seq_dir(seq)}.manifest.json", json.dumps(manifest, indent=1).encode(), if_absent=True)
     try:
         current = latest(store, run)
