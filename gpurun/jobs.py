@@ -6,6 +6,7 @@
     <run_dir>/job.exit    the exit status, written when the job ends
     <run_dir>/job.log     stdout and stderr
     <run_dir>/job.restarts  restarts used so far (recovery on)
+    <run_dir>/secrets.env   the spec's `secrets:` as shell exports, 0600; removed at teardown
 
 Everything goes through a Transport as shell text, so the same code drives
 the local machine and an SSH host. Every interpolated value is quoted.
@@ -79,6 +80,32 @@ def _restart_block(run_dir: str, restarts: Restarts) -> str:
 """
 
 
+SECRETS_FILE = "secrets.env"
+
+
+def secrets_path(run_dir: str) -> str:
+    return f"{run_dir}/{SECRETS_FILE}"
+
+
+def secrets_file_text(values: dict[str, str]) -> bytes:
+    return "".join(f"export {name}={q(value)}\n" for name, value in sorted(values.items())).encode()
+
+
+def write_secrets(transport: Transport, run_dir: str, values: dict[str, str]) -> None:
+    """Put `values` in the run's secrets file (0600 from its first byte), through stdin: never
+    on a command line, where `ps` and shell history would see them."""
+    qfile, qtemp = q(secrets_path(run_dir)), q(f"{secrets_path(run_dir)}.tmp")
+    transport.check(
+        f"umask 077 && mkdir -p {q(run_dir)} && rm -f {qtemp} && cat > {qtemp} && chmod 600 {qtemp} && mv -f {qtemp} {qfile}",
+        what="writing the run's secrets",
+        input=secrets_file_text(values),
+    )
+
+
+def remove_secrets(transport: Transport, run_dir: str) -> None:
+    transport.run(f"rm -f {q(secrets_path(run_dir))} {q(secrets_path(run_dir) + '.tmp')}", timeout=30)
+
+
 def job_script(
     run_dir: str,
     workdir: str,
@@ -112,6 +139,8 @@ cd {q(workdir)} || {{ record 1; exit 1; }}
 # Started from an SSH session, bash would read ~/.bashrc for every child shell.
 unset SSH_CLIENT SSH2_CLIENT SSH_CONNECTION SSH_TTY
 {exports}
+# The spec's secrets: their values live only in this 0600 file, never in job.sh.
+if [ -f {q(secrets_path(run_dir))} ]; then . {q(secrets_path(run_dir))}; fi
 {setup_block}used=0
 while true; do
   echo run > {q(run_dir)}/job.phase

@@ -30,6 +30,13 @@ from gpurun.errors import SpecError
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}\Z")
 ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 SSH_USER_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}\Z")
+SECRET_SOURCE = re.compile(
+    r"env(:[A-Za-z_][A-Za-z0-9_]{0,127})?"
+    r"|ssm:/?[A-Za-z0-9_.\-/]{1,2047}"
+    r"|secretsmanager:(arn:[a-z-]+:secretsmanager:[a-z0-9-]+:\d{12}:secret:)?[A-Za-z0-9/_+=.@-]{1,512}"
+)
+# env: keys that usually hold a credential (their values land in records and job.sh).
+SECRET_LIKE_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
 MAX_SPEC_BYTES = 1_000_000
 MAX_YAML_NODES = 10_000
 # NUL and the characters that end a line (in a message, a shell or a YAML file).
@@ -283,6 +290,9 @@ class Spec(_Section):
     workdir: str = "."
     sync: SyncSpec = Field(default_factory=SyncSpec)
     env: dict[str, str] = Field(default_factory=dict)
+    # NAME -> where its value comes from: env[:NAME] (this computer), ssm:/path, secretsmanager:name.
+    # Only these references are recorded; values never are.
+    secrets: dict[str, str] = Field(default_factory=dict)
     setup: str | None = None
     run: str
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
@@ -325,6 +335,35 @@ class Spec(_Section):
             result[key] = item
         return result
 
+    @field_validator("secrets", mode="before")
+    @classmethod
+    def _secrets(cls, value: object) -> object:
+        if value is None:
+            return {}
+        if isinstance(value, list):
+            if not all(isinstance(name, str) for name in value):
+                raise ValueError("a list of environment variable names, like [WANDB_API_KEY]")
+            value = dict.fromkeys(value, "env")
+        if not isinstance(value, dict):
+            raise ValueError(
+                "a list of names, like [WANDB_API_KEY], or NAME: env | env:OTHER | ssm:/path | secretsmanager:name"
+            )
+        result = {}
+        for name, source in value.items():
+            if not isinstance(name, str) or not ENV_NAME_PATTERN.match(name):
+                raise ValueError(f"{show(name)} is not an environment variable name; use letters, digits and _")
+            if name.startswith("GPURUN_"):
+                raise ValueError(f"{name}: GPURUN_ names are set by gpurun; pick another name")
+            source = "env" if source is None else source
+            if not isinstance(source, str) or not SECRET_SOURCE.fullmatch(source):
+                # Never shown: a person may have written the value itself here.
+                raise ValueError(
+                    f"{name}: the source must be env, env:OTHER_NAME, ssm:/parameter/path or secretsmanager:name "
+                    "(the value itself never goes in the spec: export it and write env)"
+                )
+            result[name] = source
+        return result
+
     @field_validator("run")
     @classmethod
     def _run(cls, value: str) -> str:
@@ -353,6 +392,9 @@ class Spec(_Section):
         if self.provider == "ssh" and not self.ssh.hosts:
             # "field: message": _format_validation names the field for model-level checks.
             raise ValueError("ssh.hosts: provider ssh needs at least one host to run on, like hosts: [gpu-box]")
+        both = sorted(set(self.env) & set(self.secrets))
+        if both:
+            raise ValueError(f"secrets: {both[0]} is also in env; keep it in secrets only")
         if self.recovery.max_restarts is None:
             # Spot machines are taken away as a matter of course; elsewhere a restart is asked for.
             # Several nodes are not recovered (ranks would need agreeing again), so no default there.
@@ -444,7 +486,11 @@ def _format_validation(source: str | Any, error: ValidationError) -> str:
     message = first["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
-        if not location and ": " in message and message.split(": ", 1)[0] in ("ssh.hosts", "recovery.max_restarts"):
+        if (
+            not location
+            and ": " in message
+            and message.split(": ", 1)[0] in ("ssh.hosts", "recovery.max_restarts", "secrets")
+        ):
             field, message = message.split(": ", 1)
     elif kind == "literal_error":
         expected = first.get("ctx", {}).get("expected", "")
@@ -493,15 +539,18 @@ def apply_override(data: dict[str, Any], text: str) -> None:
     """Apply one `--set a.b=value` to the parsed YAML, before validation."""
     parts, value = parse_override(text)
     where = f"--set {label(text, 80)}"
-    if parts[0] == "env":
+    if parts[0] in ("env", "secrets"):
         if len(parts) != 2:
-            raise SpecError(f"{where}: use env.NAME=value, like env.KERAS_BACKEND=torch")
-        env = data.get("env")
-        if env is None:
-            env = data["env"] = {}
-        if not isinstance(env, dict):
-            raise SpecError(f"{where}: env in the experiment file is not a mapping")
-        env[parts[1]] = value
+            example = "env.KERAS_BACKEND=torch" if parts[0] == "env" else "secrets.WANDB_API_KEY=env"
+            raise SpecError(f"{where}: use {parts[0]}.NAME=value, like {example}")
+        mapping = data.get(parts[0])
+        if mapping is None:
+            mapping = data[parts[0]] = {}
+        if parts[0] == "secrets" and isinstance(mapping, list):
+            mapping = data["secrets"] = {name: "env" for name in mapping if isinstance(name, str)}
+        if not isinstance(mapping, dict):
+            raise SpecError(f"{where}: {parts[0]} in the experiment file is not a mapping")
+        mapping[parts[1]] = value
         return
     section = ""
     target = data

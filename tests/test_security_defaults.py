@@ -50,7 +50,9 @@ def recorder() -> FakeAws:
 ACCESS_KEY = "AKIAIOSFODNN7EXAMPLE"
 SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 SESSION_TOKEN = "FwoGZXIvYXdzEXAMPLEsessionTOKENgpurunTEST0123456789"
-SECRETS = (SECRET_KEY, SESSION_TOKEN)
+# A `secrets:` value from the launching computer's environment, planted in the CLI test.
+WANDB_CANARY = "wandb-canary-3b1f9c0e7d2a4f6b8e5c1a9d0f7b3e2c"
+SECRETS = (SECRET_KEY, SESSION_TOKEN, WANDB_CANARY)
 from tests.plugins.aws_moto import CALLER_IP  # noqa: E402
 
 OPEN = ("0.0.0.0/0", "::/0")
@@ -105,13 +107,23 @@ def _has_managed_tag(body: dict[str, Any]) -> bool:
 
 
 def check_role_policy(
-    policy: dict[str, Any], *, bucket: str, prefix: str, run: str, resumed: tuple[str, str, str] | None = None
+    policy: dict[str, Any],
+    *,
+    bucket: str,
+    prefix: str,
+    run: str,
+    resumed: tuple[str, str, str] | None = None,
+    secret_statements: list[dict[str, Any]] | None = None,
 ) -> None:
-    """Each statement scoped to one run: this one's objects, and only reading the resumed one's."""
+    """Each statement scoped to one run: this one's objects, and only reading the resumed one's;
+    beyond S3, only reading exactly the spec's secrets."""
     scopes = [(bucket, f"{prefix}/{run}", ["s3:DeleteObject", "s3:GetObject", "s3:PutObject"])]
     if resumed:
         scopes.append((resumed[0], f"{resumed[1]}/{resumed[2]}", ["s3:GetObject"]))
-    statements = policy["Statement"]
+    statements = [st for st in policy["Statement"] if st["Sid"].startswith(("ThisRun", "ResumedRun"))]
+    others = [st for st in policy["Statement"] if st not in statements]
+    assert others == (secret_statements or []), others
+    policy = {**policy, "Statement": statements}
     assert len(statements) == 2 * len(scopes), statements
     for (scope_bucket, key, actions), objects, listing in zip(scopes, statements[::2], statements[1::2]):
         assert objects["Effect"] == "Allow" and objects["Resource"] == f"arn:aws:s3:::{scope_bucket}/{key}/*"
@@ -135,6 +147,7 @@ def check_requests(
     nodes: int,
     run: str = "exp-sec123",
     resumed: tuple[str, str, str] | None = None,
+    secret_statements: list[dict[str, Any]] | None = None,
 ) -> int:
     """Every assertion over what gpurun sent; returns how many bodies were checked."""
     everything = [(name, body) for name, bodies in recorder.bodies.items() for body in bodies]
@@ -187,7 +200,14 @@ def check_requests(
     trust = json.loads(role["AssumeRolePolicyDocument"])
     assert [s["Principal"] for s in trust["Statement"]] == [{"Service": "ec2.amazonaws.com"}]
     [put] = _bodies(recorder, "PutRolePolicy")
-    check_role_policy(json.loads(put["PolicyDocument"]), bucket=bucket, prefix=prefix, run=run, resumed=resumed)
+    check_role_policy(
+        json.loads(put["PolicyDocument"]),
+        bucket=bucket,
+        prefix=prefix,
+        run=run,
+        resumed=resumed,
+        secret_statements=secret_statements,
+    )
 
     for name in ("ImportKeyPair", "CreateSecurityGroup", "RunInstances", "CreateRole", "CreateInstanceProfile"):
         for body in _bodies(recorder, name):
@@ -245,9 +265,12 @@ def test_every_request_of_every_aws_experiment_is_safe(world, recorder, experime
     assert not key_dir(RUN).exists()
 
 
-def test_the_role_only_reads_the_run_it_resumes_from(world, recorder):
-    """Resuming from another run: read-only on that run's keys, nothing on the store's other runs."""
-    spec = load_spec(AWS_EXPERIMENTS[0])
+def test_the_role_only_reads_the_run_it_resumes_from_and_the_named_secrets(world, recorder):
+    """Resuming from another run: read-only on that run's keys, nothing on the store's other runs;
+    with ssm: and secretsmanager: secrets, reading exactly those."""
+    spec = load_spec(
+        AWS_EXPERIMENTS[0], ["secrets.DB_PASSWORD=ssm:/team/db", "secrets.HF_TOKEN=secretsmanager:hf-token"]
+    )
     provider = make_provider(recorder)
     record = new_record(RUN)
     record["store"] = spec.checkpoint.store
@@ -261,6 +284,20 @@ def test_the_role_only_reads_the_run_it_resumes_from(world, recorder):
         prefix=prefix.strip("/"),
         nodes=1,
         resumed=("other-bucket", "older", "exp-old456"),
+        secret_statements=[
+            {
+                "Sid": "SecretParameters",
+                "Effect": "Allow",
+                "Action": "ssm:GetParameter",
+                "Resource": [f"arn:aws:ssm:{spec.aws.region}:123456789012:parameter/team/db"],
+            },
+            {
+                "Sid": "Secrets",
+                "Effect": "Allow",
+                "Action": "secretsmanager:GetSecretValue",
+                "Resource": [f"arn:aws:secretsmanager:{spec.aws.region}:123456789012:secret:hf-token-??????"],
+            },
+        ],
     )
     provider.release(record, Saves(), [].append)
     assert leftovers(world, recorder) == []
@@ -310,6 +347,7 @@ def test_the_cli_prints_and_writes_no_secret(world, recorder, monkeypatch, tmp_p
     machine_home = tmp_path / "machine-home"
     machine_home.mkdir()
     monkeypatch.setenv("HOME", str(machine_home))
+    monkeypatch.setenv("WANDB_API_KEY", WANDB_CANARY)
     original_init = AwsProvider.__init__
     configured = make_provider(recorder)
 
@@ -349,6 +387,8 @@ def test_the_cli_prints_and_writes_no_secret(world, recorder, monkeypatch, tmp_p
         "run=sleep 60",
         "--set",
         "aws.nodes=1",
+        "--set",
+        "secrets.WANDB_API_KEY=env",
     )
     assert code == 0, err
     launched = json.loads(out)
@@ -370,6 +410,11 @@ def test_the_cli_prints_and_writes_no_secret(world, recorder, monkeypatch, tmp_p
     printed.append(stored)
     for name in ("job.sh", "sync.manifest.json"):
         printed.append((run_dir / name).read_text())
+    secrets_file = run_dir / "secrets.env"
+    assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600 and WANDB_CANARY in secrets_file.read_text()
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path != secrets_file:
+            printed.append(path.read_bytes().decode("utf-8", "replace"))
     _no_secret_under(gpurun_home)
 
     code, out, err = _cli(capsys, "teardown", run, "--yes", "--json", "--no-final-sync")

@@ -167,7 +167,7 @@ def _exec(record: dict[str, Any], spec: Spec, ui: Reporter, *, command: str | No
         _wait_for_agents(record, conns, ui)
     setup_failed_before = bool(states[0]["phase"] == "setup" and not states[0]["job_alive"])
 
-    files = scan(spec.workdir_path, [*spec.sync.exclude, f"/{spec.checkpoint.dir.strip('/')}/"])
+    files = scan(spec.workdir_path, [*spec.sync.exclude, f"/{spec.checkpoint.dir.strip('/')}/"], spec.sync.include)
     setup_hash = fingerprints.setup_hash(spec.setup, spec.workdir_path, files)
     last_setup_hash = previous.get("setup_hash") if previous else None
     run_setup = bool(spec.setup) and (setup_hash != last_setup_hash or setup_failed_before)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpurun import jobs, paths, runs
-from gpurun.app import common, connections, fingerprints
+from gpurun.app import common, connections, fingerprints, job_secrets
 from gpurun.app.reporter import Reporter
 from gpurun.durations import format_duration
 from gpurun.errors import BadInput, GpurunError, Interrupted, TransportError
@@ -116,12 +116,15 @@ def launch(
         spec.workdir_path, [*spec.sync.exclude, f"/{spec.checkpoint.dir.strip('/')}/"], spec.sync.include
     )
     total = sum(f.size for f in files)
+    # Read before anything exists: a missing variable is bad input, and nothing is created.
+    secret_values = job_secrets.local_values(spec.secrets)
     rows = [("run", run), ("provider", spec.provider)]
     rows += provider.plan(spec, run)
     source = find_resume_source(spec, store_url, resume, ui.warn)
     rows += [
         ("code", f"{spec.workdir_path} ({len(files)} files, {human_bytes(total)})"),
         *([("held back", _held_back_text(held_back))] if held_back else []),
+        *([("secrets", job_secrets.describe(spec.secrets))] if spec.secrets else []),
         ("setup", spec.setup or "-"),
         ("run", spec.run),
         (
@@ -134,6 +137,11 @@ def launch(
         ui.warn(
             f"checkpoint.every is {format_duration(spec.checkpoint.every)}: each snapshot re-reads changed files; "
             "1m or more is usual (the spot notice and the job's exit always trigger one)"
+        )
+    for key in job_secrets.secret_like_env(spec):
+        ui.warn(
+            f"env.{key} looks like a secret: env values are kept in the run record, the store and job.sh; "
+            f"put it under secrets: (secrets: [{key}], with the value exported here) to keep it out of them"
         )
     if held_back:
         ui.warn(
@@ -202,7 +210,7 @@ def launch(
         )
         on_change(record)
         step = "preparing machines"
-        _prepare_all(provider, conns, record, files, source, ui, started)
+        _prepare_all(provider, conns, record, files, source, ui, started, secret_values)
         if spec.setup:
             step = "running setup"
             wait_for_setup(record, started, ui)
@@ -234,15 +242,30 @@ def _prepare_all(
     source: dict[str, Any] | None,
     ui: Reporter,
     started: Started,
+    secret_values: dict[str, str],
 ) -> None:
     machines = record["machines"]
     agents = {id(m) for m in common.agent_machines(record)}
     if len(machines) == 1:
-        _prepare(provider, conns, record, machines[0], files, source, ui, started, id(machines[0]) in agents)
+        _prepare(
+            provider, conns, record, machines[0], files, source, ui, started, id(machines[0]) in agents, secret_values
+        )
         return
     with ThreadPoolExecutor(max_workers=min(16, len(machines))) as pool:
         futures = [
-            pool.submit(_prepare, provider, conns, record, machine, files, source, ui, started, id(machine) in agents)
+            pool.submit(
+                _prepare,
+                provider,
+                conns,
+                record,
+                machine,
+                files,
+                source,
+                ui,
+                started,
+                id(machine) in agents,
+                secret_values,
+            )
             for machine in machines
         ]
         for future in futures:
@@ -259,6 +282,7 @@ def _prepare(
     ui: Reporter,
     started: Started,
     with_agent: bool,
+    secret_values: dict[str, str],
 ) -> None:
     spec = record["spec"]
     prefix = f"[node {machine['rank']}] " if len(record["machines"]) > 1 else ""
@@ -320,6 +344,10 @@ def _prepare(
         resume_from = into
     if with_agent:
         machine["agent_pid"] = jobs.start_agent(transport, run_dir, python, common.agent_arguments(record, machine))
+    if spec.get("secrets"):
+        if not python and job_secrets.machine_references(spec["secrets"]):
+            python = connections.agent_python(record, transport, ui.say)
+        job_secrets.install(transport, run_dir, record, secret_values, python)
     env = common.job_environment(record, machine, resume_from)
     env.update(provider.machine_env(record, machine))
     restarts = common.job_restarts(record, machine, python) if with_agent else None

@@ -192,6 +192,10 @@ def _stop_machine(
         if final_sync and machine in common.agent_machines(record):
             final = wait_for_final_snapshot(record, machine, transport, ui, before)
         jobs.stop(transport, run_dir, "agent", grace=10, here=local)
+        # The secrets go whatever else is kept (--keep-files keeps code, logs and checkpoints).
+        jobs.remove_secrets(transport, run_dir)
+        if record["spec"].get("secrets"):
+            removed.append(f"secrets file on {transport.label}")
         if not keep_files and not local:
             transport.run(f"rm -rf {shlex.quote(run_dir)}", timeout=120)
             removed.append(f"run directory {run_dir} on {transport.label}")

@@ -170,7 +170,25 @@ class Launcher:
         read_from = None
         if str(source.get("store", "")).startswith("s3://"):
             read_from = (*requests.parse_s3_url(source["store"]), source["run"])
-        return requests.role_policy(bucket, prefix, self.run, self.aws.partition, read_from=read_from)
+        account, partition = self.prepared.identity.account, self.aws.partition
+        parameters, secrets = [], []
+        for reference in self.spec.secrets.values():
+            kind, _, name = reference.partition(":")
+            if kind == "ssm":
+                parameters.append(
+                    requests.parameter_arn(name, region=self.aws.region, account=account, partition=partition)
+                )
+            elif kind == "secretsmanager":
+                secrets.append(requests.secret_arn(name, region=self.aws.region, account=account, partition=partition))
+        return requests.role_policy(
+            bucket,
+            prefix,
+            self.run,
+            partition,
+            read_from=read_from,
+            parameter_arns=parameters,
+            secret_arns=secrets,
+        )
 
     def placement_group(self) -> str | None:
         if not self.prepared.placement(self.spec.aws.nodes):

@@ -1,0 +1,65 @@
+"""On the machine: resolve `ssm:` and `secretsmanager:` references into the run's secrets file.
+
+Reads {"file", "region", "references": {NAME: "ssm:/path" | "secretsmanager:name"}}
+on stdin, fetches each value with the machine's own credentials (the run's
+instance role on AWS), and appends `export NAME=value` lines to the file,
+which stays 0600. Messages name the reference and the AWS error code; a value
+is never printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from typing import Any
+
+
+def _fetch(reference: str, region: str | None) -> str:
+    import boto3
+
+    kind, _, name = reference.partition(":")
+    if kind == "ssm":
+        client = boto3.client("ssm", region_name=region)
+        answer = client.get_parameter(Name=name, WithDecryption=True)
+        return str(answer["Parameter"]["Value"])
+    client = boto3.client("secretsmanager", region_name=region)
+    answer = client.get_secret_value(SecretId=name)
+    if "SecretString" in answer:
+        return str(answer["SecretString"])
+    raise ValueError("it is a binary secret; store it as a string")
+
+
+def _why(error: Exception) -> str:
+    response: Any = getattr(error, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        if code:
+            return str(code)
+    return type(error).__name__ if not isinstance(error, ValueError) else str(error)
+
+
+def main() -> int:
+    request = json.loads(sys.stdin.read())
+    path, region = request["file"], request.get("region")
+    lines = []
+    for name, reference in sorted(request["references"].items()):
+        try:
+            value = _fetch(reference, region)
+        except Exception as error:  # any failure: name the reference, never a value
+            print(f"secrets.{name}: cannot read {reference} ({_why(error)})", file=sys.stderr)
+            return 1
+        if "\x00" in value:
+            print(f"secrets.{name}: {reference} holds a NUL byte, which an environment cannot carry", file=sys.stderr)
+            return 1
+        lines.append(f"export {name}={shlex.quote(value)}\n")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a") as handle:
+        os.fchmod(handle.fileno(), 0o600)
+        handle.write("".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
