@@ -163,3 +163,50 @@ def test_moto_accepts_the_template_group_and_guard(session) -> None:
     stored = version["LaunchTemplateVersions"][0]["LaunchTemplateData"]
     assert stored["MetadataOptions"]["HttpTokens"] == "required"
     assert stored["BlockDeviceMappings"][0]["Ebs"]["Encrypted"] is True
+
+
+def test_teardown_removes_group_template_and_guard_and_orphans_finds_them(session) -> None:
+    from gpurun.providers.aws.session import Aws
+    from gpurun.providers.aws.teardown import Timing, find_orphans, remove_run
+
+    ec2, autoscaling = session.client("ec2"), session.client("autoscaling")
+    subnets = [subnet["SubnetId"] for subnet in ec2.describe_subnets()["Subnets"]]
+    image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    group_id = ec2.create_security_group(GroupName=f"gpurun-{RUN}", Description="x")["GroupId"]
+    data = _template(ami_id=image, security_group_id=group_id, instance_profile=None)
+    data.pop("KeyName")
+    ec2.create_launch_template(**rc.create_launch_template_kwargs(RUN, "alice", data))
+    autoscaling.create_auto_scaling_group(
+        **rc.auto_scaling_group_kwargs(
+            run=RUN, owner="alice", instance_types=["t3.micro"], subnet_ids=subnets, nodes=1, spot=False
+        )
+    )
+    autoscaling.put_scheduled_update_group_action(**rc.scheduled_guard_kwargs(RUN, datetime.now(timezone.utc)))
+    aws = Aws(session=session, region="us-east-1", profile=None)
+
+    def no_placement_groups(**_: object) -> tuple:
+        from botocore.awsrequest import AWSResponse
+
+        # moto does not implement DescribePlacementGroups.
+        return AWSResponse("http://moto", 200, {}, None), {"PlacementGroups": []}
+
+    aws.ec2.meta.events.register("before-call.ec2.DescribePlacementGroups", no_placement_groups)
+    kinds = {(item["kind"], item["run"]) for item in find_orphans(aws, set(), include_iam=False)}
+    assert {("auto_scaling_group", RUN), ("launch_template", RUN)} <= kinds
+
+    outcome = remove_run(
+        aws, RUN, lambda _line: None, Timing(poll_interval=0.05), key_files=False, placement_groups=False
+    )
+
+    assert not outcome.failed, outcome.failed
+    assert autoscaling.describe_auto_scaling_groups()["AutoScalingGroups"] == []
+    assert ec2.describe_launch_templates()["LaunchTemplates"] == []
+    live = [
+        instance
+        for reservation in ec2.describe_instances()["Reservations"]
+        for instance in reservation["Instances"]
+        if instance["State"]["Name"] != "terminated"
+    ]
+    assert live == []
+    assert f"auto scaling group gpurun-{RUN}" in outcome.removed
+    assert f"scheduled action {rc.GUARD_ACTION}" in outcome.removed

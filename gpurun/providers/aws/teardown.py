@@ -1,7 +1,9 @@
 """Remove what a run created, found by its tags; find what no record knows (orphans).
 
 Only resources tagged `gpurun:managed=true` (and, for a run, `gpurun:run=<run>`)
-are ever touched. What is already gone is fine. Order: instances (and wait
+are ever touched. What is already gone is fine. Order: a recovering run's
+Auto Scaling group (scheduled action, group with its machines, launch
+template: a live group would replace every machine terminated), instances (and wait
 until they are terminated), placement group, instance profile and role,
 security group, key pair, local key files.
 """
@@ -20,6 +22,7 @@ import botocore.exceptions
 
 from gpurun import paths
 from gpurun.durations import format_duration
+from gpurun.providers.aws import group as scaling
 from gpurun.providers.aws import requests
 from gpurun.providers.aws.session import Aws, client_error_code, client_error_message
 
@@ -369,6 +372,7 @@ def remove_run(
     outcome = Outcome()
     names = names or {}
     aws = aws.cleanup()
+    scaling.remove(aws, run, timing, say, outcome)
     ledger = [str(key) for key in names.get("instances") or [] if isinstance(key, str)]
     terminated = _terminate(aws, run, timing, say, outcome, ledger=ledger, fresh=fresh)
     if placement_groups or names.get("placement_group"):
@@ -426,6 +430,10 @@ def find_orphans(aws: Aws, known_runs: set[str] | list[str], *, include_iam: boo
         add(
             "instance", item["InstanceId"], item.get("Tags"), state=item["State"]["Name"], type=item.get("InstanceType")
         )
+    for found in scaling.groups_of(aws, None):
+        add("auto_scaling_group", found["AutoScalingGroupName"], found.get("Tags"))
+    for template in scaling.templates_of(aws, None):
+        add("launch_template", template["LaunchTemplateId"], template.get("Tags"), name=template["LaunchTemplateName"])
     filters = requests.run_filters(None)
     for group in ec2.describe_security_groups(Filters=filters).get("SecurityGroups", []):
         add("security_group", group["GroupId"], group.get("Tags"), name=group.get("GroupName"))

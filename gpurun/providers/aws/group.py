@@ -1,0 +1,173 @@
+"""The Auto Scaling group of a recovering run: create it, find its machines, remove it.
+
+The requests themselves are built in `recovery` (pure). Removal comes before
+everything else at teardown: a group left alive would start a new machine for
+every one that teardown terminates.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import botocore.exceptions
+
+from gpurun.providers.aws import recovery, requests
+from gpurun.providers.aws.session import Aws, client_error_code, client_error_message
+
+if TYPE_CHECKING:
+    from gpurun.providers.aws.teardown import Outcome, Timing
+
+Say = Callable[[str], None]
+
+_GONE_CODES = {"ValidationError", "InvalidLaunchTemplateName.NotFoundException", "InvalidLaunchTemplateId.NotFound"}
+
+
+def groups_of(aws: Aws, run: str | None) -> list[dict[str, Any]]:
+    """gpurun's groups (of one run, or all), checked by their own tags."""
+    autoscaling = aws.client("autoscaling")
+    filters = [{"Name": f"tag:{requests.TAG_MANAGED}", "Values": ["true"]}]
+    if run is not None:
+        filters.append({"Name": f"tag:{requests.TAG_RUN}", "Values": [run]})
+    found = []
+    for page in autoscaling.get_paginator("describe_auto_scaling_groups").paginate(Filters=filters):
+        for group in page.get("AutoScalingGroups", []):
+            if requests.is_managed(group.get("Tags"), run):
+                found.append(group)
+    return found
+
+
+def templates_of(aws: Aws, run: str | None) -> list[dict[str, Any]]:
+    found = []
+    for page in aws.ec2.get_paginator("describe_launch_templates").paginate(Filters=requests.run_filters(run)):
+        for template in page.get("LaunchTemplates", []):
+            if requests.is_managed(template.get("Tags"), run):
+                found.append(template)
+    if run is not None and not found:
+        # A template whose tags a reader cannot filter on is still found by its name, then checked.
+        try:
+            answer = aws.ec2.describe_launch_templates(LaunchTemplateNames=[recovery.template_name(run)])
+        except botocore.exceptions.ClientError:
+            return []
+        found = [item for item in answer.get("LaunchTemplates", []) if requests.is_managed(item.get("Tags"), run)]
+    return found
+
+
+def group_instances(aws: Aws, run: str) -> list[dict[str, Any]]:
+    """The instances the run's group holds now (any lifecycle state)."""
+    instances: list[dict[str, Any]] = []
+    for group in groups_of(aws, run):
+        instances.extend(group.get("Instances", []))
+    return instances
+
+
+def create(
+    aws: Aws,
+    *,
+    run: str,
+    owner: str,
+    template_data: dict[str, Any],
+    group_kwargs: dict[str, Any],
+    guard_at: datetime,
+    created: Callable[[str, Any], None],
+) -> None:
+    """Launch template, group, scheduled guard; `created(key, value)` records each the moment it exists."""
+    aws.ec2.create_launch_template(**recovery.create_launch_template_kwargs(run, owner, template_data))
+    created("launch_template", recovery.template_name(run))
+    autoscaling = aws.client("autoscaling")
+    autoscaling.create_auto_scaling_group(**group_kwargs)
+    created("auto_scaling_group", recovery.group_name(run))
+    autoscaling.put_scheduled_update_group_action(**recovery.scheduled_guard_kwargs(run, guard_at))
+    created("scheduled_action", f"{recovery.GUARD_ACTION} at {guard_at.isoformat()}")
+
+
+def wait_first_instance(
+    aws: Aws, run: str, *, timeout: float, interval: float, sleep: Callable[[float], None], say: Say
+) -> dict[str, Any]:
+    """The group's first running instance (described), once EC2 has it; raises after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        ids = [item["InstanceId"] for item in group_instances(aws, run)]
+        if ids:
+            from gpurun.providers.aws.teardown import describe_by_ids
+
+            found = describe_by_ids(aws, ids)
+            running = [found[key] for key in ids if found.get(key, {}).get("State", {}).get("Name") == "running"]
+            if running:
+                return running[0]
+        activity = _latest_activity(aws, run)
+        if activity and activity != last:
+            say(f"group {recovery.group_name(run)}: {activity}")
+            last = activity
+        if time.monotonic() >= deadline:
+            from gpurun.errors import NoCapacity
+
+            raise NoCapacity(
+                f"the group {recovery.group_name(run)} started no machine in {timeout:.0f}s"
+                + (f"; last activity: {last}" if last else "")
+            )
+        sleep(interval)
+
+
+def _latest_activity(aws: Aws, run: str) -> str:
+    try:
+        answer = aws.client("autoscaling").describe_scaling_activities(
+            AutoScalingGroupName=recovery.group_name(run), MaxRecords=1
+        )
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError):
+        return ""
+    for activity in answer.get("Activities", []):
+        text = str(activity.get("StatusMessage") or activity.get("Description") or "")
+        return f"{activity.get('StatusCode', '')}: {text}"[:300]
+    return ""
+
+
+def remove(aws: Aws, run: str, timing: Timing, say: Say, outcome: Outcome) -> bool:
+    """Delete the run's scheduled action, group (forced: its machines go too) and launch template.
+
+    True when no group is left (teardown may then terminate the rest without a
+    group starting replacements).
+    """
+    autoscaling = aws.client("autoscaling")
+    try:
+        groups = groups_of(aws, run)
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
+        outcome.failed.append(f"listing Auto Scaling groups: {client_error_message(error)}")
+        return False
+    for group in groups:
+        name = group["AutoScalingGroupName"]
+        try:
+            actions = autoscaling.describe_scheduled_actions(AutoScalingGroupName=name)
+            for action in actions.get("ScheduledUpdateGroupActions", []):
+                autoscaling.delete_scheduled_action(
+                    AutoScalingGroupName=name, ScheduledActionName=action["ScheduledActionName"]
+                )
+                outcome.removed.append(f"scheduled action {action['ScheduledActionName']}")
+            say(f"deleting Auto Scaling group {name} and its machines")
+            autoscaling.delete_auto_scaling_group(AutoScalingGroupName=name, ForceDelete=True)
+        except botocore.exceptions.ClientError as error:
+            if client_error_code(error) not in _GONE_CODES:
+                outcome.failed.append(f"deleting Auto Scaling group {name}: {client_error_message(error)}")
+                outcome.left["auto_scaling_group"] = name
+                return False
+        outcome.removed.append(f"auto scaling group {name}")
+    deadline = time.monotonic() + timing.terminate_timeout
+    while groups_of(aws, run):
+        if time.monotonic() >= deadline:
+            outcome.failed.append(f"Auto Scaling group of {run} still deleting after {timing.terminate_timeout:.0f}s")
+            return False
+        timing.sleep(timing.poll_interval)
+    for template in templates_of(aws, run):
+        try:
+            aws.ec2.delete_launch_template(LaunchTemplateId=template["LaunchTemplateId"])
+        except botocore.exceptions.ClientError as error:
+            if client_error_code(error) not in _GONE_CODES:
+                outcome.failed.append(
+                    f"deleting launch template {template['LaunchTemplateName']}: {client_error_message(error)}"
+                )
+                continue
+        outcome.removed.append(f"launch template {template['LaunchTemplateName']}")
+    return True
