@@ -582,6 +582,87 @@ def teardown(
         ui.emit_json({"runs": results})
 
 
+@cli.group(context_settings=CONTEXT)
+def image() -> None:
+    """Bake a live aws run's machine into an AMI; later launches with the same setup skip setup."""
+
+
+@image.command("create", context_settings=CONTEXT)
+@click.argument("run")
+@click.option("--name", help="Image name (default: <run>-<UTC time>).")
+@click.option("--json", "json_mode", is_flag=True, help="Print one JSON document.")
+def image_create(run: str, name: str | None, json_mode: bool) -> None:
+    """Snapshot RUN's machine into an image without stopping it (its files and key are left out)."""
+    from gpurun.app.images import create
+
+    ui = _ui(json_mode)
+    result = create(run, ui, name=name)
+    if json_mode:
+        ui.emit_json(result)
+        return
+    ui.result(f"image {result['name']} ({result['id']}) is available; use it with aws.ami: image:{result['name']}")
+
+
+@image.command("list", context_settings=CONTEXT)
+@click.option("--region", metavar="REGION", help="Where to look (default: your AWS config's region).")
+@click.option("--profile", metavar="NAME", help="The AWS profile to use.")
+@click.option("--json", "json_mode", is_flag=True, help="Print one JSON document.")
+def image_list(region: str | None, profile: str | None, json_mode: bool) -> None:
+    """gpurun images: name, size, source, age and monthly snapshot cost."""
+    from gpurun.app.images import list_images
+    from gpurun.providers.aws.images import age_days
+
+    ui = _ui(json_mode)
+    found = list_images(region=region, profile=profile)
+    if json_mode:
+        ui.emit_json([item.as_dict() for item in found])
+        return
+    if not found:
+        ui.say("no gpurun images: `gpurun image create RUN` bakes one")
+        return
+    rows = []
+    for item in found:
+        days = age_days(item.created)
+        source = item.source_ami + (f" (run {item.source_run})" if item.source_run else "")
+        rows.append(
+            [
+                item.name,
+                item.id,
+                item.state,
+                f"{item.size_gb} GB",
+                source,
+                "?" if days is None else (f"{days:.0f}d" if days >= 1 else f"{days * 24:.0f}h"),
+                f"${item.monthly_usd():.2f}",
+                item.setup_hash[:12],
+            ]
+        )
+    ui.table(["NAME", "ID", "STATE", "SIZE", "SOURCE", "AGE", "$/MONTH", "SETUP HASH"], rows)
+
+
+@image.command("delete", context_settings=CONTEXT)
+@click.argument("names", nargs=-1, metavar="NAME...")
+@click.option("--region", metavar="REGION", help="Where the images are (default: your AWS config's region).")
+@click.option("--profile", metavar="NAME", help="The AWS profile to use.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask.")
+@click.option("--json", "json_mode", is_flag=True, help="Print one JSON document.")
+def image_delete(names: tuple[str, ...], region: str | None, profile: str | None, yes: bool, json_mode: bool) -> None:
+    """Deregister gpurun images and delete their snapshots."""
+    from gpurun.app.images import delete, find_for_delete
+
+    ui = _ui(json_mode)
+    aws, found = find_for_delete(list(names), region=region, profile=profile)
+    if not yes and not _confirm(
+        f"Delete {', '.join(f'{item.name} ({item.id})' for item in found)} and their snapshots?"
+    ):
+        raise BadInput("not confirmed; nothing was deleted")
+    removed = delete(aws, found)
+    if json_mode:
+        ui.emit_json({"removed": removed})
+        return
+    for item in removed:
+        ui.say(f"removed {item}")
+
+
 @cli.command(context_settings=CONTEXT)
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--template", "-t", default="pytorch", show_default=True, help="pytorch or keras.")

@@ -144,6 +144,8 @@ class AwsSpec(_Section):
     profile: str | None = None
     instance_type: list[str] = Field(default_factory=lambda: ["g5.xlarge"])
     ami: str = "dlami-pytorch"
+    # What `ami: auto` launches when no gpurun image matches the setup hash.
+    ami_fallback: str = "dlami-pytorch"
     spot: bool = False
     max_price: float | None = Field(default=None, ge=0)
     disk_gb: int = Field(default=100, ge=8, le=16384)
@@ -206,6 +208,25 @@ class AwsSpec(_Section):
     @field_validator("ami")
     @classmethod
     def _ami(cls, value: str) -> str:
+        if value == "auto" or re.fullmatch(r"image:[A-Za-z0-9][A-Za-z0-9._-]{2,127}", value):
+            return value
+        if value.startswith("image:"):
+            raise ValueError(
+                f"{show(value)} is not a gpurun image name; use image:<name> with 3 to 128 letters, digits, '.', '_' and '-'"
+            )
+        return cls._base_ami(value)
+
+    @field_validator("ami_fallback")
+    @classmethod
+    def _ami_fallback(cls, value: str) -> str:
+        if value == "auto" or value.startswith("image:"):
+            raise ValueError(
+                f"{show(value)} cannot be a fallback; use ami-..., ssm:/path, name:<pattern>@<owner>, dlami-pytorch or dlami-base"
+            )
+        return cls._base_ami(value)
+
+    @staticmethod
+    def _base_ami(value: str) -> str:
         if value in ("dlami-pytorch", "dlami-base") or re.fullmatch(r"ami-[0-9a-f]{8,17}", value):
             return value
         if re.fullmatch(r"ssm:/[A-Za-z0-9_.\-/]{1,2047}", value):
@@ -220,7 +241,8 @@ class AwsSpec(_Section):
         ):
             return value
         raise ValueError(
-            f"{show(value)} is not an AMI; use ami-..., ssm:/path, name:<pattern>@<owner>, dlami-pytorch or dlami-base"
+            f"{show(value)} is not an AMI; use ami-..., ssm:/path, name:<pattern>@<owner>, dlami-pytorch, dlami-base, "
+            "image:<name> or auto"
         )
 
     @field_validator("ssh_cidr")

@@ -121,11 +121,13 @@ def launch(
     rows = [("run", run), ("provider", spec.provider)]
     rows += provider.plan(spec, run)
     source = find_resume_source(spec, store_url, resume, ui.warn)
+    # The machine image already holds what setup would install (same setup hash): no setup on the machine.
+    setup_skipped = provider.setup_skipped(spec, run) if spec.setup else None
     rows += [
         ("code", f"{spec.workdir_path} ({len(files)} files, {human_bytes(total)})"),
         *([("held back", _held_back_text(held_back))] if held_back else []),
         *([("secrets", job_secrets.describe(spec.secrets))] if spec.secrets else []),
-        ("setup", spec.setup or "-"),
+        ("setup", f"skipped: {setup_skipped}" if setup_skipped else spec.setup or "-"),
         ("run", spec.run),
         (
             "checkpoints",
@@ -210,8 +212,11 @@ def launch(
         )
         on_change(record)
         step = "preparing machines"
+        if setup_skipped:
+            ui.say(f"setup skipped: {setup_skipped}")
+            record["setup_skipped"] = setup_skipped
         _prepare_all(provider, conns, record, files, source, ui, started, secret_values)
-        if spec.setup:
+        if spec.setup and not setup_skipped:
             step = "running setup"
             wait_for_setup(record, started, ui)
         record["state"] = "running"
@@ -351,9 +356,8 @@ def _prepare(
     env = common.job_environment(record, machine, resume_from)
     env.update(provider.machine_env(record, machine))
     restarts = common.job_restarts(record, machine, python) if with_agent else None
-    machine["job_pid"] = jobs.start_job(
-        transport, run_dir, common.work_dir(machine), env, spec.get("setup"), spec["run"], restarts
-    )
+    setup = None if record.get("setup_skipped") else spec.get("setup")
+    machine["job_pid"] = jobs.start_job(transport, run_dir, common.work_dir(machine), env, setup, spec["run"], restarts)
 
 
 def wait_for_setup(record: dict[str, Any], started: Started, ui: Reporter, poll: float = 0.5) -> None:

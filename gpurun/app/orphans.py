@@ -41,13 +41,24 @@ def teardown_orphans(
         ui.say("no orphaned gpurun resources")
         return {"orphans": [], "removed": []}
     rows = [
-        [o.get("run") or "-", o.get("region") or "global", o["kind"], str(o["id"]), o.get("owner") or "-"]
+        [
+            o.get("run") or "-",
+            o.get("region") or "global",
+            o["kind"] + (" (kept)" if o.get("kept") else ""),
+            str(o["id"]) + (f" {o['name']}" if o.get("name") else ""),
+            o.get("owner") or "-",
+        ]
         for o in orphans
     ]
     ui.table(["RUN", "REGION", "KIND", "ID", "OWNER"], rows, title="gpurun resources no live local record knows")
-    if not yes and not confirm(f"Remove these {len(orphans)} resources?"):
+    removable = [o for o in orphans if not o.get("kept")]
+    if any(o.get("kept") for o in orphans):
+        ui.say("teardown never deletes images: `gpurun image delete NAME` removes one and its snapshots")
+    if not removable:
+        return {"orphans": orphans, "removed": []}
+    if not yes and not confirm(f"Remove these {len(removable)} resources?"):
         raise BadInput("not confirmed; nothing was removed")
-    removed = provider.remove_orphans(orphans, ui.say, profile=profile)
+    removed = provider.remove_orphans(removable, ui.say, profile=profile)
     for item in removed:
         ui.say(f"removed {item}")
     return {"orphans": orphans, "removed": removed}

@@ -61,6 +61,10 @@ class Provider(ABC):
         machines while acquiring them.
         """
 
+    def setup_skipped(self, spec: Spec, run: str) -> str | None:
+        """Why the machines need no `setup` (their image already holds its result), or None: setup runs."""
+        return None
+
     def refresh(self, records: list[Record]) -> None:
         """Update machine states in place from the provider (cheap; may be a no-op)."""
 

@@ -13,10 +13,12 @@ from gpurun.durations import format_duration
 from gpurun.errors import BadInput
 from gpurun.providers.aws import requests
 from gpurun.providers.aws.ami import AmiInfo, resolve_ami
+from gpurun.providers.aws.images import ImageChoice, choose
 from gpurun.providers.aws.instance_types import TypeInfo, describe_types, zones_offering
 from gpurun.providers.aws.network import Subnet, find_subnets, resolve_cidr
 from gpurun.providers.aws.pricing import ondemand_price, spot_prices
 from gpurun.providers.aws.session import Aws, Identity, check_identity
+from gpurun.setup_hash import local_reader, setup_hash
 
 if TYPE_CHECKING:
     from gpurun.spec import Spec
@@ -37,6 +39,16 @@ class Prepared:
     store: tuple[str, str] | None  # (bucket, prefix) when the store is s3://
     instance_profile: str | None  # the user's own profile, when given
     warnings: list[str] = field(default_factory=list)
+    #: For `ami: image:<name>` or `auto`: per arch, which gpurun image (or fallback) and why.
+    image_choices: dict[str, ImageChoice] = field(default_factory=dict)
+
+    @property
+    def setup_skipped(self) -> str | None:
+        """Why setup need not run (every node boots a gpurun image with the spec's setup hash), or None."""
+        choices = list(self.image_choices.values())
+        if choices and all(choice.skip_setup for choice in choices):
+            return choices[0].reason
+        return None
 
     @property
     def owner(self) -> str:
@@ -68,8 +80,15 @@ def prepare(aws: Aws, spec: Spec, run: str) -> Prepared:
             raise BadInput(f"aws.spot: {info.name} is not offered as spot; set aws.spot=false or pick another type")
 
     amis: dict[str, AmiInfo] = {}
+    image_choices: dict[str, ImageChoice] = {}
     for arch in dict.fromkeys(info.arch for info in types):
-        amis[arch] = resolve_ami(aws, settings.ami, arch)
+        if settings.ami == "auto" or settings.ami.startswith("image:"):
+            wanted, hashed = setup_hash(spec.setup, local_reader(str(spec.workdir_path)))
+            choice = choose(aws, settings.ami, settings.ami_fallback, arch, wanted, hashed)
+            image_choices[arch] = choice
+            amis[arch] = choice.ami
+        else:
+            amis[arch] = resolve_ami(aws, settings.ami, arch)
     for ami in amis.values():
         if ami.snapshot_gb and settings.disk_gb < ami.snapshot_gb:
             raise BadInput(
@@ -119,6 +138,7 @@ def prepare(aws: Aws, spec: Spec, run: str) -> Prepared:
         store=store,
         instance_profile=settings.iam_instance_profile,
         warnings=warnings,
+        image_choices=image_choices,
     )
 
 
@@ -132,6 +152,10 @@ def plan_rows(prepared: Prepared, spec: Spec) -> list[tuple[str, str]]:
     for arch, ami in prepared.amis.items():
         label = "AMI" if len(prepared.amis) == 1 else f"AMI ({arch})"
         rows.append((label, ami.describe()))
+        if arch in prepared.image_choices:
+            rows.append(
+                ("image" if len(prepared.amis) == 1 else f"image ({arch})", prepared.image_choices[arch].reason)
+            )
     for index, info in enumerate(prepared.types):
         label = "instance type" if index == 0 else f"fallback type {index}"
         rows.append((label, f"{info.name}: {info.describe()}"))

@@ -22,6 +22,7 @@ import botocore.exceptions
 from gpurun.durations import format_duration
 from gpurun.errors import BadInput, GpurunError, Interrupted
 from gpurun.providers.aws import requests
+from gpurun.providers.aws.images import delete_snapshot, image_entries, orphan_snapshots
 from gpurun.providers.aws.launch import Launcher
 from gpurun.providers.aws.network import wait_ssh_answer
 from gpurun.providers.aws.prepare import Prepared, plan_rows, prepare
@@ -90,6 +91,9 @@ class AwsProvider(Provider):
     def plan(self, spec: Spec, run: str) -> list[tuple[str, str]]:
         return plan_rows(self._prepare(spec, run), spec)
 
+    def setup_skipped(self, spec: Spec, run: str) -> str | None:
+        return self._prepare(spec, run).setup_skipped
+
     # -- acquire ---------------------------------------------------------------------------------
 
     def acquire(
@@ -105,6 +109,13 @@ class AwsProvider(Provider):
             "owner": prepared.owner,
             "nodes": spec.aws.nodes,
         }
+        for choice in prepared.image_choices.values():
+            record["image"] = {
+                "name": choice.image.name if choice.image else None,
+                "id": choice.ami.id,
+                "setup_skipped": choice.skip_setup,
+                "reason": choice.reason,
+            }
         record.setdefault("resources", {})
         on_change(record)
         for warning in prepared.warnings:
@@ -259,6 +270,9 @@ class AwsProvider(Provider):
             check_identity(aws)
             try:
                 found.extend(_find_orphans(aws, known_runs, include_iam=index == 0))
+                # Images are listed (they cost money) but only `gpurun image delete` removes one.
+                found.extend(image_entries(aws))
+                found.extend(orphan_snapshots(aws))
             except botocore.exceptions.ClientError as error:
                 raise GpurunError(
                     f"listing gpurun resources in {region} failed: {client_error_message(error)}"
@@ -268,15 +282,25 @@ class AwsProvider(Provider):
     def remove_orphans(self, orphans: list[dict[str, Any]], say: Say, profile: str | None = None) -> list[str]:
         """Remove every run named in `orphans` (found by tag, as teardown does); returns what was removed."""
         runs: dict[str, list[str]] = {}
+        removed: list[str] = []
+        failed: list[str] = []
         for orphan in orphans:
-            if not orphan.get("run"):
+            if orphan.get("kind") == "snapshot":
+                region = orphan.get("region") or default_region(profile)
+                try:
+                    gone = delete_snapshot(self.session(region, profile), orphan["id"])
+                except botocore.exceptions.ClientError as error:
+                    failed.append(f"snapshot {orphan['id']}: {client_error_message(error)}")
+                    continue
+                if gone:
+                    removed.append(gone)
+                continue
+            if orphan.get("kind") == "image" or not orphan.get("run"):
                 continue
             regions = runs.setdefault(orphan["run"], [])
             region = orphan.get("region")
             if region and region not in regions:
                 regions.append(region)
-        removed: list[str] = []
-        failed: list[str] = []
         for run, regions in runs.items():
             for region in regions or [default_region(profile)]:
                 outcome = remove_run(self.session(region, profile), run, say, self.teardown_timing)
