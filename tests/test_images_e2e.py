@@ -133,6 +133,7 @@ def test_image_create_use_list_delete_and_orphan_sweep(image_world, sshd, capsys
     job_pid = int((run_dir / "job.pid").read_text())
     wait_until(lambda: _last_epoch(run_dir / "job.log") >= 2, timeout=60, what="the job's output")
     (sshd.home / ".bash_history").write_text("export WANDB_API_KEY=canary\n")
+    (run_dir / "secrets.env").write_text("export WANDB_API_KEY=canary\n")  # as the spec's secrets: would
     keys_before = (sshd.home / ".ssh/authorized_keys").read_text()
     run_key = Path(
         f"{json.loads(Path(os.environ['GPURUN_HOME'], 'runs', f'{run}.json').read_text())['machines'][0]['key_path']}.pub"
@@ -151,6 +152,7 @@ def test_image_create_use_list_delete_and_orphan_sweep(image_world, sshd, capsys
     assert blob not in seen["keys"] and "other@box" in seen["keys"]
     # ...and afterwards the machine is as it was, the job running on.
     assert (run_dir / "work/train.py").exists() and (sshd.home / ".bash_history").exists()
+    assert (run_dir / "secrets.env").read_text() == "export WANDB_API_KEY=canary\n"
     assert (sshd.home / ".ssh/authorized_keys").read_text() == keys_before
     assert process_alive(job_pid) and _job_state(job_pid) != "T"
     epoch = _last_epoch(run_dir / "job.log")
