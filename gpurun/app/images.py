@@ -96,8 +96,8 @@ def _key_blob(machine: dict[str, Any]) -> str | None:
 
 
 def create(run: str, ui: Reporter, *, name: str | None = None) -> dict[str, Any]:
+    from gpurun.app.launch import sigint_deferred
     from gpurun.providers.aws import images as ec2_images
-    from gpurun.providers.aws.launch import sigint_deferred
     from gpurun.providers.aws.provider import _location
     from gpurun.providers.aws.teardown import describe_by_ids
 
