@@ -132,7 +132,7 @@ def create(run: str, ui: Reporter, *, name: str | None = None) -> dict[str, Any]
             "paths": [f"{home}/{name}" for name in HISTORY_FILES],
             "authorized_keys": [f"{home}/.ssh/authorized_keys"],
             "key_blobs": [blob for blob in [_key_blob(machine)] if blob],
-            "secret_words": ["secret"],
+            "secret_words": ["secret", jobs.SECRETS_FILE],
             "deadline": STASH_DEADLINE,
         }
         stashed = _stash(transport, plan)
