@@ -1,0 +1,398 @@
+"""AWS as it really behaves, which moto never does: capacity errors as HTTP 500, throttling,
+stale describes, NotFound for an instance that runs, Ctrl-C while SSH is awaited.
+
+Faults that botocore's retry loop must see (HTTP status, throttling) are answered from a
+`before-send` handler, below that loop, against moto's server over HTTP; the rest from
+`before-call`/`after-call` handlers on in-process moto. Every test asserts what the CLI
+printed or what moto holds afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import pytest
+
+os.environ.setdefault("MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "true")
+os.environ.setdefault("MOTO_ENABLE_AMI_VALIDATION", "true")
+os.environ.setdefault("MOTO_ENABLE_KEYPAIR_VALIDATION", "true")
+
+import boto3  # noqa: E402
+from botocore.awsrequest import AWSResponse  # noqa: E402
+
+from gpurun.cli import main  # noqa: E402
+from gpurun.errors import GpurunError, Interrupted  # noqa: E402
+from gpurun.providers.aws import AwsProvider  # noqa: E402
+from gpurun.providers.aws.teardown import Timing  # noqa: E402
+from tests.test_aws_provider import (  # noqa: E402
+    AMI,
+    FakeAws,
+    Saves,
+    acquire,
+    key_dir,
+    leftovers,
+    make_provider,
+    make_spec,
+    new_record,
+    text,
+)
+
+ACCOUNT = "123456789012"
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exited:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return int(exited.value.code or 0), out, err
+
+
+# -- below botocore's retry loop: moto's server, faults answered at before-send ----------------------
+
+
+class _Body:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def stream(self, **_: Any) -> Any:
+        yield self.data
+
+
+def _ec2_error(status: int, code: str, message: str) -> AWSResponse:
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors>"
+        "<RequestID>fault</RequestID></Response>"
+    ).encode()
+    return AWSResponse("https://ec2.fault/", status, {"Content-Type": "text/xml"}, _Body(body))
+
+
+def _iam_error(status: int, code: str, message: str) -> AWSResponse:
+    body = (
+        f"<ErrorResponse><Error><Type>Sender</Type><Code>{code}</Code><Message>{message}</Message></Error>"
+        "<RequestId>fault</RequestId></ErrorResponse>"
+    ).encode()
+    return AWSResponse("https://iam.fault/", status, {"Content-Type": "text/xml"}, _Body(body))
+
+
+class SendFaults:
+    """A before-send handler: sees every HTTP attempt (retries included) and may answer it."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, str]]] = []
+        self.run_instances: str | None = None  # answer every RunInstances with this capacity error (HTTP 500)
+        self.throttle: Counter[str] = Counter()  # operation -> attempts still to throttle
+        self.spot_price: float | None = None  # what DescribeSpotPriceHistory answers, in every zone
+
+    def spot_history(self, model: Any, params: dict[str, Any], **_: Any) -> Any:
+        if self.spot_price is None:
+            return None
+        zones = [f"us-east-1{letter}" for letter in "abcdef"]
+        history = [
+            {"AvailabilityZone": zone, "InstanceType": params["body"]["InstanceType.1"],
+             "ProductDescription": "Linux/UNIX", "SpotPrice": f"{self.spot_price:.4f}"}
+            for zone in zones
+        ]  # fmt: skip
+        return AWSResponse("https://ec2.fault/", 200, {}, None), {"SpotPriceHistory": history}
+
+    def __call__(self, request: Any, **_: Any) -> AWSResponse | None:
+        body = request.body or b""
+        fields = {k: v[0] for k, v in parse_qs(body.decode() if isinstance(body, bytes) else body).items()}
+        operation = fields.get("Action", "")
+        self.sent.append((operation, fields))
+        if self.throttle[operation] > 0:
+            self.throttle[operation] -= 1
+            maker = _iam_error if "iam" in str(request.url) else _ec2_error
+            return maker(400 if maker is _iam_error else 503, "RequestLimitExceeded" if maker is _ec2_error
+                         else "Throttling", "Request limit exceeded.")  # fmt: skip
+        if operation == "RunInstances" and self.run_instances:
+            return _ec2_error(500, self.run_instances, f"injected {self.run_instances}")
+        return None
+
+    def count(self, operation: str) -> int:
+        return sum(1 for name, _ in self.sent if name == operation)
+
+    def pairs(self) -> Counter[tuple[str, str]]:
+        return Counter(
+            (fields["InstanceType"], fields.get("SubnetId", "")) for name, fields in self.sent if name == "RunInstances"
+        )
+
+
+@pytest.fixture
+def server_world(moto_server: str, moto_validation: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """`gpurun launch` against moto's server, every EC2/IAM attempt passing through SendFaults."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    bucket = f"faults-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    faults = SendFaults()
+    original_init = AwsProvider.__init__
+
+    def patched_init(self: AwsProvider, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self.event_handlers.append(("before-send.ec2", faults))
+        self.event_handlers.append(("before-send.iam", faults))
+        self.event_handlers.append(("before-call.ec2.DescribeSpotPriceHistory", faults.spot_history))
+        self.wait_ssh = lambda machines, cidr, say: None
+        self.host_key_timeout = 0
+        self.poll_interval = 0.0
+        self.sleep = lambda seconds: None
+        self.teardown_timing = Timing(poll_interval=0.0, terminate_timeout=10.0, dependency_timeout=1.0)
+
+    monkeypatch.setattr(AwsProvider, "__init__", patched_init)
+
+    def spec(**aws: Any) -> Path:
+        settings = {"instance_type": ["g5.xlarge", "g6.xlarge"], "ami": AMI, "ssh_cidr": "127.0.0.1/32", **aws}
+        path = tmp_path / f"spec-{uuid.uuid4().hex[:6]}.yaml"
+        path.write_text(
+            json.dumps(
+                {
+                    "name": "faults",
+                    "provider": "aws",
+                    "run": "python train.py",
+                    "checkpoint": {"store": f"s3://{bucket}/runs", "resume": "never"},
+                    "aws": settings,
+                }
+            )
+        )
+        return path
+
+    return {"faults": faults, "spec": spec, "endpoint": moto_server}
+
+
+def run_resources(endpoint: str, run: str) -> list[str]:
+    """What moto holds for `run` (tagged or named), terminated instances excepted."""
+    ec2 = boto3.client("ec2", endpoint_url=endpoint, region_name="us-east-1")
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1")
+    name = f"gpurun-{run}"
+    found = [
+        f"instance {item['InstanceId']}"
+        for reservation in ec2.describe_instances(Filters=[{"Name": "tag:gpurun:run", "Values": [run]}])["Reservations"]
+        for item in reservation["Instances"]
+        if item["State"]["Name"] != "terminated"
+    ]
+    found += [f"sg {g['GroupId']}" for g in ec2.describe_security_groups()["SecurityGroups"] if g["GroupName"] == name]
+    found += [f"key {k['KeyName']}" for k in ec2.describe_key_pairs()["KeyPairs"] if k["KeyName"] == name]
+    found += [f"role {r['RoleName']}" for r in iam.list_roles()["Roles"] if r["RoleName"] == name]
+    found += [
+        f"profile {p['InstanceProfileName']}"
+        for p in iam.list_instance_profiles()["InstanceProfiles"]
+        if p["InstanceProfileName"] == name
+    ]
+    return found
+
+
+def test_capacity_errors_are_sent_once_per_type_and_zone_and_the_cli_prints_the_table(server_world, capsys):
+    faults: SendFaults = server_world["faults"]
+    faults.run_instances = "InsufficientInstanceCapacity"
+    code, out, err = cli(capsys, "launch", str(server_world["spec"]()), "--name", "faults-cap001")
+    assert code == 3, err
+    pairs = faults.pairs()
+    assert len(pairs) >= 4 and {kind for kind, _ in pairs} == {"g5.xlarge", "g6.xlarge"}
+    assert set(pairs.values()) == {1}, f"each type/zone pair must get one request, got {dict(pairs)}"
+    lines = err.strip().splitlines()
+    first = next(line for line in lines if line.startswith("error:"))
+    assert first.startswith("error: launch of faults-cap001 failed while acquiring machines: no capacity for ")
+    assert first.endswith("; everything it created was removed")
+    table = lines[lines.index(first) + 1 :]
+    assert table[0].split() == ["type", "zone", "error", "message"]
+    assert sum("InsufficientInstanceCapacity" in line for line in table) == len(pairs)
+    assert table[-1].startswith("  removed: ") and "key pair gpurun-faults-cap001" in table[-1]
+    assert out == ""
+    assert run_resources(server_world["endpoint"], "faults-cap001") == []
+
+
+def test_a_throttled_rollback_after_a_capacity_failure_still_removes_everything(server_world, capsys):
+    faults: SendFaults = server_world["faults"]
+    faults.run_instances = "InsufficientInstanceCapacity"
+    # The rollback's calls are throttled: its clients retry them on a budget of their own.
+    for operation in ("DescribeInstances", "DeleteSecurityGroup", "DeleteKeyPair", "DeleteRole"):
+        faults.throttle[operation] = 2
+    code, _out, err = cli(capsys, "launch", str(server_world["spec"]()), "--name", "faults-thr001")
+    assert code == 3, err
+    assert "everything it created was removed" in err
+    assert set(faults.pairs().values()) == {1}
+    for operation in ("DeleteSecurityGroup", "DeleteKeyPair", "DeleteRole"):
+        assert faults.count(operation) == 3, operation  # two throttled attempts, then the one that worked
+    assert run_resources(server_world["endpoint"], "faults-thr001") == []
+
+
+def test_spot_max_price_too_low_names_the_price_and_what_to_change(server_world, capsys):
+    faults: SendFaults = server_world["faults"]
+    faults.run_instances = "SpotMaxPriceTooLow"
+    faults.spot_price = 0.4321
+    spec = server_world["spec"](instance_type=["g5.xlarge"], spot=True, max_price=0.01)
+    code, _out, err = cli(capsys, "launch", str(spec), "--name", "faults-spot01")
+    assert code == 3, err
+    rows = [line for line in err.splitlines() if line.startswith("  g5.xlarge ")]
+    assert rows and all("spot price now $0.4321/h, above aws.max_price $0.01/h" in row for row in rows), err
+    assert "raise aws.max_price" in err and "aws.spot: false" in err
+    assert run_resources(server_world["endpoint"], "faults-spot01") == []
+
+
+# -- above it: in-process moto, faults from before-call/after-call handlers ---------------------------
+
+
+@pytest.fixture
+def recorder() -> FakeAws:
+    return FakeAws()
+
+
+class StaleFilteredDescribes:
+    """EC2 right after RunInstances: describes with a tag filter do not list the new instance yet."""
+
+    def __init__(self) -> None:
+        self.hidden = 0
+
+    def before_params(self, params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+        context["gpurun_by_tag"] = any(
+            str(f.get("Name", "")).startswith("tag:") for f in params.get("Filters", []) or []
+        )
+
+    def after_tagged(self, parsed: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+        if context.get("gpurun_by_tag"):
+            for reservation in parsed.get("Reservations", []):
+                self.hidden += len(reservation.get("Instances", []))
+            parsed["Reservations"] = []
+
+
+def test_rollback_after_a_stale_describe_terminates_by_recorded_id_and_removes_keys_last(session, recorder, tmp_path):
+    provider = make_provider(recorder)
+    stale = StaleFilteredDescribes()
+    provider.event_handlers += [
+        ("provide-client-params.ec2.DescribeInstances", stale.before_params),
+        ("after-call.ec2.DescribeInstances", stale.after_tagged),
+    ]
+    recorder.interrupt_before.add("DescribeInstances")  # Ctrl-C at the first describe after RunInstances
+    said: list[str] = []
+    record = new_record()
+    with pytest.raises(Interrupted) as caught:
+        acquire(provider, make_spec(tmp_path), record, Saves(), said)
+    message = text(caught.value)
+    assert stale.hidden >= 1, "the tag-filtered describe must have missed the instance"
+    assert "everything it created was removed" in message
+    assert leftovers(session, recorder) == []
+    assert recorder.calls.count("TerminateInstances") == 1
+    assert not key_dir().exists()
+    removed = message.splitlines()[-1]
+    assert removed.startswith("removed: instance i-") and removed.endswith(f"key files {key_dir()}")
+
+
+def test_not_found_on_terminate_for_a_live_instance_is_checked_and_sent_again(session, recorder, tmp_path):
+    provider = make_provider(recorder)
+    provider.wait_ssh = _ssh_never_answers
+    recorder.fail_once["TerminateInstances"] = ("InvalidInstanceID.NotFound", "The instance ID does not exist")
+    said: list[str] = []
+    with pytest.raises(GpurunError) as caught:
+        acquire(provider, make_spec(tmp_path), new_record(), Saves(), said)
+    assert "everything it created was removed" in str(caught.value)
+    assert recorder.calls.count("TerminateInstances") == 2
+    assert any("NotFound right after launch" in line for line in said), said
+    assert leftovers(session, recorder) == []
+    assert not key_dir().exists()
+
+
+def test_not_found_that_never_ends_is_bounded_and_says_what_is_left(session, recorder, tmp_path):
+    provider = make_provider(recorder)
+    provider.wait_ssh = _ssh_never_answers
+    provider.teardown_timing.not_found_timeout = 0.2
+
+    def not_found(model: Any, **_: Any) -> Any:
+        if model.name == "TerminateInstances":
+            return AWSResponse("https://fake/", 400, {}, None), {
+                "Error": {"Code": "InvalidInstanceID.NotFound", "Message": "does not exist"},
+                "ResponseMetadata": {"HTTPStatusCode": 400},
+            }
+        return None
+
+    provider.event_handlers.insert(0, ("before-call", not_found))
+    record = new_record()
+    started = time.monotonic()
+    with pytest.raises(GpurunError) as caught:
+        acquire(provider, make_spec(tmp_path), record, Saves(), [])
+    assert time.monotonic() - started < 30
+    assert "some of what it created is left: run `gpurun teardown exp-abc123`" in str(caught.value)
+    [instance] = [entry for entry in leftovers(session, recorder) if entry.startswith("instance ")]
+    assert record["state"] == "failed" and record["resources"]["instances"] == [instance.split()[1]]
+    assert key_dir().exists(), "the key stays while its instance may still run"
+    session.client("ec2").terminate_instances(InstanceIds=[instance.split()[1]])
+
+
+def _ssh_never_answers(machines: list[dict[str, Any]], cidr: str, say: Any) -> None:
+    raise GpurunError(f"{machines[0]['instance_id']} is running but SSH did not answer: check ssh_cidr (now {cidr})")
+
+
+@pytest.fixture
+def python_sigint():
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+class TimedSaid(list):
+    """say/warn/error with the moment each line arrived."""
+
+    def say(self, message: str) -> None:
+        self.append((time.monotonic(), message))
+
+    warn = error = say
+
+
+def test_sigint_during_the_ssh_wait_is_answered_at_once(session, recorder, python_sigint, tmp_path):
+    from moto.ec2.models import ec2_backends
+
+    from gpurun.app.connections import Connections
+    from gpurun.app.launch import rolled_back
+
+    silent = socket.socket()  # accepts, never sends a banner: SSH "not up yet"
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    provider = make_provider(recorder)
+    provider.wait_ssh = provider._wait_ssh
+    provider.ssh_timeout = 300.0
+    provider.ssh_poll_interval = 0.2
+
+    def loopback(parsed: dict[str, Any], **_: Any) -> None:
+        for item in parsed.get("Instances", []):
+            ec2_backends[ACCOUNT]["us-east-1"].get_instance(item["InstanceId"]).nics[0].public_ip = "127.0.0.1"
+
+    provider.event_handlers.append(("after-call.ec2.RunInstances", loopback))
+    spec = make_spec(tmp_path)
+    spec.ssh.port = silent.getsockname()[1]
+    sent: list[float] = []
+
+    def say(message: str) -> None:
+        if message.startswith("waiting for SSH on"):
+
+            def interrupt() -> None:
+                sent.append(time.monotonic())
+                os.kill(os.getpid(), signal.SIGINT)
+
+            threading.Timer(0.3, interrupt).start()
+
+    record = new_record()
+    reporter = TimedSaid()
+    error: BaseException | None = None
+    try:
+        provider.acquire(spec, record, Saves(), say)
+    except BaseException as raised:  # noqa: BLE001 - KeyboardInterrupt must not reach pytest
+        error = rolled_back(raised, provider, Connections(), record, [], reporter, Saves(), "acquiring machines")
+    finally:
+        silent.close()
+    assert sent, "the SSH wait never started"
+    assert isinstance(error, Interrupted), repr(error)
+    assert str(error).startswith("launch of exp-abc123 interrupted while waiting for SSH")
+    answered_at, first = reporter[0]
+    assert first == "interrupted, removing what it created…"
+    assert answered_at - sent[0] < 2.0, f"answered {answered_at - sent[0]:.1f}s after Ctrl-C"
+    assert any("terminating 1 instance(s)" in line for _, line in reporter)
+    assert leftovers(session, recorder) == []
