@@ -513,6 +513,11 @@ def _agent_mode(
     help="With --orphans: where to look (repeatable; default: the regions of known runs).",
 )
 @click.option("--profile", metavar="NAME", help="With --orphans or --store: the AWS profile to use here.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="A run whose record here is damaged: rebuild it from the store's copy or the run directory, then tear down.",
+)
 @click.option("--json", "json_mode", is_flag=True, help="Print one JSON document.")
 def teardown(
     names: tuple[str, ...],
@@ -524,11 +529,12 @@ def teardown(
     store_url: str | None,
     regions: tuple[str, ...],
     profile: str | None,
+    force: bool,
     json_mode: bool,
 ) -> None:
     """Final sync, stop the job, release everything the run created."""
     from gpurun import runs
-    from gpurun.app.teardown import check_can_end_here
+    from gpurun.app.teardown import check_can_end_here, recover_damaged
     from gpurun.app.teardown import teardown as do_teardown
 
     ui = _ui(json_mode)
@@ -564,6 +570,8 @@ def teardown(
     if not names:
         raise BadInput("teardown needs RUN names, --all or --orphans")
     for name in names:
+        if force:
+            recover_damaged(name, ui)
         # Unknown names, and runs this computer cannot reach, are bad input before anything is touched.
         check_can_end_here(runs.load_here_or_from_store(name, store_url, profile))
     if not yes and not _confirm(f"Tear down {', '.join(names)}?"):

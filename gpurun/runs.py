@@ -22,6 +22,8 @@ from typing import Any
 from gpurun import paths
 from gpurun.errors import GpurunError, UnknownRun
 
+# A record is a few kB; one far larger is not read whole (salvage reads its start).
+MAX_RECORD_BYTES = 16 * 1024 * 1024
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}(/rank-[0-9]+)?")
 STATES = ("launching", "running", "succeeded", "failed", "interrupted", "ended")
 _ALPHABET = string.ascii_lowercase + string.digits
@@ -175,7 +177,40 @@ def load(run: str) -> dict[str, Any]:
         return _checked(json.loads(data), run)
     except ValueError as error:
         why = str(error) if isinstance(error, _Malformed) else "not valid JSON"
-        raise GpurunError(f"run record {path} is corrupt ({why}); move it away to continue") from None
+        raise GpurunError(
+            f"run record {path} is corrupt ({why}); `gpurun teardown {run} --force` ends the run from what survives"
+        ) from None
+
+
+# A top-level string field as `save` writes it (indent=1: one space before a top-level key).
+_TOP_LEVEL_STRING = re.compile(rb'^ "(run|provider|store|created_at|owner|state)": "((?:[^"\\\n]|\\.){0,4096})"', re.M)
+
+
+def salvage(run: str) -> dict[str, str]:
+    """The top-level text fields still readable in a damaged (truncated, corrupt) record of `run`."""
+    check_name(run)
+    try:
+        data = record_path(run).read_bytes()[:MAX_RECORD_BYTES]
+    except OSError:
+        return {}
+    found: dict[str, str] = {}
+    for match in _TOP_LEVEL_STRING.finditer(data):
+        key = match.group(1).decode()
+        try:
+            value = json.loads(b'"' + match.group(2) + b'"')
+        except ValueError:
+            continue
+        if isinstance(value, str) and key not in found:
+            found[key] = value
+    return found
+
+
+def set_aside(run: str) -> Path:
+    """Move a damaged record out of the way (kept for a person to read); returns where it went."""
+    path = record_path(run)
+    aside = path.with_name(f"{path.name}.damaged-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}")
+    os.replace(path, aside)
+    return aside
 
 
 def load_from_store(run: str, store_url: str, profile: str | None = None) -> dict[str, Any]:

@@ -90,3 +90,59 @@ def test_a_malformed_aws_credentials_file_is_one_line_naming_it(
     assert f"{credentials} line 3" in lines[0]
     assert "Traceback" not in done.stderr and "wJalr" not in done.stderr
     assert not paths.runs_dir().exists() or not any(paths.runs_dir().glob("*.json"))
+
+
+LONG_JOB = """\
+import json, os, signal, sys, time
+checkpoints = os.environ["GPURUN_CHECKPOINT_DIR"]
+os.makedirs(checkpoints, exist_ok=True)
+with open(os.path.join(checkpoints, "state.json"), "w") as handle:
+    json.dump({"epoch": 1}, handle)
+print("started", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("store_copy", [True, False], ids=["store-copy", "run-dir-only"])
+def test_teardown_force_stops_the_live_job_of_a_truncated_record(
+    tmp_path: Path, gpurun_home: Path, store_copy: bool
+) -> None:
+    import json
+    import shutil
+
+    from tests.helpers import gpurun_json, process_alive
+
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "job.py").write_text(LONG_JOB)
+    spec = tmp_path / "experiment.yaml"
+    spec.write_text(
+        f"name: damaged\nworkdir: code\nrun: {sys.executable} job.py\ncheckpoint: {{dir: ckpt, every: 1s, resume: never}}\n"
+    )
+    run = gpurun_json("launch", str(spec))["run"]
+    run_dir = paths.local_runs_dir() / run
+    job_pid = int((run_dir / "job.pid").read_text())
+    agent_pid = int((run_dir / "agent.pid").read_text())
+    record_file = paths.runs_dir() / f"{run}.json"
+    data = record_file.read_bytes()
+    record_file.write_bytes(data[: len(data) // 3])  # cut short, as a full disk or a crash leaves it
+    if not store_copy:
+        shutil.rmtree(gpurun_home / "store" / run)
+
+    refused = gpurun("teardown", run, "--yes", check=False)
+    assert refused.returncode == 1 and "--force" in refused.stderr and process_alive(job_pid)
+
+    done = gpurun("teardown", run, "--yes", "--force", "--json", check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["runs"][0]["run"] == run
+    wait_until(lambda: not process_alive(job_pid), timeout=30, what="the job to stop")
+    wait_until(lambda: not process_alive(agent_pid), timeout=30, what="the agent to stop")
+    warning = [line for line in done.stderr.splitlines() if "was damaged" in line]
+    assert len(warning) == 1 and "not recovered:" in warning[0]
+    if store_copy:
+        assert "run.json" in warning[0] and "changes since launch" in warning[0]
+    else:
+        assert str(run_dir) in warning[0] and "the spec" in warning[0] and "the job history" in warning[0]
+    assert [p.name for p in paths.runs_dir().glob(f"{run}.json.damaged-*")], "the damaged record is kept aside"
+    assert not run_dir.exists()
+    assert gpurun_json("status", run)[0]["state"] == "ended"

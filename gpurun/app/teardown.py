@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from gpurun import jobs, paths, runs
 from gpurun.app import common, connections
 from gpurun.app.reporter import Reporter
-from gpurun.errors import BadInput, GpurunError, Interrupted, TransportError
+from gpurun.errors import BadInput, GpurunError, Interrupted, TransportError, UnknownRun
 from gpurun.providers import get_provider
 from gpurun.store import snapshots as snaps
 
@@ -35,6 +35,75 @@ def check_can_end_here(record: dict[str, Any]) -> None:
             "which alone holds its way in: tear it down there"
         )
     get_provider("aws").check_access(record)
+
+
+def recover_damaged(run: str, ui: Reporter) -> None:
+    """For `teardown --force`: a record here that no longer reads (truncated, corrupt) is rebuilt
+    from what survives it, so the run's job can still be found and stopped.
+
+    First the copy in the run's store (written at launch: the whole spec and its machines),
+    else, for a local run, its run directory and pid files. The damaged file is kept beside
+    the records; what could not be recovered is said.
+    """
+    try:
+        runs.load(run)
+        return
+    except UnknownRun:
+        return
+    except GpurunError:
+        pass
+    salvaged = runs.salvage(run)
+    store_url = salvaged.get("store") or paths.default_store_url()
+    record: dict[str, Any] | None = None
+    lost: list[str] = []
+    try:
+        record = {key: value for key, value in runs.load_from_store(run, store_url).items() if key != "source"}
+        record["store"] = store_url
+        lost = ["changes since launch (jobs started with exec, machine states)"]
+        found = f"its copy in {store_url}/{run}/run.json"
+    except GpurunError:
+        local_dir = paths.local_runs_dir() / run
+        if salvaged.get("provider", "local") == "local" and local_dir.is_dir():
+            record = _local_record_from(run, local_dir, salvaged, store_url)
+            lost = ["the spec", "the job history", "the last checkpoint"]
+            found = f"its run directory {local_dir}"
+    if record is None:
+        provider = salvaged.get("provider", "unknown")
+        hint = (
+            "`gpurun teardown --orphans` finds its AWS resources by their gpurun:run tag"
+            if provider in ("aws", "unknown")
+            else "stop its job on the machine by hand (`kill -- -$(cat ~/gpurun/RUN/job.pid)`)"
+        )
+        raise GpurunError(
+            f"run record {runs.record_path(run)} is damaged and {store_url} holds no copy of {run}; "
+            f"the provider ({provider}) and its machines cannot be recovered from here: {hint}"
+        )
+    aside = runs.set_aside(run)
+    runs.save(record)
+    ui.warn(
+        f"run record of {run} was damaged (kept at {aside}); recovered from {found}; not recovered: {', '.join(lost)}"
+    )
+
+
+def _local_record_from(run: str, local_dir: Any, salvaged: dict[str, str], store_url: str) -> dict[str, Any]:
+    """A local run as its directory shows it: enough to stop its job and agent and remove it."""
+    return {
+        "run": run,
+        "provider": "local",
+        "state": "running",
+        "exit_code": None,
+        "created_at": salvaged.get("created_at") or runs.now_iso(),
+        "owner": salvaged.get("owner", "unknown"),
+        "store": store_url,
+        # Unknown: the agent, sent SIGTERM, takes its final snapshot with the settings it was started with.
+        "spec": {"checkpoint": {}, "aws": {}, "env": {}},
+        "machines": [{"rank": 0, "run_dir": str(local_dir), "state": "running"}],
+        "resources": {},
+        "jobs": [],
+        "last_checkpoint": None,
+        "cost_usd": None,
+        "recovered": "partial",
+    }
 
 
 def _adopt(record: dict[str, Any], store_url: str) -> dict[str, Any]:
@@ -166,8 +235,9 @@ def _stop_machine(
     local = record["provider"] == "local"
     transport = conns.connect(record, machine)
     final = None
+    partial = record.get("recovered") == "partial"
     with transport:
-        if not final_sync:
+        if not final_sync and not partial:
             jobs.signal_group(transport, run_dir, "agent", "KILL")
         state = jobs.read_state_here(run_dir) if local else jobs.read_state(transport, run_dir)
         before = (state.get("agent") or {}).get("last_seq")
@@ -189,7 +259,8 @@ def _stop_machine(
                 runs.end_job(record, ending, state["exit_code"], state.get("ended_at"))
             elif state["job_started"]:
                 runs.end_job(record, "killed")
-        if final_sync and machine in common.agent_machines(record):
+        # A partly recovered record lacks the agent's settings: SIGTERM below makes it take its final snapshot.
+        if final_sync and not partial and machine in common.agent_machines(record):
             final = wait_for_final_snapshot(record, machine, transport, ui, before)
         jobs.stop(transport, run_dir, "agent", grace=10, here=local)
         # The secrets go whatever else is kept (--keep-files keeps code, logs and checkpoints).
