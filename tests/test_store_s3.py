@@ -154,11 +154,11 @@ def test_unchanged_snapshot_sends_zero_bytes(s3_bucket: str, tmp_path: Path) -> 
     second = snapshots.write_snapshot(store, "run", unchanged, previous=previous)
 
     assert second["seq"] == 2 and second["sent_bytes"] == 0 and second["bytes"] == first["bytes"]
-    ops = recorder.ops("/snapshots/000002/")
-    assert not {"PutObject", "UploadPart", "HeadObject"} & set(ops), ops
-    assert ops.count("CopyObject") == 12 and ops.count("UploadPartCopy") == 2
-    sent = sum(size for url, size in recorder.body_bytes if "/snapshots/000002/" in url)
-    assert sent < 2000, "only the small CompleteMultipartUpload body, no file content"
+    # No request per file: the manifest refers to the objects where snapshot 1 wrote them.
+    assert recorder.ops("/snapshots/000002/") == []
+    assert not {"CopyObject", "UploadPartCopy", "HeadObject"} & set(recorder.ops()), recorder.ops()
+    assert len(recorder.calls) <= 8, recorder.ops()
+    assert {e["seq"] for e in second["manifest"]["files"]} == {1}
     out = tmp_path / "restored"
     snapshots.download_snapshot(store, "run", out, seq=2)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == data
@@ -299,13 +299,52 @@ def test_prune_keeps_the_newest_and_latest(s3_bucket: str, tmp_path: Path) -> No
 
     assert snapshots.prune(store, "run", keep=2) == [1, 2, 3]
     assert [s["seq"] for s in snapshots.list_snapshots(store, "run")] == [4, 5]
-    assert {obj.key.split("/")[2][:6] for obj in store.list("run/snapshots/")} == {"000004", "000005"}
+    # fixed.bin never changed: snapshots 4 and 5 refer to snapshot 1's object, which stays.
+    left = {obj.key for obj in store.list("run/snapshots/") if obj.key.split("/")[2][:6] not in ("000004", "000005")}
+    assert left == {"run/snapshots/000001/fixed.bin"}
     out = tmp_path / "out"
     snapshots.download_snapshot(store, "run", out)
     assert (out / "step.bin").read_bytes() == b"4" * 50
     # keep=1 never removes what LATEST points to, even when the newest manifest is above it.
     assert snapshots.prune(store, "run", keep=1) == [4]
     assert [s["seq"] for s in snapshots.list_snapshots(store, "run")] == [5]
+
+
+def test_prune_never_deletes_an_object_a_kept_manifest_refers_to(s3_bucket: str, tmp_path: Path) -> None:
+    store = S3Store(s3_bucket)
+    previous = None
+    frozen = {f"frozen/{i}.bin": bytes([i]) * 300 for i in range(3)}
+    for step in range(4):
+        data = {**frozen, "step.bin": str(step).encode() * 50}
+        result = snapshots.write_snapshot(store, "run", stage(tmp_path / str(step), data), previous=previous)
+        previous = result["manifest"]
+        snapshots.prune(store, "run", keep=1)
+        # Each LATEST restores whole after every prune, its unchanged files read from snapshot 1's folder.
+        out = tmp_path / f"out-{step}"
+        snapshots.download_snapshot(store, "run", out)
+        assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == data
+    assert {e["path"]: e.get("seq") for e in previous["files"]} == {**dict.fromkeys(frozen, 1), "step.bin": None}
+
+    # Once a frozen file changes and the snapshots naming the old object are pruned, the object goes too.
+    data = {**frozen, "frozen/0.bin": b"thawed", "step.bin": b"last"}
+    snapshots.write_snapshot(store, "run", stage(tmp_path / "last", data), previous=previous)
+    snapshots.prune(store, "run", keep=1)
+    keys = {obj.key for obj in store.list("run/snapshots/000001/")}
+    assert keys == {"run/snapshots/000001/frozen/1.bin", "run/snapshots/000001/frozen/2.bin"}
+
+
+def test_an_unchanged_snapshot_costs_a_few_requests_not_one_per_file(s3_bucket: str, tmp_path: Path) -> None:
+    store = S3Store(s3_bucket)
+    data = contents(9, [f"shard-{i % 7}/t-{i:04d}.bin" for i in range(300)], size=(10, 200))
+    first = snapshots.write_snapshot(store, "run", stage(tmp_path / "a", data), previous=None)
+    unchanged = [StagedFile(e["path"], e["size"], e["sha256"], None) for e in first["manifest"]["files"]]
+    recorder = Recorder(store)
+    second = snapshots.write_snapshot(store, "run", unchanged, previous=first["manifest"])
+    # list used numbers, claim, list snapshot 1's folder, manifest, read LATEST, write LATEST
+    assert len(recorder.calls) <= 7, recorder.ops()
+    assert second["sent_bytes"] == 0
+    snapshots.download_snapshot(store, "run", tmp_path / "out")
+    assert len(list((tmp_path / "out").rglob("*.bin"))) == 300
 
 
 # -- runs listing -------------------------------------------------------------------
@@ -563,9 +602,19 @@ def test_sigkill_at_random_moments_never_breaks_latest(s3_bucket: str, tmp_path:
     result = snapshots.write_snapshot(store, "run", stage(tmp_path / "last", {"final.bin": b"done"}), previous=previous)
     assert result["seq"] > pointer["seq"]
     snapshots.prune(store, "run", keep=2)
-    started = {int(obj.key.split("/")[2][:6]) for obj in store.list("run/snapshots/")}
     complete = [s["seq"] for s in snapshots.list_snapshots(store, "run")]
     assert complete[-1] == result["seq"] and len(complete) == 2
-    assert started - set(complete) <= {seq for seq in started if seq > result["seq"]}
+    # Of every other number below, only the objects a kept manifest still refers to are left.
+    referenced = {
+        snapshots.object_key("run", snapshots.stored_in(entry, seq), entry["path"])
+        for seq in complete
+        for entry in snapshots.read_manifest(store, "run", seq)["files"]
+    }
+    leftover = {
+        obj.key
+        for obj in store.list("run/snapshots/")
+        if int(obj.key.split("/")[2][:6]) not in complete and int(obj.key.split("/")[2][:6]) < result["seq"]
+    }
+    assert leftover <= referenced
     snapshots.download_snapshot(store, "run", tmp_path / "final")
     assert (tmp_path / "final" / "final.bin").read_bytes() == b"done"

@@ -205,7 +205,10 @@ def test_a_corrupt_latest_is_repaired_from_the_manifests_and_the_agent_goes_on(
     assert snaps.latest(store, "r1")["seq"] == 4
     assert status["last_sent_bytes"] == 1000, "frozen.bin is copied inside the store, not sent again"
     assert [s["seq"] for s in snaps.list_snapshots(store, "r1")] == [2, 4]  # keep 2 prunes again
-    assert not [obj.key for obj in store.list("r1/snapshots/") if "/000003" in obj.key or "/000001" in obj.key]
+    # Only what snapshot 4 still refers to (frozen.bin, unchanged since snapshot 1) stays of the older folders.
+    assert [obj.key for obj in store.list("r1/snapshots/") if "/000003" in obj.key or "/000001" in obj.key] == [
+        "r1/snapshots/000001/frozen.bin"
+    ]
 
 
 def without_root_read_override() -> None:

@@ -49,6 +49,22 @@ def seq_dir(seq: int) -> str:
     return f"snapshots/{seq:06d}"
 
 
+def stored_in(entry: dict[str, Any], manifest_seq: int) -> int:
+    """The snapshot whose folder holds this manifest entry's object.
+
+    An entry unchanged since an earlier snapshot names that snapshot in `seq`
+    instead of being copied: the object stays where it was first written.
+    """
+    source = entry.get("seq", manifest_seq)
+    if not isinstance(source, int) or isinstance(source, bool) or not 1 <= source <= manifest_seq:
+        raise StoreError(f"snapshot {manifest_seq}: {entry.get('path')!r} refers to snapshot {source!r}")
+    return source
+
+
+def object_key(run: str, source_seq: int, path: str) -> str:
+    return f"{run}/{seq_dir(source_seq)}/{path}"
+
+
 class InvalidLatest(StoreError):
     """LATEST is there but says nothing usable: `repair_latest` rebuilds it from the manifests."""
 
@@ -95,8 +111,11 @@ def _complete(manifest: Any, run: str, seq: int, sizes: dict[str, int]) -> bool:
     if not isinstance(manifest, dict) or manifest.get("seq") != seq or not isinstance(manifest.get("files"), list):
         return False
     try:
-        return all(sizes.get(f"{run}/{seq_dir(seq)}/{entry['path']}") == entry["size"] for entry in manifest["files"])
-    except (TypeError, KeyError):
+        return all(
+            sizes.get(object_key(run, stored_in(entry, seq), entry["path"])) == entry["size"]
+            for entry in manifest["files"]
+        )
+    except (TypeError, KeyError, AttributeError, StoreError):
         return False
 
 
@@ -179,8 +198,9 @@ def write_snapshot(
     `links` (path -> relative target, both inside the checkpoint directory) go
     into the manifest as they are: a restore makes them links again.
 
-    Files equal to the previous snapshot's are copied inside the store (no
-    bytes sent). `before_commit` runs after every object is confirmed and
+    A file equal to the previous snapshot's is not sent or copied: its manifest
+    entry names (in `seq`) the earlier snapshot whose folder holds it, which
+    costs no request per file. `before_commit` runs after every object is confirmed and
     before the manifest: raising there abandons the snapshot. Returns the
     manifest summary with `sent_bytes` and the whole `manifest` added.
     """
@@ -208,13 +228,14 @@ def write_snapshot(
 
     prefix = f"{run}/{seq_dir(seq)}/"
     uploads: list[tuple[str, str]] = []
-    copies: list[tuple[str, str]] = []
+    # path -> the earlier snapshot whose folder already holds that exact object.
+    references: dict[str, int] = {}
     sent = 0
     for item in files:
         old = previous_files.get(item.path)
         if old and old["sha256"] == hashes.get(item.path) and old["size"] == item.size:
             assert previous is not None  # previous_files is empty without it
-            copies.append((f"{run}/{seq_dir(previous['seq'])}/{item.path}", prefix + item.path))
+            references[item.path] = stored_in(old, previous["seq"])
         elif item.local_path is None:
             raise StoreError(f"{item.path}: no staged copy and no identical file in the previous snapshot")
         else:
@@ -230,7 +251,6 @@ def write_snapshot(
             if item.path not in hashes and item.local_path is not None
         }
         store.put_files(uploads, if_absent=True, progress=progress)
-        store.copy_many(copies)
         hashes.update({path: future.result() for path, future in pending.items()})
     finally:
         # After a failed upload, a big file's hash stops at its next chunk: the
@@ -238,13 +258,15 @@ def write_snapshot(
         abandon.set()
         pool.shutdown(wait=False, cancel_futures=True)
 
-    # Confirm every object before the manifest makes the snapshot visible.
-    stored = {obj.key: obj.size for obj in store.list(prefix)}
+    # Confirm every object before the manifest makes the snapshot visible, the
+    # referenced ones too (one listing per folder, not a request per file).
+    stored = {obj.key: obj.size for obj in store.list(prefix)} if uploads else {}
+    for source in sorted(set(references.values())):
+        stored.update((obj.key, obj.size) for obj in store.list(f"{run}/{seq_dir(source)}/"))
     for item in files:
-        if stored.get(prefix + item.path) != item.size:
-            raise StoreError(
-                f"{store.url}/{prefix}{item.path}: stored size {stored.get(prefix + item.path)} != {item.size}"
-            )
+        key = object_key(run, references.get(item.path, seq), item.path)
+        if stored.get(key) != item.size:
+            raise StoreError(f"{store.url}/{key}: stored size {stored.get(key)} != {item.size}")
     if before_commit is not None:
         before_commit()  # the stager checks that nothing it held was written while it was read
     manifest = {
@@ -252,7 +274,9 @@ def write_snapshot(
         "run": run,
         "at": now_iso(),
         "files": [
-            {"path": f.path, "size": f.size, "sha256": hashes[f.path]} for f in sorted(files, key=lambda f: f.path)
+            {"path": f.path, "size": f.size, "sha256": hashes[f.path]}
+            | ({"seq": references[f.path]} if f.path in references else {})
+            for f in sorted(files, key=lambda f: f.path)
         ],
         "bytes": sum(f.size for f in files),
         "sent_bytes": sent,
@@ -279,7 +303,10 @@ def _hash_files(items: list[StagedFile]) -> dict[str, str]:
 def prune(store: ObjectStore, run: str, keep: int) -> list[int]:
     """Remove all but the newest `keep` complete snapshots, and abandoned partial ones.
 
-    Runs only against the LATEST already written, and never removes it.
+    Runs only against the LATEST already written, and never removes it. An
+    object that a remaining manifest refers to (an unchanged file first
+    written by an older snapshot) stays in its folder until no manifest
+    names it. Returns the snapshots from which something was removed.
     """
     pointer = latest(store, run)
     if pointer is None:
@@ -297,20 +324,41 @@ def prune(store: ObjectStore, run: str, keep: int) -> list[int]:
             seen.add(int(match.group(1)))
     kept = set(sorted(seq for seq in complete if seq <= latest_seq)[-keep:]) | {latest_seq}
     # Partial snapshots above LATEST may be in flight in another writer: leave them.
-    doomed = sorted(seq for seq in seen if seq not in kept and seq < latest_seq)
+    doomed = {seq for seq in seen if seq not in kept and seq < latest_seq}
     if not doomed:
         return []
-    doomed_set = set(doomed)
+    referenced = _referenced_elsewhere(store, run, sorted(complete - doomed))
+    if referenced is None:
+        return []  # a remaining manifest cannot be read: what it needs is unknown, so delete nothing
     keys: list[str] = []
     manifests: list[str] = []
+    pruned: set[int] = set()
     for obj in objects:
         match = _SEQ_ANY.match(obj.key[len(run) + 1 :])
-        if match and int(match.group(1)) in doomed_set:
-            # Manifests go last so a half-done prune never leaves a manifest without files.
+        if match and int(match.group(1)) in doomed and obj.key not in referenced:
+            pruned.add(int(match.group(1)))
+            # Manifests go first so a half-done prune never leaves a manifest without files.
             (manifests if obj.key.endswith(".manifest.json") else keys).append(obj.key)
     store.delete(manifests)
     store.delete(keys)
-    return doomed
+    return sorted(pruned)
+
+
+def _referenced_elsewhere(store: ObjectStore, run: str, seqs: list[int]) -> set[str] | None:
+    """Keys of objects in other snapshots' folders that the manifests of `seqs` refer to."""
+    referenced: set[str] = set()
+    for seq in seqs:
+        try:
+            manifest = read_manifest(store, run, seq)
+            if manifest is None:
+                continue  # removed meanwhile: it needs nothing
+            for entry in manifest["files"]:
+                source = stored_in(entry, seq)
+                if source != seq:
+                    referenced.add(object_key(run, source, entry["path"]))
+        except (ValueError, TypeError, KeyError, AttributeError, StoreError):
+            return None
+    return referenced
 
 
 def resolve_seq(store: ObjectStore, run: str, seq: int | None) -> dict[str, Any]:
