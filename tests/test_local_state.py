@@ -146,3 +146,97 @@ def test_teardown_force_stops_the_live_job_of_a_truncated_record(
     assert [p.name for p in paths.runs_dir().glob(f"{run}.json.damaged-*")], "the damaged record is kept aside"
     assert not run_dir.exists()
     assert gpurun_json("status", run)[0]["state"] == "ended"
+
+
+FILL_AND_RUN = r"""
+set -e
+runs="$1"; saved="$2"; shift 2
+cp -a "$runs" "$saved"
+mount -t tmpfs -o size=64k,mode=0700 tmpfs "$runs"
+cp -a "$saved"/. "$runs"/
+dd if=/dev/zero of="$runs/.filler" bs=1k 2>/dev/null || true
+exec "$@"
+"""
+
+
+def _can_mount_tmpfs() -> bool:
+    """A user and mount namespace where this user may mount a small tmpfs (a real full file system)."""
+    import shutil
+
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs -o size=8k tmpfs /mnt"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+def _on_a_full_disk(how: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`gpurun ARGS` with the records' directory on a full file system.
+
+    tmpfs: a 64 KiB tmpfs over $GPURUN_HOME/runs in a private mount namespace, filled up
+    (ENOSPC, as a real full disk). rlimit: where no namespace may be made, RLIMIT_FSIZE=0
+    fails every write of a byte (EFBIG, SIGXFSZ ignored) in the gpurun process.
+    """
+    command = [sys.executable, "-m", "gpurun", *args]
+    if how == "tmpfs":
+        command = [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            FILL_AND_RUN,
+            "fill",
+            str(paths.runs_dir()),
+            str(tmp_path / "runs-before"),
+            *command,
+        ]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+
+    def limited() -> None:
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO, preexec_fn=limited)
+
+
+@pytest.mark.parametrize("how", ["tmpfs", "rlimit"])
+def test_status_works_on_a_full_disk_and_launch_names_the_full_path(
+    how: str, tmp_path: Path, gpurun_home: Path
+) -> None:
+    import json
+
+    from tests.helpers import gpurun_json
+
+    if how == "tmpfs" and not _can_mount_tmpfs():
+        pytest.skip("no user+mount namespace here to mount a small tmpfs; the rlimit case covers the write path")
+    code = tmp_path / "code"
+    code.mkdir()
+    spec = tmp_path / "experiment.yaml"
+    spec.write_text("name: fulldisk\nworkdir: code\nrun: echo done\ncheckpoint: {resume: never}\n")
+    run = gpurun_json("launch", str(spec))["run"]
+    # The job ends; no status has read it yet, so the record still says running: status wants to write.
+    wait_until(lambda: (paths.local_runs_dir() / run / "job.exit").exists(), what="the job to end")
+    assert json.loads((paths.runs_dir() / f"{run}.json").read_text())["state"] == "running"
+
+    status = _on_a_full_disk(how, tmp_path, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    [shown] = json.loads(status.stdout)
+    assert (shown["run"], shown["state"], shown["exit_code"]) == (run, "succeeded", 0)
+    assert "Traceback" not in status.stderr
+
+    launch = _on_a_full_disk(how, tmp_path, "launch", str(spec))
+    assert launch.returncode == 1, launch.stderr
+    [error] = [line for line in launch.stderr.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in launch.stderr
+    if how == "tmpfs":
+        assert f"cannot write {paths.runs_dir()}/" in error and "no space left on the device" in error, error
+    else:
+        assert "cannot write" in error and "file too large" in error, error
+    gpurun("teardown", run, "--yes")

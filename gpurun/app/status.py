@@ -74,7 +74,11 @@ def reconcile(record: dict[str, Any], loaded: str | None = None, problems: list[
             except GpurunError:
                 unchanged = False
             if unchanged:
-                runs.save(record)
+                try:
+                    runs.save(record)
+                except GpurunError:
+                    # Reading must work on a full disk: what status learned is shown, and saved next time.
+                    pass
     return record
 
 
