@@ -396,3 +396,77 @@ def test_sigint_during_the_ssh_wait_is_answered_at_once(session, recorder, pytho
     assert answered_at - sent[0] < 2.0, f"answered {answered_at - sent[0]:.1f}s after Ctrl-C"
     assert any("terminating 1 instance(s)" in line for _, line in reporter)
     assert leftovers(session, recorder) == []
+
+
+# -- status after AWS took the machine -----------------------------------------------------------------
+
+
+def test_a_reclaimed_run_keeps_its_last_checkpoint_and_its_cost(session, recorder, tmp_path, capsys, monkeypatch):
+    from datetime import datetime, timedelta, timezone
+
+    from gpurun import runs
+    from gpurun.app import status as status_module
+    from tests.test_aws_provider import launch
+
+    provider = make_provider(recorder)
+    monkeypatch.setattr(status_module, "get_provider", lambda name: provider)
+    record, machines, _ = launch(provider, make_spec(tmp_path))
+    store = tmp_path / "store"
+    (store / record["run"]).mkdir(parents=True)
+    at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    (store / record["run"] / "LATEST").write_text(json.dumps({"seq": 2, "at": at, "bytes": 4096}))
+    record.update(state="running", store=f"file://{store}")
+    runs.save(record)
+    recorder.launch_shift = timedelta(hours=1)
+    session.client("ec2").terminate_instances(InstanceIds=[machines[0]["instance_id"]])  # the spot reclaim
+
+    code, out, err = cli(capsys, "status", "--json")
+    assert code == 0, err
+    [shown] = json.loads(out)
+    assert shown["state"] == "interrupted"
+    assert shown["last_checkpoint"] == {"seq": 2, "at": at, "bytes": 4096}
+    assert shown["cost_usd"] == pytest.approx(1.006, rel=0.05)
+    saved = runs.load(record["run"])
+    assert saved["state"] == "interrupted" and saved["last_checkpoint"]["seq"] == 2
+    assert saved["cost_usd"] == shown["cost_usd"]
+
+    def vanished(model: Any, parsed: dict[str, Any], **_: Any) -> None:
+        if model.name == "DescribeInstances":
+            parsed["Reservations"] = []  # an hour later AWS no longer knows the instance
+
+    provider.event_handlers.append(("after-call", vanished))
+    provider._sessions.clear()
+    code, out, err = cli(capsys, "status", "--json")
+    [shown] = json.loads(out)
+    assert shown["instances"][0]["state"] == "gone"
+    assert shown["last_checkpoint"]["seq"] == 2
+    assert shown["cost_usd"] == pytest.approx(1.006, rel=0.05)
+
+
+def test_a_launching_run_whose_launcher_died_says_so_and_names_teardown(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from gpurun import runs
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    base = {
+        "provider": "local",
+        "state": "launching",
+        "exit_code": None,
+        "created_at": runs.now_iso(),
+        "store": f"file://{tmp_path}/store",
+        "machines": [],
+        "resources": {},
+    }
+    runs.save({**base, "run": "dead-000001", "launcher": {**runs.this_process(), "pid": finished.pid}})
+    runs.save({**base, "run": "live-000001", "launcher": runs.this_process()})
+    code, out, err = cli(capsys, "status")
+    assert code == 0, err
+    assert (
+        f"dead-000001 is still `launching` but the process that launched it (pid {finished.pid}) is gone: "
+        "`gpurun teardown dead-000001` removes what it created"
+    ) in err
+    assert "live-000001" not in err
+    assert "launching (launcher gone)" in out
