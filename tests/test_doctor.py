@@ -23,6 +23,7 @@ os.environ.setdefault("MOTO_ENABLE_KEYPAIR_VALIDATION", "true")
 
 import boto3  # noqa: E402
 import botocore.client  # noqa: E402
+import botocore.exceptions  # noqa: E402
 from moto import mock_aws  # noqa: E402
 
 from gpurun.cli import main  # noqa: E402
@@ -54,6 +55,8 @@ class Calls:
 
     def __init__(self) -> None:
         self.names: list[str] = []
+        #: What Service Quotas answers (moto has no Service Quotas): code -> vCPUs; missing: NoSuchResource.
+        self.quotas: dict[str, float] = {"L-DB2E81BA": 64.0, "L-417A185B": 0.0, "L-1216C47A": 32.0, "L-3819A6DF": 8.0}
 
     def mutating(self) -> list[str]:
         return [name for name in self.names if name.startswith(_MUTATING)]
@@ -67,6 +70,13 @@ def aws(monkeypatch: pytest.MonkeyPatch, moto_validation: None, ip_echo, gpurun_
 
     def recording(self, operation_name, api_params):
         calls.names.append(operation_name)
+        if operation_name == "GetServiceQuota":
+            code = api_params["QuotaCode"]
+            if code not in calls.quotas:
+                raise botocore.exceptions.ClientError(
+                    {"Error": {"Code": "NoSuchResourceException", "Message": "quota not found"}}, operation_name
+                )
+            return {"Quota": {"ServiceCode": "ec2", "QuotaCode": code, "Value": calls.quotas[code]}}
         return original(self, operation_name, api_params)
 
     with mock_aws():
@@ -320,3 +330,61 @@ def test_local_provider_checks_python_tar_and_store_without_creating_it(capsys, 
         assert code == 1 and checks["checkpoint store"]["result"] == "fail"
     finally:
         store.chmod(0o700)
+
+
+# -- what stops first launches: quotas; and the doctor's own reporting -----------------------------
+
+
+def test_vcpu_quota_below_what_the_launch_needs_fails_with_the_request_command(aws: Calls, capsys, tmp_path) -> None:
+    aws.quotas["L-DB2E81BA"] = 4.0
+    spec = write_spec(tmp_path, instance_type=["g5.2xlarge", "g5.xlarge", "p5.4xlarge"], nodes=2)
+    code, checks, err = run_json(capsys, str(spec))
+    assert code == 1
+    g = checks["vCPU quota: Running On-Demand G and VT instances"]
+    assert g["result"] == "fail"
+    assert g["detail"] == "4 vCPUs in us-east-1 (L-DB2E81BA); g5.2xlarge x2 needs 16"
+    assert g["fix"] == (
+        "aws service-quotas request-service-quota-increase --region us-east-1 --service-code ec2 "
+        "--quota-code L-DB2E81BA --desired-value 16"
+    )
+    p = checks["vCPU quota: Running On-Demand P instances"]
+    assert p["result"] == "fail" and p["detail"].startswith("0 vCPUs in us-east-1 (L-417A185B)")
+    assert "2 of " in err and "checks failed (vCPU quota: Running On-Demand G and VT instances, vCPU quota" in err
+
+    aws.quotas["L-DB2E81BA"] = 64.0
+    code, checks, err = run_json(capsys, str(write_spec(tmp_path, spot=True)))
+    spot = checks["vCPU quota: All G and VT Spot Instance Requests"]
+    assert code == 0 and spot["result"] == "pass" and "8 vCPUs in us-east-1 (L-3819A6DF)" in spot["detail"]
+
+
+def test_an_unreadable_quota_is_a_warning_that_names_the_permission(aws: Calls, capsys, tmp_path) -> None:
+    del aws.quotas["L-DB2E81BA"]
+    code, checks, _ = run_json(capsys, str(write_spec(tmp_path)))
+    check = checks["vCPU quota: Running On-Demand G and VT instances"]
+    assert code == 0 and check["result"] == "warn"
+    assert "could not read quota L-DB2E81BA" in check["detail"] and "servicequotas:GetServiceQuota" in check["fix"]
+
+
+def test_caller_ip_failure_keeps_the_reason_in_the_detail_and_the_fix_apart(aws: Calls, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPURUN_IP_ECHO_URLS", "http://127.0.0.1:9/a http://127.0.0.1:9/b")
+    code, checks, err = run_json(capsys, str(write_spec(tmp_path)))
+    check = checks["caller IP (aws.ssh_cidr)"]
+    assert check["result"] == "fail"
+    assert check["detail"].startswith("aws.ssh_cidr: could not find your public IP (http://127.0.0.1:9/a: ")
+    assert "http://127.0.0.1:9/b" in check["detail"]
+    assert check["fix"] == "set it with --set aws.ssh_cidr=<your-ip>/32"
+    code, out, _ = run_cli(capsys, "doctor", str(write_spec(tmp_path)))
+    [row] = [line for line in out.splitlines() if line.startswith("caller IP")]
+    assert row.endswith(". FIX: set it with --set aws.ssh_cidr=<your-ip>/32")
+
+
+def test_skipped_checks_are_not_counted_as_failures(aws: Calls, capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    code, checks, err = run_json(capsys, str(write_spec(tmp_path)))
+    failed = [name for name, check in checks.items() if check["result"] == "fail"]
+    skipped = [name for name, check in checks.items() if check["result"] == "skip"]
+    assert code == 1 and failed == ["aws credentials"] and len(skipped) >= 3
+    assert err.startswith(
+        f"error: 1 of {len(checks)} checks failed (aws credentials); {len(skipped)} skipped until it passes"
+    )

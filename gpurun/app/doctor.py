@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from gpurun.errors import BadInput, GpurunError
 
 if TYPE_CHECKING:
+    from gpurun.providers.aws.instance_types import TypeInfo
     from gpurun.providers.aws.session import Aws
     from gpurun.spec import Spec
     from gpurun.ssh_config import SshTarget
@@ -83,10 +84,18 @@ def _message(error: BaseException) -> str:
 
 
 def split_fix(message: str, default_fix: str) -> tuple[str, str]:
-    """gpurun's messages read "what is wrong; what to do": cut them there."""
-    detail, sep, fix = message.partition("; ")
-    if sep and fix.strip():
-        return detail.strip(), fix.strip()
+    """gpurun's messages read "what is wrong; what to do": cut them at the last "; " outside
+    brackets (what is wrong may itself list causes, "(a: refused; b: timed out)")."""
+    depth, cut = 0, -1
+    for index, char in enumerate(message):
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth = max(0, depth - 1)
+        elif char == ";" and depth == 0 and message[index + 1 : index + 2] == " ":
+            cut = index
+    if cut > 0 and message[cut + 2 :].strip():
+        return message[:cut].strip(), message[cut + 2 :].strip()
     return message.strip(), default_fix
 
 
@@ -209,6 +218,7 @@ class Doctor:
         except Exception:
             offered = {}  # only used to warn about a type no zone offers
         arches: list[str] = []
+        infos: list[TypeInfo] = []
         for name in names:
             check = f"instance type {name}"
             try:
@@ -216,6 +226,7 @@ class Doctor:
             except Exception as error:
                 self.failed(check, _message(error), "use a type such as g5.xlarge or g6.xlarge")
                 continue
+            infos.append(info)
             if info.arch not in arches:
                 arches.append(info.arch)
             detail = info.describe()
@@ -236,6 +247,7 @@ class Doctor:
                 where = f"; offered in {len(in_zones)} zone(s)" if in_zones else ""
                 self.add(check, PASS, detail + where)
 
+        self.vcpu_quotas(aws, spec, infos)
         assumed = ""
         if not arches:
             arches, assumed = ["x86_64"], " (x86_64 assumed: no instance type could be checked)"
@@ -261,6 +273,55 @@ class Doctor:
                 )
             else:
                 self.add(check, PASS, detail)
+
+    def vcpu_quotas(self, aws: Aws, spec: Spec, infos: list[TypeInfo]) -> None:
+        """The per-family vCPU quota (Service Quotas) against what the launch needs.
+
+        New accounts often have 0 vCPUs for G and P: quotas stop more first launches
+        than anything else. Failover launches one type, so a family needs its largest.
+        """
+        from gpurun.providers.aws.requests import quota_for
+
+        settings = spec.aws
+        market = "spot" if settings.spot else "on-demand"
+        needs: dict[tuple[str, str | None], tuple[int, str]] = {}
+        for info in infos:
+            if not info.vcpus:
+                continue
+            key = quota_for(info.name, settings.spot)
+            need = info.vcpus * settings.nodes
+            if key not in needs or needs[key][0] < need:
+                needs[key] = (need, f"{info.name} x{settings.nodes}")
+        console = f"https://console.aws.amazon.com/servicequotas/home/services/ec2/quotas (region {aws.region})"
+        for (name, code), (need, what) in needs.items():
+            check = f"vCPU quota: {name}"
+            if code is None:
+                self.add(
+                    check, WARN, f"{what} needs {need} vCPUs ({market}); its quota code is not known here", console
+                )
+                continue
+            try:
+                answer = aws.client("service-quotas").get_service_quota(ServiceCode="ec2", QuotaCode=code)
+                limit = float(answer["Quota"]["Value"])
+            except Exception as error:
+                self.add(
+                    check,
+                    WARN,
+                    f"could not read quota {code} ({_message(error)}); {what} needs {need} vCPUs",
+                    f"allow servicequotas:GetServiceQuota, or look it up: {console}",
+                )
+                continue
+            shown = f"{limit:g} vCPUs in {aws.region} ({code}); {what} needs {need}"
+            if limit < need:
+                self.add(
+                    check,
+                    FAIL,
+                    shown,
+                    f"aws service-quotas request-service-quota-increase --region {aws.region} --service-code ec2 "
+                    f"--quota-code {code} --desired-value {need}",
+                )
+            else:
+                self.add(check, PASS, shown + " (running instances of the family count against it too)")
 
     def caller_ip(self, ssh_cidr: str) -> None:
         from gpurun.providers.aws.network import resolve_cidr
@@ -518,9 +579,14 @@ def diagnose(spec: Spec | None, on_check: Callable[[Check], None] | None = None)
 
 
 def summary(checks: list[Check]) -> str | None:
-    """None when every check passed (warnings allowed); else the one line the CLI prints."""
-    failed = [check.check for check in checks if not check.ok]
-    if not failed:
+    """None when every check passed (warnings allowed); else the one line the CLI prints.
+
+    Skipped checks are not failures: they wait on one that failed, and are counted apart.
+    """
+    failed = [check.check for check in checks if check.result == FAIL]
+    skipped = sum(1 for check in checks if check.result == SKIP)
+    if not failed and not skipped:
         return None
     shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
-    return f"{len(failed)} of {len(checks)} checks did not pass ({shown}); each failed check says how to fix it"
+    also = f"; {skipped} skipped until {'they pass' if len(failed) > 1 else 'it passes'}" if skipped else ""
+    return f"{len(failed)} of {len(checks)} checks failed ({shown}){also}; each failed check says how to fix it"

@@ -50,7 +50,7 @@ def detect_public_ip(timeout: float = 5.0) -> str:
         except (OSError, ValueError) as error:
             problems.append(f"{url}: {getattr(error, 'reason', error)}")
     raise BadInput(
-        f"aws.ssh_cidr: could not find your public IP ({'; '.join(problems)[:300]}); "
+        f"aws.ssh_cidr: could not find your public IP ({', '.join(problems)[:300]}); "
         "set it with --set aws.ssh_cidr=<your-ip>/32"
     )
 
