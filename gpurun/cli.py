@@ -297,9 +297,12 @@ def _status_table(ui: Ui, records: list[dict[str, Any]]) -> None:
 @click.option("--tail", type=click.IntRange(min=0), help="Start with the last N lines.")
 @click.option("--node", type=click.IntRange(min=0), help="Show one node's output (default: rank 0).")
 @click.option("--job", type=click.IntRange(min=1), help="Which job (default: the current one).")
-def logs(run: str, follow: bool, tail: int | None, node: int | None, job: int | None) -> None:
-    """The job's output (stdout and stderr)."""
-    code = _follow_logs(run, tail=tail, follow=follow, node=node, job=job)
+@click.option(
+    "--store", "store_url", metavar="URL", help="Read the output the agent kept in this store (works after teardown)."
+)
+def logs(run: str, follow: bool, tail: int | None, node: int | None, job: int | None, store_url: str | None) -> None:
+    """The job's output (stdout and stderr): from the machine while it lives, from the store after."""
+    code = _follow_logs(run, tail=tail, follow=follow, node=node, job=job, store_url=store_url)
     if code:
         raise SystemExit(code)
 
@@ -312,13 +315,20 @@ def _follow_logs(
     node: int | None = None,
     to_stderr: bool = False,
     job: int | None = None,
+    store_url: str | None = None,
 ) -> int:
     """Show the job's output; following, return the exit status the command ends with."""
     from gpurun.app.logs import follow_outcome, show_logs
 
     try:
         outcome = show_logs(
-            run, follow=follow, tail=tail, node=node, write=_stderr_bytes if to_stderr else None, job=job
+            run,
+            follow=follow,
+            tail=tail,
+            node=node,
+            write=_stderr_bytes if to_stderr else None,
+            job=job,
+            store_url=store_url,
         )
     except KeyboardInterrupt:
         click.echo(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -162,11 +163,16 @@ def test_checkpoint_sync_rejects_options_it_would_drop(capsys, args: list[str], 
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
 
 
-def test_logs_of_a_torn_down_local_run_says_so(capsys, spec: Path) -> None:
+def test_logs_of_a_torn_down_local_run_come_from_the_store_or_say_why_not(
+    capsys, spec: Path, gpurun_home: Path
+) -> None:
     code, out, _ = run_cli(capsys, "launch", str(spec), "--json")
     run = json.loads(out)["run"]
     code, _, _ = run_cli(capsys, "teardown", run, "--yes")
     assert code == 0
+    code, out, err = run_cli(capsys, "logs", run)
+    assert code == 0 and "[gpurun] run: python train.py" in out, err
+    shutil.rmtree(gpurun_home / "store" / run / "logs")
     code, out, err = run_cli(capsys, "logs", run)
     assert code == 2 and out == ""
     lines = err.strip().splitlines()

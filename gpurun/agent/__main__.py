@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path)
     parser.add_argument("--spot-notice", action="store_true")
     parser.add_argument("--once", action="store_true")
+    parser.add_argument("--job", type=int, help="ship this job's output (job.log) to <store>/<run>/logs/")
+    parser.add_argument("--logs-every", type=_duration, default=5.0, help="how often to ship the job's output")
     parser.add_argument("--region")
     parser.add_argument("--restore-from", help="restore this run's snapshot into --into, then exit")
     parser.add_argument("--seq", type=int)
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             spot_notice=args.spot_notice,
             once=args.once,
             store_options=store_options,
+            job=args.job if args.job is not None and args.job > 0 else None,
+            logs_every=max(args.logs_every, 1.0),
         )
         return run_agent(options)
     except GpurunError as error:

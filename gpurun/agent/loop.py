@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpurun.agent.logship import SHIP_EVERY, LogShipper
 from gpurun.agent.staging import HeldFileChanged, Stager
 from gpurun.errors import GpurunError
 from gpurun.store import open_store
@@ -44,6 +45,9 @@ class AgentOptions:
     spot_notice: bool = False
     once: bool = False
     store_options: dict[str, Any] | None = None
+    # Which job's output to ship to <store>/<run>/logs/job-NNNN/ (None: no shipping).
+    job: int | None = None
+    logs_every: float = SHIP_EVERY
 
 
 def log(message: str) -> None:
@@ -58,6 +62,11 @@ class Agent:
         run_dir = options.run_dir or options.watch.parent
         self.run_dir = run_dir
         self.stager = Stager(options.watch, run_dir / ".gpurun-staging")
+        self.logs = (
+            LogShipper(self.store, options.run, run_dir, options.job)
+            if options.job is not None and options.run_dir is not None
+            else None
+        )
         self.previous: dict[str, Any] | None = None
         self.stop_reason: str | None = None
         self.failures = 0
@@ -260,6 +269,15 @@ class Agent:
                 return
             time.sleep(min(self.backoff(), 10.0))
 
+    def ship_logs(self, reason: str) -> None:
+        """Put the job's new output into the store; a failure is logged and tried again next time."""
+        if self.logs is None:
+            return
+        try:
+            self.logs.ship()
+        except Exception as error:  # the snapshot is what must not be held up
+            log(f"{reason}: shipping the job's output failed: {str(error).splitlines()[0] if str(error) else error}")
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
@@ -271,16 +289,19 @@ class Agent:
             self._failed("start", f"cannot read the store: {error}")
         if self.options.once:
             self.final_sync("once")
+            self.ship_logs("once")
             self.write_status(state="stopped")
             return 0 if self.failures == 0 else 1
         started = time.monotonic()
         next_due = started + self.options.every
         next_spot = started
+        next_ship = started + self.options.logs_every
         spot_failures = 0
         while True:
             now = time.monotonic()
             if self.stop_reason:
                 self.final_sync(self.stop_reason)
+                self.ship_logs(self.stop_reason)
                 break
             nonce = self.pending_request()
             if nonce:
@@ -289,7 +310,9 @@ class Agent:
                 next_due = time.monotonic() + (self.options.every if self.failures == 0 else self.backoff())
                 continue
             if self.job_ended():
+                self.ship_logs("job exited")
                 self.final_sync("job exited")
+                self.ship_logs("job exited")
                 self.record_job_end()
                 break
             if self.job_never_started(now - started):
@@ -302,9 +325,14 @@ class Agent:
                     log(f"spot interruption notice: {notice}")
                     self.write_status(interrupted=notice)
                     (self.run_dir / "interrupted").write_text(json.dumps(notice))
+                    self.ship_logs("spot notice")
                     self.final_sync("spot notice")
+                    self.ship_logs("spot notice")
                     next_due = time.monotonic() + self.options.every
                     continue
+            if now >= next_ship:
+                self.ship_logs("scheduled")
+                next_ship = time.monotonic() + self.options.logs_every
             if now >= next_due:
                 self.sync_once("scheduled")
                 next_due = time.monotonic() + (self.options.every if self.failures == 0 else self.backoff())

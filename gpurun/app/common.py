@@ -79,6 +79,14 @@ def agent_arguments(record: dict[str, Any], machine: dict[str, Any], *, once: bo
         arguments.append("--spot-notice")
     if record["store"].startswith("s3://") and spec.get("aws", {}).get("region"):
         arguments += ["--region", spec["aws"]["region"]]
+    listed = record.get("jobs")
+    if (
+        isinstance(listed, list)
+        and listed
+        and isinstance(listed[-1], dict)
+        and isinstance(listed[-1].get("number"), int)
+    ):
+        arguments += ["--job", str(listed[-1]["number"])]
     if once:
         arguments.append("--once")
     return arguments

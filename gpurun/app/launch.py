@@ -372,15 +372,50 @@ def wait_for_setup(record: dict[str, Any], started: Started, ui: Reporter, poll:
                 if state["phase"] == "run":
                     del pending[rank]
                 elif state["exit_code"] is not None or (state["job_started"] and not state["job_alive"]):
-                    tail = transport.run(f"tail -n 5 {shlex.quote(machine['run_dir'])}/job.log").text.strip()
-                    last = tail.splitlines()[-2] if len(tail.splitlines()) > 1 else tail
-                    where = f" on node {rank}" if len(record["machines"]) > 1 else ""
-                    raise GpurunError(
-                        f"setup failed{where} with exit status {state['exit_code']} (log: {last[:200]!r})"
-                    )
+                    raise _setup_failed(record, transport, machine, state)
             if pending:
                 update(f"running setup on {len(pending)} node(s)")
                 time.sleep(poll)
+
+
+SETUP_TAIL_LINES = 20
+
+
+def _setup_failed(
+    record: dict[str, Any], transport: Transport, machine: dict[str, Any], state: dict[str, Any]
+) -> GpurunError:
+    """The error for a failed setup: its last lines under it, its whole output kept in the store first."""
+    import time
+
+    from gpurun.store.logs import chunk_key
+
+    run, rank = record["run"], machine.get("rank", 0)
+    log = f"{shlex.quote(machine['run_dir'])}/job.log"
+    # Only the end of the log is read back: the machine's output is untrusted.
+    tail = transport.run(f"tail -c 65536 {log} | tail -n {SETUP_TAIL_LINES + 1}").text.splitlines()
+    lines = [line for line in tail if not line.startswith("[gpurun] setup failed")][-SETUP_TAIL_LINES:]
+    job = runs.current_job(record)
+    number = job["number"] if job else 1
+    where_run = run if rank == 0 else f"{run}/rank-{rank}"
+    kept = f"{record['store']}/{where_run}/logs/job-{number:04d}/"
+    if machine in common.agent_machines(record):
+        # The agent ships the job's output when the job ends: let it finish before anything is removed.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and jobs.read_state(transport, machine["run_dir"])["agent_alive"]:
+            time.sleep(0.3)
+    else:
+        try:
+            data = transport.run(f"tail -c 1048576 {log}", timeout=120).stdout
+            common.open_run_store(record).put_bytes(chunk_key(where_run, number, 0), data)
+        except GpurunError:
+            kept = ""
+    where = f" on node {rank}" if len(record["machines"]) > 1 else ""
+    shown = f"its last {len(lines)} lines below" if lines else "it printed nothing"
+    stored = f"; its whole output is kept in {kept} (`gpurun logs {run} --store {record['store']}`)" if kept else ""
+    return GpurunError(
+        f"setup failed{where} with exit status {state['exit_code']} ({shown}){stored}",
+        details=[f"| {line[:400]}" for line in lines],
+    )
 
 
 @contextlib.contextmanager

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from gpurun import jobs, runs
-from gpurun.app import connections
-from gpurun.errors import BadInput, GpurunError, TransportError
-from gpurun.text import escape_controls
+from gpurun.app import common, connections
+from gpurun.errors import BadInput, GpurunError, TransportError, UnknownRun
+from gpurun.text import escape_controls, escape_log
 
 q = shlex.quote
 
@@ -52,20 +52,147 @@ def show_logs(
     node: int | None,
     write: Callable[[bytes], None] | None = None,
     job: int | None = None,
+    store_url: str | None = None,
 ) -> dict[str, Any]:
-    """One node's output; with several nodes and no `node`, all of them merged with a rank prefix."""
-    record = runs.load(run)
+    """One node's output; with several nodes and no `node`, all of them merged with a rank prefix.
+
+    From the machine while the run lives; from the store (`<run>/logs/`) once it
+    has ended, or always with `store_url`. What is shown has its control
+    characters escaped: it comes from a machine or a store.
+    """
+    write = _escaping(write or _stdout)
+    if store_url is not None:
+        runs.check_name(run)
+        try:
+            record: dict[str, Any] | None = runs.load(run)
+        except BadInput:
+            record = None
+        return _from_store(run, record, store_url, job=job, node=node, tail=tail, follow=follow, write=write)
+    try:
+        record = runs.load(run)
+    except UnknownRun as error:
+        raise UnknownRun(
+            f"{error}; for a run launched elsewhere or rolled back: `gpurun logs RUN --store URL`"
+        ) from None
     machines = record.get("machines", [])
     if not machines:
         raise BadInput(f"run {run} has no machine (it never started); nothing to show")
-    if record.get("state") == "ended":
+    if record.get("state") == "ended" or _all_machines_gone(record):
+        from gpurun.store.logs import stored_jobs
+
+        try:
+            in_store = stored_jobs(_store_of(record, record["store"], node), _store_run(run, node))
+        except GpurunError:
+            in_store = []
+        if in_store:
+            return _from_store(run, record, record["store"], job=job, node=node, tail=tail, follow=follow, write=write)
         _check_logs_outlived_teardown(record)
     current = runs.current_job(record)
     if job is not None and (current is None or job != current["number"]):
-        return _earlier_job(record, job, current, node=node, follow=follow, tail=tail, write=write or _stdout)
+        return _earlier_job(record, job, current, node=node, follow=follow, tail=tail, write=write)
     if node is None and len(machines) > 1:
-        return _merged(run, machines, follow=follow, tail=tail, write=write or _stdout)
+        return _merged(run, record, machines, follow=follow, tail=tail, write=write)
     return _show_node(run, record, node or 0, follow=follow, tail=tail, write=write)
+
+
+def _all_machines_gone(record: dict[str, Any]) -> bool:
+    machines = record.get("machines") or []
+    return bool(machines) and all(m.get("state") in ("terminated", "gone") for m in machines)
+
+
+def _store_run(run: str, node: int | None) -> str:
+    """Where a node's output is in the store: rank 0 under the run, rank K (checkpoint.nodes=all) under rank-K."""
+    return run if not node else f"{run}/rank-{node}"
+
+
+def _store_of(record: dict[str, Any] | None, store_url: str, node: int | None) -> Any:
+    from gpurun.store import open_store
+
+    options = common.store_options(record) if record is not None and record.get("store") == store_url else {}
+    return open_store(store_url, **options)
+
+
+def _from_store(
+    run: str,
+    record: dict[str, Any] | None,
+    store_url: str,
+    *,
+    job: int | None,
+    node: int | None,
+    tail: int | None,
+    follow: bool,
+    write: Callable[[bytes], None],
+) -> dict[str, Any]:
+    """A job's output as the agent shipped it to the store; following, how the job ended as recorded."""
+    from gpurun.store.logs import read_job_log, stored_jobs
+
+    store = _store_of(record, store_url, node)
+    where = _store_run(run, node)
+    numbers = stored_jobs(store, where)
+    if not numbers:
+        raise BadInput(f"{store_url} has no output of {where} (nothing under {where}/logs/)")
+    number = job if job is not None else numbers[-1]
+    if number not in numbers:
+        listed = ", ".join(str(n) for n in numbers)
+        raise BadInput(f"--job {number}: {store_url} has the output of job(s) {listed} of {where}")
+    data, problems = read_job_log(store, where, number)
+    if tail is not None:
+        lines = data.splitlines(keepends=True)
+        data = b"".join(lines[-tail:]) if tail else b""
+    write(data)
+    if data and not data.endswith(b"\n"):
+        write(b"\n")
+    for problem in problems:
+        print(f"[gpurun] {escape_controls(problem)}", file=sys.stderr, flush=True)
+    outcome: dict[str, Any] = {"run": run, "from_store": True}
+    if follow:
+        outcome.update(_recorded_outcome(record, store, run, number))
+    return outcome
+
+
+def _recorded_outcome(record: dict[str, Any] | None, store: Any, run: str, number: int) -> dict[str, Any]:
+    """How job `number` ended, from this computer's record, else the store's run.json."""
+    if record is None:
+        from gpurun.store.snapshots import get_run_record
+
+        try:
+            record = get_run_record(store, run)
+        except (ValueError, GpurunError):
+            record = None
+        if not isinstance(record, dict):
+            return {"exit_code": None, "unknown": True}
+    listed = runs.jobs_of(record) if isinstance(record.get("jobs", []), list) else []
+    job = next((j for j in listed if j.get("number") == number), None)
+    ended_by = job.get("ended_by") if job else None
+    code = job.get("exit_code") if job else None
+    if ended_by is None and listed and job is listed[-1]:
+        # The agent records the last job's end in the store's run.json as the run's state.
+        state = record.get("state")
+        if state in ("succeeded", "failed", "interrupted"):
+            ended_by = "interrupted" if state == "interrupted" else "exited"
+            code = record.get("exit_code")
+    if not isinstance(code, int):
+        code = None
+    return {
+        "exit_code": code,
+        "interrupted": ended_by == "interrupted",
+        "lost": ended_by == "machine_lost",
+        "unknown": ended_by is None,
+    }
+
+
+def _escaping(write: Callable[[bytes], None]) -> Callable[[bytes], None]:
+    """`write`, fed UTF-8 text with control characters escaped (bytes split mid-character are held back)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def escaped(chunk: bytes) -> None:
+        text = decoder.decode(chunk)
+        if text:
+            write(escape_log(text).encode())
+
+    return escaped
 
 
 def _earlier_job(
@@ -122,7 +249,13 @@ def _check_logs_outlived_teardown(record: dict[str, Any]) -> None:
 
 
 def _merged(
-    run: str, machines: list[dict[str, Any]], *, follow: bool, tail: int | None, write: Callable[[bytes], None]
+    run: str,
+    record: dict[str, Any],
+    machines: list[dict[str, Any]],
+    *,
+    follow: bool,
+    tail: int | None,
+    write: Callable[[bytes], None],
 ) -> dict[str, Any]:
     lock = threading.Lock()
     outcomes: dict[int, dict[str, Any]] = {}
@@ -140,7 +273,7 @@ def _merged(
                     write(b"".join(b"[node %d] %s\n" % (rank, line) for line in lines))
 
         try:
-            outcomes[rank] = show_logs(run, follow=follow, tail=tail, node=rank, write=prefixed)
+            outcomes[rank] = _show_node(run, record, rank, follow=follow, tail=tail, write=prefixed)
         except BaseException as error:  # reported after the other nodes finish
             failures.append(error)
         if pending:
@@ -235,6 +368,8 @@ def follow_outcome(outcome: dict[str, Any]) -> tuple[int, str]:
         return MACHINE_LOST, "the run was torn down while following"
     if outcome.get("interrupted"):
         return JOB_INTERRUPTED, "the job was interrupted (spot reclaim)"
+    if code is None and outcome.get("unknown"):
+        return 1, "how the job ended is not recorded"
     if code is None:
         return JOB_KILLED, "the job ended without recording an exit status (killed)"
     if code == 0:

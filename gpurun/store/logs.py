@@ -1,0 +1,72 @@
+"""Jobs' output in the store: `<run>/logs/job-NNNN/KKKKKK.log`, chunk K holding bytes [K*CHUNK, (K+1)*CHUNK).
+
+Written by the agent (gpurun.agent.logship); read here. Everything read back
+is untrusted: keys must have the exact shape, a chunk may not be larger than
+CHUNK_BYTES, and no more than MAX_READ_BYTES (the end of the log) are read.
+"""
+
+from __future__ import annotations
+
+import re
+
+from gpurun.store.base import ObjectStore
+
+CHUNK_BYTES = 1024 * 1024
+MAX_READ_BYTES = 32 * 1024 * 1024
+_CHUNK = re.compile(r"job-(\d{4,9})/(\d{6,9})\.log")
+
+
+def chunk_key(run: str, job: int, index: int) -> str:
+    return f"{run}/logs/job-{job:04d}/{index:06d}.log"
+
+
+def _chunks(store: ObjectStore, run: str) -> dict[int, dict[int, int]]:
+    """job -> {chunk index -> size} of every well-formed chunk object."""
+    prefix = f"{run}/logs/"
+    found: dict[int, dict[int, int]] = {}
+    for entry in store.list(prefix):
+        match = _CHUNK.fullmatch(entry.key[len(prefix) :])
+        if match:
+            found.setdefault(int(match.group(1)), {})[int(match.group(2))] = entry.size
+    return found
+
+
+def stored_jobs(store: ObjectStore, run: str) -> list[int]:
+    """Numbers of the jobs whose output is in the store, oldest first."""
+    return sorted(_chunks(store, run))
+
+
+def read_job_log(store: ObjectStore, run: str, job: int) -> tuple[bytes, list[str]]:
+    """(the end of job `job`'s output, at most MAX_READ_BYTES; problems met), or (b"", [...]) when absent.
+
+    Chunks are read in order from the first; a missing or oversized chunk ends
+    the log there and is named among the problems.
+    """
+    chunks = _chunks(store, run).get(job, {})
+    problems: list[str] = []
+    if not chunks:
+        return b"", problems
+    last = max(chunks)
+    # Only the chunks that can hold the last MAX_READ_BYTES are fetched.
+    first = max(0, last - MAX_READ_BYTES // CHUNK_BYTES)
+    parts: list[bytes] = []
+    for index in range(first, last + 1):
+        size = chunks.get(index)
+        key = chunk_key(run, job, index)
+        if size is None:
+            problems.append(f"{store.url}/{key} is missing; the output shown stops before it")
+            break
+        if size > CHUNK_BYTES:
+            problems.append(f"{store.url}/{key} is {size} bytes, more than a chunk holds; skipped")
+            break
+        data = store.get_bytes(key)
+        if data is None:
+            problems.append(f"{store.url}/{key} vanished while reading")
+            break
+        parts.append(data[:CHUNK_BYTES])
+        if len(data) < CHUNK_BYTES and index != last:
+            problems.append(f"{store.url}/{key} is short; the output after it may be missing a piece")
+    data = b"".join(parts)
+    if first > 0:
+        problems.append(f"only the last {MAX_READ_BYTES // (1024 * 1024)} MiB of job {job}'s output are shown")
+    return data[-MAX_READ_BYTES:], problems
