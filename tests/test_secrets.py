@@ -20,6 +20,7 @@ import pytest
 
 from gpurun import paths
 from tests.helpers import gpurun, wait_until
+from tests.test_aws_e2e import aws_world  # noqa: F401 - the fixture
 
 JOB = """\
 import hashlib, json, os, sys, time
@@ -189,3 +190,62 @@ def test_secrets_reach_the_ssh_job_and_go_at_teardown_even_with_keep_files(
     assert (run_dir / "job.log").exists() and not secrets_file.exists()
     assert files_holding([gpurun_home, store, run_dir], [value]) == []
     assert not [text for text in printed if value in text]
+
+
+@pytest.mark.slow
+def test_secrets_on_aws_over_moto_server_and_sshd(request, sshd, capsys, gpurun_home: Path, monkeypatch) -> None:
+    """provider: aws on moto's server, the instance being the loopback sshd: the env value travels over
+    SSH, the SSM reference is read on the machine (its own AWS access stands in for the role), and the
+    role may read exactly that parameter."""
+    import boto3
+
+    from tests.test_aws_e2e import cli as aws_cli
+
+    world = request.getfixturevalue("aws_world")
+
+    values = {"WANDB_API_KEY": canary("aws-env"), "DB_PASSWORD": canary("aws-ssm")}
+    monkeypatch.setenv("WANDB_API_KEY", values["WANDB_API_KEY"])
+    endpoint = world["endpoint"]
+    boto3.client("ssm", endpoint_url=endpoint, region_name="us-east-1").put_parameter(
+        Name="/e2e/db", Value=values["DB_PASSWORD"], Type="SecureString", Overwrite=True
+    )
+    spec = world["spec"]
+    (spec.parent / "code" / "job.py").write_text(JOB)
+    text = spec.read_text().replace("train.py\n", "job.py WANDB_API_KEY DB_PASSWORD\n")
+    spec.write_text(text + "secrets: {WANDB_API_KEY: env, DB_PASSWORD: 'ssm:/e2e/db'}\n")
+    printed: list[str] = []
+    code, out, err = aws_cli(capsys, "launch", str(spec), "--json")
+    printed += [out, err]
+    assert code == 0, err
+    run = json.loads(out)["run"]
+    run_dir = sshd.home / "gpurun" / run
+    secrets_file = run_dir / "secrets.env"
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1")
+
+    def bucket_texts() -> list[str]:
+        listed = s3.list_objects_v2(Bucket=world["bucket"]).get("Contents", [])
+        return [s3.get_object(Bucket=world["bucket"], Key=o["Key"])["Body"].read().decode("latin-1") for o in listed]
+
+    try:
+        log = run_dir / "job.log"
+        wait_until(lambda: log.exists() and "DB_PASSWORD " in log.read_text(), what="the job's hashes")
+        for variable, value in values.items():
+            assert f"{variable} {sha(value)}" in log.read_text()
+        assert stat.S_IMODE(secrets_file.stat().st_mode) == 0o600
+        policy = iam.get_role_policy(RoleName=f"gpurun-{run}", PolicyName="gpurun-checkpoint-store")["PolicyDocument"]
+        policy = json.loads(policy) if isinstance(policy, str) else policy
+        [parameters] = [st for st in policy["Statement"] if st["Sid"] == "SecretParameters"]
+        assert parameters["Resource"] == ["arn:aws:ssm:us-east-1:123456789012:parameter/e2e/db"]
+        code, out, err = aws_cli(capsys, "status", run, "--json")
+        printed += [out, err]
+        assert files_holding([gpurun_home, run_dir], list(values.values()), except_file=secrets_file) == []
+        assert not [t for t in bucket_texts() if any(v in t for v in values.values())]
+    finally:
+        code, out, err = aws_cli(capsys, "teardown", run, "--yes", "--json")
+        printed += [out, err]
+    assert code == 0, err
+    assert not secrets_file.exists()
+    assert files_holding([gpurun_home], list(values.values())) == []
+    assert not [t for t in bucket_texts() if any(v in t for v in values.values())]
+    assert not [t for t in printed if any(v in t for v in values.values())]

@@ -40,24 +40,32 @@ def _why(error: Exception) -> str:
     return type(error).__name__ if not isinstance(error, ValueError) else str(error)
 
 
-def main() -> int:
-    request = json.loads(sys.stdin.read())
-    path, region = request["file"], request.get("region")
+def resolve_into(path: str, region: str | None, references: dict[str, str]) -> str | None:
+    """Append `export NAME=value` for each reference to the 0600 file at `path`; None when done,
+    else the one line that says which reference failed (never a value). Machines that
+    bootstrap themselves (recovery on AWS) call this too."""
     lines = []
-    for name, reference in sorted(request["references"].items()):
+    for name, reference in sorted(references.items()):
         try:
             value = _fetch(reference, region)
         except Exception as error:  # any failure: name the reference, never a value
-            print(f"secrets.{name}: cannot read {reference} ({_why(error)})", file=sys.stderr)
-            return 1
+            return f"secrets.{name}: cannot read {reference} ({_why(error)})"
         if "\x00" in value:
-            print(f"secrets.{name}: {reference} holds a NUL byte, which an environment cannot carry", file=sys.stderr)
-            return 1
+            return f"secrets.{name}: {reference} holds a NUL byte, which an environment cannot carry"
         lines.append(f"export {name}={shlex.quote(value)}\n")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     with os.fdopen(fd, "a") as handle:
         os.fchmod(handle.fileno(), 0o600)
         handle.write("".join(lines))
+    return None
+
+
+def main() -> int:
+    request = json.loads(sys.stdin.read())
+    problem = resolve_into(request["file"], request.get("region"), request["references"])
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
     return 0
 
 
