@@ -205,6 +205,7 @@ echo "phase=$(cat "$d/job.phase" 2>/dev/null)"
 echo "restarts=$(head -c 20 "$d/job.restarts" 2>/dev/null)"
 echo "interrupted=$(cat "$d/interrupted" 2>/dev/null | head -c 200 | tr '\n' ' ')"
 echo "agent_status=$(cat "$d/agent.status.json" 2>/dev/null | tr '\n' ' ')"
+echo "last_line=$(tail -c 2048 "$d/job.log" 2>/dev/null | tr -d '\r' | grep -v '^$' | tail -n 1 | head -c 200)"
 """
 
 
@@ -219,6 +220,7 @@ def _parse_state(text: str) -> dict[str, Any]:
         "restarts": _count(values.get("restarts", "")),
         "interrupted": bool(values.get("interrupted", "").strip()),
         "ended_at": _iso(values.get("exit_at", "")),
+        "last_line": values.get("last_line", "").strip() or None,
         "agent": None,
     }
     raw = values.get("agent_status", "").strip()
@@ -302,8 +304,21 @@ def read_state_here(run_dir: str) -> dict[str, Any]:
         "restarts": _count(read("job.restarts")),
         "interrupted": bool(read("interrupted").strip()),
         "ended_at": _iso(exit_at),
+        "last_line": _last_line(os.path.join(run_dir, "job.log")),
         "agent": agent,
     }
+
+
+def _last_line(path: str) -> str | None:
+    """The log's last non-empty line (at most 200 characters), as the state script reports it."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, os.fstat(handle.fileno()).st_size - 2048))
+            tail = handle.read().replace(b"\r", b"")
+    except OSError:
+        return None
+    lines = [line for line in tail.split(b"\n") if line.strip()]
+    return lines[-1][:200].decode("utf-8", "replace").strip() if lines else None
 
 
 def signal_group(transport: Transport, run_dir: str, name: str, signal: str) -> None:

@@ -113,13 +113,44 @@ class Ui:
 
     @contextlib.contextmanager
     def spinner(self, text: str) -> Iterator[Callable[[str], None]]:
-        """A spinner in a terminal; one line per update when piped."""
+        """A long step. In a terminal: a spinner with the latest message and the time so far.
+
+        Piped: one line when it starts and one when it ends, with the time it took;
+        the updates in between are not printed (a log file gets two lines, not one
+        per poll).
+        """
+        import time
+
+        started = time.monotonic()
+        latest = [text]
         if self.interactive and not self.json_mode:
+            import threading
+
+            done = threading.Event()
             with self.err.status(_escape(printable(text))) as status:
-                yield lambda message: status.update(_escape(printable(message)))
-        else:
-            self.say(text)
-            yield self.say
+
+                def show() -> None:
+                    status.update(_escape(printable(f"{latest[0]} ({_elapsed(time.monotonic() - started)})")))
+
+                def update(message: str) -> None:
+                    latest[0] = message
+                    show()
+
+                def tick() -> None:
+                    while not done.wait(1.0):
+                        show()
+
+                ticker = threading.Thread(target=tick, name="spinner-clock", daemon=True)
+                ticker.start()
+                try:
+                    yield update
+                finally:
+                    done.set()
+                    ticker.join()
+            return
+        self.say(f"{text}...")
+        yield lambda message: latest.__setitem__(0, message)
+        self.say(f"{text}: done in {_elapsed(time.monotonic() - started)}")
 
     @contextlib.contextmanager
     def progress(self, description: str, total: int | None, unit: str = "bytes") -> Iterator[Callable[[int], None]]:
@@ -147,6 +178,12 @@ class Ui:
         import click
 
         return click.confirm(question, default=False, err=True)
+
+
+def _elapsed(seconds: float) -> str:
+    from gpurun.durations import format_duration
+
+    return f"{seconds:.1f}s" if seconds < 10 else format_duration(seconds)
 
 
 def _escape(text: str) -> str:

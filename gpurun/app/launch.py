@@ -367,14 +367,18 @@ def wait_for_setup(record: dict[str, Any], started: Started, ui: Reporter, poll:
     pending = {machine["rank"]: (transport, machine) for transport, machine in started}
     with ui.spinner(f"running setup on {len(pending)} node(s)") as update:
         while pending:
+            last_line = None
             for rank, (transport, machine) in list(pending.items()):
                 state = jobs.read_state(transport, machine["run_dir"])
                 if state["phase"] == "run":
                     del pending[rank]
                 elif state["exit_code"] is not None or (state["job_started"] and not state["job_alive"]):
                     raise _setup_failed(record, transport, machine, state)
+                else:
+                    last_line = last_line or state.get("last_line")
             if pending:
-                update(f"running setup on {len(pending)} node(s)")
+                # The spinner shows setup's latest output line (escaped by the ui); piped, nothing is printed.
+                update(f"running setup on {len(pending)} node(s)" + (f": {last_line[:120]}" if last_line else ""))
                 time.sleep(poll)
 
 
