@@ -240,3 +240,31 @@ def test_status_works_on_a_full_disk_and_launch_names_the_full_path(
     else:
         assert "cannot write" in error and "file too large" in error, error
     gpurun("teardown", run, "--yes")
+
+
+def test_teardown_force_stops_the_ssh_job_of_a_truncated_record(
+    sshd, ssh_client_home: Path, tmp_path: Path, gpurun_home: Path
+) -> None:
+    """Over the real sshd: the store's copy names the host; the job there is found and stopped."""
+    from tests.helpers import gpurun_json, process_alive
+
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "job.py").write_text(LONG_JOB)
+    spec = tmp_path / "experiment.yaml"
+    spec.write_text(
+        f"name: damaged\nprovider: ssh\nworkdir: code\nrun: {sys.executable} job.py\nssh: {{hosts: [testbox]}}\n"
+        "checkpoint: {dir: ckpt, every: 1s, resume: never}\n"
+    )
+    run = gpurun_json("launch", str(spec))["run"]
+    run_dir = sshd.home / "gpurun" / run
+    job_pid = int((run_dir / "job.pid").read_text())
+    record_file = paths.runs_dir() / f"{run}.json"
+    record_file.write_bytes(record_file.read_bytes()[:200])
+
+    done = gpurun("teardown", run, "--yes", "--force", check=False)
+    assert done.returncode == 0, done.stderr
+    assert "was damaged" in done.stderr and "not recovered:" in done.stderr
+    wait_until(lambda: not process_alive(job_pid), timeout=30, what="the job on the ssh host to stop")
+    assert not run_dir.exists()
+    assert gpurun_json("status", run)[0]["state"] == "ended"
