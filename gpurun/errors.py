@@ -35,6 +35,10 @@ class SpecError(BadInput):
     """The experiment file is invalid."""
 
 
+class NoCredentials(BadInput):
+    """The cloud's credentials are missing, expired or unusable; nothing was asked of the cloud."""
+
+
 class UnknownRun(BadInput):
     """No run by that name is recorded here or in the store."""
 

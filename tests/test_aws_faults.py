@@ -470,3 +470,29 @@ def test_a_launching_run_whose_launcher_died_says_so_and_names_teardown(tmp_path
     ) in err
     assert "live-000001" not in err
     assert "launching (launcher gone)" in out
+
+
+def test_dry_run_without_credentials_shows_what_needs_no_aws(capsys, tmp_path, monkeypatch, ip_echo):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role to find here
+    (tmp_path / "train.py").write_text("print('hi')\n")
+    spec = tmp_path / "experiment.yaml"
+    spec.write_text(
+        "name: exp\nprovider: aws\nrun: python train.py\n"
+        "checkpoint: {store: 's3://ckpt-bucket/team', resume: auto}\n"
+        "aws: {instance_type: [g5.xlarge, g6.xlarge], ami: dlami-pytorch, ssh_cidr: auto}\n"
+    )
+    code, out, err = cli(capsys, "launch", str(spec), "--dry-run", "--name", "exp-dry001")
+    assert code == 0, err
+    assert err.startswith("warning: no AWS credentials found") and "'not resolved'" in err
+    rows = {line.split("  ")[0]: line for line in out.splitlines()}
+    assert "AMI" in rows and "dlami-pytorch: not resolved (needs AWS credentials)" in rows["AMI"]
+    assert "g5.xlarge: GPUs, vCPUs and memory not resolved" in rows["instance type"]
+    assert "$1.0060/h on-demand" in rows["price/hour g5.xlarge"] and "spot price not resolved" in out
+    assert f"TCP 22 from {ip_echo}/32 only (your public IP)" in rows["security rule"]
+    assert "gpurun:run=exp-dry001" in rows["tags"] and "gpurun:managed=true" in rows["tags"]
+    assert "terminates itself after 12h" in rows["guard"]
+    assert "arn:aws:s3:::ckpt-bucket/team/*" in rows["role policy"]
+    assert "not resolved (" in rows["resume"]
+    assert not key_dir("exp-dry001").exists() and not list(Path(os.environ["GPURUN_HOME"]).glob("runs/*.json"))

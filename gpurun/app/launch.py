@@ -17,7 +17,7 @@ from gpurun import jobs, paths, runs
 from gpurun.app import common, connections, fingerprints, job_secrets
 from gpurun.app.reporter import Reporter
 from gpurun.durations import format_duration
-from gpurun.errors import BadInput, GpurunError, Interrupted, TransportError
+from gpurun.errors import BadInput, GpurunError, Interrupted, NoCredentials, TransportError
 from gpurun.providers import get_provider
 from gpurun.sizes import human_bytes
 from gpurun.spec import NAME_PATTERN, Spec, label
@@ -119,10 +119,27 @@ def launch(
     # Read before anything exists: a missing variable is bad input, and nothing is created.
     secret_values = job_secrets.local_values(spec.secrets)
     rows = [("run", run), ("provider", spec.provider)]
-    rows += provider.plan(spec, run)
-    source = find_resume_source(spec, store_url, resume, ui.warn)
-    # The machine image already holds what setup would install (same setup hash): no setup on the machine.
-    setup_skipped = provider.setup_skipped(spec, run) if spec.setup else None
+    offline = False
+    try:
+        rows += provider.plan(spec, run)
+    except NoCredentials as error:
+        shown = provider.plan_offline(spec, run) if dry_run else None
+        if shown is None:
+            raise
+        ui.warn(f"{error}. The plan below needs no AWS; what needs credentials says 'not resolved'")
+        rows += shown
+        offline = True
+    resume_text: str | None = None
+    setup_skipped: str | None = None
+    try:
+        source = find_resume_source(spec, store_url, resume, ui.warn)
+    except Exception as error:
+        if not offline:
+            raise
+        source, resume_text = None, f"not resolved ({type(error).__name__}: reading the store needs credentials)"
+    if not offline:
+        # The machine image already holds what setup would install (same setup hash): no setup on the machine.
+        setup_skipped = provider.setup_skipped(spec, run) if spec.setup else None
     rows += [
         ("code", f"{spec.workdir_path} ({len(files)} files, {human_bytes(total)})"),
         *([("held back", _held_back_text(held_back))] if held_back else []),
@@ -133,7 +150,7 @@ def launch(
             "checkpoints",
             f"{spec.checkpoint.dir} -> {store_url}/{run} every {format_duration(spec.checkpoint.every)}, keep {spec.checkpoint.keep}",
         ),
-        ("resume", f"from {source['run']} snapshot {source['seq']}" if source else "no (fresh start)"),
+        ("resume", resume_text or (f"from {source['run']} snapshot {source['seq']}" if source else "no (fresh start)")),
     ]
     if spec.checkpoint.every < 10:
         ui.warn(

@@ -61,6 +61,11 @@ class Provider(ABC):
         machines while acquiring them.
         """
 
+    def plan_offline(self, spec: Spec, run: str) -> list[tuple[str, str]] | None:
+        """The plan rows that need no call to the cloud, for `--dry-run` without credentials;
+        what could not be resolved says so. None: this provider has nothing to show offline."""
+        return None
+
     def setup_skipped(self, spec: Spec, run: str) -> str | None:
         """Why the machines need no `setup` (their image already holds its result), or None: setup runs."""
         return None

@@ -187,29 +187,85 @@ def plan_rows(prepared: Prepared, spec: Spec) -> list[tuple[str, str]]:
             f"({prepared.cidr_source}); group {name}",
         )
     )
-    rows.append(("key pair", f"fresh ed25519 {name}; private key kept here, mode 0600"))
-    rows.append(("disk", f"{settings.disk_gb} GB gp3, encrypted, deleted with the instance"))
-    rows.append(("metadata", "IMDSv2 required (HttpTokens=required)"))
-    tag_text = ", ".join(f"{tag['Key']}={tag['Value']}" for tag in requests.tags(run, prepared.owner))
-    rows.append(("tags", tag_text))
+    tags = requests.tags(run, prepared.owner)
+    rows += _fixed_rows(spec, name, tags, prepared.store, prepared.instance_profile, prepared.aws.partition)
+    for warning in prepared.warnings:
+        rows.append(("warning", warning))
+    return rows
+
+
+def _fixed_rows(
+    spec: Spec,
+    name: str,
+    tags: list[dict[str, str]],
+    store: tuple[str, str] | None,
+    instance_profile: str | None,
+    partition: str,
+) -> list[tuple[str, str]]:
+    """The rows that follow from the spec alone (no AWS call): key, disk, metadata, tags, guard, policy."""
+    settings = spec.aws
+    rows = [
+        ("key pair", f"fresh ed25519 {name}; private key kept here, mode 0600"),
+        ("disk", f"{settings.disk_gb} GB gp3, encrypted, deleted with the instance"),
+        ("metadata", "IMDSv2 required (HttpTokens=required)"),
+        ("tags", ", ".join(f"{tag['Key']}={tag['Value']}" for tag in tags)),
+    ]
     guard = f"the machine terminates itself after {format_duration(settings.max_runtime)}"
     if settings.idle_timeout:
         guard += f", or {format_duration(settings.idle_timeout)} after the last job ends"
     rows.append(("guard", guard + " (shutdown behaviour: terminate)"))
-    if prepared.store:
-        bucket, prefix = prepared.store
+    if store:
+        bucket, prefix = store
         where = f"{bucket}/{prefix}/*" if prefix else f"{bucket}/*"
         rows.append(
             (
                 "role policy",
-                f"role {name}: s3:GetObject/PutObject/DeleteObject on arn:{prepared.aws.partition}:s3:::{where}, "
+                f"role {name}: s3:GetObject/PutObject/DeleteObject on arn:{partition}:s3:::{where}, "
                 f"s3:ListBucket on {bucket} limited to prefix {prefix or '(all)'}; nothing else",
             )
         )
-    elif prepared.instance_profile:
-        rows.append(("role policy", f"your instance profile {prepared.instance_profile} (not created, not removed)"))
+    elif instance_profile:
+        rows.append(("role policy", f"your instance profile {instance_profile} (not created, not removed)"))
     else:
         rows.append(("role policy", "none (checkpoint store is not s3://); the machine gets no AWS access"))
-    for warning in prepared.warnings:
-        rows.append(("warning", warning))
+    return rows
+
+
+UNRESOLVED = "not resolved (needs AWS credentials)"
+
+
+def offline_plan_rows(spec: Spec, run: str) -> list[tuple[str, str]]:
+    """What `--dry-run` can show without credentials: everything that follows from the spec,
+    the shipped on-demand prices and the caller's IP; the rest is marked unresolved."""
+    settings = spec.aws
+    name = requests.resource_name(run)
+    rows: list[tuple[str, str]] = [("region", f"{settings.region} (account: {UNRESOLVED})")]
+    rows.append(("AMI", f"{settings.ami}: {UNRESOLVED}"))
+    names = list(dict.fromkeys(settings.instance_type))
+    for index, type_name in enumerate(names):
+        label = "instance type" if index == 0 else f"fallback type {index}"
+        rows.append((label, f"{type_name}: GPUs, vCPUs and memory {UNRESOLVED}"))
+    for type_name in names:
+        ondemand = ondemand_price(type_name, settings.region)
+        parts = [ondemand.describe() if ondemand else "on-demand price unknown", f"spot price {UNRESOLVED}"]
+        if settings.spot:
+            parts.append("launching as spot" + (f", max ${settings.max_price:g}/h" if settings.max_price else ""))
+        rows.append((f"price/hour {type_name}", ", ".join(parts)))
+    rows.append(("nodes", str(settings.nodes)))
+    rows.append(("zones to try", UNRESOLVED))
+    try:
+        cidr, source = resolve_cidr(settings.ssh_cidr)
+        rule = f"{requests.describe_rule(cidr, port=spec.ssh.port, nodes=settings.nodes)} ({source}); group {name}"
+    except (BadInput, ValueError) as error:
+        rule = f"not resolved: {error}"
+    rows.append(("security rule", rule))
+    owner_tags = [
+        {**tag, "Value": "<your AWS identity: not resolved>"} if tag["Key"] == requests.TAG_OWNER else tag
+        for tag in requests.tags(run, "unknown")
+    ]
+    store = None
+    url = spec.checkpoint.store
+    if url and url.startswith("s3://") and not settings.iam_instance_profile:
+        store = requests.parse_s3_url(url)
+    rows += _fixed_rows(spec, name, owner_tags, store, settings.iam_instance_profile, "aws")
     return rows

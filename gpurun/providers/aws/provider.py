@@ -25,7 +25,7 @@ from gpurun.providers.aws import requests
 from gpurun.providers.aws.images import delete_snapshot, image_entries, orphan_snapshots
 from gpurun.providers.aws.launch import Launcher
 from gpurun.providers.aws.network import wait_ssh_answer
-from gpurun.providers.aws.prepare import Prepared, plan_rows, prepare
+from gpurun.providers.aws.prepare import Prepared, offline_plan_rows, plan_rows, prepare
 from gpurun.providers.aws.pricing import hourly_price
 from gpurun.providers.aws.session import Aws, check_identity, client_error_message, make_session, profile_label
 from gpurun.providers.aws.teardown import (
@@ -90,6 +90,9 @@ class AwsProvider(Provider):
 
     def plan(self, spec: Spec, run: str) -> list[tuple[str, str]]:
         return plan_rows(self._prepare(spec, run), spec)
+
+    def plan_offline(self, spec: Spec, run: str) -> list[tuple[str, str]]:
+        return offline_plan_rows(spec, run)
 
     def setup_skipped(self, spec: Spec, run: str) -> str | None:
         return self._prepare(spec, run).setup_skipped

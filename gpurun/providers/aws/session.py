@@ -15,7 +15,7 @@ import botocore.session
 from botocore.config import Config
 
 from gpurun.aws_files import check_shared_files
-from gpurun.errors import BadInput, GpurunError
+from gpurun.errors import BadInput, GpurunError, NoCredentials
 
 #: The AWS services gpurun calls (boto3's client() is typed per service name).
 ServiceName = Literal["ec2", "iam", "ssm", "sts", "autoscaling", "service-quotas", "pricing"]
@@ -185,9 +185,9 @@ def credential_error(error: BaseException, profile: str | None) -> GpurunError |
     """A one-line BadInput for a missing, expired or invalid credential; None for other errors."""
     tried = profile_label(profile)
     if isinstance(error, botocore.exceptions.NoCredentialsError):
-        return BadInput(f"no AWS credentials found for {tried}; {_fix_hint(profile)}")
+        return NoCredentials(f"no AWS credentials found for {tried}; {_fix_hint(profile)}")
     if isinstance(error, botocore.exceptions.ProfileNotFound):
-        return BadInput(f"aws.profile: {tried} is not in your AWS config; {_fix_hint(profile)}")
+        return NoCredentials(f"aws.profile: {tried} is not in your AWS config; {_fix_hint(profile)}")
     token_errors = tuple(
         getattr(botocore.exceptions, name)
         for name in (
@@ -201,11 +201,11 @@ def credential_error(error: BaseException, profile: str | None) -> GpurunError |
         if hasattr(botocore.exceptions, name)
     )
     if isinstance(error, token_errors):
-        return BadInput(f"AWS credentials for {tried} could not be loaded or have expired; {_fix_hint(profile)}")
+        return NoCredentials(f"AWS credentials for {tried} could not be loaded or have expired; {_fix_hint(profile)}")
     if isinstance(error, botocore.exceptions.ClientError):
         code = error.response.get("Error", {}).get("Code", "")
         if code in _EXPIRED_CODES:
-            return BadInput(f"AWS credentials for {tried} are expired or invalid ({code}); {_fix_hint(profile)}")
+            return NoCredentials(f"AWS credentials for {tried} are expired or invalid ({code}); {_fix_hint(profile)}")
     return None
 
 
