@@ -59,7 +59,13 @@ def image_world(aws_world, sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     would, and moto's images made EBS-backed (moto registers them as instance-store)."""
     tag = f"{os.getpid()}-{len(list(tmp_path.parent.iterdir()))}"
     seen_at_create: list[dict] = []
-    world = {**aws_world, "tag": tag, "seen_at_create": seen_at_create, "interrupt_after_create": False}
+    world = {
+        **aws_world,
+        "tag": tag,
+        "seen_at_create": seen_at_create,
+        "interrupt_after_create": False,
+        "before_create": None,
+    }
     ssh_dir = sshd.home / ".ssh"
     ssh_dir.mkdir(exist_ok=True, mode=0o700)
     keys_file = ssh_dir / "authorized_keys"
@@ -81,6 +87,8 @@ def image_world(aws_world, sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                 "keys": keys_file.read_text(),
             }
         )
+        if world["before_create"]:
+            world["before_create"]()
 
     def after_create_image(parsed, **_):
         from moto.ec2.models import ec2_backends
@@ -240,8 +248,11 @@ def test_image_create_use_list_delete_and_orphan_sweep(image_world, sshd, capsys
 
 
 @pytest.mark.slow
-def test_image_create_refuses_bad_runs_and_undoes_an_interrupted_create(image_world, sshd, capsys) -> None:
+def test_image_create_refuses_bad_runs_and_undoes_an_interrupted_create(
+    image_world, sshd, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from gpurun import runs
+    from gpurun.app import images
 
     endpoint = image_world["endpoint"]
     code, out, err = cli(capsys, "image", "create", "no-such-run")
@@ -261,6 +272,16 @@ def test_image_create_refuses_bad_runs_and_undoes_an_interrupted_create(image_wo
     assert _images(endpoint) == []
     assert (run_dir / "work/train.py").exists() and process_alive(job_pid) and _job_state(job_pid) != "T"
     image_world["interrupt_after_create"] = False
+
+    # CreateImage slower than the machine's watchdog: the files went back first, so the image is not kept.
+    monkeypatch.setattr(images, "STASH_DEADLINE", 1)
+    image_world["before_create"] = lambda: wait_until(
+        lambda: (run_dir / "work/train.py").exists(), timeout=30, what="the watchdog to put the files back"
+    )
+    code, out, err = cli(capsys, "image", "create", run, "--name", f"slow-{image_world['tag']}")
+    assert code == 1 and "put the run's files back before CreateImage returned" in err, err
+    assert _images(endpoint) == [] and process_alive(job_pid) and _job_state(job_pid) != "T"
+    image_world["before_create"] = None
 
     # A machine that does not answer: exit 1, one line, nothing created.
     from gpurun.app import connections

@@ -251,7 +251,14 @@ def restore(stash_dir: str, who: str) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     command = argv[1]
     if command == "stash":
-        print(json.dumps(stash(json.loads(argv[2]))), flush=True)
+        # A dropped connection must not cut the stash short: its watchdog starts only at the end.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        stashed = stash(json.loads(argv[2]))
+        try:
+            print(json.dumps(stashed), flush=True)
+        except OSError:
+            pass  # nobody listens any more: the watchdog puts everything back
         return 0
     if command == "restore":
         answer = restore(argv[2], "request")
