@@ -158,24 +158,35 @@ def exec_command(
     "--store", "store_url", metavar="URL", help="Also list runs recorded in this store (from other computers)."
 )
 @click.option("--jobs", "list_jobs", is_flag=True, help="With RUN: list every job of the run.")
+@click.option("--all", "all_runs", is_flag=True, help="Also runs that ended more than a day ago.")
 @click.option("--json", "json_mode", is_flag=True, help="Print one JSON document.")
-def status(run: str | None, store_url: str | None, list_jobs: bool, json_mode: bool) -> None:
-    """Runs with their state, job, machine, cost and last checkpoint."""
+def status(run: str | None, store_url: str | None, list_jobs: bool, all_runs: bool, json_mode: bool) -> None:
+    """Runs with their state, job, machine, cost and last checkpoint (active and recent ones; --all for every one)."""
     from gpurun.app.status import collect
     from gpurun.runs import public_view
 
     if list_jobs and run is None:
         raise BadInput("--jobs goes with a RUN: `gpurun status RUN --jobs`")
+    if all_runs and run is not None:
+        raise BadInput("--all lists every run; give it without RUN")
     ui = _ui(json_mode)
-    records, problems = collect(run, ui=ui, store_url=store_url)
+    hidden: list[int] | None = None if all_runs or run is not None else []
+    records, problems = collect(run, ui=ui, store_url=store_url, hidden=hidden)
     for problem in problems:
         ui.warn(problem)
     if json_mode:
         ui.emit_json([public_view(record) for record in records])
         return
+    older = hidden[0] if hidden else 0
     if not records:
-        ui.say("no runs yet: `gpurun launch SPEC` starts one")
+        ui.say(
+            f"no active or recent runs ({older} older, ended: `gpurun status --all`)"
+            if older
+            else "no runs yet: `gpurun launch SPEC` starts one"
+        )
         return
+    if older:
+        ui.say(f"{older} run(s) that ended more than a day ago are not shown: `gpurun status --all`")
     if list_jobs:
         _jobs_table(ui, records[0])
         return
@@ -679,6 +690,16 @@ def image_delete(names: tuple[str, ...], region: str | None, profile: str | None
         return
     for item in removed:
         ui.say(f"removed {item}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("names", nargs=-1, required=True, metavar="RUN...")
+def forget(names: tuple[str, ...]) -> None:
+    """Drop ended runs from this computer's list (their checkpoints and logs stay in the store)."""
+    from gpurun.app.forget import forget as do_forget
+
+    for name in do_forget(list(names)):
+        click.echo(f"forgot {name}", err=True)
 
 
 @cli.command(context_settings=CONTEXT)

@@ -367,7 +367,8 @@ def add_job(
     """Append the next job (number, command, code hash, start) and make it the run's current one."""
     listed = jobs_of(record)
     job = {
-        "number": (listed[-1]["number"] + 1) if listed else 1,
+        # A reused name goes on from the jobs of the run it replaced: their logs in the store stay apart.
+        "number": (listed[-1]["number"] + 1) if listed else _jobs_before(record) + 1,
         "command": command,
         "code": code,
         "setup_hash": setup_hash,
@@ -405,9 +406,32 @@ def job_view(job: dict[str, Any]) -> dict[str, Any]:
     return {key: job.get(key) for key in _JOB_KEYS}
 
 
+def _jobs_before(record: dict[str, Any]) -> int:
+    value = record.get("jobs_before")
+    return value if isinstance(value, int) and value > 0 else 0
+
+
 def delete(run: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         record_path(run).unlink()
+
+
+def archive_dir() -> Path:
+    return paths.runs_dir() / "archive"
+
+
+def archive(record: dict[str, Any]) -> Path:
+    """Move an ended run's record out of the list (runs/archive/<run>.<when>.json), so its name can be used again."""
+    directory = paths.ensure_private(archive_dir())
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    target = directory / f"{record['run']}.{stamp}.json"
+    os.replace(record_path(record["run"]), target)
+    return target
+
+
+def last_job_number(record: dict[str, Any]) -> int:
+    listed = jobs_of(record)
+    return int(listed[-1]["number"]) if listed else _jobs_before(record)
 
 
 def public_view(record: dict[str, Any]) -> dict[str, Any]:

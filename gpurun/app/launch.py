@@ -64,7 +64,10 @@ def find_resume_source(
     candidates = []
     for record in snaps.list_run_records(store):
         name = record["run"]
-        if not (name.startswith(prefix) and len(name) == len(prefix) + 6):
+        recorded = record.get("spec")
+        same_spec = isinstance(recorded, dict) and recorded.get("name") == spec.name
+        # Runs launched with --name count too: their record names the spec they ran.
+        if not (same_spec or (name.startswith(prefix) and len(name) == len(prefix) + 6)):
             continue
         try:
             pointer = snaps.usable_latest(store, name)
@@ -94,9 +97,21 @@ def _choose_name(spec: Spec, name: str | None) -> str:
     if not NAME_PATTERN.fullmatch(name):
         shown = name if len(name) <= 60 else name[:57] + "..."
         raise BadInput(f"--name {shown!r}: use letters, digits, '-' and '_' (at most 40)")
-    if runs.record_path(name).exists():
-        raise BadInput(f"--name {name}: a run by that name exists; pick another or tear it down first")
+    _check_name_free(name)
     return name
+
+
+def _check_name_free(name: str) -> dict[str, Any] | None:
+    """The ended run whose name a launch takes over (its record is archived then), or None; BadInput while it lives."""
+    if not runs.record_path(name).exists():
+        return None
+    try:
+        existing = runs.load(name)
+    except GpurunError:
+        existing = None
+    if existing is None or existing.get("state") != "ended":
+        raise BadInput(f"--name {name}: a run by that name exists; pick another or tear it down first")
+    return existing
 
 
 def launch(
@@ -213,8 +228,11 @@ def launch(
     started: list[tuple[Any, dict[str, Any]]] = []
     with runs.locked(run):
         # Checked again under the lock: two launches of one --name at once must not share a record.
-        if runs.record_path(run).exists():
-            raise BadInput(f"--name {run}: a run by that name exists; pick another or tear it down first")
+        replaced = _check_name_free(run)
+        if replaced is not None:
+            runs.archive(replaced)
+            record["jobs_before"] = runs.last_job_number(replaced)
+            record["replaces"] = {"created_at": replaced.get("created_at"), "ended_at": replaced.get("ended_at")}
         runs.save(record)
     try:
         ui.say(f"launching {run} on {spec.provider}")

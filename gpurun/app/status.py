@@ -110,14 +110,41 @@ def _ask_machines(record: dict[str, Any], problems: list[str]) -> None:
         _latest_from_store(record, record["store"], problems)
 
 
+# Ended runs older than this are left out of `status` without --all.
+RECENT_SECONDS = 24 * 3600
+
+
+def is_recent(record: dict[str, Any], now: datetime | None = None) -> bool:
+    """Not ended, or ended (else created) within RECENT_SECONDS."""
+    if record.get("state") != "ended":
+        return True
+    when = record.get("ended_at") or record.get("created_at")
+    try:
+        then = datetime.fromisoformat(str(when))
+        if then.tzinfo is None:
+            then = then.replace(tzinfo=timezone.utc)
+    except ValueError:
+        return True
+    return ((now or datetime.now(timezone.utc)) - then).total_seconds() < RECENT_SECONDS
+
+
 def collect(
-    run: str | None = None, *, ui: Reporter | None = None, store_url: str | None = None
+    run: str | None = None,
+    *,
+    ui: Reporter | None = None,
+    store_url: str | None = None,
+    hidden: list[int] | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Runs with their state brought up to date; with `hidden` (a list to fill), old ended runs are left out."""
     problems: list[str] = []
     if run is not None:
         records = [runs.load_here_or_from_store(run, store_url)]
     else:
         records, problems = runs.load_all()
+        if hidden is not None:
+            shown = [record for record in records if is_recent(record)]
+            hidden.append(len(records) - len(shown))
+            records = shown
     if store_url and run is None:
         known = {r["run"] for r in records}
         remote, unreadable = runs.load_all_from_store(store_url)
