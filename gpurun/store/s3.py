@@ -25,9 +25,11 @@ from __future__ import annotations
 import builtins
 import functools
 import hashlib
+import math
 import os
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -121,8 +123,13 @@ class _Subscriber(BaseSubscriber):
 
 
 class S3Store(ObjectStore):
-    #: Parallel requests per batch; also sizes the HTTP connection pool.
+    #: Requests in flight per batch at least (big files' parts, or many files on a near endpoint).
     max_concurrency = 32
+    #: With many files, enough requests in flight to hide the round trip (in flight = rate x round
+    #: trip, Little's law), at the rate below and up to `max_small_concurrency`; the round trip is the
+    #: fastest single request this store has made (the claim, LATEST, a listing).
+    target_request_rate = 2000.0
+    max_small_concurrency = 256
     #: Files at least this big are uploaded (and downloaded) in parts.
     multipart_threshold = 32 * MiB
     multipart_chunksize = 8 * MiB  # s3transfer adjusts it upwards for files of more than 10,000 parts
@@ -132,8 +139,6 @@ class S3Store(ObjectStore):
     #: Restores: objects at least this big are fetched as parallel ranged GETs of this size.
     ranged_threshold = 64 * MiB
     ranged_chunksize = 16 * MiB
-    #: Restores: requests in flight at most (files and parts together).
-    max_download_concurrency = 128
     #: Restores: bytes of one big file held in memory until their turn to be hashed, at most.
     ranged_memory = 256 * MiB
     #: Connections kept per client; more than any pool here runs at once, and opened only when needed.
@@ -168,6 +173,7 @@ class S3Store(ObjectStore):
         # endpoint_url=None lets botocore honour AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3.
         self.client = session.client("s3", endpoint_url=endpoint_url, config=config)
         self._progress_lock = threading.Lock()
+        self._round_trip: float | None = None
         self._create_only: dict[str, int] = {}
         self._create_only_lock = threading.Lock()
         for operation in ("PutObject", "CompleteMultipartUpload", "CopyObject"):
@@ -251,13 +257,24 @@ class S3Store(ObjectStore):
 
         return report
 
-    def _manager(self, threshold: int, chunksize: int) -> TransferManager:
+    def _timed(self, started: float) -> None:
+        """Remember the fastest single request: the round trip, plus the least the server takes."""
+        elapsed = time.monotonic() - started
+        if self._round_trip is None or elapsed < self._round_trip:
+            self._round_trip = elapsed
+
+    def concurrency(self, requests: int) -> int:
+        """Requests to keep in flight for a batch of `requests` (never more than that)."""
+        wanted = math.ceil(self.target_request_rate * (self._round_trip or 0.0))
+        return max(1, min(requests, max(self.max_concurrency, min(self.max_small_concurrency, wanted))))
+
+    def _manager(self, threshold: int, chunksize: int, concurrency: int | None = None) -> TransferManager:
         return TransferManager(
             self.client,
             TransferConfig(
                 multipart_threshold=threshold,
                 multipart_chunksize=chunksize,
-                max_request_concurrency=self.max_concurrency,
+                max_request_concurrency=concurrency or self.max_concurrency,
                 max_submission_concurrency=4,
                 max_request_queue_size=10_000,
                 max_submission_queue_size=10_000,
@@ -283,8 +300,11 @@ class S3Store(ObjectStore):
         subscribers = [_Subscriber(None, self._locked(progress))]
         if if_absent:
             self._mark_create_only(full_keys, True)
+        # Many small files are latency-bound: size the pool by the round trip. Big files' parts
+        # are bandwidth-bound: `max_concurrency` of them at most.
+        concurrency = self.concurrency(len(items))
         try:
-            with self._manager(self.multipart_threshold, self.multipart_chunksize) as manager:
+            with self._manager(self.multipart_threshold, self.multipart_chunksize, concurrency) as manager:
                 futures = [
                     (
                         key,
@@ -310,21 +330,27 @@ class S3Store(ObjectStore):
         if if_absent:
             nonce = uuid.uuid4().hex
             args.update(IfNoneMatch="*", Metadata={_NONCE: nonce})
+        started = time.monotonic()
         try:
             self.client.put_object(**args)
         except Exception as error:
             if if_absent and _is_conflict(error) and self._written_by_us(full_key, nonce):
                 return
             raise self._error(error, "writing", key) from None
+        self._timed(started)
 
     def get_bytes(self, key: str) -> bytes | None:
+        started = time.monotonic()
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-            return response["Body"].read()
+            data: bytes = response["Body"].read()
         except Exception as error:
             if _is_not_found(error):
+                self._timed(started)
                 return None
             raise self._error(error, "reading", key) from None
+        self._timed(started)
+        return data
 
     def get_file(self, key: str, path: str, *, progress: Progress | None = None) -> None:
         self.get_files([(key, path)], progress=progress)
@@ -368,12 +394,10 @@ class S3Store(ObjectStore):
         big: list[Callable[[], None]] = []
         small: list[Callable[[], None]] = []
         ranged_files: list[_RangedFetch] = []
-        pool = ThreadPoolExecutor(
-            max_workers=min(
-                self.max_download_concurrency, len(items) + sum(i.size // self.ranged_chunksize for i in items)
-            ),
-            thread_name_prefix="gpurun-get",
+        requests = sum(
+            -(-item.size // self.ranged_chunksize) if item.size >= self.ranged_threshold else 1 for item in items
         )
+        pool = ThreadPoolExecutor(max_workers=self.concurrency(requests), thread_name_prefix="gpurun-get")
         try:
             for index, item in enumerate(items):
                 if item.size >= self.ranged_threshold:
@@ -590,11 +614,13 @@ class _WholeFetch:
                 self.digest = digest.hexdigest()
                 return
             except _STREAM_ERRORS as error:
+                body.close()
                 self.report(-received)
                 if attempt + 1 == _STREAM_ATTEMPTS or self.stop.is_set():
                     raise self.store._error(error, "downloading", item.key) from None
-            finally:
+            except BaseException:
                 body.close()
+                raise
 
     def result(self) -> str:
         return self.digest
@@ -650,11 +676,14 @@ class _RangedFetch:
                     self.report(len(chunk))
                 break
             except _STREAM_ERRORS as error:
+                body.close()
                 self.report(-sum(map(len, chunks)))
                 if attempt + 1 == _STREAM_ATTEMPTS:
                     raise self.store._error(error, "downloading", self.item.key) from None
-            finally:
+            except BaseException:
+                # Closing drops the connection; a body read to its end goes back to the pool instead.
                 body.close()
+                raise
         data = b"".join(chunks)
         if len(data) != end - start + 1:
             raise StoreError(size_mismatch(self.store.url, self.item.key, f"short of part {index}", self.item.size))
