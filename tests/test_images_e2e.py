@@ -193,6 +193,15 @@ def test_image_create_use_list_delete_and_orphan_sweep(image_world, sshd, capsys
     ][0]["Instances"][0]["ImageId"]
     assert launched_from == created["id"]
 
+    # doctor resolves `auto` as launch does, and says which image and why.
+    code, out, err = cli(capsys, "doctor", str(spec), "--set", "aws.ami=auto", "--json")
+    ami_check = next(check for check in json.loads(out) if check["check"] == "AMI")
+    assert (
+        ami_check["result"] == "pass"
+        and created["id"] in ami_check["detail"]
+        and "setup is skipped" in ami_check["detail"]
+    )
+
     # A changed requirements.txt matches no image: setup runs (image:<name>), or the fallback is used (auto).
     (Path(spec).parent / "code/requirements.txt").write_text("numpy==2.0.0\n")
     for ami, expected in ((f"image:{name}", "differs"), ("auto", f"aws.ami_fallback {AMI}")):

@@ -194,7 +194,7 @@ class Doctor:
 
     def aws_launch(self, aws: Aws | None, spec: Spec) -> None:
         """Network, instance types, AMI: what `prepare` looks up before a launch creates anything."""
-        from gpurun.providers.aws.ami import resolve_ami
+        from gpurun.providers.aws.images import resolve_spec_ami
         from gpurun.providers.aws.instance_types import describe_types, zones_offering
         from gpurun.providers.aws.network import find_subnets
 
@@ -254,7 +254,7 @@ class Doctor:
         for arch in arches:
             check = "AMI" if len(arches) == 1 else f"AMI ({arch})"
             try:
-                ami = resolve_ami(aws, settings.ami, arch)
+                ami, choice = resolve_spec_ami(aws, spec, arch)
             except Exception as error:
                 self.failed(
                     check,
@@ -264,6 +264,8 @@ class Doctor:
                 continue
             date = ami.created[:10] if ami.created else "date unknown"
             detail = f"{ami.id} {ami.name}, created {date} ({ami.source}){assumed}"
+            if choice is not None:
+                detail += f"; {choice.reason}"
             if ami.snapshot_gb and settings.disk_gb < ami.snapshot_gb:
                 self.add(
                     check,

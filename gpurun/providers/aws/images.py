@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import botocore.exceptions
 
@@ -21,6 +21,10 @@ from gpurun.errors import BadInput, GpurunError
 from gpurun.providers.aws import requests
 from gpurun.providers.aws.ami import AmiInfo, _image_info, resolve_ami
 from gpurun.providers.aws.session import Aws, client_error_code, client_error_message
+from gpurun.setup_hash import local_reader, setup_hash
+
+if TYPE_CHECKING:
+    from gpurun.spec import Spec
 
 TAG_IMAGE = "gpurun:image"
 TAG_SOURCE_AMI = "gpurun:source-ami"
@@ -339,6 +343,16 @@ def choose(aws: Aws, ami: str, fallback: str, arch: str, wanted_hash: str, hashe
         False,
         f"auto: no gpurun image has setup hash {short} ({inputs}); aws.ami_fallback {fallback}, setup runs",
     )
+
+
+def resolve_spec_ami(aws: Aws, spec: Spec, arch: str) -> tuple[AmiInfo, ImageChoice | None]:
+    """The spec's `aws.ami` for `arch`; with `image:<name>` or `auto`, also which gpurun image and why."""
+    settings = spec.aws
+    if settings.ami != "auto" and not settings.ami.startswith("image:"):
+        return resolve_ami(aws, settings.ami, arch), None
+    wanted, hashed = setup_hash(spec.setup, local_reader(str(spec.workdir_path)))
+    choice = choose(aws, settings.ami, settings.ami_fallback, arch, wanted, hashed)
+    return choice.ami, choice
 
 
 def _checked_info(aws: Aws, image: GpurunImage, arch: str) -> AmiInfo:

@@ -12,13 +12,12 @@ from typing import TYPE_CHECKING
 from gpurun.durations import format_duration
 from gpurun.errors import BadInput
 from gpurun.providers.aws import requests
-from gpurun.providers.aws.ami import AmiInfo, resolve_ami
-from gpurun.providers.aws.images import ImageChoice, choose
+from gpurun.providers.aws.ami import AmiInfo
+from gpurun.providers.aws.images import ImageChoice, resolve_spec_ami
 from gpurun.providers.aws.instance_types import TypeInfo, describe_types, zones_offering
 from gpurun.providers.aws.network import Subnet, find_subnets, resolve_cidr
 from gpurun.providers.aws.pricing import ondemand_price, spot_prices
 from gpurun.providers.aws.session import Aws, Identity, check_identity
-from gpurun.setup_hash import local_reader, setup_hash
 
 if TYPE_CHECKING:
     from gpurun.spec import Spec
@@ -82,13 +81,9 @@ def prepare(aws: Aws, spec: Spec, run: str) -> Prepared:
     amis: dict[str, AmiInfo] = {}
     image_choices: dict[str, ImageChoice] = {}
     for arch in dict.fromkeys(info.arch for info in types):
-        if settings.ami == "auto" or settings.ami.startswith("image:"):
-            wanted, hashed = setup_hash(spec.setup, local_reader(str(spec.workdir_path)))
-            choice = choose(aws, settings.ami, settings.ami_fallback, arch, wanted, hashed)
+        amis[arch], choice = resolve_spec_ami(aws, spec, arch)
+        if choice is not None:
             image_choices[arch] = choice
-            amis[arch] = choice.ami
-        else:
-            amis[arch] = resolve_ami(aws, settings.ami, arch)
     for ami in amis.values():
         if ami.snapshot_gb and settings.disk_gb < ami.snapshot_gb:
             raise BadInput(
