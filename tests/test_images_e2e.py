@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -314,3 +315,16 @@ def test_image_create_refuses_bad_runs_and_undoes_an_interrupted_create(
     code, out, err = cli(capsys, "teardown", run, "--yes")
     assert code == 0, err
     _kill_run_processes(sshd, run)
+
+
+def test_image_create_of_a_local_run_is_bad_input_and_creates_nothing(tmp_path: Path, capsys) -> None:
+    spec = tmp_path / "local.yaml"
+    spec.write_text(f"name: here\nprovider: local\nrun: {sys.executable} -c 'import time; time.sleep(60)'\n")
+    run, _ = _launch(capsys, spec)
+    try:
+        code, out, err = cli(capsys, "image", "create", run)
+        assert code == 2 and out == "" and f"run {run} runs on provider local" in err
+        assert len(err.strip().splitlines()) == 1
+    finally:
+        code, out, err = cli(capsys, "teardown", run, "--yes")
+        assert code == 0, err
