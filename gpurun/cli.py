@@ -798,7 +798,8 @@ def ssh_config(install: bool, yes: bool) -> None:
 
     records, _problems = runs.load_all()
     for record in records:
-        if record["provider"] != "local" and record["state"] != "ended" and record.get("machines"):
+        live = record["state"] != "ended" and record.get("machines") and not record.get("adopted_from")
+        if record["provider"] != "local" and live:
             write_ssh_config(record)
     click.echo(str(ssh_config_file()))
     if install:

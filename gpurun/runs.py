@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gpurun import paths
-from gpurun.errors import GpurunError, UnknownRun
+from gpurun.errors import BadInput, GpurunError, UnknownRun
 
 # A record is a few kB; one far larger is not read whole (salvage reads its start).
 MAX_RECORD_BYTES = 16 * 1024 * 1024
@@ -211,6 +211,16 @@ def set_aside(run: str) -> Path:
     aside = path.with_name(f"{path.name}.damaged-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}")
     os.replace(path, aside)
     return aside
+
+
+def check_reachable_from_here(record: dict[str, Any], what: str) -> None:
+    """A run adopted from a store (`teardown RUN --store`) is ended from here, never entered:
+    its machines, keys and paths are what the store said, and the store may lie."""
+    if record.get("adopted_from"):
+        raise BadInput(
+            f"run {record['run']} was launched from another computer (its record came from {record['adopted_from']}); "
+            f"from here `status` and `teardown` work, not {what}"
+        )
 
 
 def load_from_store(run: str, store_url: str, profile: str | None = None) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from tests.helpers import gpurun, wait_until
 ACCOUNT = "123456789012"  # moto's
 
 
-def aws_record(run: str, store: str) -> dict:
+def aws_record(run: str, store: str, planted_dir: str = "/nonexistent") -> dict:
     """What a launching computer writes for an AWS run with no machine left."""
     return {
         "run": run,
@@ -29,7 +29,17 @@ def aws_record(run: str, store: str) -> dict:
         "state": "running",
         "created_at": "2026-11-26T10:00:00+00:00",
         "store": store,
-        "machines": [],
+        "machines": [
+            {
+                "rank": 0,
+                "host": "127.0.0.1",
+                "port": 1,
+                "user": "ubuntu",
+                "run_dir": f"/home/ubuntu/gpurun/{run}",
+                "known_hosts": f"{planted_dir}/known_hosts",
+                "key_path": f"{planted_dir}/id_ed25519",
+            }
+        ],
         "resources": {},
         "aws": {"region": "us-east-1", "account": ACCOUNT},
         "spec": {"aws": {"region": "us-east-1", "nodes": 1}, "checkpoint": {"dir": "ckpt", "every": 60, "keep": 2}},
@@ -48,7 +58,7 @@ def test_teardown_from_a_store_writes_back_only_where_the_record_was_read(
     bucket = s3_bucket[len("s3://") :].split("/", 1)[0]
     for planted in (f"file://{victim_dir}", "s3://victim-bucket/stolen"):
         run = "far-" + ("abc123" if planted.startswith("file") else "def456")
-        snaps.put_run_record(open_store(s3_bucket), run, aws_record(run, planted))
+        snaps.put_run_record(open_store(s3_bucket), run, aws_record(run, planted, str(victim_dir)))
         done = gpurun("teardown", run, "--store", s3_bucket, "--yes", check=False)
         assert done.returncode == 0, done.stderr
         written = json.loads(s3.get_object(Bucket=bucket, Key=f"ckpt/{run}/run.json")["Body"].read())
@@ -56,10 +66,19 @@ def test_teardown_from_a_store_writes_back_only_where_the_record_was_read(
         assert list(victim_dir.rglob("*")) == []
         assert "Contents" not in s3.list_objects_v2(Bucket="victim-bucket")
         # The record kept here names the store it came from: a later command writes there too.
-        kept = json.loads((gpurun_home / "runs" / f"{run}.json").read_text())
+        kept_path = gpurun_home / "runs" / f"{run}.json"
+        kept = json.loads(kept_path.read_text())
         assert kept["store"] == s3_bucket
+        assert [sorted(machine) for machine in kept["machines"]] == [["host", "port", "rank", "run_dir", "user"]]
         assert gpurun("teardown", run, "--yes", check=False).returncode == 0
         assert list(victim_dir.rglob("*")) == [] and "Contents" not in s3.list_objects_v2(Bucket="victim-bucket")
+        # As an interrupted teardown leaves it: nothing but status and teardown uses the store's machines.
+        kept_path.write_text(json.dumps({**json.loads(kept_path.read_text()), "state": "running"}))
+        for command in (["exec", run, "--", "true"], ["logs", run], ["ssh", run, "--", "true"]):
+            done = gpurun(*command, check=False)
+            assert done.returncode == 2 and "launched from another computer" in done.stderr, (command, done.stderr)
+        assert gpurun("status", run, "--json").returncode == 0
+        assert list(victim_dir.rglob("*")) == []
 
 
 def test_a_store_record_for_another_run_or_a_strange_name_is_refused_by_name(tmp_path: Path, gpurun_home: Path) -> None:

@@ -38,6 +38,9 @@ def open_transport(
     record: dict[str, Any], machine: dict[str, Any], *, on_warning: Callable[[str], None] | None = None
 ) -> Transport:
     """A new transport to one machine of the run; nothing is dialled until its first command."""
+    from gpurun import runs
+
+    runs.check_reachable_from_here(record, "a connection to its machines")
     provider = record["provider"]
     if provider == "local":
         from gpurun.transport.local import LocalTransport

@@ -116,6 +116,7 @@ def exec_job(
     spec: Spec | None = None,
 ) -> dict[str, Any]:
     record = runs.load(run)
+    runs.check_reachable_from_here(record, "exec")
     _check_live(record)
     spec = next_spec(record, overrides, spec)
     with _exclusive(run):

@@ -20,7 +20,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from gpurun import paths
+from gpurun import paths, runs
 from gpurun.errors import BadInput, GpurunError
 
 _BEGIN = "# >>> gpurun run {run}"
@@ -50,6 +50,7 @@ def _machines(record: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _machine(record: dict[str, Any], rank: int) -> dict[str, Any]:
+    runs.check_reachable_from_here(record, "ssh or a tunnel")
     machines = _machines(record)
     for machine in machines:
         if int(machine.get("rank", 0)) == rank:

@@ -65,7 +65,8 @@ def reconcile(record: dict[str, Any], loaded: str | None = None, problems: list[
     store's LATEST, which outlives every machine.
     """
     before = loaded if loaded is not None else json.dumps(record, sort_keys=True)
-    if record["state"] in ACTIVE and record.get("machines"):
+    # A run adopted from a store is not dialled: its machines are what the store said.
+    if record["state"] in ACTIVE and record.get("machines") and not record.get("adopted_from"):
         _ask_machines(record, problems if problems is not None else [])
     if json.dumps(record, sort_keys=True) != before:
         with runs.locked(record["run"]):

@@ -117,6 +117,12 @@ def _adopt(record: dict[str, Any], store_url: str) -> dict[str, Any]:
     record = {key: value for key, value in record.items() if key != "source"}
     record["adopted_from"] = store_url
     record["store"] = store_url
+    # Paths on the launching computer mean nothing here, and a planted one would say where to write.
+    record["machines"] = [
+        {key: value for key, value in machine.items() if key not in ("key_path", "known_hosts")}
+        for machine in record.get("machines", [])
+        if isinstance(machine, dict)
+    ]
     runs.save(record)
     return record
 
