@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 import shutil
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpurun import jobs, paths, runs
@@ -85,7 +86,7 @@ def recover_damaged(run: str, ui: Reporter) -> None:
     )
 
 
-def _local_record_from(run: str, local_dir: Any, salvaged: dict[str, str], store_url: str) -> dict[str, Any]:
+def _local_record_from(run: str, local_dir: Path, salvaged: dict[str, str], store_url: str) -> dict[str, Any]:
     """A local run as its directory shows it: enough to stop its job and agent and remove it."""
     return {
         "run": run,
@@ -270,8 +271,8 @@ def _stop_machine(
             final = wait_for_final_snapshot(record, machine, transport, ui, before)
         jobs.stop(transport, run_dir, "agent", grace=10, here=local)
         # The secrets go whatever else is kept (--keep-files keeps code, logs and checkpoints).
-        jobs.remove_secrets(transport, run_dir)
-        if record["spec"].get("secrets"):
+        if record["spec"].get("secrets") or partial:
+            jobs.remove_secrets(transport, run_dir)
             removed.append(f"secrets file on {transport.label}")
         if not keep_files and not local:
             transport.run(f"rm -rf {shlex.quote(run_dir)}", timeout=120)
