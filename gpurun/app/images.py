@@ -1,7 +1,7 @@
 """`gpurun image create | list | delete`: bake a live aws run's machine into an AMI, and manage those AMIs.
 
 `create` never stops the machine. It pauses the job and the agent for the
-few seconds around CreateImage (NoReboot), while the run's directory, shell
+moments around CreateImage (NoReboot), while the run's directory, shell
 history, secrets and the run's SSH key are moved off the root disk into a
 tmpfs on the machine (`image_prep.py`), then puts everything back and lets
 them continue. The image is kept only if the machine confirms the files were
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 #: Seconds the machine keeps the files hidden (job paused) before putting them back by itself.
 STASH_DEADLINE = 180
+#: How long moving the run's files out (or back) may take over SSH.
+MOVE_TIMEOUT = 1800
 #: Shell history and similar files under the login's home that never go into an image.
 HISTORY_FILES = (
     ".bash_history",
@@ -194,7 +196,8 @@ def _stash(transport: Transport, plan: dict[str, Any]) -> dict[str, Any]:
         'umask 077; f=$(mktemp "${TMPDIR:-/tmp}/gpurun-image-prep.XXXXXX") || exit 1; '
         f'cat > "$f"; python3 "$f" stash {shlex.quote(json.dumps(plan))}; code=$?; rm -f "$f"; exit $code'
     )
-    result = transport.run(command, input=_PREP_SCRIPT.read_bytes(), timeout=STASH_DEADLINE)
+    # Moving a large checkpoint directory to the tmpfs takes about a second per GB.
+    result = transport.run(command, input=_PREP_SCRIPT.read_bytes(), timeout=MOVE_TIMEOUT)
     answer = _last_json(result.stdout)
     if not result.ok or answer is None or "stash" not in answer:
         why = (answer or {}).get("error") or (result.stderr or result.stdout).decode("utf-8", "replace").strip()
@@ -207,7 +210,7 @@ def _stash(transport: Transport, plan: dict[str, Any]) -> dict[str, Any]:
 def _restore(transport: Transport, stash: str) -> dict[str, Any]:
     command = f"python3 - restore {shlex.quote(stash)}"
     try:
-        result = transport.run(command, input=_PREP_SCRIPT.read_bytes(), timeout=120)
+        result = transport.run(command, input=_PREP_SCRIPT.read_bytes(), timeout=MOVE_TIMEOUT)
     except TransportError as error:
         raise GpurunError(f"putting the run's files back failed: {error}") from None
     answer = _last_json(result.stdout)
