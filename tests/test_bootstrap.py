@@ -1,4 +1,4 @@
-"""The machine's bootstrap (gpurun/agent/bootstrap.py): SigV4, role credentials, the restart budget.
+"""The machine's bootstrap (gpurun/bootstrap.py): SigV4, role credentials, the restart budget.
 
 Against moto's server over HTTP and a fake IMDSv2 of the instance's own; the
 budget's conditional writes are raced by real threads.
@@ -19,7 +19,7 @@ from botocore.auth import S3SigV4Auth, SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from gpurun.agent import bootstrap as bs
+from gpurun import bootstrap as bs
 from tests.plugins.fake_imds import FakeImds
 
 CREDENTIALS = {"key": "AKIDEXAMPLE", "secret": "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", "token": "session-token"}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpurun import jobs, paths, runs
-from gpurun.app import common, connections, fingerprints, job_secrets
+from gpurun.app import common, connections, fingerprints, job_secrets, recovering
 from gpurun.app.reporter import Reporter
 from gpurun.durations import format_duration
 from gpurun.errors import BadInput, GpurunError, Interrupted, NoCredentials, TransportError
@@ -182,6 +182,9 @@ def launch(
             f"not syncing {_held_back_text(held_back)}: they look like credentials; "
             "sync.include sends one on purpose, secrets: passes a value to the job"
         )
+    recovering_group = recovering.applies(spec)
+    if recovering_group:
+        recovering.check(spec)
     if dry_run:
         return {"run": run, "dry_run": True, "plan": [{"item": label, "value": value} for label, value in rows]}
     if total > LARGE_SYNC_BYTES:
@@ -236,6 +239,10 @@ def launch(
         runs.save(record)
     try:
         ui.say(f"launching {run} on {spec.provider}")
+        if recovering_group:
+            step = "staging code and agent in the store"
+            recovering.stage(spec, record, store, files, source, ui)
+            step = "acquiring machines"
         machines = provider.acquire(spec, record, on_change, ui.say, connect=conns.connect)
         record["machines"] = machines
         runs.add_job(
@@ -246,14 +253,19 @@ def launch(
             setup_ran=bool(spec.setup),
         )
         on_change(record)
-        step = "preparing machines"
-        if setup_skipped:
-            ui.say(f"setup skipped: {setup_skipped}")
-            record["setup_skipped"] = setup_skipped
-        _prepare_all(provider, conns, record, files, source, ui, started, secret_values)
-        if spec.setup and not setup_skipped:
-            step = "running setup"
-            wait_for_setup(record, started, ui)
+        if recovering_group:
+            # The machine sets itself up from the store; nothing connects to it.
+            step = "waiting for the first machine's job"
+            recovering.wait_for_first_job(store, run, ui)
+        else:
+            step = "preparing machines"
+            if setup_skipped:
+                ui.say(f"setup skipped: {setup_skipped}")
+                record["setup_skipped"] = setup_skipped
+            _prepare_all(provider, conns, record, files, source, ui, started, secret_values)
+            if spec.setup and not setup_skipped:
+                step = "running setup"
+                wait_for_setup(record, started, ui)
         record["state"] = "running"
         on_change(record)
         snaps.put_run_record(store, run, record)

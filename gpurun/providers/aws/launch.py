@@ -75,6 +75,10 @@ class Launcher:
 
     # -- bookkeeping -----------------------------------------------------------------------
 
+    def created(self, key: str, value: Any) -> None:
+        """Record a resource the moment it exists (a failed launch and teardown find it)."""
+        self._created(key, value)
+
     def _created(self, key: str, value: Any) -> None:
         self.resources[key] = value
         self.on_change(self.record)

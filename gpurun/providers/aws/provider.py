@@ -89,7 +89,24 @@ class AwsProvider(Provider):
         return prepared
 
     def plan(self, spec: Spec, run: str) -> list[tuple[str, str]]:
-        return plan_rows(self._prepare(spec, run), spec)
+        prepared = self._prepare(spec, run)
+        rows = plan_rows(prepared, spec)
+        if recovering(spec):
+            from gpurun.providers.aws import recovery
+
+            # The group's guard replaces the machine's own shutdown guard.
+            rows = [row for row in rows if row[0] != "guard"]
+            rows += recovery.plan_rows(
+                run=run,
+                instance_types=[info.name for info in _group_types(prepared)],
+                zones=prepared.zones(),
+                spot=spec.aws.spot,
+                nodes=spec.aws.nodes,
+                max_runtime_text=format_duration(spec.aws.max_runtime),
+                max_restarts=spec.recovery.max_restarts or 0,
+                on_failure=spec.recovery.on_failure,
+            )
+        return rows
 
     def plan_offline(self, spec: Spec, run: str) -> list[tuple[str, str]]:
         return offline_plan_rows(spec, run)
@@ -135,6 +152,8 @@ class AwsProvider(Provider):
             sleep=self.sleep,
         )
         try:
+            if recovering(spec):
+                return self._acquire_group(prepared, spec, record, launcher, say)
             key_path = launcher.key_pair()
             group_id = launcher.security_group(prepared.vpc_id)
             profile = launcher.instance_profile()
@@ -157,6 +176,78 @@ class AwsProvider(Provider):
             raise
         except Exception as error:
             raise GpurunError(f"launch failed while {launcher.step}: {type(error).__name__}: {error}") from error
+        return machines
+
+    def _acquire_group(
+        self, prepared: Prepared, spec: Spec, record: Record, launcher: Launcher, say: Say
+    ) -> list[dict[str, Any]]:
+        """A recovering run: key pair, security group, role, then a launch template and an Auto Scaling
+        group whose machines bootstrap themselves from the store (record["bootstrap"], set by the app)."""
+        from gpurun.bootstrap import user_data
+        from gpurun.providers.aws import group, recovery
+
+        aws = prepared.aws
+        run = record["run"]
+        key_path = launcher.key_pair()
+        security_group = launcher.security_group(prepared.vpc_id)
+        profile = launcher.instance_profile()
+        if profile and profile == requests.resource_name(run):
+            launcher.step = "letting the role scale its own group (PutRolePolicy)"
+            statement = recovery.own_group_statement(
+                run, region=aws.region, account=prepared.identity.account, partition=aws.partition
+            )
+            aws.iam.put_role_policy(
+                RoleName=profile,
+                PolicyName=recovery.GROUP_POLICY_NAME,
+                PolicyDocument=requests.policy_json({"Version": "2012-10-17", "Statement": [statement]}),
+            )
+        types = _group_types(prepared)
+        first = types[0]
+        ami = prepared.amis[first.arch]
+        subnets = [subnet for info in types for subnet in prepared.subnets[info.name]]
+        config = {**record.get("bootstrap", {}), "group": recovery.group_name(run), "region": aws.region}
+        data = recovery.launch_template_data(
+            run=run,
+            owner=prepared.owner,
+            ami_id=ami.id,
+            instance_type=first.name,
+            root_device=ami.root_device,
+            disk_gb=spec.aws.disk_gb,
+            key_name=requests.resource_name(run),
+            security_group_id=security_group,
+            instance_profile=profile,
+            user_data=user_data(config),
+        )
+        launched_at = datetime.now(timezone.utc)
+        launcher.step = "creating the Auto Scaling group (CreateLaunchTemplate, CreateAutoScalingGroup)"
+        say(f"creating Auto Scaling group {recovery.group_name(run)} ({', '.join(t.name for t in types)})")
+        group.create(
+            aws,
+            run=run,
+            owner=prepared.owner,
+            template_data=data,
+            group_kwargs=recovery.auto_scaling_group_kwargs(
+                run=run,
+                owner=prepared.owner,
+                instance_types=[info.name for info in types],
+                subnet_ids=[subnet.id for subnet in subnets],
+                nodes=spec.aws.nodes,
+                spot=spec.aws.spot,
+                max_price=spec.aws.max_price,
+            ),
+            guard_at=recovery.guard_time(launched_at, spec.aws.max_runtime),
+            created=launcher.created,
+        )
+        launcher.step = "waiting for the group's first machine (DescribeAutoScalingGroups)"
+        first_instance = group.wait_first_instance(
+            aws, run, timeout=self.running_timeout, interval=self.poll_interval, sleep=self.sleep, say=say
+        )
+        zone = first_instance.get("Placement", {}).get("AvailabilityZone", "")
+        machines = launcher.machines([first_instance], key_path, first_instance.get("InstanceType", first.name), zone)
+        for machine in machines:
+            # Each machine of the group has its own host key; SSH to it is only for looking.
+            machine["trust_on_first_use"] = True
+            machine["generation"] = 1
         return machines
 
     def _remove_recorded(self, aws: Aws, record: Record, say: Say) -> Outcome:
@@ -315,6 +406,17 @@ class AwsProvider(Provider):
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def recovering(spec: Spec) -> bool:
+    """A run whose machine belongs to an Auto Scaling group (recovery on)."""
+    return (spec.recovery.max_restarts or 0) > 0
+
+
+def _group_types(prepared: Prepared) -> list[Any]:
+    """The types one launch template can serve: those of the first type's architecture (one AMI)."""
+    first = prepared.types[0]
+    return [info for info in prepared.types if info.arch == first.arch]
 
 
 def default_region(profile: str | None = None) -> str:

@@ -2,7 +2,7 @@
 
 A run with `recovery.max_restarts` > 0 does not call RunInstances: its machine
 belongs to an Auto Scaling group, so AWS itself replaces a reclaimed spot
-machine, and the new machine bootstraps from the store (`gpurun.agent.bootstrap`).
+machine, and the new machine bootstraps from the store (`gpurun.bootstrap`).
 
 Every security default of a plain launch is in the launch template (IMDSv2
 required, encrypted gp3 root volume, the run's security group and scoped
@@ -35,6 +35,8 @@ from gpurun.providers.aws.requests import (
     tags,
 )
 
+#: The role's inline policy that lets a machine scale its own group.
+GROUP_POLICY_NAME = "gpurun-own-group"
 #: The scheduled action that ends the group's machines at launch + max_runtime.
 GUARD_ACTION = "gpurun-max-runtime"
 #: Resource types the template tags at launch (a spot request is the group's, not ours to tag).

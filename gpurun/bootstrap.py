@@ -34,6 +34,7 @@ import io
 import json
 import os
 import pwd
+import re
 import subprocess
 import sys
 import tarfile
@@ -44,6 +45,9 @@ import urllib.request
 from typing import Any
 
 ATTEMPTS = "attempts.json"
+#: Where job.sh (rendered by gpurun at launch, before the machine's home is known) names the run directory.
+RUN_DIR_MARK = "@GPURUN_RUN_DIR@"
+RUN_DIR_SAFE = re.compile(r"/[A-Za-z0-9_./-]+")
 ATTEMPTS_VERSION = 1
 MAX_DOCUMENT_BYTES = 1_000_000
 POLL_SECONDS = 2.0
@@ -442,47 +446,31 @@ class Machine:
         return {**os.environ, "PYTHONPATH": self.agent_dir, "PYTHONNOUSERSITE": "1"}
 
     def restore(self, python: str) -> bool:
-        arguments = [python, "-m", "gpurun.agent", "--to", str(self.config["store"]), "--restore-from", self.run]
-        arguments += ["--into", self.checkpoint_dir, "--region", self.aws.region]
-        done = subprocess.run(arguments, env=self.agent_env(), capture_output=True, text=True)
-        log((done.stdout or done.stderr).strip().splitlines()[-1] if (done.stdout or done.stderr).strip() else "")
-        return done.returncode == 0
-
-    def job_env(self, resume: bool) -> dict[str, str]:
-        env = {str(k): str(v) for k, v in dict(self.config.get("env") or {}).items()}
-        env.update(
-            {
-                "GPURUN_RUN": self.run,
-                "GPURUN_CHECKPOINT_DIR": self.checkpoint_dir,
-                "GPURUN_NODE_RANK": "0",
-                "GPURUN_NUM_NODES": "1",
-                "GPURUN_MASTER_ADDR": "127.0.0.1",
-                "GPURUN_MASTER_PORT": str(self.config.get("master_port", 29500)),
-                "GPURUN_NODE_IPS": "127.0.0.1",
-                "PYTHONUNBUFFERED": "1",
-                "AWS_DEFAULT_REGION": self.aws.region,
-                "AWS_REGION": self.aws.region,
-            }
-        )
-        if resume:
-            env["GPURUN_RESUME_FROM"] = self.checkpoint_dir
-        return env
+        """LATEST of this run into the checkpoint directory; before its first snapshot, the run it resumes."""
+        sources = [(str(self.config["store"]), self.run, None)]
+        resumed = self.config.get("resume_from")
+        if isinstance(resumed, dict):
+            sources.append((str(resumed["store"]), str(resumed["run"]), resumed.get("seq")))
+        for store, run, seq in sources:
+            arguments = [python, "-m", "gpurun.agent", "--to", store, "--restore-from", run]
+            arguments += ["--into", self.checkpoint_dir, "--region", self.aws.region]
+            if seq is not None:
+                arguments += ["--seq", str(seq)]
+            done = subprocess.run(arguments, env=self.agent_env(), capture_output=True, text=True)
+            said = (done.stdout + done.stderr).strip().splitlines()
+            log(f"restore from {run}: {said[-1] if said else done.returncode}")
+            if done.returncode == 0:
+                return True
+        return False
 
     def start(self, python: str, *, setup: bool, resume: bool) -> None:
-        """Write job.sh with gpurun's own wrapper, start the agent and the job in their own sessions."""
-        sys.path.insert(0, self.agent_dir)
-        from gpurun import jobs
-
+        """Write job.sh (rendered by gpurun at launch) and start the agent and the job in their own sessions."""
+        if not RUN_DIR_SAFE.fullmatch(self.run_dir):
+            raise RuntimeError(f"the run directory {self.run_dir!r} has characters job.sh cannot hold unquoted")
         for name in ("job.exit", "job.phase", "interrupted", "sync.request"):
             _remove(os.path.join(self.run_dir, name))
-        script = jobs.job_script(
-            self.run_dir,
-            self.work,
-            self.job_env(resume),
-            str(self.config.get("setup") or "") if setup else None,
-            str(self.config["command"]),
-        )
-        _write(os.path.join(self.run_dir, "job.sh"), script)
+        template = str(self.config["job_script" if setup else "job_script_no_setup"])
+        _write(os.path.join(self.run_dir, "job.sh"), template.replace(RUN_DIR_MARK, self.run_dir))
         agent = [python, "-m", "gpurun.agent", "--watch", self.checkpoint_dir, "--to", str(self.config["store"])]
         agent += ["--run", self.run, "--every", str(self.config["every"]), "--keep", str(self.config["keep"])]
         agent += ["--run-dir", self.run_dir, "--region", self.aws.region]
@@ -491,7 +479,10 @@ class Machine:
         _write(
             os.path.join(self.run_dir, "agent.pid"), str(_detach(agent, self.run_dir, "agent.log", self.agent_env()))
         )
-        _write(os.path.join(self.run_dir, "job.pid"), str(_detach(["bash", "job.sh"], self.run_dir, "job.log", None)))
+        env = {**os.environ, "AWS_DEFAULT_REGION": self.aws.region, "AWS_REGION": self.aws.region}
+        if resume:
+            env["GPURUN_RESUME_FROM"] = self.checkpoint_dir
+        _write(os.path.join(self.run_dir, "job.pid"), str(_detach(["bash", "job.sh"], self.run_dir, "job.log", env)))
 
 
 def _home_of(user: str) -> str:
@@ -617,12 +608,12 @@ def user_data(config: dict[str, Any]) -> str:
         payload = base64.b64encode(zlib.compress(handle.read(), 9)).decode()
     return (
         "#!/usr/bin/env python3\n"
-        f"# gpurun bootstrap for run {config['run']}: gpurun/agent/bootstrap.py (compressed) and its settings.\n"
+        f"# gpurun bootstrap for run {config['run']}: gpurun/bootstrap.py (compressed) and its settings.\n"
         "# No credentials here: the instance role has them.\n"
         "import base64, json, sys, zlib\n"
         f"CONFIG = json.loads({json.dumps(json.dumps(config, sort_keys=True))})\n"
         f'SOURCE = zlib.decompress(base64.b64decode("{payload}"))\n'
         'namespace = {"__name__": "gpurun_bootstrap"}\n'
-        'exec(compile(SOURCE, "gpurun/agent/bootstrap.py", "exec"), namespace)\n'
+        'exec(compile(SOURCE, "gpurun/bootstrap.py", "exec"), namespace)\n'
         'sys.exit(namespace["main"](CONFIG, sys.argv[1:]))\n'
     )

@@ -1,0 +1,134 @@
+"""Launch of a recovering AWS run: stage what machines bootstrap from, then wait for the first job.
+
+The machines of such a run belong to an Auto Scaling group and set
+themselves up from the store (`gpurun.bootstrap`), so launch uploads the code
+and gpurun itself to `<store>/<run>/`, renders job.sh for them, and then
+waits until the first machine reports its job started in
+`<store>/<run>/attempts.json`. Nothing here connects to a machine.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+from gpurun import bootstrap, jobs
+from gpurun.app import common
+from gpurun.app.reporter import Reporter
+from gpurun.errors import BadInput, GpurunError
+from gpurun.spec import Spec
+from gpurun.store.base import ObjectStore
+from gpurun.sync.ignore import WalkedFile
+
+#: How long launch waits for the first machine's job to start (boot, fetch, restore, setup).
+FIRST_JOB_TIMEOUT = 1800.0
+
+
+def applies(spec: Spec) -> bool:
+    return spec.provider == "aws" and (spec.recovery.max_restarts or 0) > 0
+
+
+def check(spec: Spec) -> None:
+    """What a recovering AWS run cannot do yet: refused before anything exists (exit 2)."""
+    if spec.secrets:
+        raise BadInput(
+            "secrets: not supported with recovery on AWS yet (a replacement machine could not read them); "
+            "use recovery: {max_restarts: 0}, or pass the values another way"
+        )
+
+
+def code_archive(root: Path, files: list[WalkedFile]) -> tuple[str, bytes]:
+    """(sha256, gzip'd tar) of the synced files; the same tree gives the same bytes."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for item in sorted(files, key=lambda f: f.path):
+            archive.add(str(root / item.path), arcname=item.path, recursive=False)
+    compressed = io.BytesIO()
+    with gzip.GzipFile(fileobj=compressed, mode="wb", mtime=0) as handle:
+        handle.write(raw.getvalue())
+    data = compressed.getvalue()
+    return hashlib.sha256(data).hexdigest(), data
+
+
+def stage(
+    spec: Spec,
+    record: dict[str, Any],
+    store: ObjectStore,
+    files: list[WalkedFile],
+    source: dict[str, Any] | None,
+    ui: Reporter,
+) -> None:
+    """Upload code and agent under `<store>/<run>/`; put the machines' settings in record["bootstrap"]."""
+    from gpurun.app.agent_install import agent_bundle
+
+    run = record["run"]
+    tag, bundle = agent_bundle()
+    store.put_bytes(f"{run}/agent/{tag}.tar.gz", bundle)
+    digest, archive = code_archive(spec.workdir_path, files)
+    store.put_bytes(f"{run}/code/{digest}.tar.gz", archive)
+    store.put_bytes(f"{run}/CODE", digest.encode())
+    ui.say(f"staged code ({len(archive)} bytes, {digest[:12]}) and gpurun {tag} in {record['store']}/{run}")
+    mark = bootstrap.RUN_DIR_MARK
+    machine = {"rank": 0, "run_dir": mark}
+    env = common.job_environment(record, machine, None)
+    env["GPURUN_MASTER_ADDR"] = env["GPURUN_NODE_IPS"] = "127.0.0.1"
+    work = common.work_dir(machine)
+    record["bootstrap"] = {
+        "run": run,
+        "store": record["store"],
+        "user": spec.ssh.user or "ubuntu",
+        "max_restarts": spec.recovery.max_restarts or 0,
+        "on_failure": spec.recovery.on_failure,
+        "agent_tag": tag,
+        "code": digest,
+        "checkpoint_dir": spec.checkpoint.dir,
+        "every": spec.checkpoint.every,
+        "keep": spec.checkpoint.keep,
+        "spot": spec.aws.spot,
+        "resume_from": source,
+        "job_script": jobs.job_script(mark, work, env, spec.setup, spec.run),
+        "job_script_no_setup": jobs.job_script(mark, work, env, None, spec.run),
+    }
+
+
+def read_attempts(store: ObjectStore, run: str) -> dict[str, Any] | None:
+    """attempts.json, validated loosely; None when absent or unreadable (a machine writes it)."""
+    data = store.get_bytes(f"{run}/{bootstrap.ATTEMPTS}")
+    if data is None or len(data) > bootstrap.MAX_DOCUMENT_BYTES:
+        return None
+    try:
+        document = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(document, dict) or document.get("version") != bootstrap.ATTEMPTS_VERSION:
+        return None
+    if not isinstance(document.get("machines"), list):
+        return None
+    return document
+
+
+def wait_for_first_job(
+    store: ObjectStore, run: str, ui: Reporter, *, timeout: float = FIRST_JOB_TIMEOUT, poll: float = 1.0
+) -> dict[str, Any]:
+    """attempts.json once the first machine has started the job; raises if the run ended before."""
+    deadline = time.monotonic() + timeout
+    with ui.spinner("waiting for the group's first machine to bootstrap and start the job") as update:
+        while True:
+            document = read_attempts(store, run)
+            if document is not None:
+                machines = [m for m in document["machines"] if isinstance(m, dict)]
+                if any(m.get("job_started_at") for m in machines):
+                    return document
+                if document.get("state") != "running":
+                    raise GpurunError(f"the run ended ({document.get('state')}) before its first job started")
+                if machines:
+                    update(f"machine {machines[-1].get('instance_id')} is bootstrapping")
+            if time.monotonic() >= deadline:
+                raise GpurunError(f"no machine of the group started the job within {timeout:.0f}s")
+            time.sleep(poll)

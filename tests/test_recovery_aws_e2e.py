@@ -1,0 +1,252 @@
+"""Unattended recovery on AWS, end to end on moto's server with the boot emulator.
+
+The real CLI launches a recovering run (an Auto Scaling group) and returns;
+from then on no gpurun process of the laptop runs. The boot emulator plays
+cloud-init for each instance moto's group creates: the machine bootstraps
+from the store with its fake IMDSv2 role credentials. A spot notice, a reclaim
+(terminate_instance_in_auto_scaling_group without decrement), a new machine
+that resumes from LATEST, success scaling the group to 0, a job that fails
+every time, and a teardown that leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "true")
+os.environ.setdefault("MOTO_ENABLE_AMI_VALIDATION", "true")
+os.environ.setdefault("MOTO_ENABLE_KEYPAIR_VALIDATION", "true")
+
+import boto3  # noqa: E402
+
+from gpurun.cli import main  # noqa: E402
+from gpurun.providers.aws import AwsProvider  # noqa: E402
+from tests.helpers import wait_until  # noqa: E402
+from tests.plugins.boot_emulator import BootEmulator  # noqa: E402
+
+AMI = "ami-1e749f67"  # bundled with moto for us-east-1
+
+# Steps until a finish file appears (the test decides when the job may succeed); says where it resumed.
+TRAIN = """\
+import json, os, sys, time
+ckpt = os.environ["GPURUN_CHECKPOINT_DIR"]
+os.makedirs(ckpt, exist_ok=True)
+step = 0
+resume = os.environ.get("GPURUN_RESUME_FROM")
+if resume and os.path.exists(os.path.join(resume, "state.json")):
+    step = json.load(open(os.path.join(resume, "state.json")))["step"]
+    print(f"resumed at step {step}", flush=True)
+print("job started", flush=True)
+if sys.argv[1] == "fail":
+    sys.exit(3)
+while not os.path.exists(sys.argv[1]):
+    step += 1
+    with open(os.path.join(ckpt, "state.json.tmp"), "w") as handle:
+        json.dump({"step": step}, handle)
+    os.replace(os.path.join(ckpt, "state.json.tmp"), os.path.join(ckpt, "state.json"))
+    print(f"step {step}", flush=True)
+    time.sleep(0.2)
+print("done", flush=True)
+"""
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exited:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return int(exited.value.code or 0), out, err
+
+
+@pytest.fixture
+def world(moto_server: str, moto_validation: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    bucket = f"recovery-{os.getpid()}-{time.monotonic_ns() % 10**8}"
+    boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    original_init = AwsProvider.__init__
+
+    def patched_init(self: AwsProvider, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self.poll_interval = 0.2
+
+    monkeypatch.setattr(AwsProvider, "__init__", patched_init)
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "train.py").write_text(TRAIN)
+    return {"bucket": bucket, "endpoint": moto_server, "code": code, "tmp": tmp_path}
+
+
+def _spec(world: dict[str, Any], argument: str, recovery: str) -> Path:
+    spec = world["tmp"] / "aws.yaml"
+    spec.write_text(
+        "name: rec\nprovider: aws\nworkdir: code\n"
+        f"run: {sys.executable} train.py {argument}\n"
+        f"checkpoint: {{dir: ckpt, every: 1h, keep: 3, store: 's3://{world['bucket']}/runs', resume: never}}\n"
+        f"aws: {{instance_type: [t3.micro, t3.small], ami: {AMI}, disk_gb: 20, ssh_cidr: 127.0.0.1/32, "
+        "spot: true, max_runtime: 2h}\n"
+        f"recovery: {recovery}\n"
+    )
+    return spec
+
+
+def _attempts(world: dict[str, Any], run: str) -> dict[str, Any] | None:
+    s3 = boto3.client("s3", endpoint_url=world["endpoint"], region_name="us-east-1")
+    try:
+        return json.loads(s3.get_object(Bucket=world["bucket"], Key=f"runs/{run}/attempts.json")["Body"].read())
+    except s3.exceptions.NoSuchKey:
+        return None
+
+
+def _latest(world: dict[str, Any], run: str) -> dict[str, Any] | None:
+    s3 = boto3.client("s3", endpoint_url=world["endpoint"], region_name="us-east-1")
+    try:
+        return json.loads(s3.get_object(Bucket=world["bucket"], Key=f"runs/{run}/LATEST")["Body"].read())
+    except s3.exceptions.NoSuchKey:
+        return None
+
+
+def _group(world: dict[str, Any], run: str) -> dict[str, Any]:
+    autoscaling = boto3.client("autoscaling", endpoint_url=world["endpoint"], region_name="us-east-1")
+    [group] = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[f"gpurun-{run}"])["AutoScalingGroups"]
+    return dict(group)
+
+
+def _log(emulator: BootEmulator, instance_id: str, run: str) -> str:
+    path = emulator.run_dir(instance_id, run) / "job.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _leftovers(world: dict[str, Any], run: str) -> dict[str, list[Any]]:
+    endpoint = world["endpoint"]
+    ec2 = boto3.client("ec2", endpoint_url=endpoint, region_name="us-east-1")
+    autoscaling = boto3.client("autoscaling", endpoint_url=endpoint, region_name="us-east-1")
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1")
+    tagged = [{"Name": "tag:gpurun:run", "Values": [run]}]
+    return {
+        "groups": [
+            g
+            for g in autoscaling.describe_auto_scaling_groups()["AutoScalingGroups"]
+            if g["AutoScalingGroupName"] == f"gpurun-{run}"
+        ],
+        "templates": [
+            t for t in ec2.describe_launch_templates()["LaunchTemplates"] if t["LaunchTemplateName"] == f"gpurun-{run}"
+        ],
+        "instances": [
+            i
+            for r in ec2.describe_instances(Filters=tagged)["Reservations"]
+            for i in r["Instances"]
+            if i["State"]["Name"] not in ("terminated", "shutting-down")
+        ],
+        "security_groups": ec2.describe_security_groups(Filters=tagged)["SecurityGroups"],
+        "key_pairs": ec2.describe_key_pairs(Filters=tagged)["KeyPairs"],
+        "roles": [r for r in iam.list_roles()["Roles"] if r["RoleName"] == f"gpurun-{run}"],
+        "profiles": [
+            p for p in iam.list_instance_profiles()["InstanceProfiles"] if p["InstanceProfileName"] == f"gpurun-{run}"
+        ],
+    }
+
+
+@pytest.mark.slow
+def test_reclaimed_machine_is_replaced_and_the_job_resumes_from_latest(
+    world: dict[str, Any], boot_emulator: BootEmulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    finish = world["tmp"] / "finish"
+    spec = _spec(world, str(finish), "{max_restarts: 2}")
+    code, out, err = cli(capsys, "launch", str(spec), "--json")
+    assert code == 0, err
+    run = json.loads(out)["run"]
+    launched_at = datetime.now(timezone.utc)
+    # From here on no gpurun process of the laptop runs: AWS and the machines do everything.
+    [first] = boot_emulator.live()
+    assert "job started" in _log(boot_emulator, first, run)
+
+    # The scheduled guard ends the group at launch + max_runtime, whatever the machines do.
+    autoscaling = boto3.client("autoscaling", endpoint_url=world["endpoint"], region_name="us-east-1")
+    [guard] = autoscaling.describe_scheduled_actions(AutoScalingGroupName=f"gpurun-{run}")[
+        "ScheduledUpdateGroupActions"
+    ]
+    assert (guard["DesiredCapacity"], guard["MaxSize"]) == (0, 0)
+    assert abs(guard["StartTime"].timestamp() - (launched_at.timestamp() + 7200)) < 120
+
+    # A spot notice: the agent takes its final snapshot of what the job wrote last.
+    wait_until(lambda: "step 3" in _log(boot_emulator, first, run), timeout=60, what="step 3")
+    boot_emulator.interrupt(first)
+    final = wait_until(
+        lambda: (boot_emulator.run_dir(first, run) / "interrupted").exists() and _latest(world, run),
+        timeout=60,
+        what="the final snapshot after the spot notice",
+    )
+    wait_until(
+        lambda: (
+            json.loads((boot_emulator.run_dir(first, run) / "agent.status.json").read_text()).get("last_seq")
+            == (_latest(world, run) or {}).get("seq")
+        ),
+        timeout=30,
+        what="the agent's snapshot to be LATEST",
+    )
+    saved_seq = (_latest(world, run) or final)["seq"]
+
+    # AWS takes the machine; the group starts another, which bootstraps itself.
+    taken = time.monotonic()
+    autoscaling.terminate_instance_in_auto_scaling_group(InstanceId=first, ShouldDecrementDesiredCapacity=False)
+    second = wait_until(lambda: [i for i in boot_emulator.live() if i != first], timeout=30, what="a new machine")[0]
+    resumed = wait_until(
+        lambda: [line for line in _log(boot_emulator, second, run).splitlines() if line.startswith("resumed at step")],
+        timeout=120,
+        what="the new machine's job to resume",
+    )
+    print(f"reclaim to resumed job: {time.monotonic() - taken:.1f}s")
+    assert int(resumed[0].split()[-1]) >= 3
+    attempts = _attempts(world, run)
+    assert attempts is not None and attempts["restarts_used"] == 1 and attempts["state"] == "running"
+    assert [m["instance_id"] for m in attempts["machines"]] == [first, second]
+    assert attempts["machines"][1]["resumed"] is True
+    assert _latest(world, run)["seq"] >= saved_seq
+
+    # Success: the machine records it and scales its own group to 0.
+    finish.touch()
+    wait_until(lambda: _group(world, run)["DesiredCapacity"] == 0, timeout=60, what="the group scaled to 0")
+    attempts = _attempts(world, run)
+    assert attempts is not None and attempts["state"] == "succeeded"
+    wait_until(lambda: not boot_emulator.live(), timeout=30, what="the machine to go")
+    assert boot_emulator.power_log() == "", "a machine in a group never powers itself off"
+    assert not boot_emulator.errors, boot_emulator.errors
+
+    code, out, err = cli(capsys, "teardown", run, "--yes", "--json")
+    assert code == 0, err
+    assert _leftovers(world, run) == {
+        "groups": [],
+        "templates": [],
+        "instances": [],
+        "security_groups": [],
+        "key_pairs": [],
+        "roles": [],
+        "profiles": [],
+    }
+
+
+@pytest.mark.slow
+def test_a_job_failing_every_time_stops_after_the_budget_with_the_group_at_zero(
+    world: dict[str, Any], boot_emulator: BootEmulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = _spec(world, "fail", "{max_restarts: 2, on_failure: true}")
+    code, out, err = cli(capsys, "launch", str(spec), "--json")
+    assert code == 0, err
+    run = json.loads(out)["run"]
+    wait_until(lambda: _group(world, run)["DesiredCapacity"] == 0, timeout=90, what="the group scaled to 0")
+    attempts = _attempts(world, run)
+    assert attempts is not None
+    assert attempts["state"] == "budget_spent" and attempts["restarts_used"] == 2
+    assert attempts["machines"][0]["why"] == "restart budget spent" and attempts["machines"][0]["exit_code"] == 3
+    wait_until(lambda: not boot_emulator.live(), timeout=30, what="the machine to go")
+    [machine] = boot_emulator.instances
+    assert _log(boot_emulator, machine, run).count("job started") == 3
+    code, _out, err = cli(capsys, "teardown", run, "--yes")
+    assert code == 0, err
