@@ -453,7 +453,7 @@ class Machine:
             sources.append((str(resumed["store"]), str(resumed["run"]), resumed.get("seq")))
         for store, run, seq in sources:
             arguments = [python, "-m", "gpurun.agent", "--to", store, "--restore-from", run]
-            arguments += ["--into", self.checkpoint_dir, "--region", self.aws.region]
+            arguments += ["--into", self.checkpoint_dir, "--force", "--region", self.aws.region]
             if seq is not None:
                 arguments += ["--seq", str(seq)]
             done = subprocess.run(arguments, env=self.agent_env(), capture_output=True, text=True)

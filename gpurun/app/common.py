@@ -113,7 +113,8 @@ def job_restarts(record: dict[str, Any], machine: dict[str, Any], python: str | 
 def restore_arguments(record: dict[str, Any], machine: dict[str, Any]) -> list[str]:
     """The agent's arguments that put this run's LATEST into the machine's checkpoint directory."""
     arguments = ["--to", record["store"], "--restore-from", agent_run_name(record, machine)]
-    arguments += ["--into", checkpoint_dir(record, machine)]
+    # --force: the dead job's files are replaced by the snapshot's (kept beside the directory).
+    arguments += ["--into", checkpoint_dir(record, machine), "--force"]
     region = store_options(record).get("region")
     if region:
         arguments += ["--region", region]

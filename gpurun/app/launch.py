@@ -241,7 +241,7 @@ def launch(
         ui.say(f"launching {run} on {spec.provider}")
         if recovering_group:
             step = "staging code and agent in the store"
-            recovering.stage(spec, record, store, files, source, ui)
+            recovering.stage(spec, record, store, files, source, ui, setup_skipped=setup_skipped)
             step = "acquiring machines"
         machines = provider.acquire(spec, record, on_change, ui.say, connect=conns.connect)
         record["machines"] = machines

@@ -63,8 +63,13 @@ def stage(
     files: list[WalkedFile],
     source: dict[str, Any] | None,
     ui: Reporter,
+    *,
+    setup_skipped: str | None = None,
 ) -> None:
-    """Upload code and agent under `<store>/<run>/`; put the machines' settings in record["bootstrap"]."""
+    """Upload code and agent under `<store>/<run>/`; put the machines' settings in record["bootstrap"].
+
+    With `setup_skipped` (the group's image was baked with this setup) no machine runs setup.
+    """
     from gpurun.app.agent_install import agent_bundle
 
     run = record["run"]
@@ -92,7 +97,7 @@ def stage(
         "keep": spec.checkpoint.keep,
         "spot": spec.aws.spot,
         "resume_from": source,
-        "job_script": jobs.job_script(mark, work, env, spec.setup, spec.run),
+        "job_script": jobs.job_script(mark, work, env, None if setup_skipped else spec.setup, spec.run),
         "job_script_no_setup": jobs.job_script(mark, work, env, None, spec.run),
     }
 
