@@ -83,10 +83,10 @@ def transport(request, sshd):
 
 def test_extraction_never_follows_a_link_it_did_not_create(transport, tmp_path: Path) -> None:
     source, target, outside = tmp_path / "src", tmp_path / "work", tmp_path / "outside"
-    for name in ("sub/code.py", "deep/a/b/c.py", "top.py"):
+    for name in ("sub/code.py", "deep/a/b/c.py", "top.py", "gone/old.py"):
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         (source / name).write_text(f"synced {name}\n")
-    for name in ("sub", "deep-a", "meta"):
+    for name in ("sub", "deep-a", "meta", "gone"):
         (outside / name).mkdir(parents=True)
     target.mkdir()
     (target / "deep").mkdir()
@@ -112,3 +112,15 @@ def test_extraction_never_follows_a_link_it_did_not_create(transport, tmp_path: 
     assert result.files_sent == 1
     assert [p for p in outside.rglob("*") if p.is_file()] == []
     assert (target / "sub" / "code.py").read_text() == "changed\n"
+
+    # A file deleted here, below a directory the machine swapped for a link: nothing outside is removed.
+    (target / "gone" / "old.py").unlink()
+    (target / "gone").rmdir()
+    os.symlink(outside / "gone", target / "gone")
+    (outside / "gone" / "old.py").write_text("not gpurun's to delete\n")
+    (source / "gone" / "old.py").unlink()
+    (source / "gone").rmdir()
+    result = sync_tree(transport, source, str(target), manifest)
+    assert result.deleted == 1
+    assert (outside / "gone" / "old.py").read_text() == "not gpurun's to delete\n"
+    assert not (target / "gone").is_symlink()

@@ -257,6 +257,12 @@ def sync_tree(
     steps = [f"mkdir -p {qtarget}", f"tar -x -f - -C {qtarget}"]
     if deleted:
         head += _member(f"{META_DIR}/deleted", b"\0".join(name.encode() for name in deleted) + b"\0")
+        # The same for what is removed: a link made on the machine where a synced directory was
+        # must not lead `rm` outside the work tree. (Directories above changed files come with them.)
+        above_changed = set(parent_directories([f.path for f in changed]))
+        for directory in parent_directories(deleted):
+            if directory not in above_changed:
+                head += _directory_member(directory)
         steps.append(f"(cd {qtarget} && xargs -0 rm -f -- < {META_DIR}/deleted)")
     if whole:
         # One rename on the same file system. Across file systems mv copies, and a copy cut
