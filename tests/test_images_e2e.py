@@ -183,6 +183,8 @@ def test_image_create_use_list_delete_and_orphan_sweep(image_world, sshd, capsys
     assert code == 0, err
     (listed,) = json.loads(out)
     assert listed["name"] == name and listed["source_ami"] == AMI and listed["monthly_usd"] > 0
+    code, out, err = cli(capsys, "image", "list", "--region", "us-east-1")
+    assert code == 0 and name in out and f"{AMI} (run {run})" in out and "$0.75" in out, out  # 15 GB at $0.05
 
     # A launch from the image with the same setup skips setup: the marker is not written again.
     second, err = _launch(capsys, spec, "--set", f"aws.ami=image:{name}")
