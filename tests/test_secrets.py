@@ -88,7 +88,7 @@ def test_secrets_reach_the_local_job_and_nothing_else(
         tmp_path,
         "name: secret\nworkdir: code\n"
         f"run: {sys.executable} job.py WANDB_API_KEY DB_PASSWORD HF_TOKEN\n"
-        "env: {MY_API_KEY: harmless, KERAS_BACKEND: torch}\n"
+        "env: {MY_API_KEY: harmless, KERAS_BACKEND: torch, TOKENIZERS_PARALLELISM: 'false'}\n"
         f"secrets: {{WANDB_API_KEY: 'env:MY_WANDB_KEY', DB_PASSWORD: 'ssm:/team/db', HF_TOKEN: 'secretsmanager:{name}'}}\n"
         f"checkpoint: {{dir: ckpt, every: 1s, store: 'file://{store}', resume: never}}\n",
     )
@@ -97,7 +97,7 @@ def test_secrets_reach_the_local_job_and_nothing_else(
     [row] = [row["value"] for row in json.loads(plan.stdout)["plan"] if row["item"] == "secrets"]
     assert "WANDB_API_KEY ($MY_WANDB_KEY here)" in row and "DB_PASSWORD (ssm:/team/db)" in row
     assert "env.MY_API_KEY looks like a secret" in plan.stderr and "secrets:" in plan.stderr
-    assert "KERAS_BACKEND" not in plan.stderr
+    assert "KERAS_BACKEND" not in plan.stderr and "TOKENIZERS_PARALLELISM" not in plan.stderr
 
     launched = cli("launch", str(spec), "--json", printed=printed)
     run = json.loads(launched.stdout)["run"]

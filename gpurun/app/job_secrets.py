@@ -35,8 +35,6 @@ def local_values(secrets: dict[str, str]) -> dict[str, str]:
                 raise BadInput(
                     f"secrets.{name}: {variable} is not set in this computer's environment; export it and launch again"
                 )
-            if "\x00" in value:
-                raise BadInput(f"secrets.{name}: {variable} holds a NUL byte, which an environment cannot carry")
             values[name] = value
     return values
 
@@ -55,8 +53,17 @@ def describe(secrets: dict[str, str]) -> str:
     return ", ".join(parts) or "-"
 
 
+# A switch is no secret: TOKENIZERS_PARALLELISM=false, USE_KEY_CACHE=1.
+_SWITCH_VALUES = frozenset({"", "0", "1", "true", "false", "yes", "no", "on", "off"})
+
+
 def secret_like_env(spec: Spec) -> list[str]:
-    return sorted(name for name in spec.env if SECRET_LIKE_NAME.search(name))
+    """`env:` keys named like credentials (KEY, TOKEN, SECRET, PASSWORD) whose value is not a mere switch."""
+    return sorted(
+        name
+        for name, value in spec.env.items()
+        if SECRET_LIKE_NAME.search(name) and value.strip().lower() not in _SWITCH_VALUES
+    )
 
 
 def install(
