@@ -297,9 +297,25 @@ def _status_table(ui: Ui, records: list[dict[str, Any]]) -> None:
                 age(record.get("created_at")).replace(" ago", ""),
                 f"${cost:.2f}" if isinstance(cost, (int, float)) else "-",
                 text,
+                _gpu_text(record),
             ]
         )
-    ui.table(["RUN", "STATE", "JOB", "MACHINE", "AGE", "COST", "LAST CHECKPOINT"], rows)
+    columns = ["RUN", "STATE", "JOB", "MACHINE", "AGE", "COST", "LAST CHECKPOINT", "GPU"]
+    if all(row[-1] == "-" for row in rows):
+        columns, rows = columns[:-1], [row[:-1] for row in rows]  # no GPU anywhere: no empty column
+    ui.table(columns, rows)
+
+
+def _gpu_text(record: dict[str, Any]) -> str:
+    """Utilisation and memory per node, as status last read them (only while the run is active)."""
+    from gpurun.gpu import summary
+
+    machines = record.get("machines", [])
+    if record["state"] not in ("launching", "running") or not any(m.get("gpus") for m in machines):
+        return "-"
+    if len(machines) == 1:
+        return summary(machines[0].get("gpus"))
+    return "; ".join(f"n{m.get('rank', 0)} {summary(m.get('gpus'))}" for m in machines)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -690,6 +706,36 @@ def image_delete(names: tuple[str, ...], region: str | None, profile: str | None
         return
     for item in removed:
         ui.say(f"removed {item}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("run")
+@click.option("--seq", type=click.IntRange(min=1), help="Which snapshot (default: LATEST).")
+@click.option("--store", "store_url", metavar="URL", help="Store to read (for runs launched elsewhere).")
+@click.option("--json", "json_mode", is_flag=True, help="Print one JSON document.")
+def metrics(run: str, seq: int | None, store_url: str | None, json_mode: bool) -> None:
+    """The job's metrics (metrics.jsonl in the latest snapshot): last value and a sparkline each."""
+    from gpurun.app.metrics import read_metrics, sparkline
+    from gpurun.text import escape_controls
+
+    ui = _ui(json_mode)
+    found = read_metrics(run, store_url=store_url, seq=seq)
+    if json_mode:
+        ui.emit_json(found)
+        return
+    if found["skipped_lines"]:
+        ui.warn(f"{found['skipped_lines']} line(s) of metrics.jsonl are not JSON objects; skipped")
+    if not found["metrics"]:
+        ui.say(f"snapshot {found['seq']} of {run}: metrics.jsonl has no numeric metrics yet")
+        return
+    ui.say(f"{run}, snapshot {found['seq']}: {found['records']} record(s)")
+    ui.table(
+        ["METRIC", "LAST", "MIN", "MAX", "TREND"],
+        [
+            [escape_controls(name), f"{m['last']:.6g}", f"{m['min']:.6g}", f"{m['max']:.6g}", sparkline(m["values"])]
+            for name, m in found["metrics"].items()
+        ],
+    )
 
 
 @cli.command(context_settings=CONTEXT)

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from gpurun import gpu
 from gpurun.errors import TransportError
 from gpurun.transport.base import Transport
 
@@ -205,6 +206,7 @@ echo "phase=$(cat "$d/job.phase" 2>/dev/null)"
 echo "restarts=$(head -c 20 "$d/job.restarts" 2>/dev/null)"
 echo "interrupted=$(cat "$d/interrupted" 2>/dev/null | head -c 200 | tr '\n' ' ')"
 echo "agent_status=$(cat "$d/agent.status.json" 2>/dev/null | tr '\n' ' ')"
+{gpu}
 echo "last_line=$(tail -c 2048 "$d/job.log" 2>/dev/null | tr -d '\r' | grep -v '^$' | tail -n 1 | head -c 200)"
 """
 
@@ -221,6 +223,7 @@ def _parse_state(text: str) -> dict[str, Any]:
         "interrupted": bool(values.get("interrupted", "").strip()),
         "ended_at": _iso(values.get("exit_at", "")),
         "last_line": values.get("last_line", "").strip() or None,
+        "gpus": gpu.parse(values.get("gpu", "")),
         "agent": None,
     }
     raw = values.get("agent_status", "").strip()
@@ -248,7 +251,7 @@ def _count(text: str) -> int:
 
 
 def read_state(transport: Transport, run_dir: str) -> dict[str, Any]:
-    result = transport.run(_STATE_SCRIPT.format(dir=q(run_dir)), timeout=30)
+    result = transport.run(_STATE_SCRIPT.format(dir=q(run_dir), gpu=gpu.SHELL), timeout=30)
     if not result.ok:
         raise TransportError(f"reading the job state on {transport.label} failed")
     return _parse_state(result.text)
@@ -305,6 +308,7 @@ def read_state_here(run_dir: str) -> dict[str, Any]:
         "interrupted": bool(read("interrupted").strip()),
         "ended_at": _iso(exit_at),
         "last_line": _last_line(os.path.join(run_dir, "job.log")),
+        "gpus": gpu.read_here(run_dir),
         "agent": agent,
     }
 

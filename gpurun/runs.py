@@ -470,8 +470,19 @@ def public_view(record: dict[str, Any]) -> dict[str, Any]:
         "checkpoint_error": record.get("checkpoint_error"),
         "checkpoint_warning": record.get("checkpoint_warning"),
         "jobs": [job_view(job) for job in jobs_of(record)],
+        "gpus": _gpus_view(record),
         "restarts": restarts_view(record),
     }
+
+
+def _gpus_view(record: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Per node, the GPUs as status last saw them; None when no node reported any."""
+    nodes = [
+        {"node": machine.get("rank", 0), "gpus": machine["gpus"]}
+        for machine in record.get("machines", [])
+        if isinstance(machine, dict) and isinstance(machine.get("gpus"), list)
+    ]
+    return nodes or None
 
 
 def restarts_view(record: dict[str, Any]) -> dict[str, int] | None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpurun import gpu
 from gpurun.agent.logship import SHIP_EVERY, LogShipper
 from gpurun.agent.staging import HeldFileChanged, Stager
 from gpurun.errors import GpurunError
@@ -278,6 +279,21 @@ class Agent:
         except Exception as error:  # the snapshot is what must not be held up
             log(f"{reason}: shipping the job's output failed: {str(error).splitlines()[0] if str(error) else error}")
 
+    def sample_gpus(self) -> None:
+        """Keep <run_dir>/gpu.csv current for `status` (nothing where nvidia-smi is missing)."""
+        if self.options.run_dir is None:
+            return
+        text = gpu.sample()
+        if text is None:
+            return
+        path = self.run_dir / gpu.FILE
+        temp = path.with_name(f".{gpu.FILE}.tmp")
+        try:
+            temp.write_text(text)
+            os.replace(temp, path)
+        except OSError as error:
+            log(f"cannot write {path}: {error}")
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
@@ -296,6 +312,7 @@ class Agent:
         next_due = started + self.options.every
         next_spot = started
         next_ship = started + self.options.logs_every
+        next_gpu = started
         spot_failures = 0
         while True:
             now = time.monotonic()
@@ -330,6 +347,9 @@ class Agent:
                     self.ship_logs("spot notice")
                     next_due = time.monotonic() + self.options.every
                     continue
+            if now >= next_gpu:
+                self.sample_gpus()
+                next_gpu = time.monotonic() + gpu.SAMPLE_EVERY
             if now >= next_ship:
                 self.ship_logs("scheduled")
                 next_ship = time.monotonic() + self.options.logs_every

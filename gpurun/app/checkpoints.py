@@ -18,7 +18,7 @@ from gpurun.store import snapshots as snaps
 SYNC_TIMEOUT = 900.0
 
 
-def _record_and_store(run: str, store_url: str | None) -> tuple[dict[str, Any] | None, Any]:
+def record_and_store(run: str, store_url: str | None) -> tuple[dict[str, Any] | None, Any]:
     try:
         record = runs.load(run)
     except BadInput:
@@ -32,7 +32,7 @@ def _record_and_store(run: str, store_url: str | None) -> tuple[dict[str, Any] |
 
 
 def list_snapshots(run: str, *, store_url: str | None = None) -> list[dict[str, Any]]:
-    _record, store = _record_and_store(run, store_url)
+    _record, store = record_and_store(run, store_url)
     found = snaps.list_snapshots(store, run)
     if not found and snaps.get_run_record(store, run) is None and _record is None:
         raise BadInput(f"unknown run {run!r} in {store.url}")
@@ -43,7 +43,7 @@ def download(
     run: str, dest: Path, *, seq: int | None, ui: Reporter, store_url: str | None = None, force: bool = False
 ) -> dict[str, Any]:
     """Restore one snapshot into `dest`, all or nothing (see store/restore.py)."""
-    _record, store = _record_and_store(run, store_url)
+    _record, store = record_and_store(run, store_url)
     manifest = snaps.resolve_seq(store, run, seq)
     with ui.progress(f"downloading snapshot {manifest['seq']}", manifest["bytes"]) as advance:
         info = snaps.download_snapshot(store, run, dest, seq=manifest["seq"], progress=advance, force=force)

@@ -96,6 +96,7 @@ def _ask_machines(record: dict[str, Any], problems: list[str]) -> None:
                 with conns.connect(record, machine) as transport:
                     state = jobs.read_state(transport, machine["run_dir"])
             machine.pop("unreachable", None)
+            machine["gpus"] = state.get("gpus")
         except GpurunError as error:
             machine["unreachable"] = str(error)
             continue
