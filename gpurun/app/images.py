@@ -25,6 +25,7 @@ from gpurun.errors import BadInput, GpurunError, Interrupted, TransportError
 from gpurun.setup_hash import MAX_FILE_BYTES, setup_hash
 
 if TYPE_CHECKING:
+    from gpurun.providers.aws import AwsProvider
     from gpurun.providers.aws.images import GpurunImage
     from gpurun.providers.aws.session import Aws
     from gpurun.transport.base import Transport
@@ -48,16 +49,16 @@ HISTORY_FILES = (
 _PREP_SCRIPT = Path(__file__).with_name("image_prep.py")
 
 
-def _provider() -> Any:
+def _provider() -> AwsProvider:
     from gpurun.providers.aws import AwsProvider
 
     return AwsProvider()
 
 
-def _session(provider: Any, region: str | None, profile: str | None) -> Aws:
+def _session(provider: AwsProvider, region: str | None, profile: str | None) -> Aws:
     from gpurun.providers.aws.provider import default_region
 
-    return provider.session(region or default_region(profile), profile)  # type: ignore[no-any-return]
+    return provider.session(region or default_region(profile), profile)
 
 
 def _aws_record(run: str) -> dict[str, Any]:
