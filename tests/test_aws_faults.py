@@ -496,3 +496,31 @@ def test_dry_run_without_credentials_shows_what_needs_no_aws(capsys, tmp_path, m
     assert "arn:aws:s3:::ckpt-bucket/team/*" in rows["role policy"]
     assert "not resolved (" in rows["resume"]
     assert not key_dir("exp-dry001").exists() and not list(Path(os.environ["GPURUN_HOME"]).glob("runs/*.json"))
+
+
+def test_teardown_of_a_launch_whose_launcher_died_removes_everything(session, recorder, tmp_path, capsys, monkeypatch):
+    import subprocess
+    import sys
+
+    from gpurun import runs
+    from gpurun.app import status as status_module
+    from gpurun.app import teardown as teardown_module
+    from tests.test_aws_provider import launch
+
+    provider = make_provider(recorder)
+    for module in (status_module, teardown_module):
+        monkeypatch.setattr(module, "get_provider", lambda name: provider)
+    record, machines, _ = launch(provider, make_spec(tmp_path))  # what the dead launcher had made
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    # As on disk when the launcher died inside acquire: the ledger names the instance, no machine is listed yet.
+    record.update(state="launching", machines=[], launcher={**runs.this_process(), "pid": finished.pid})
+    runs.save(record)
+    code, _out, err = cli(capsys, "status")
+    assert f"`gpurun teardown {record['run']}` removes what it created" in err
+    code, out, err = cli(capsys, "teardown", record["run"], "--yes", "--json")
+    assert code == 0, err
+    removed = json.loads(out)["runs"][0]["removed"]
+    assert f"instance {machines[0]['instance_id']}" in removed
+    assert leftovers(session, recorder) == []
+    assert not key_dir().exists()
