@@ -114,9 +114,14 @@ def image_world(aws_world, sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     spec = Path(aws_world["spec"])
     spec.write_text(spec.read_text().replace("run:", f"setup: sh setup.sh {tag} -r requirements.txt\nrun:"))
     yield world
+    ec2 = _ec2(aws_world["endpoint"])
     for image in _images(aws_world["endpoint"]):  # the moto server outlives this test: leave no image
         with contextlib.suppress(Exception):
-            _ec2(aws_world["endpoint"]).deregister_image(ImageId=image["ImageId"])
+            ec2.deregister_image(ImageId=image["ImageId"])
+    tagged = [{"Name": "tag:gpurun:managed", "Values": ["true"]}]
+    for snapshot in ec2.describe_snapshots(OwnerIds=["self"], Filters=tagged)["Snapshots"]:
+        with contextlib.suppress(Exception):
+            ec2.delete_snapshot(SnapshotId=snapshot["SnapshotId"])
 
 
 def _launch(capsys, spec: Path, *extra: str) -> tuple[str, str]:
