@@ -193,6 +193,7 @@ def status(run: str | None, store_url: str | None, list_jobs: bool, all_runs: bo
     _status_table(ui, records)
     if run is not None:
         _current_job_line(ui, records[0])
+        _generation_lines(ui, records[0])
 
 
 def _job_outcome_text(job: dict[str, Any]) -> str:
@@ -219,6 +220,19 @@ def _current_job_line(ui: Ui, record: dict[str, Any]) -> None:
         f"{_job_outcome_text(job)}, started {age(job.get('started_at'))}"
         + ("" if len(listed) == 1 else f" (`gpurun status {record['run']} --jobs` lists all)")
     )
+
+
+def _generation_lines(ui: Ui, record: dict[str, Any]) -> None:
+    """A recovering run's machines, one line each (values were escaped when read from the store)."""
+    listed = record.get("generations")
+    if not isinstance(listed, list) or not listed:
+        return
+    for item in listed:
+        ended = f"ended {item.get('ended_at')} ({item.get('why') or '-'})" if item.get("ended_at") else "current"
+        ui.say(
+            f"machine {item.get('generation')}: {item.get('instance_id')} {item.get('type') or '-'} "
+            f"{item.get('zone') or '-'}, started {item.get('started_at') or '-'}, {ended}"
+        )
 
 
 def _jobs_table(ui: Ui, record: dict[str, Any]) -> None:

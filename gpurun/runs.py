@@ -472,6 +472,7 @@ def public_view(record: dict[str, Any]) -> dict[str, Any]:
         "jobs": [job_view(job) for job in jobs_of(record)],
         "gpus": _gpus_view(record),
         "restarts": restarts_view(record),
+        "generations": record.get("generations"),
     }
 
 

@@ -194,7 +194,6 @@ def test_reclaimed_machine_is_replaced_and_the_job_resumes_from_latest(
     saved_seq = (_latest(world, run) or final)["seq"]
 
     # AWS takes the machine; the group starts another, which bootstraps itself.
-    taken = time.monotonic()
     autoscaling.terminate_instance_in_auto_scaling_group(InstanceId=first, ShouldDecrementDesiredCapacity=False)
     second = wait_until(lambda: [i for i in boot_emulator.live() if i != first], timeout=30, what="a new machine")[0]
     resumed = wait_until(
@@ -202,13 +201,20 @@ def test_reclaimed_machine_is_replaced_and_the_job_resumes_from_latest(
         timeout=120,
         what="the new machine's job to resume",
     )
-    print(f"reclaim to resumed job: {time.monotonic() - taken:.1f}s")
     assert int(resumed[0].split()[-1]) >= 3
     attempts = _attempts(world, run)
     assert attempts is not None and attempts["restarts_used"] == 1 and attempts["state"] == "running"
     assert [m["instance_id"] for m in attempts["machines"]] == [first, second]
     assert attempts["machines"][1]["resumed"] is True
     assert _latest(world, run)["seq"] >= saved_seq
+    code, out, err = cli(capsys, "status", run, "--json")
+    assert code == 0 and out, (out, err)
+    [status] = json.loads(out)
+    assert status["state"] == "running" and status["restarts"] == {"used": 1, "max": 2}
+    assert [(g["instance_id"], g["why"]) for g in status["generations"]] == [(first, "replaced"), (second, None)]
+    assert status["instances"][0]["id"] == second, "the record follows the group's current machine"
+    code, out, err = cli(capsys, "status", run)
+    assert f"machine 2: {second}" in out + err and "(restart 1/2)" in out, out + err
 
     # Success: the machine records it and scales its own group to 0.
     finish.touch()
@@ -216,6 +222,8 @@ def test_reclaimed_machine_is_replaced_and_the_job_resumes_from_latest(
     attempts = _attempts(world, run)
     assert attempts is not None and attempts["state"] == "succeeded"
     wait_until(lambda: not boot_emulator.live(), timeout=30, what="the machine to go")
+    code, out, err = cli(capsys, "status", run, "--json")
+    assert json.loads(out)[0]["state"] == "succeeded" and json.loads(out)[0]["exit_code"] == 0, out
     assert boot_emulator.power_log() == "", "a machine in a group never powers itself off"
     assert not boot_emulator.errors, boot_emulator.errors
 

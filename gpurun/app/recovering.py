@@ -137,3 +137,82 @@ def wait_for_first_job(
             if time.monotonic() >= deadline:
                 raise GpurunError(f"no machine of the group started the job within {timeout:.0f}s")
             time.sleep(poll)
+
+
+# -- status: what any computer can read back ------------------------------------------------------
+
+_GENERATION_TEXT = ("instance_id", "type", "zone", "started_at", "ended_at", "why", "job_started_at")
+
+
+def generations(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """The machines of attempts.json, each field checked (the store is untrusted input)."""
+    from gpurun.text import escape_controls
+
+    found = []
+    for index, entry in enumerate(document.get("machines", [])[:1000]):
+        if not isinstance(entry, dict):
+            continue
+        item: dict[str, Any] = {"generation": index + 1}
+        for key in _GENERATION_TEXT:
+            value = entry.get(key)
+            item[key] = escape_controls(str(value))[:100] if isinstance(value, str) else None
+        for key in ("restarts", "exit_code"):
+            value = entry.get(key)
+            item[key] = value if isinstance(value, int) and not isinstance(value, bool) else None
+        found.append(item)
+    return found
+
+
+def apply_attempts(record: dict[str, Any], document: dict[str, Any]) -> None:
+    """Generations, restarts used and the run's outcome from attempts.json; point the record at the
+    group's current machine (so `ssh`, `logs` and the cost follow it)."""
+    from gpurun import runs
+
+    listed = generations(document)
+    record["generations"] = listed
+    used = document.get("restarts_used")
+    if isinstance(used, int) and not isinstance(used, bool) and used >= 0:
+        record["restarts_used"] = used
+    state = document.get("state")
+    if record.get("state") == "running" and state in ("succeeded", "failed", "budget_spent"):
+        last = listed[-1] if listed else {}
+        code = 0 if state == "succeeded" else last.get("exit_code")
+        record["state"] = "succeeded" if state == "succeeded" else "failed"
+        record["exit_code"] = code
+        runs.end_job(record, "exited", code, last.get("ended_at"))
+        if state == "budget_spent":
+            record["job"] = {"phase": None, "alive": False, "note": "restart budget spent"}
+    current = next((item for item in reversed(listed) if not item.get("ended_at")), None)
+    machines = record.get("machines") or []
+    if current and machines and current.get("instance_id") and machines[0].get("instance_id") != current["instance_id"]:
+        previous = dict(machines[0])
+        previous.setdefault("ended_at", runs.now_iso())
+        record.setdefault("past_machines", []).append(previous)
+        machines[0] = {
+            **previous,
+            "instance_id": current["instance_id"],
+            "instance_type": current.get("type") or previous.get("instance_type"),
+            "zone": current.get("zone"),
+            "generation": current["generation"],
+            "state": "pending",
+            "host": None,
+            "public_ip": None,
+            "launch_time": current.get("started_at"),
+            "ended_at": None,
+            "cost_usd": None,
+        }
+
+
+def reconcile_from_store(record: dict[str, Any], problems: list[str]) -> bool:
+    """A recovering AWS run's state from its store; False when attempts.json cannot be read."""
+    from gpurun.app import common
+
+    try:
+        document = read_attempts(common.open_run_store(record), str(record["run"]))
+    except GpurunError as error:
+        problems.append(f"{record['run']}: cannot read attempts.json in {record.get('store')}: {error}")
+        return False
+    if document is None:
+        return False
+    apply_attempts(record, document)
+    return True

@@ -66,8 +66,15 @@ def reconcile(record: dict[str, Any], loaded: str | None = None, problems: list[
     """
     before = loaded if loaded is not None else json.dumps(record, sort_keys=True)
     # A run adopted from a store is not dialled: its machines are what the store said.
-    if record["state"] in ACTIVE and record.get("machines") and not record.get("adopted_from"):
-        _ask_machines(record, problems if problems is not None else [])
+    problems = problems if problems is not None else []
+    if record.get("provider") == "aws" and record.get("bootstrap") and record["state"] not in ("ended",):
+        # A recovering run: its machines come and go; the store says what happened, to any computer.
+        from gpurun.app import recovering
+
+        if recovering.reconcile_from_store(record, problems) and record.get("store"):
+            _latest_from_store(record, record["store"], problems)
+    elif record["state"] in ACTIVE and record.get("machines") and not record.get("adopted_from"):
+        _ask_machines(record, problems)
     if json.dumps(record, sort_keys=True) != before:
         with runs.locked(record["run"]):
             try:
@@ -161,6 +168,10 @@ def collect(
             problems.append(f"AWS: {error}")
     for record in records:
         if record.get("source") == "store":
+            if record.get("provider") == "aws" and record.get("bootstrap"):
+                from gpurun.app import recovering
+
+                recovering.reconcile_from_store(record, problems)
             _latest_from_store(record, store_url or record["store"], problems)
             continue
         reconcile(record, loaded[record["run"]], problems)

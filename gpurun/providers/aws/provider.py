@@ -499,6 +499,11 @@ def _update_machines(record: Record, found: dict[str, dict[str, Any]], region: s
         if machine.get("cost_usd") is not None:
             total += float(machine["cost_usd"])
             known = True
+    # A recovering run's earlier machines (replaced by its group) cost what they cost until they ended.
+    for machine in record.get("past_machines") or []:
+        if isinstance(machine, dict) and isinstance(machine.get("cost_usd"), (int, float)):
+            total += float(machine["cost_usd"])
+            known = True
     record["cost_usd"] = round(total, 4) if known else None
 
 
