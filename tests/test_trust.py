@@ -65,6 +65,13 @@ def test_launch_lists_held_back_files_and_sync_include_sends_one(tmp_path: Path)
         assert "config/.env" in arrived and "train.py" in arrived and "id_utils.py" in arrived
         for name in [*CREDENTIALS, ".aws/credentials", "tools/.ssh/config"]:
             assert name not in arrived
+
+        # The next job's sync (gpurun exec) holds them back and says so too.
+        (code / "new.pem").write_text("a new key\n")
+        (code / "extra.py").write_text("print('extra')\n")
+        again = gpurun("exec", run, "--replace", "--", "sleep 60")
+        assert "not syncing" in again.stderr and "new.pem" in again.stderr
+        assert (work / "extra.py").exists() and not (work / "new.pem").exists()
     finally:
         gpurun("teardown", run, "--yes", "--no-final-sync")
 

@@ -27,9 +27,9 @@ from gpurun.app.status import reconcile
 from gpurun.app.teardown import JOB_GRACE, wait_for_final_snapshot
 from gpurun.errors import BadInput, GpurunError, TransportError
 from gpurun.sizes import human_bytes
-from gpurun.spec import Spec, apply_override, spec_from_record, validate_spec
+from gpurun.spec import Spec, apply_override, label, spec_from_record, validate_spec
 from gpurun.store import snapshots as snaps
-from gpurun.sync.push import scan, sync_tree
+from gpurun.sync.push import scan_holding_back, sync_tree
 from gpurun.transport.base import Transport
 
 # What a job may change; everything else belongs to the machines, the store and the agent.
@@ -168,7 +168,12 @@ def _exec(record: dict[str, Any], spec: Spec, ui: Reporter, *, command: str | No
         _wait_for_agents(record, conns, ui)
     setup_failed_before = bool(states[0]["phase"] == "setup" and not states[0]["job_alive"])
 
-    files = scan(spec.workdir_path, [*spec.sync.exclude, f"/{spec.checkpoint.dir.strip('/')}/"], spec.sync.include)
+    files, held_back = scan_holding_back(
+        spec.workdir_path, [*spec.sync.exclude, f"/{spec.checkpoint.dir.strip('/')}/"], spec.sync.include
+    )
+    if held_back:
+        shown = ", ".join(label(path) for path in held_back[:20]) + (" and more" if len(held_back) > 20 else "")
+        ui.warn(f"not syncing {shown}: they look like credentials; sync.include sends one on purpose")
     setup_hash = fingerprints.setup_hash(spec.setup, spec.workdir_path, files)
     last_setup_hash = previous.get("setup_hash") if previous else None
     run_setup = bool(spec.setup) and (setup_hash != last_setup_hash or setup_failed_before)
