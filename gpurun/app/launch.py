@@ -239,6 +239,9 @@ def launch(
         runs.save(record)
     try:
         ui.say(f"launching {run} on {spec.provider}")
+        if setup_skipped:
+            ui.say(f"setup skipped: {setup_skipped}")
+            record["setup_skipped"] = setup_skipped
         if recovering_group:
             step = "staging code and agent in the store"
             recovering.stage(spec, record, store, files, source, ui, setup_skipped=setup_skipped)
@@ -259,9 +262,6 @@ def launch(
             recovering.wait_for_first_job(store, run, ui)
         else:
             step = "preparing machines"
-            if setup_skipped:
-                ui.say(f"setup skipped: {setup_skipped}")
-                record["setup_skipped"] = setup_skipped
             _prepare_all(provider, conns, record, files, source, ui, started, secret_values)
             if spec.setup and not setup_skipped:
                 step = "running setup"
