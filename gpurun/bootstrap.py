@@ -407,6 +407,14 @@ class Machine:
     def key(self, name: str) -> str:
         return "/".join(part for part in (self.prefix, self.run, name) if part)
 
+    def generation(self) -> int:
+        """This machine's generation in attempts.json (1 when it cannot be read)."""
+        document, _etag = self.budget.read()
+        for entry in (document or {}).get("machines", []):
+            if isinstance(entry, dict) and entry.get("instance_id") == self.instance_id:
+                return int(entry.get("generation") or 1)
+        return 1
+
     def scale_to_zero(self, why: str) -> None:
         log(f"{why}: setting the desired capacity of {self.config['group']} to 0")
         self.aws.autoscaling(
@@ -463,7 +471,7 @@ class Machine:
                 return True
         return False
 
-    def start(self, python: str, *, setup: bool, resume: bool) -> None:
+    def start(self, python: str, *, setup: bool, resume: bool, generation: int) -> None:
         """Write job.sh (rendered by gpurun at launch) and start the agent and the job in their own sessions."""
         if not RUN_DIR_SAFE.fullmatch(self.run_dir):
             raise RuntimeError(f"the run directory {self.run_dir!r} has characters job.sh cannot hold unquoted")
@@ -474,6 +482,9 @@ class Machine:
         agent = [python, "-m", "gpurun.agent", "--watch", self.checkpoint_dir, "--to", str(self.config["store"])]
         agent += ["--run", self.run, "--every", str(self.config["every"]), "--keep", str(self.config["keep"])]
         agent += ["--run-dir", self.run_dir, "--region", self.aws.region]
+        # Each machine's output goes to the store as its own job-NNNN (N: the generation): a new
+        # machine's job.log starts at byte 0 and must not overwrite its predecessor's chunks.
+        agent += ["--job", str(generation)]
         if self.config.get("spot"):
             agent.append("--spot-notice")
         _write(
@@ -549,7 +560,7 @@ def boot(config: dict[str, Any]) -> int:
     machine.fetch(f"code/{config['code']}.tar.gz", machine.work)
     python = machine.python()
     resumed = machine.restore(python)
-    machine.start(python, setup=True, resume=resumed)
+    machine.start(python, setup=True, resume=resumed, generation=int(entry["generation"]))
     machine.budget.record(machine.instance_id, job_started_at=now_iso(), resumed=resumed)
     monitor = [sys.executable, os.path.abspath(sys.argv[0]), "--monitor"]
     _detach(monitor, machine.run_dir, "monitor.log", None)
@@ -583,7 +594,7 @@ def monitor(config: dict[str, Any]) -> int:
         if (lost or config.get("on_failure")) and machine.budget.take_restart(machine.instance_id):
             log(f"the job ended with exit status {code}; restarting it here from LATEST")
             python = machine.python()
-            machine.start(python, setup=False, resume=machine.restore(python))
+            machine.start(python, setup=False, resume=machine.restore(python), generation=machine.generation())
             continue
         document, _etag = machine.budget.read()
         spent = bool(document and document.get("state") == "budget_spent")

@@ -159,6 +159,11 @@ def test_reclaimed_machine_is_replaced_and_the_job_resumes_from_latest(
 ) -> None:
     finish = world["tmp"] / "finish"
     spec = _spec(world, str(finish), "{max_restarts: 2}")
+    code, out, err = cli(capsys, "launch", str(spec), "--dry-run", "--json")
+    assert code == 0, err
+    plan = {row["item"]: row["value"] for row in json.loads(out)["plan"]}
+    assert plan["types"] == "t3.micro, t3.small (spot, price-capacity-optimized)"
+    assert plan["restart budget"].startswith("2 ") and "2h" in plan["guard"] and plan["zones"]
     code, out, err = cli(capsys, "launch", str(spec), "--json")
     assert code == 0, err
     run = json.loads(out)["run"]
@@ -224,6 +229,16 @@ def test_reclaimed_machine_is_replaced_and_the_job_resumes_from_latest(
     wait_until(lambda: not boot_emulator.live(), timeout=30, what="the machine to go")
     code, out, err = cli(capsys, "status", run, "--json")
     assert json.loads(out)[0]["state"] == "succeeded" and json.loads(out)[0]["exit_code"] == 0, out
+    # The output outlives the machines: each machine's is a job in the store, the newest shown first.
+    code, out, err = cli(capsys, "logs", run)
+    assert code == 0 and "resumed at step" in out and "done" in out, out + err
+    # Another computer (no record here) sees the same from the store.
+    with pytest.MonkeyPatch.context() as other_computer:
+        other_computer.setenv("GPURUN_HOME", str(world["tmp"] / "other-computer"))
+        code, out, err = cli(capsys, "status", run, "--store", f"s3://{world['bucket']}/runs", "--json")
+    assert code == 0, err
+    [remote] = json.loads(out)
+    assert remote["state"] == "succeeded" and [g["instance_id"] for g in remote["generations"]] == [first, second]
     assert boot_emulator.power_log() == "", "a machine in a group never powers itself off"
     assert not boot_emulator.errors, boot_emulator.errors
 

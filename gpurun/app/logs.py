@@ -77,6 +77,9 @@ def show_logs(
     machines = record.get("machines", [])
     if not machines:
         raise BadInput(f"run {run} has no machine (it never started); nothing to show")
+    if record.get("bootstrap") and record.get("store"):
+        # A recovering AWS run: its machines come and go, each ships its output as job N (its generation).
+        return _from_store(run, record, record["store"], job=job, node=node, tail=tail, follow=follow, write=write)
     if record.get("state") == "ended" or _all_machines_gone(record):
         from gpurun.store.logs import stored_jobs
 

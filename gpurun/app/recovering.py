@@ -174,6 +174,9 @@ def apply_attempts(record: dict[str, Any], document: dict[str, Any]) -> None:
     if isinstance(used, int) and not isinstance(used, bool) and used >= 0:
         record["restarts_used"] = used
     state = document.get("state")
+    if state == "running" and record.get("source") == "store" and record.get("state") in ("failed", "interrupted"):
+        # run.json said how one machine's job ended; the group has restarted it since.
+        record["state"], record["exit_code"] = "running", None
     if record.get("state") == "running" and state in ("succeeded", "failed", "budget_spent"):
         last = listed[-1] if listed else {}
         code = 0 if state == "succeeded" else last.get("exit_code")
