@@ -453,6 +453,28 @@ class Machine:
     def agent_env(self) -> dict[str, str]:
         return {**os.environ, "PYTHONPATH": self.agent_dir, "PYTHONNOUSERSITE": "1"}
 
+    def install_secrets(self, python: str) -> str | None:
+        """The spec's ssm: and secretsmanager: references into <run_dir>/secrets.env (0600), read with
+        the instance role (which may read exactly those); None when done, else the line that says
+        which one failed. A value is never logged."""
+        references = self.config.get("secrets") or {}
+        if not references:
+            return None
+        path = os.path.join(self.run_dir, "secrets.env")
+        _remove(path)
+        request = json.dumps({"file": path, "region": self.aws.region, "references": references})
+        done = subprocess.run(
+            [python, "-m", "gpurun.agent.resolve_secrets"],
+            input=request,
+            env=self.agent_env(),
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode == 0:
+            return None
+        said = done.stderr.strip().splitlines()
+        return said[-1][:400] if said else f"resolving secrets failed with exit status {done.returncode}"
+
     def restore(self, python: str) -> bool:
         """LATEST of this run into the checkpoint directory; before its first snapshot, the run it resumes."""
         sources = [(str(self.config["store"]), self.run, None)]
@@ -559,6 +581,12 @@ def boot(config: dict[str, Any]) -> int:
     machine.fetch(f"agent/{config['agent_tag']}.tar.gz", machine.agent_dir)
     machine.fetch(f"code/{config['code']}.tar.gz", machine.work)
     python = machine.python()
+    problem = machine.install_secrets(python)
+    if problem is not None:
+        log(problem)
+        machine.budget.record(machine.instance_id, state="failed", ended_at=now_iso(), why=problem)
+        machine.scale_to_zero(f"secrets could not be read ({problem})")
+        return 1
     resumed = machine.restore(python)
     machine.start(python, setup=True, resume=resumed, generation=int(entry["generation"]))
     machine.budget.record(machine.instance_id, job_started_at=now_iso(), resumed=resumed)

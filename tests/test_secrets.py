@@ -21,6 +21,7 @@ import pytest
 from gpurun import paths
 from tests.helpers import gpurun, wait_until
 from tests.test_aws_e2e import aws_world  # noqa: F401 - the fixture
+from tests.test_recovery_aws_e2e import world as recovery_world  # noqa: F401 - the fixture
 
 JOB = """\
 import hashlib, json, os, sys, time
@@ -249,3 +250,47 @@ def test_secrets_on_aws_over_moto_server_and_sshd(request, sshd, capsys, gpurun_
     assert files_holding([gpurun_home], list(values.values())) == []
     assert not [t for t in bucket_texts() if any(v in t for v in values.values())]
     assert not [t for t in printed if any(v in t for v in values.values())]
+
+
+@pytest.mark.slow
+def test_secrets_on_a_recovering_aws_run_are_read_by_each_machine(request, capsys, gpurun_home: Path) -> None:
+    """Recovery on AWS (an Auto Scaling group, machines that bootstrap themselves): an ssm: reference is
+    read by every new machine through its role; a value from this computer's environment is refused,
+    since a replacement machine could never get it."""
+    import boto3
+
+    from tests.test_recovery_aws_e2e import _group, _log, _spec
+    from tests.test_recovery_aws_e2e import cli as recovery_cli
+
+    world = request.getfixturevalue("recovery_world")
+    emulator = request.getfixturevalue("boot_emulator")
+    value = canary("recovery")
+    boto3.client("ssm", endpoint_url=world["endpoint"], region_name="us-east-1").put_parameter(
+        Name="/rec/token", Value=value, Type="SecureString", Overwrite=True
+    )
+    (world["code"] / "job.py").write_text(JOB.replace("time.sleep(300)", "time.sleep(0)"))
+    spec = _spec(world, "unused", "{max_restarts: 1}")
+    spec.write_text(spec.read_text().replace("train.py unused", "job.py HF_TOKEN") + "secrets: [HF_TOKEN]\n")
+    code, out, err = recovery_cli(capsys, "launch", str(spec), "--dry-run")
+    assert code == 2 and "secrets.HF_TOKEN" in err and "ssm:" in err, err
+
+    spec.write_text(spec.read_text().replace("secrets: [HF_TOKEN]", "secrets: {HF_TOKEN: 'ssm:/rec/token'}"))
+    printed: list[str] = []
+    code, out, err = recovery_cli(capsys, "launch", str(spec), "--json")
+    printed += [out, err]
+    assert code == 0, err
+    run = json.loads(out)["run"]
+    [machine] = emulator.live()
+    wait_until(lambda: f"HF_TOKEN {sha(value)}" in _log(emulator, machine, run), timeout=60, what="the job's hash")
+    run_dir = emulator.run_dir(machine, run)
+    assert stat.S_IMODE((run_dir / "secrets.env").stat().st_mode) == 0o600
+    wait_until(lambda: _group(world, run)["DesiredCapacity"] == 0, timeout=60, what="the group scaled to 0")
+    code, out, err = recovery_cli(capsys, "teardown", run, "--yes", "--json")
+    printed += [out, err]
+    assert code == 0, err
+    s3 = boto3.client("s3", endpoint_url=world["endpoint"], region_name="us-east-1")
+    for item in s3.list_objects_v2(Bucket=world["bucket"]).get("Contents", []):
+        body = s3.get_object(Bucket=world["bucket"], Key=item["Key"])["Body"].read()
+        assert value.encode() not in body, item["Key"]
+    assert files_holding([gpurun_home], [value]) == []
+    assert not [text for text in printed if value in text]

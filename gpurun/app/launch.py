@@ -131,6 +131,9 @@ def launch(
         spec.workdir_path, [*spec.sync.exclude, f"/{spec.checkpoint.dir.strip('/')}/"], spec.sync.include
     )
     total = sum(f.size for f in files)
+    recovering_group = recovering.applies(spec)
+    if recovering_group:
+        recovering.check(spec)
     # Read before anything exists: a missing variable is bad input, and nothing is created.
     secret_values = job_secrets.local_values(spec.secrets)
     rows = [("run", run), ("provider", spec.provider)]
@@ -182,9 +185,6 @@ def launch(
             f"not syncing {_held_back_text(held_back)}: they look like credentials; "
             "sync.include sends one on purpose, secrets: passes a value to the job"
         )
-    recovering_group = recovering.applies(spec)
-    if recovering_group:
-        recovering.check(spec)
     if dry_run:
         return {"run": run, "dry_run": True, "plan": [{"item": label, "value": value} for label, value in rows]}
     if total > LARGE_SYNC_BYTES:

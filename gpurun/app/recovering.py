@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gpurun import bootstrap, jobs
-from gpurun.app import common
+from gpurun.app import common, job_secrets
 from gpurun.app.reporter import Reporter
 from gpurun.errors import BadInput, GpurunError
 from gpurun.spec import Spec
@@ -36,10 +36,12 @@ def applies(spec: Spec) -> bool:
 
 def check(spec: Spec) -> None:
     """What a recovering AWS run cannot do yet: refused before anything exists (exit 2)."""
-    if spec.secrets:
+    local = sorted(set(spec.secrets) - set(job_secrets.machine_references(spec.secrets)))
+    if local:
         raise BadInput(
-            "secrets: not supported with recovery on AWS yet (a replacement machine could not read them); "
-            "use recovery: {max_restarts: 0}, or pass the values another way"
+            f"secrets.{local[0]}: a value from this computer's environment cannot reach a machine that replaces "
+            "a reclaimed one; with recovery on AWS use ssm:/parameter/path or secretsmanager:name, "
+            "or recovery: {max_restarts: 0}"
         )
 
 
@@ -97,6 +99,8 @@ def stage(
         "keep": spec.checkpoint.keep,
         "spot": spec.aws.spot,
         "resume_from": source,
+        # References only: each machine reads the values itself, through the run's role.
+        "secrets": job_secrets.machine_references(spec.secrets),
         "job_script": jobs.job_script(mark, work, env, None if setup_skipped else spec.setup, spec.run),
         "job_script_no_setup": jobs.job_script(mark, work, env, None, spec.run),
     }
