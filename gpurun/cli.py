@@ -448,7 +448,7 @@ def checkpoint_sync(
     from gpurun.app import checkpoints
 
     if list_mode:
-        found = checkpoints.list_snapshots(run, store_url=store_url)
+        found = checkpoints.list_snapshots(run, store_url=store_url, warn=ui.warn)
         if json_mode:
             ui.emit_json(found)
             return

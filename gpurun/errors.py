@@ -59,6 +59,19 @@ class StoreError(GpurunError):
     """The checkpoint store refused or failed an operation."""
 
 
+class InvalidDocument(StoreError):
+    """A document read from a store or a machine does not fit its schema; the message names the object.
+
+    `name` is the object (a URL or a file name) and `reason` what is wrong with it, for a caller
+    that words its own line ("... is not a run record (reason); skipped").
+    """
+
+    def __init__(self, message: str, *, name: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.name = name
+        self.reason = reason or message
+
+
 class SnapshotConflict(StoreError):
     """Another writer already owns this snapshot number."""
 

@@ -14,7 +14,6 @@ the local machine and an SSH host. Every interpolated value is quoted.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import time
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpurun import gpu
-from gpurun.errors import TransportError
+from gpurun.errors import InvalidDocument, TransportError
 from gpurun.transport.base import Transport
 
 q = shlex.quote
@@ -192,6 +191,10 @@ def start_agent(transport: Transport, run_dir: str, python: str, arguments: list
     return int(output.strip().splitlines()[-1])
 
 
+STATUS_FILE = "agent.status.json"
+#: What is read of the agent's status file at most: it is a few hundred bytes; a machine may plant more.
+STATUS_LIMIT = 1 << 20
+
 # One round trip that reports everything status needs about a run directory.
 _STATE_SCRIPT = r"""
 d={dir}
@@ -205,7 +208,7 @@ echo "exit_at=$(stat -c %Y "$d/job.exit" 2>/dev/null)"
 echo "phase=$(cat "$d/job.phase" 2>/dev/null)"
 echo "restarts=$(head -c 20 "$d/job.restarts" 2>/dev/null)"
 echo "interrupted=$(cat "$d/interrupted" 2>/dev/null | head -c 200 | tr '\n' ' ')"
-echo "agent_status=$(cat "$d/agent.status.json" 2>/dev/null | tr '\n' ' ')"
+echo "agent_status=$(head -c {status_limit} "$d/agent.status.json" 2>/dev/null | tr '\n' ' ')"
 {gpu}
 echo "last_line=$(tail -c 2048 "$d/job.log" 2>/dev/null | tr -d '\r' | grep -v '^$' | tail -n 1 | head -c 200)"
 """
@@ -226,13 +229,21 @@ def _parse_state(text: str) -> dict[str, Any]:
         "gpus": gpu.parse(values.get("gpu", "")),
         "agent": None,
     }
-    raw = values.get("agent_status", "").strip()
-    if raw:
-        try:
-            state["agent"] = json.loads(raw)
-        except ValueError:
-            state["agent"] = None
+    state["agent"] = _agent_status(values.get("agent_status", ""))
     return state
+
+
+def _agent_status(text: str) -> dict[str, Any] | None:
+    """agent.status.json as the agent wrote it, validated (`documents.AgentStatus`); None when
+    there is none or it does not fit (a machine is untrusted: nothing it says is used unchecked)."""
+    if not text.strip():
+        return None
+    from gpurun.store import documents
+
+    try:
+        return documents.read(text.encode(), documents.AgentStatus, name=STATUS_FILE, limit=STATUS_LIMIT)
+    except InvalidDocument:
+        return None
 
 
 def _iso(epoch: str) -> str | None:
@@ -251,7 +262,9 @@ def _count(text: str) -> int:
 
 
 def read_state(transport: Transport, run_dir: str) -> dict[str, Any]:
-    result = transport.run(_STATE_SCRIPT.format(dir=q(run_dir), gpu=gpu.SHELL), timeout=30)
+    result = transport.run(
+        _STATE_SCRIPT.format(dir=q(run_dir), gpu=gpu.SHELL, status_limit=STATUS_LIMIT + 1), timeout=30
+    )
     if not result.ok:
         raise TransportError(f"reading the job state on {transport.label} failed")
     return _parse_state(result.text)
@@ -277,10 +290,10 @@ def _pid_alive_here(pid_file: str) -> tuple[bool, bool]:
 def read_state_here(run_dir: str) -> dict[str, Any]:
     """The same answer as read_state, read directly (the local provider; fast for status)."""
 
-    def read(name: str) -> str:
+    def read(name: str, limit: int = 4096) -> str:
         try:
-            with open(os.path.join(run_dir, name)) as handle:
-                return handle.read()
+            with open(os.path.join(run_dir, name), errors="replace") as handle:
+                return handle.read(limit)
         except OSError:
             return ""
 
@@ -291,13 +304,7 @@ def read_state_here(run_dir: str) -> dict[str, Any]:
         exit_at = str(int(os.stat(os.path.join(run_dir, "job.exit")).st_mtime)) if exit_text else ""
     except OSError:
         exit_at = ""
-    agent_text = read("agent.status.json")
-    agent = None
-    if agent_text:
-        try:
-            agent = json.loads(agent_text)
-        except ValueError:
-            agent = None
+    agent = _agent_status(read(STATUS_FILE, STATUS_LIMIT + 1))
     return {
         "job_alive": job_alive,
         "job_started": job_started,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gpurun import paths
-from gpurun.errors import BadInput, GpurunError, UnknownRun
+from gpurun.errors import BadInput, GpurunError, InvalidDocument, UnknownRun
 
 # A record is a few kB; one far larger is not read whole (salvage reads its start).
 MAX_RECORD_BYTES = 16 * 1024 * 1024
@@ -237,8 +237,12 @@ def load_from_store(run: str, store_url: str, profile: str | None = None) -> dic
     try:
         options = {"profile": profile} if profile and store_url.startswith("s3://") else {}
         record = get_run_record(open_store(store_url, **options), run)
-    except ValueError:
-        raise GpurunError(f"{store_url}/{run}/run.json is not valid JSON; move it away to continue") from None
+    except InvalidDocument as error:
+        raise InvalidDocument(
+            f"{error.name} is not a run record ({error.reason}); move it away to continue",
+            name=error.name,
+            reason=error.reason,
+        ) from None
     if record is None:
         raise UnknownRun(f"unknown run {run!r}: not recorded here, and {store_url} has no {run}/run.json")
     try:
@@ -270,9 +274,10 @@ def load_all_from_store(store_url: str) -> tuple[list[dict[str, Any]], list[str]
             record = get_run_record(store, run)
             if record is not None:
                 records.append({**_checked(record, run), "source": "store"})
-        except ValueError as error:
-            why = str(error) if isinstance(error, _Malformed) else "not valid JSON"
-            problems.append(f"{store_url}/{run}/run.json is not a run record ({why}); skipped")
+        except InvalidDocument as error:
+            problems.append(f"{error.name} is not a run record ({error.reason}); skipped")
+        except _Malformed as error:
+            problems.append(f"{store_url}/{run}/run.json is not a run record ({error}); skipped")
     return records, problems
 
 

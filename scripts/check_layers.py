@@ -24,7 +24,7 @@ ALLOWED = {
     "providers": {"errors", "spec"},
     "transport": {"errors"},
     "sync": {"transport"},
-    "jobs": {"transport"},
+    "jobs": {"transport", "store"},  # store.documents: the schema of agent.status.json
     "agent": {"store"},
     "runs": {"spec", "store"},
     "app": {"errors", "spec", "store", "providers", "transport", "sync", "jobs", "agent", "runs"},

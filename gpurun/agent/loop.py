@@ -21,7 +21,7 @@ from typing import Any
 from gpurun import gpu
 from gpurun.agent.logship import SHIP_EVERY, LogShipper
 from gpurun.agent.staging import HeldFileChanged, Stager
-from gpurun.errors import GpurunError
+from gpurun.errors import GpurunError, InvalidDocument
 from gpurun.store import open_store
 from gpurun.store import snapshots as snaps
 from gpurun.store.base import ObjectStore
@@ -111,7 +111,11 @@ class Agent:
             repaired = f"LATEST now points at snapshot {pointer['seq']}" if pointer else "no complete snapshot yet"
             log(f"{error}; repaired from the manifests: {repaired}")
         if pointer:
-            self.previous = snaps.read_manifest(self.store, self.options.run, pointer["seq"])
+            try:
+                self.previous = snaps.read_manifest(self.store, self.options.run, pointer["seq"])
+            except InvalidDocument as error:
+                log(f"{error}; the next snapshot sends every file")
+                self.previous = None
             if self.previous:
                 self.stager.remember(self.previous)
                 self.write_status(

@@ -5,20 +5,22 @@ from __future__ import annotations
 import secrets
 import shlex
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from gpurun import jobs, runs
 from gpurun.app import common, connections
 from gpurun.app.reporter import Reporter
-from gpurun.errors import BadInput, GpurunError
+from gpurun.errors import BadInput, GpurunError, InvalidDocument
 from gpurun.store import open_store
 from gpurun.store import snapshots as snaps
+from gpurun.store.base import ObjectStore
 
 SYNC_TIMEOUT = 900.0
 
 
-def record_and_store(run: str, store_url: str | None) -> tuple[dict[str, Any] | None, Any]:
+def record_and_store(run: str, store_url: str | None) -> tuple[dict[str, Any] | None, ObjectStore]:
     try:
         record = runs.load(run)
     except BadInput:
@@ -31,12 +33,22 @@ def record_and_store(run: str, store_url: str | None) -> tuple[dict[str, Any] | 
     return record, common.open_run_store(record)
 
 
-def list_snapshots(run: str, *, store_url: str | None = None) -> list[dict[str, Any]]:
-    _record, store = record_and_store(run, store_url)
-    found = snaps.list_snapshots(store, run)
-    if not found and snaps.get_run_record(store, run) is None and _record is None:
+def list_snapshots(
+    run: str, *, store_url: str | None = None, warn: Callable[[str], None] | None = None
+) -> list[dict[str, Any]]:
+    """The run's snapshots, oldest first; an unreadable manifest is skipped (`warn` hears which)."""
+    record, store = record_and_store(run, store_url)
+    found = snaps.list_snapshots(store, run, warn=warn)
+    if not found and record is None and not _stored_record_exists(store, run):
         raise BadInput(f"unknown run {run!r} in {store.url}")
     return found
+
+
+def _stored_record_exists(store: ObjectStore, run: str) -> bool:
+    try:
+        return snaps.get_run_record(store, run) is not None
+    except InvalidDocument:
+        return True  # there, if unreadable: the run is known, its snapshots are what was asked
 
 
 def download(

@@ -62,12 +62,21 @@ def find_resume_source(
     store = open_store(store_url, **common.store_options(spec))
     prefix = runs.new_run_name(spec.name).rsplit("-", 1)[0] + "-"
     candidates = []
-    for record in snaps.list_run_records(store):
+
+    def of_this_spec(name: str) -> bool:
+        return name.startswith(prefix) and len(name) == len(prefix) + 6
+
+    def skipped(name: str, message: str) -> None:
+        # An unreadable record may be one of this spec's runs; another spec's is not this launch's business.
+        if warn is not None and of_this_spec(name):
+            warn(f"resume: {message}")
+
+    for record in snaps.list_run_records(store, warn=skipped):
         name = record["run"]
         recorded = record.get("spec")
         same_spec = isinstance(recorded, dict) and recorded.get("name") == spec.name
         # Runs launched with --name count too: their record names the spec they ran.
-        if not (same_spec or (name.startswith(prefix) and len(name) == len(prefix) + 6)):
+        if not (same_spec or of_this_spec(name)):
             continue
         try:
             pointer = snaps.usable_latest(store, name)

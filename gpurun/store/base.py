@@ -54,8 +54,12 @@ class ObjectStore(ABC):
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None: ...
 
     @abstractmethod
-    def get_bytes(self, key: str) -> bytes | None:
-        """The object's content, or None when it does not exist."""
+    def get_bytes(self, key: str, *, limit: int | None = None) -> bytes | None:
+        """The object's content, or None when it does not exist.
+
+        With `limit`, at most `limit + 1` bytes are read: enough for the caller to tell
+        that a document is too large without fetching all of a planted giant.
+        """
 
     @abstractmethod
     def get_file(self, key: str, path: str, *, progress: Progress | None = None) -> None: ...

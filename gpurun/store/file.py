@@ -75,9 +75,10 @@ class FileStore(ObjectStore):
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         self._write(key, lambda handle: handle.write(data), if_absent)
 
-    def get_bytes(self, key: str) -> bytes | None:
+    def get_bytes(self, key: str, *, limit: int | None = None) -> bytes | None:
         try:
-            return self._path(key).read_bytes()
+            with open(self._path(key), "rb") as handle:
+                return handle.read() if limit is None else handle.read(limit + 1)
         except FileNotFoundError:
             return None
         except OSError as error:

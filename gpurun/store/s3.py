@@ -339,11 +339,15 @@ class S3Store(ObjectStore):
             raise self._error(error, "writing", key) from None
         self._timed(started)
 
-    def get_bytes(self, key: str) -> bytes | None:
+    def get_bytes(self, key: str, *, limit: int | None = None) -> bytes | None:
         started = time.monotonic()
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-            data: bytes = response["Body"].read()
+            body = response["Body"]
+            try:
+                data: bytes = body.read() if limit is None else body.read(limit + 1)
+            finally:
+                body.close()  # with a limit, the rest of a planted giant is never fetched
         except Exception as error:
             if _is_not_found(error):
                 self._timed(started)

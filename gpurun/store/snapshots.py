@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from gpurun.errors import BadInput, SnapshotConflict, StoreError
+from gpurun.errors import BadInput, InvalidDocument, SnapshotConflict, StoreError
 from gpurun.store.base import ObjectStore, Progress
 
 _MANIFEST = re.compile(r"^snapshots/(\d{6,})\.manifest\.json$")
@@ -65,23 +65,23 @@ def object_key(run: str, source_seq: int, path: str) -> str:
     return f"{run}/{seq_dir(source_seq)}/{path}"
 
 
-class InvalidLatest(StoreError):
+class InvalidLatest(InvalidDocument):
     """LATEST is there but says nothing usable: `repair_latest` rebuilds it from the manifests."""
 
 
-def latest(store: ObjectStore, run: str) -> dict[str, Any] | None:
-    data = store.get_bytes(f"{run}/LATEST")
+def latest(store: ObjectStore, run: str, *, seq_only: bool = False) -> dict[str, Any] | None:
+    """LATEST as stored, validated (`documents.Latest`, or with `seq_only` just `documents.Pointer`);
+    None when there is none. Raises InvalidLatest."""
+    from gpurun.store import documents
+
+    data = store.get_bytes(f"{run}/LATEST", limit=documents.LATEST_LIMIT)
     if data is None:
         return None
+    model = documents.Pointer if seq_only else documents.Latest
     try:
-        pointer = json.loads(data)
-    except ValueError:
-        raise InvalidLatest(f"{store.url}/{run}/LATEST is not valid JSON") from None
-    seq = pointer.get("seq") if isinstance(pointer, dict) else None
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
-        raise InvalidLatest(f"{store.url}/{run}/LATEST has no valid seq")
-    document: dict[str, Any] = pointer
-    return document
+        return documents.read(data, model, name=f"{store.url}/{run}/LATEST", limit=documents.LATEST_LIMIT)
+    except InvalidDocument as error:
+        raise InvalidLatest(str(error), name=error.name, reason=error.reason) from None
 
 
 def repair_latest(store: ObjectStore, run: str) -> dict[str, Any] | None:
@@ -98,7 +98,7 @@ def repair_latest(store: ObjectStore, run: str) -> dict[str, Any] | None:
     for seq in sorted(seqs, reverse=True):
         try:
             manifest = read_manifest(store, run, seq)
-        except ValueError:
+        except InvalidDocument:
             continue
         if isinstance(manifest, dict) and _complete(manifest, run, seq, sizes):
             pointer = summary(manifest)
@@ -132,33 +132,44 @@ def usable_latest(store: ObjectStore, run: str) -> dict[str, Any] | None:
 
     Raises StoreError naming what is wrong, so a caller choosing among runs can skip this one.
     """
-    pointer = latest(store, run)
+    pointer = latest(store, run, seq_only=True)  # the manifest completes it
     if pointer is None:
         return None
-    seq = pointer.get("seq") if isinstance(pointer, dict) else None
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
-        raise StoreError(f"{store.url}/{run}/LATEST has no valid seq")
+    seq: int = pointer["seq"]
     try:
         manifest = read_manifest(store, run, seq)
-    except ValueError:
-        manifest = None
-    if not isinstance(manifest, dict) or manifest.get("seq") != seq or not isinstance(manifest.get("files"), list):
+    except InvalidDocument as error:
+        raise StoreError(
+            f"{store.url}/{run}/LATEST points at snapshot {seq}, whose manifest is unusable: {error}"
+        ) from None
+    if manifest is None or manifest.get("seq") != seq:
         raise StoreError(f"{store.url}/{run}/LATEST points at snapshot {seq}, which has no valid manifest")
     return {**pointer, **summary(manifest)}
 
 
 def read_manifest(store: ObjectStore, run: str, seq: int) -> dict[str, Any] | None:
-    data = store.get_bytes(f"{run}/{seq_dir(seq)}.manifest.json")
-    return None if data is None else json.loads(data)
+    """The manifest as stored, validated (`documents.Manifest`); None when there is none. Raises InvalidDocument."""
+    from gpurun.store import documents
+
+    key = f"{run}/{seq_dir(seq)}.manifest.json"
+    data = store.get_bytes(key, limit=documents.MANIFEST_LIMIT)
+    if data is None:
+        return None
+    return documents.read(data, documents.Manifest, name=f"{store.url}/{key}", limit=documents.MANIFEST_LIMIT)
 
 
-def list_snapshots(store: ObjectStore, run: str) -> list[dict[str, Any]]:
-    """Complete snapshots (those with a manifest), oldest first."""
+def list_snapshots(store: ObjectStore, run: str, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Complete snapshots (those with a manifest), oldest first; an unreadable manifest is skipped (`warn` hears it)."""
     result = []
     for obj in store.list(f"{run}/snapshots/"):
         match = _MANIFEST.match(obj.key[len(run) + 1 :])
         if match:
-            manifest = read_manifest(store, run, int(match.group(1)))
+            try:
+                manifest = read_manifest(store, run, int(match.group(1)))
+            except InvalidDocument as error:
+                if warn is not None:
+                    warn(f"{error}; skipped")
+                continue
             if manifest:
                 result.append(summary(manifest))
     return sorted(result, key=lambda item: item["seq"])
@@ -410,20 +421,29 @@ def put_run_record(store: ObjectStore, run: str, record: dict[str, Any]) -> None
 
 
 def get_run_record(store: ObjectStore, run: str) -> dict[str, Any] | None:
-    data = store.get_bytes(f"{run}/run.json")
-    return None if data is None else json.loads(data)
+    """run.json as stored, validated (`documents.RunDocument`); None when there is none. Raises InvalidDocument."""
+    from gpurun.store import documents
+
+    data = store.get_bytes(f"{run}/run.json", limit=documents.RUN_RECORD_LIMIT)
+    if data is None:
+        return None
+    return documents.read(
+        data, documents.RunDocument, name=f"{store.url}/{run}/run.json", limit=documents.RUN_RECORD_LIMIT
+    )
 
 
-def list_run_records(store: ObjectStore) -> list[dict[str, Any]]:
-    """The readable run records; one that is not JSON or not an object, or names another run, is left out."""
+def list_run_records(store: ObjectStore, warn: Callable[[str, str], None] | None = None) -> list[dict[str, Any]]:
+    """The readable run records; one that is invalid (`warn(run, line)` hears why) or names another run is left out."""
     records = []
     for run in store.list_runs():
         if not _RUN_KEY.fullmatch(run):
             continue
         try:
             record = get_run_record(store, run)
-        except ValueError:
+        except InvalidDocument as error:
+            if warn is not None:
+                warn(run, f"{error.name} is not a run record ({error.reason}); skipped")
             continue
-        if isinstance(record, dict) and record.get("run") == run:
+        if record is not None and record.get("run") == run:
             records.append(record)
     return records

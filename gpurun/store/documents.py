@@ -1,0 +1,308 @@
+"""The documents gpurun reads back from a store or a machine: their schemas, and the one reader for them.
+
+A store and a machine are untrusted: anyone who can write the bucket can plant a
+run.json, a LATEST or a manifest, and a machine writes its own agent.status.json.
+Every such document goes through `read`: a size limit (checked on the bytes, before
+parsing; `ObjectStore.get_bytes(limit=)` fetches no more), a nesting limit (a
+100,000-deep document is refused, never a RecursionError), then its schema with
+strict types (`{"seq": true}` is not snapshot 1, `"5"` is not a number). What fails
+raises `InvalidDocument`, a StoreError that names the object; listings skip it with
+one line and go on with the others.
+
+The schemas are TypedDicts, checked by `_check` below rather than by pydantic: the
+checkpoint agent reads these documents on the machine, from a virtual environment
+that holds gpurun and at most boto3, and `gpurun status` reads agent.status.json on
+its fast path, where importing pydantic doubled its time (bench/cli_startup.py:
+0.43 s to 0.85 s with 100 runs). A field a schema does not name is kept as it is,
+so a newer writer can add an optional field without breaking an older reader;
+readers hand back the document as it was stored. `version` is absent in documents
+written before it existed (read as 1); a document of a newer schema is refused by name.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import types
+import typing
+from typing import Annotated, Any, TypedDict, Union
+
+from gpurun.errors import InvalidDocument
+
+#: The schema version this gpurun writes and the newest it reads.
+SCHEMA_VERSION = 1
+#: Deeper than any document gpurun writes (a run record's spec is about 5 levels).
+MAX_DEPTH = 32
+
+KiB = 1024
+MiB = 1024 * KiB
+#: Byte limits per kind of document: generous for what gpurun writes, small enough to parse at once.
+LATEST_LIMIT = 64 * KiB
+RUN_RECORD_LIMIT = 4 * MiB
+MANIFEST_LIMIT = 64 * MiB
+AGENT_STATUS_LIMIT = 1 * MiB
+
+
+class Minimum:
+    """`Annotated[int, Minimum(1)]`: the smallest number accepted."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+Count = Annotated[int, Minimum(0)]
+Seq = Annotated[int, Minimum(1)]
+
+
+class Versioned(TypedDict, total=False):
+    version: Seq
+
+
+class Pointer(Versioned):
+    """The least of a LATEST that names a snapshot: enough when its manifest is read next."""
+
+    seq: Seq
+
+
+class Latest(Pointer):
+    """`<run>/LATEST`: which snapshot is the newest complete one, and its summary."""
+
+    at: str
+    files: Count
+    bytes: Count
+
+
+class _ManifestEntryOptional(TypedDict, total=False):
+    sha256: str | None
+    seq: Seq  # the earlier snapshot whose folder holds this unchanged file (snapshots.stored_in)
+
+
+class ManifestEntry(_ManifestEntryOptional):
+    """One file of a snapshot. A restore checks more (a safe relative path, a sha256): see restore.py."""
+
+    path: str
+    size: Count
+
+
+class _ManifestOptional(Versioned, total=False):
+    run: str | None
+    sent_bytes: Count | None
+
+
+class Manifest(_ManifestOptional):
+    """`<run>/snapshots/NNNNNN.manifest.json`: every file of one snapshot; written after the files."""
+
+    seq: Seq
+    at: str
+    files: list[ManifestEntry]
+    bytes: Count
+
+
+class MachineDocument(TypedDict, total=False):
+    """One machine of a run as a run record describes it."""
+
+    rank: Count
+    host: str | None
+    port: Annotated[int, Minimum(1)] | None
+    user: str | None
+    run_dir: str | None
+    state: str | None
+    key_path: str | None
+    host_keys: list[str] | None
+
+
+class _RunOptional(Versioned, total=False):
+    # Always written; optional here because a record is useful without them (resume reads only
+    # the name). What shows or ends a run checks for them (runs._checked).
+    provider: str
+    state: str
+    created_at: str
+    store: str
+    machines: list[MachineDocument]
+    spec: dict[str, Any]
+    job: dict[str, Any] | None
+    jobs: list[dict[str, Any]] | None
+    exit_code: int | None
+    last_checkpoint: dict[str, Any] | None
+    resources: dict[str, Any] | None
+
+
+class RunDocument(_RunOptional):
+    """`<run>/run.json`: the run record the launching computer keeps in the store."""
+
+    run: str
+
+
+class AgentStatus(Versioned, total=False):
+    """`agent.status.json` on the machine: what the checkpoint agent last did (gpurun.agent.loop)."""
+
+    pid: int | None
+    host: str | None
+    state: str | None
+    run: str | None
+    store: str | None
+    last_seq: Seq | None
+    last_at: str | None
+    last_bytes: Count | None
+    last_files: Count | None
+    last_sent_bytes: Count | None
+    last_error: str | None
+    last_error_at: str | None
+    failures: Count | None
+    handled_request: str | None
+    interrupted: str | None
+    updated_at: str | None
+
+
+_KINDS: dict[type, str] = {
+    Pointer: "LATEST pointer",
+    Latest: "LATEST pointer",
+    Manifest: "snapshot manifest",
+    RunDocument: "run record",
+    AgentStatus: "agent status",
+}
+
+
+def read(data: bytes, schema: type, *, name: str, limit: int) -> dict[str, Any]:
+    """The document in `data`, as stored, once it fits `schema` (one of the TypedDicts above).
+
+    `name` says where it came from (`s3://bucket/prefix/run/LATEST`); every failure
+    is InvalidDocument naming it, with `reason` saying what is wrong, on one line.
+    """
+    what = _KINDS.get(schema, schema.__name__)
+    if len(data) > limit:
+        size = f"larger than {limit // KiB} KiB"
+        raise _invalid(name, size, f"is {size}; a {what} is never that big")
+    deep = f"nested deeper than {MAX_DEPTH} levels"
+    try:
+        parsed = json.loads(data, parse_constant=_no_constant)
+    except RecursionError:
+        raise _invalid(name, deep, f"is {deep}; not a {what}") from None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError, NaN and Infinity
+        raise _invalid(name, "not valid JSON", "is not valid JSON") from None
+    if _depth_exceeds(parsed, MAX_DEPTH):
+        raise _invalid(name, deep, f"is {deep}; not a {what}")
+    if not isinstance(parsed, dict):
+        kind = f"a JSON {_json_type(parsed)}"
+        raise _invalid(name, kind, f"is {kind}, not a {what}")
+    try:
+        _check(parsed, schema, "")
+    except _Mismatch as mismatch:
+        raise _invalid(name, str(mismatch), f"is not a valid {what} ({mismatch})") from None
+    version = parsed.get("version", 1)
+    if version > SCHEMA_VERSION:
+        reason = f"schema version {version}"
+        raise _invalid(name, reason, f"has {reason}; this gpurun reads up to {SCHEMA_VERSION} (upgrade gpurun)")
+    return parsed
+
+
+class _Mismatch(Exception):
+    """Where a document leaves its schema: `field.path: what was expected`."""
+
+
+def _check(value: Any, hint: Any, where: str) -> None:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return
+    if origin is Annotated:
+        base, *extras = typing.get_args(hint)
+        _check(value, base, where)
+        for extra in extras:
+            if isinstance(extra, Minimum) and value is not None and value < extra.value:
+                raise _Mismatch(f"{where or 'document'}: should be {extra.value} or more")
+        return
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return
+        problems = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                _check(value, option, where)
+                return
+            except _Mismatch as mismatch:
+                problems.append(mismatch)
+        raise problems[0]
+    if typing.is_typeddict(hint):
+        if not isinstance(value, dict):
+            raise _Mismatch(f"{where or 'document'}: should be a JSON object")
+        fields = _fields(hint)
+        for key in sorted(hint.__required_keys__):
+            if key not in value:
+                raise _Mismatch(f"{_at(where, key)}: missing")
+        for key, field_hint in fields.items():
+            if key in value:
+                _check(value[key], field_hint, _at(where, key))
+        return
+    if origin is list:
+        if not isinstance(value, list):
+            raise _Mismatch(f"{where}: should be a JSON array")
+        (item,) = typing.get_args(hint)
+        for index, element in enumerate(value):
+            _check(element, item, _at(where, str(index)))
+        return
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Mismatch(f"{where}: should be a JSON object")
+        _key, item = typing.get_args(hint)
+        for key, element in value.items():
+            _check(element, item, _at(where, key))
+        return
+    if hint is int:
+        # bool is an int to Python, never to a document
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _Mismatch(f"{where}: should be a whole number")
+        return
+    if hint is str:
+        if not isinstance(value, str):
+            raise _Mismatch(f"{where}: should be a string")
+        return
+    raise TypeError(f"documents: no check for {hint!r}")  # a schema above uses a type _check lacks
+
+
+@functools.cache
+def _fields(schema: type) -> dict[str, Any]:
+    return typing.get_type_hints(schema, include_extras=True)
+
+
+def _at(where: str, key: str) -> str:
+    key = key if len(key) <= 40 else key[:37] + "..."
+    return f"{where}.{key}" if where else key
+
+
+def _invalid(name: str, reason: str, says: str) -> InvalidDocument:
+    return InvalidDocument(f"{name} {says}", name=name, reason=reason)
+
+
+def _no_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not a JSON number")
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return "number"

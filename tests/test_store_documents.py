@@ -1,0 +1,238 @@
+"""Documents read back from a store or a machine: validated, size- and depth-limited, never a crash.
+
+The crash cases come from trying it: a run.json with `machines: ["x"]` or
+`job: "running"`, a LATEST of `[1, 2]` or `{"seq": true}`, a 100,000-deep
+run.json. Through the real CLI each is one warning line naming the object while
+the other runs still list; a hypothesis property feeds random JSON to every
+reader and accepts only success or gpurun's own error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gpurun import jobs
+from gpurun.errors import GpurunError, InvalidDocument
+from gpurun.store import documents, open_store
+from gpurun.store import snapshots as snaps
+from gpurun.store.snapshots import StagedFile
+from tests.helpers import gpurun
+
+DEEP = ('{"a":' * 100_000 + "1" + "}" * 100_000).encode()
+
+
+def record(run: str, store_url: str, **changes: Any) -> dict[str, Any]:
+    """A run.json as a launching computer writes it for a local run."""
+    return {
+        "run": run,
+        "provider": "local",
+        "state": "running",
+        "created_at": "2026-11-26T10:00:00+00:00",
+        "store": store_url,
+        "machines": [],
+        "spec": {"name": run.rsplit("-", 1)[0], "checkpoint": {"dir": "ckpt", "every": 60, "keep": 2}},
+        **changes,
+    }
+
+
+def snapshot(store_url: str, run: str, tmp_path: Path) -> dict[str, Any]:
+    weights = tmp_path / f"{run}.bin"
+    weights.write_bytes(b"weights")
+    staged = StagedFile("model.bin", weights.stat().st_size, None, str(weights))
+    return snaps.write_snapshot(open_store(store_url), run, [staged], previous=None)
+
+
+@pytest.fixture
+def store_url(tmp_path: Path) -> str:
+    return f"file://{tmp_path / 'store'}"
+
+
+def plant(store_url: str, key: str, data: bytes) -> None:
+    open_store(store_url).put_bytes(key, data)
+
+
+# -- the crash cases, through the CLI -------------------------------------------------------------
+
+
+BAD_RUN_JSON = {
+    "machines-abc123": json.dumps(record("machines-abc123", "file:///x", machines=["x"])).encode(),
+    "job-abc123": json.dumps(record("job-abc123", "file:///x", job="running")).encode(),
+    "deep-abc123": DEEP,
+    "seq-abc123": json.dumps(record("seq-abc123", "file:///x", exit_code=True)).encode(),
+}
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_status_skips_each_malformed_run_json_with_one_line_and_lists_the_others(
+    store_url: str, json_flag: list[str]
+) -> None:
+    snaps.put_run_record(open_store(store_url), "good-abc123", record("good-abc123", store_url))
+    for run, data in BAD_RUN_JSON.items():
+        plant(store_url, f"{run}/run.json", data)
+    shown = gpurun("status", "--store", store_url, *json_flag, check=False)
+    assert shown.returncode == 0, shown.stderr
+    assert "Traceback" not in shown.stderr and "unexpected" not in shown.stderr
+    lines = shown.stderr.strip().splitlines()
+    for run in BAD_RUN_JSON:
+        mine = [line for line in lines if f"{store_url}/{run}/run.json" in line]
+        assert len(mine) == 1 and mine[0].startswith("warning: ") and mine[0].endswith("; skipped"), lines
+    assert any(
+        "machines-abc123/run.json is not a run record (machines.0: should be a JSON object)" in line for line in lines
+    )
+    assert any("job: should be a JSON object" in line for line in lines)
+    assert any("deep-abc123/run.json is not a run record (nested deeper than 32 levels)" in line for line in lines)
+    if json_flag:
+        assert [r["run"] for r in json.loads(shown.stdout)] == ["good-abc123"]
+    else:
+        assert "good-abc123" in shown.stdout and "machines-abc123" not in shown.stdout
+
+
+@pytest.mark.parametrize(
+    "latest",
+    [b"[1,2]", b'{"seq": true, "at": "2026-11-26T10:00:00+00:00", "files": 1, "bytes": 7}', DEEP],
+    ids=["array", "seq-true", "deep"],
+)
+def test_a_malformed_latest_is_named_and_the_run_still_lists(store_url: str, tmp_path: Path, latest: bytes) -> None:
+    snaps.put_run_record(open_store(store_url), "good-abc123", record("good-abc123", store_url))
+    snaps.put_run_record(open_store(store_url), "other-abc123", record("other-abc123", store_url))
+    snapshot(store_url, "other-abc123", tmp_path)
+    plant(store_url, "good-abc123/LATEST", latest)
+    shown = gpurun("status", "--store", store_url, "--json", check=False)
+    assert shown.returncode == 0, shown.stderr
+    listed = {r["run"]: r for r in json.loads(shown.stdout)}
+    assert set(listed) == {"good-abc123", "other-abc123"}
+    assert listed["good-abc123"]["last_checkpoint"] is None  # never `{"seq": true}` read as snapshot 1
+    assert listed["other-abc123"]["last_checkpoint"]["seq"] == 1
+    warned = [line for line in shown.stderr.splitlines() if "good-abc123/LATEST" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: "), shown.stderr
+
+
+def test_checkpoint_list_skips_a_malformed_manifest_and_lists_the_others(store_url: str, tmp_path: Path) -> None:
+    snaps.put_run_record(open_store(store_url), "good-abc123", record("good-abc123", store_url))
+    snapshot(store_url, "good-abc123", tmp_path)
+    snapshot(store_url, "good-abc123", tmp_path)
+    plant(store_url, "good-abc123/snapshots/000002.manifest.json", b'{"seq": 2, "at": "x", "files": ["x"], "bytes": 1}')
+    plant(store_url, "good-abc123/snapshots/000003.manifest.json", DEEP)
+    shown = gpurun("checkpoint-sync", "--list", "good-abc123", "--store", store_url, "--json", check=False)
+    assert shown.returncode == 0, shown.stderr
+    assert [s["seq"] for s in json.loads(shown.stdout)] == [1]
+    warned = shown.stderr.strip().splitlines()
+    assert len(warned) == 2 and all(line.startswith("warning: ") for line in warned), warned
+    assert any(
+        "000002.manifest.json is not a valid snapshot manifest (files.0: should be a JSON object)" in line
+        for line in warned
+    )
+    assert any("000003.manifest.json is nested deeper than 32 levels" in line for line in warned)
+
+
+def test_resume_auto_skips_a_malformed_run_json_and_resumes_from_the_good_run(store_url: str, tmp_path: Path) -> None:
+    workdir = tmp_path / "code"
+    workdir.mkdir()
+    spec = tmp_path / "experiment.yaml"
+    spec.write_text(
+        "name: resumer\nprovider: local\nworkdir: code\nrun: 'true'\n"
+        f"checkpoint: {{dir: ckpt, store: '{store_url}', resume: auto}}\n"
+    )
+    snaps.put_run_record(open_store(store_url), "resumer-aaaaaa", record("resumer-aaaaaa", store_url))
+    snapshot(store_url, "resumer-aaaaaa", tmp_path)
+    plant(
+        store_url, "resumer-bbbbbb/run.json", json.dumps(record("resumer-bbbbbb", store_url, machines=["x"])).encode()
+    )
+    plant(store_url, "resumer-cccccc/run.json", DEEP)
+    plant(store_url, "unrelated-dddddd/run.json", b"[1,2]")
+    planned = gpurun("launch", str(spec), "--dry-run", "--json", check=False)
+    assert planned.returncode == 0, planned.stderr
+    assert "resumer-aaaaaa" in planned.stdout
+    warned = [line for line in planned.stderr.splitlines() if line.startswith("warning: resume:")]
+    assert len(warned) == 2, planned.stderr
+    assert "unrelated-dddddd" not in planned.stderr  # another spec's runs are not this launch's business
+
+
+# -- the readers themselves -------------------------------------------------------------------------
+
+
+def test_strict_types_and_limits() -> None:
+    def latest(text: str) -> dict[str, Any]:
+        return documents.read(text.encode(), documents.Latest, name="s/LATEST", limit=documents.LATEST_LIMIT)
+
+    assert latest('{"seq": 7, "at": "t", "files": 1, "bytes": 2, "future": {"x": 1}}')["future"] == {"x": 1}
+    for bad in ('{"seq": true, "at": "t", "files": 1, "bytes": 2}', '{"seq": "7", "at": "t", "files": 1, "bytes": 2}'):
+        with pytest.raises(
+            InvalidDocument, match=r"^s/LATEST is not a valid LATEST pointer \(seq: should be a whole number\)$"
+        ):
+            latest(bad)
+    with pytest.raises(InvalidDocument, match="schema version 2"):
+        latest('{"version": 2, "seq": 7, "at": "t", "files": 1, "bytes": 2}')
+    with pytest.raises(InvalidDocument, match="larger than 64 KiB"):
+        latest('{"seq": 7, "at": "' + "x" * 70_000 + '", "files": 1, "bytes": 2}')
+    with pytest.raises(InvalidDocument, match="not valid JSON"):
+        latest('{"seq": NaN}')
+    with pytest.raises(InvalidDocument, match="nested deeper than 32"):
+        documents.read(DEEP, documents.RunDocument, name="r", limit=len(DEEP))
+
+
+def test_a_giant_run_json_is_refused_without_reading_all_of_it(store_url: str) -> None:
+    plant(store_url, "big-abc123/run.json", b" " * (documents.RUN_RECORD_LIMIT + 10))
+    with pytest.raises(InvalidDocument, match="big-abc123/run.json is larger than 4096 KiB"):
+        snaps.get_run_record(open_store(store_url), "big-abc123")
+
+
+def test_what_gpurun_writes_reads_back(store_url: str, tmp_path: Path) -> None:
+    written = snapshot(store_url, "good-abc123", tmp_path)
+    store = open_store(store_url)
+    assert snaps.latest(store, "good-abc123") == snaps.summary(written["manifest"])
+    assert snaps.read_manifest(store, "good-abc123", 1) == written["manifest"]
+    snaps.put_run_record(store, "good-abc123", record("good-abc123", store_url))
+    assert snaps.get_run_record(store, "good-abc123") == record("good-abc123", store_url)
+
+
+def test_agent_status_from_a_machine_is_checked(tmp_path: Path) -> None:
+    (tmp_path / "agent.status.json").write_text('{"last_seq": true, "last_at": "t"}')
+    assert jobs.read_state_here(str(tmp_path))["agent"] is None
+    (tmp_path / "agent.status.json").write_bytes(DEEP)
+    assert jobs.read_state_here(str(tmp_path))["agent"] is None
+    (tmp_path / "agent.status.json").write_text('{"last_seq": 3, "last_at": "t", "last_bytes": 9, "extra": [1]}')
+    assert jobs.read_state_here(str(tmp_path))["agent"]["last_seq"] == 3
+
+
+# -- random JSON into every reader ------------------------------------------------------------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=5),
+    max_leaves=30,
+)
+FIELDS = ["seq", "at", "files", "bytes", "run", "provider", "state", "created_at", "store", "machines", "job"]
+NEAR = st.dictionaries(st.sampled_from(FIELDS + ["path", "size", "sha256", "version", "last_seq"]), JSON, max_size=8)
+DOCUMENT = st.one_of(
+    JSON.map(lambda v: json.dumps(v).encode()), NEAR.map(lambda v: json.dumps(v).encode()), st.binary()
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(data=DOCUMENT)
+def test_every_reader_gives_a_document_or_gpurun_s_own_error(data: bytes, tmp_path_factory: Any) -> None:
+    store_url = f"file://{tmp_path_factory.mktemp('store')}"
+    store = open_store(store_url)
+    for key in ("r-abc123/LATEST", "r-abc123/run.json", "r-abc123/snapshots/000001.manifest.json"):
+        store.put_bytes(key, data)
+    readers = [
+        lambda: snaps.latest(store, "r-abc123"),
+        lambda: snaps.read_manifest(store, "r-abc123", 1),
+        lambda: snaps.get_run_record(store, "r-abc123"),
+        lambda: snaps.usable_latest(store, "r-abc123"),
+        lambda: snaps.list_snapshots(store, "r-abc123", warn=lambda _line: None),
+        lambda: snaps.list_run_records(store, warn=lambda _run, _line: None),
+        lambda: documents.read(data, documents.AgentStatus, name="agent.status.json", limit=1 << 20),
+    ]
+    for reader in readers:
+        try:
+            reader()
+        except GpurunError as error:
+            assert "\n" not in str(error)
