@@ -35,7 +35,10 @@ def named_paths(setup: str | None) -> list[str]:
     if not setup:
         return []
     try:
-        words = shlex.split(setup, comments=True)
+        # Shell operators are words of their own: `pip install -r req.txt; echo ok` names req.txt.
+        lexer = shlex.shlex(setup, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        words = list(lexer)
     except ValueError:
         words = setup.split()
     seen: list[str] = []

@@ -18,7 +18,7 @@ def test_a_long_setup_prints_two_lines_when_piped(tmp_path: Path) -> None:
         "setup: for i in $(seq 1 40); do echo installing $i; sleep 0.2; done\nrun: echo trained\n",
     )
     done = gpurun("launch", str(spec), "--follow")
-    setup_lines = [line for line in done.stderr.splitlines() if "setup" in line]
+    setup_lines = [line for line in done.stderr.splitlines() if line.startswith("running setup")]
     assert setup_lines[0] == "running setup on 1 node(s)..."
     assert setup_lines[1].startswith("running setup on 1 node(s): done in ")
     assert len(setup_lines) == 2, done.stderr

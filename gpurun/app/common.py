@@ -156,6 +156,10 @@ def job_environment(record: dict[str, Any], machine: dict[str, Any], resume_from
     listed = record.get("jobs")
     if isinstance(listed, list) and listed and isinstance(listed[-1], dict):
         env["GPURUN_JOB"] = str(listed[-1].get("number"))
+    # A local run's venv (PATH, VIRTUAL_ENV); see app/local_python.py.
+    extra = record.get("job_env")
+    if isinstance(extra, dict):
+        env.update({str(key): str(value) for key, value in extra.items()})
     if resume_from:
         env["GPURUN_RESUME_FROM"] = resume_from
     return env

@@ -177,6 +177,13 @@ def _exec(record: dict[str, Any], spec: Spec, ui: Reporter, *, command: str | No
     setup_hash = fingerprints.setup_hash(spec.setup, spec.workdir_path, files)
     last_setup_hash = previous.get("setup_hash") if previous else None
     run_setup = bool(spec.setup) and (setup_hash != last_setup_hash or setup_failed_before)
+    if record["provider"] == "local":
+        from gpurun.app import local_python
+
+        record["spec"] = {**record["spec"], "setup": spec.setup}
+        record["job_env"] = local_python.prepare(record, ui.say)
+        if run_setup and local_python.setup_done_before(record, setup_hash):
+            run_setup = False
     job_command = command or spec.run
     record["spec"] = {**spec.to_record(), **{k: record["spec"][k] for k in record["spec"] if k not in CHANGEABLE}}
 
@@ -249,6 +256,10 @@ def _exec(record: dict[str, Any], spec: Spec, ui: Reporter, *, command: str | No
 
         try:
             wait_for_setup(record, [(conns.connect(record, m), m) for m in machines], ui)
+            if record["provider"] == "local":
+                from gpurun.app import local_python
+
+                local_python.note_setup_done(record, setup_hash)
         except GpurunError as error:
             reconcile(record)
             error.args = (f"job {job['number']} of {run}: {error}; the run's machines are kept: fix it and exec again",)

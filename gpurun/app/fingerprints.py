@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 
 from gpurun.setup_hash import local_reader
-from gpurun.setup_hash import setup_hash as shared_setup_hash
+from gpurun.setup_hash import setup_hash as hash_of_setup
 from gpurun.sync.ignore import WalkedFile
 
 
@@ -19,12 +19,7 @@ def code_hash(files: list[WalkedFile]) -> str:
 
 
 def setup_hash(setup: str | None, root: Path, files: list[WalkedFile]) -> str | None:
-    """The setup hash (`gpurun.setup_hash`: the command and the synced files it names); None without setup.
-
-    The same function tags baked images, so a job's hash and an image's compare.
-    """
+    """The setup hash images use too (gpurun.setup_hash): the command and the files it names; None without setup."""
     if not setup:
         return None
-    synced = {entry.path for entry in files}
-    read = local_reader(str(root))
-    return shared_setup_hash(setup, lambda path: read(path) if path in synced else None)[0]
+    return hash_of_setup(setup, local_reader(str(root)))[0]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpurun import jobs, paths, runs
-from gpurun.app import common, connections, fingerprints, job_secrets, recovering
+from gpurun.app import common, connections, fingerprints, job_secrets, local_python, recovering
 from gpurun.app.reporter import Reporter
 from gpurun.durations import format_duration
 from gpurun.errors import BadInput, GpurunError, Interrupted, NoCredentials, TransportError
@@ -257,12 +257,18 @@ def launch(
             step = "acquiring machines"
         machines = provider.acquire(spec, record, on_change, ui.say, connect=conns.connect)
         record["machines"] = machines
+        setup_hash = fingerprints.setup_hash(spec.setup, spec.workdir_path, files)
+        if spec.provider == "local":
+            step = "preparing this project's venv"
+            record["job_env"] = local_python.prepare(record, ui.say)
+            if spec.setup and local_python.setup_done_before(record, setup_hash):
+                setup_skipped = "this project's venv already went through this setup (same command and files)"
         runs.add_job(
             record,
             command=spec.run,
             code=fingerprints.code_hash(files),
-            setup_hash=fingerprints.setup_hash(spec.setup, spec.workdir_path, files),
-            setup_ran=bool(spec.setup),
+            setup_hash=setup_hash,
+            setup_ran=bool(spec.setup) and not setup_skipped,
         )
         on_change(record)
         if recovering_group:
@@ -275,6 +281,7 @@ def launch(
             if spec.setup and not setup_skipped:
                 step = "running setup"
                 wait_for_setup(record, started, ui)
+                local_python.note_setup_done(record, setup_hash)
         record["state"] = "running"
         on_change(record)
         snaps.put_run_record(store, run, record)
