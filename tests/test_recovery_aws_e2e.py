@@ -273,3 +273,33 @@ def test_a_job_failing_every_time_stops_after_the_budget_with_the_group_at_zero(
     assert _log(boot_emulator, machine, run).count("job started") == 3
     code, _out, err = cli(capsys, "teardown", run, "--yes")
     assert code == 0, err
+
+
+@pytest.mark.slow
+def test_a_machine_booting_after_the_budget_is_spent_scales_the_group_to_zero(
+    world: dict[str, Any], boot_emulator: BootEmulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = _spec(world, str(world["tmp"] / "never"), "{max_restarts: 1}")
+    code, out, err = cli(capsys, "launch", str(spec), "--json")
+    assert code == 0, err
+    run = json.loads(out)["run"]
+    autoscaling = boto3.client("autoscaling", endpoint_url=world["endpoint"], region_name="us-east-1")
+    taken: list[str] = []
+    for _reclaim in range(2):
+        current = wait_until(lambda: [i for i in boot_emulator.live() if i not in taken], timeout=30, what="a machine")[
+            0
+        ]
+        wait_until(lambda current=current: "job started" in _log(boot_emulator, current, run), timeout=60, what="job")
+        taken.append(current)
+        autoscaling.terminate_instance_in_auto_scaling_group(InstanceId=current, ShouldDecrementDesiredCapacity=False)
+    # The third machine finds the budget spent: it starts nothing and ends the group.
+    wait_until(lambda: _group(world, run)["DesiredCapacity"] == 0, timeout=60, what="the group scaled to 0")
+    attempts = _attempts(world, run)
+    assert attempts is not None and attempts["state"] == "budget_spent" and attempts["restarts_used"] == 1
+    assert [m["instance_id"] for m in attempts["machines"]] == taken
+    third = [i for i in boot_emulator.instances if i not in taken]
+    assert len(third) == 1 and _log(boot_emulator, third[0], run) == ""
+    code, out, err = cli(capsys, "status", run, "--json")
+    assert json.loads(out)[0]["state"] == "failed", out
+    code, _out, err = cli(capsys, "teardown", run, "--yes")
+    assert code == 0, err
