@@ -56,6 +56,11 @@ def cli(debug: bool) -> None:
 @click.option("--create-bucket", is_flag=True, help="Create the s3:// store's bucket if missing (private, encrypted).")
 @click.option("--on", "on_run", metavar="RUN", help="Run SPEC as the next job of live run RUN (as `gpurun exec`).")
 @click.option("--replace", is_flag=True, help="With --on: stop RUN's running job first (SIGTERM, final snapshot).")
+@click.option(
+    "--keep-waiting",
+    is_flag=True,
+    help="Recovery on AWS: when no machine starts within aws.capacity_wait, exit 3 but leave the group trying.",
+)
 @click.option("--json", "json_mode", is_flag=True, help="Print one JSON document.")
 def launch(
     spec_file: Path,
@@ -67,6 +72,7 @@ def launch(
     create_bucket: bool,
     on_run: str | None,
     replace: bool,
+    keep_waiting: bool,
     json_mode: bool,
 ) -> None:
     """Launch the experiment described in SPEC."""
@@ -88,7 +94,9 @@ def launch(
         result = exec_job(on_run, ui, spec=spec, replace=replace)
         _finish_job_command(ui, result, follow=follow, json_mode=json_mode)
         return
-    result = do_launch(spec, ui, name=name, resume=resume, dry_run=dry_run, create_bucket=create_bucket)
+    result = do_launch(
+        spec, ui, name=name, resume=resume, dry_run=dry_run, create_bucket=create_bucket, keep_waiting=keep_waiting
+    )
     if dry_run:
         if json_mode:
             ui.emit_json(result)

@@ -49,6 +49,10 @@ class NoCapacity(GpurunError):
     exit_code = 3
 
 
+class StillWaiting(NoCapacity):
+    """No capacity yet, and the launch was told to leave its Auto Scaling group trying (--keep-waiting)."""
+
+
 class Interrupted(GpurunError):
     """The user pressed Ctrl-C."""
 

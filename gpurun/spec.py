@@ -153,6 +153,8 @@ class AwsSpec(_Section):
     max_runtime: float = 12 * 3600.0
     idle_timeout: float | None = 30 * 60.0
     nodes: int = Field(default=1, ge=1, le=256)
+    # Recovering runs: how long launch waits for the Auto Scaling group's first machine.
+    capacity_wait: float = 600.0
     subnet_id: str | None = None
     vpc_id: str | None = None
     iam_instance_profile: str | None = None
@@ -258,6 +260,11 @@ class AwsSpec(_Section):
     @field_validator("max_runtime", mode="before")
     @classmethod
     def _max_runtime(cls, value: object) -> float:
+        return parse_duration(value)
+
+    @field_validator("capacity_wait", mode="before")
+    @classmethod
+    def _capacity_wait(cls, value: object) -> float:
         return parse_duration(value)
 
     @field_validator("idle_timeout", mode="before")

@@ -303,3 +303,73 @@ def test_a_machine_booting_after_the_budget_is_spent_scales_the_group_to_zero(
     assert json.loads(out)[0]["state"] == "failed", out
     code, _out, err = cli(capsys, "teardown", run, "--yes")
     assert code == 0, err
+
+
+def _no_capacity(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    """The group exists but AWS cannot start its machine: every zone is out of the types."""
+    from botocore.awsrequest import AWSResponse
+
+    message = "Launching a new EC2 instance. Status Reason: We currently do not have sufficient t3.micro capacity"
+
+    def empty_group(params: dict[str, Any], **_: Any) -> Any:
+        body = params.get("body") or {}
+        if "AutoScalingGroupNames.member.1" not in body:
+            return None  # teardown's own lookups see the real group
+        answer = {
+            "AutoScalingGroups": [{"AutoScalingGroupName": body["AutoScalingGroupNames.member.1"], "Instances": []}]
+        }
+        return AWSResponse(endpoint, 200, {}, None), answer
+
+    def failed_activity(**_: Any) -> Any:
+        answer = {"Activities": [{"StatusCode": "Failed", "StatusMessage": message, "Description": "Launching"}]}
+        return AWSResponse(endpoint, 200, {}, None), answer
+
+    original_init = AwsProvider.__init__
+
+    def patched_init(self: AwsProvider, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self.event_handlers.append(("before-call.autoscaling.DescribeAutoScalingGroups", empty_group))
+        self.event_handlers.append(("before-call.autoscaling.DescribeScalingActivities", failed_activity))
+
+    monkeypatch.setattr(AwsProvider, "__init__", patched_init)
+
+
+@pytest.mark.slow
+def test_no_capacity_within_capacity_wait_exits_3_and_removes_everything(
+    world: dict[str, Any], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_capacity(monkeypatch, world["endpoint"])
+    spec = _spec(world, "x", "{max_restarts: 1}")
+    code, out, err = cli(capsys, "launch", str(spec), "--set", "aws.capacity_wait=1s")
+    assert code == 3, err
+    assert "started no machine in 1s" in err and "sufficient t3.micro capacity" in err, err
+    run = next(line.split()[1] for line in (out + err).splitlines() if line.startswith("launching "))
+    assert _leftovers(world, run) == {
+        "groups": [],
+        "templates": [],
+        "instances": [],
+        "security_groups": [],
+        "key_pairs": [],
+        "roles": [],
+        "profiles": [],
+    }
+
+
+@pytest.mark.slow
+def test_keep_waiting_leaves_the_group_trying(
+    world: dict[str, Any], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_capacity(monkeypatch, world["endpoint"])
+    spec = _spec(world, "x", "{max_restarts: 1}")
+    code, out, err = cli(capsys, "launch", str(spec), "--set", "aws.capacity_wait=1s", "--keep-waiting")
+    assert code == 3, err
+    assert "The group keeps trying" in err, err
+    run = next(line.split()[1] for line in (out + err).splitlines() if line.startswith("launching "))
+    assert _leftovers(world, run)["groups"], "the group is left to find capacity"
+    code, out, err = cli(capsys, "status", run, "--json")
+    assert json.loads(out)[0]["state"] == "launching" and "is gone" not in err, err
+    code, _out, err = cli(capsys, "teardown", run, "--yes")
+    assert code == 0, err
+    assert not _leftovers(world, run)["groups"]
+    refused = cli(capsys, "launch", str(spec), "--keep-waiting", "--set", "recovery.max_restarts=0")
+    assert refused[0] == 2 and "--keep-waiting: only for a run with recovery on AWS" in refused[2]

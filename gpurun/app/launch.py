@@ -17,7 +17,7 @@ from gpurun import jobs, paths, runs
 from gpurun.app import common, connections, fingerprints, job_secrets, local_python, recovering
 from gpurun.app.reporter import Reporter
 from gpurun.durations import format_duration
-from gpurun.errors import BadInput, GpurunError, Interrupted, NoCredentials, TransportError
+from gpurun.errors import BadInput, GpurunError, Interrupted, NoCredentials, StillWaiting, TransportError
 from gpurun.providers import get_provider
 from gpurun.sizes import human_bytes
 from gpurun.spec import NAME_PATTERN, Spec, label
@@ -131,6 +131,7 @@ def launch(
     resume: str | None = None,
     dry_run: bool = False,
     create_bucket: bool = False,
+    keep_waiting: bool = False,
 ) -> dict[str, Any]:
     provider = get_provider(spec.provider)
     conns = connections.Connections()
@@ -143,6 +144,8 @@ def launch(
     recovering_group = recovering.applies(spec)
     if recovering_group:
         recovering.check(spec)
+    elif keep_waiting:
+        raise BadInput("--keep-waiting: only for a run with recovery on AWS (its Auto Scaling group keeps trying)")
     # Read before anything exists: a missing variable is bad input, and nothing is created.
     secret_values = job_secrets.local_values(spec.secrets)
     rows = [("run", run), ("provider", spec.provider)]
@@ -252,6 +255,7 @@ def launch(
             ui.say(f"setup skipped: {setup_skipped}")
             record["setup_skipped"] = setup_skipped
         if recovering_group:
+            record["keep_waiting"] = keep_waiting
             step = "staging code and agent in the store"
             recovering.stage(spec, record, store, files, source, ui, setup_skipped=setup_skipped)
             step = "acquiring machines"
@@ -289,6 +293,12 @@ def launch(
             from gpurun.app.remote_access import write_ssh_config
 
             write_ssh_config(record)
+    except StillWaiting:
+        # --keep-waiting: the group goes on trying; the record and the store say how it goes.
+        record["launcher"] = None
+        on_change(record)
+        snaps.put_run_record(store, run, record)
+        raise
     except BaseException as error:
         raise rolled_back(error, provider, conns, record, started, ui, on_change, step) from None
     ui.say(f"{run} is running: `gpurun logs {run} -f` follows it, `gpurun teardown {run}` ends it")

@@ -178,6 +178,13 @@ def apply_attempts(record: dict[str, Any], document: dict[str, Any]) -> None:
     if isinstance(used, int) and not isinstance(used, bool) and used >= 0:
         record["restarts_used"] = used
     state = document.get("state")
+    if (
+        record.get("state") == "launching"
+        and record.get("keep_waiting")
+        and any(item.get("job_started_at") for item in listed)
+    ):
+        # Launched with --keep-waiting: the group found capacity after the launch had returned.
+        record["state"] = "running"
     if state == "running" and record.get("source") == "store" and record.get("state") in ("failed", "interrupted"):
         # run.json said how one machine's job ended; the group has restarted it since.
         record["state"], record["exit_code"] = "running", None

@@ -84,31 +84,48 @@ def create(
 
 
 def wait_first_instance(
-    aws: Aws, run: str, *, timeout: float, interval: float, sleep: Callable[[float], None], say: Say
+    aws: Aws,
+    run: str,
+    *,
+    timeout: float,
+    interval: float,
+    sleep: Callable[[float], None],
+    say: Say,
+    keep_waiting: bool = False,
 ) -> dict[str, Any]:
-    """The group's first running instance (described), once EC2 has it; raises after `timeout`."""
+    """The group's first running instance (described); NoCapacity after `timeout` with the group's
+    last scaling activity (StillWaiting with `keep_waiting`: the caller leaves the group trying)."""
+    from gpurun.errors import NoCapacity, StillWaiting
+    from gpurun.providers.aws.teardown import describe_by_ids
+
+    name = recovery.group_name(run)
+    autoscaling = aws.client("autoscaling")
     deadline = time.monotonic() + timeout
     last = ""
     while True:
-        ids = [item["InstanceId"] for item in group_instances(aws, run)]
+        answer = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[name])
+        ids = [
+            item["InstanceId"] for group in answer.get("AutoScalingGroups", []) for item in group.get("Instances", [])
+        ]
         if ids:
-            from gpurun.providers.aws.teardown import describe_by_ids
-
             found = describe_by_ids(aws, ids)
             running = [found[key] for key in ids if found.get(key, {}).get("State", {}).get("Name") == "running"]
             if running:
                 return running[0]
         activity = _latest_activity(aws, run)
         if activity and activity != last:
-            say(f"group {recovery.group_name(run)}: {activity}")
+            say(f"group {name}: {activity}")
             last = activity
         if time.monotonic() >= deadline:
-            from gpurun.errors import NoCapacity
-
-            raise NoCapacity(
-                f"the group {recovery.group_name(run)} started no machine in {timeout:.0f}s"
-                + (f"; last activity: {last}" if last else "")
+            message = f"the group {name} started no machine in {timeout:.0f}s" + (
+                f"; last scaling activity: {last}" if last else ""
             )
+            if keep_waiting:
+                raise StillWaiting(
+                    f"{message}. The group keeps trying: `gpurun status {run}` shows when its machine starts "
+                    f"and the job runs, `gpurun teardown {run}` ends it"
+                )
+            raise NoCapacity(message)
         sleep(interval)
 
 

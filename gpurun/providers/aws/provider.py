@@ -240,7 +240,13 @@ class AwsProvider(Provider):
         )
         launcher.step = "waiting for the group's first machine (DescribeAutoScalingGroups)"
         first_instance = group.wait_first_instance(
-            aws, run, timeout=self.running_timeout, interval=self.poll_interval, sleep=self.sleep, say=say
+            aws,
+            run,
+            timeout=spec.aws.capacity_wait,
+            interval=self.poll_interval,
+            sleep=self.sleep,
+            say=say,
+            keep_waiting=bool(record.get("keep_waiting")),
         )
         zone = first_instance.get("Placement", {}).get("AvailabilityZone", "")
         machines = launcher.machines([first_instance], key_path, first_instance.get("InstanceType", first.name), zone)
