@@ -524,3 +524,16 @@ def test_teardown_of_a_launch_whose_launcher_died_removes_everything(session, re
     assert f"instance {machines[0]['instance_id']}" in removed
     assert leftovers(session, recorder) == []
     assert not key_dir().exists()
+
+
+def test_teardown_does_not_claim_an_instance_aws_had_already_ended(session, recorder, tmp_path):
+    from tests.test_aws_provider import launch
+
+    provider = make_provider(recorder)
+    record, machines, saves = launch(provider, make_spec(tmp_path))
+    record["state"] = "running"
+    session.client("ec2").terminate_instances(InstanceIds=[machines[0]["instance_id"]])  # the spot reclaim
+    removed = provider.release(record, saves, [].append)
+    assert not any(item.startswith("instance i-") for item in removed), removed
+    assert "key pair gpurun-exp-abc123" in removed
+    assert leftovers(session, recorder) == []

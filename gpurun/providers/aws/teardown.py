@@ -142,10 +142,14 @@ def _terminate(
     unconfirmed: set[str] = set()
     deadline = time.monotonic() + timing.not_found_timeout
     pending = list(ids)
+    already: set[str] = set()  # ended before this teardown (a spot reclaim, the console): not "removed" by it
     while pending:
         chunk, pending = pending[:500], pending[500:]
         try:
-            aws.ec2.terminate_instances(InstanceIds=chunk)
+            answer = aws.ec2.terminate_instances(InstanceIds=chunk)
+            for item in answer.get("TerminatingInstances", []):
+                if item.get("PreviousState", {}).get("Name") == "terminated":
+                    already.add(item.get("InstanceId", ""))
             continue
         except _aws_errors() as error:
             if not _gone(error):
@@ -161,6 +165,7 @@ def _terminate(
             return False
         ended = {key for key, item in found.items() if item["State"]["Name"] == "terminated"}
         unseen = {key for key in missing if key in recorded and fresh}
+        already.update(ended - unconfirmed, missing - unseen - unconfirmed)
         retry = [key for key in chunk if (key in found and key not in ended) or key in unseen]
         if not retry:
             continue
@@ -181,7 +186,7 @@ def _terminate(
         say(f"AWS does not know {', '.join(sorted(retry))} yet (NotFound right after launch); terminating again")
         timing.sleep(timing.poll_interval)
         pending = [*retry, *pending]
-    outcome.removed.extend(f"instance {instance_id}" for instance_id in ids)
+    outcome.removed.extend(f"instance {instance_id}" for instance_id in ids if instance_id not in already)
     deadline = time.monotonic() + timing.terminate_timeout
     last = None
     while True:
