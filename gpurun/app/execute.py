@@ -119,6 +119,15 @@ def exec_job(
     runs.check_reachable_from_here(record, "exec")
     _check_live(record)
     spec = next_spec(record, overrides, spec)
+    from gpurun.app import recovering
+
+    if recovering.applies(spec):
+        # Its machines bootstrap from the code archive in the store: a job started over SSH
+        # would be undone by the next replacement machine.
+        raise BadInput(
+            f"run {run} recovers on AWS (recovery.max_restarts > 0), where machines start from the store; "
+            "exec does not run there yet: launch a new run"
+        )
     with _exclusive(run):
         record = reconcile(runs.load(run))
         _check_live(record)
