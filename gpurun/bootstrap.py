@@ -490,6 +490,11 @@ class Machine:
             said = (done.stdout + done.stderr).strip().splitlines()
             log(f"restore from {run}: {said[-1] if said else done.returncode}")
             if done.returncode == 0:
+                # The restore moved the dead job's directory aside: keep the newest such copy only (disk).
+                parent, name = os.path.split(self.checkpoint_dir)
+                aside = sorted(entry for entry in os.listdir(parent) if entry.startswith(f"{name}.gpurun-old-"))
+                for entry in aside[:-1]:
+                    subprocess.run(["rm", "-rf", "--", os.path.join(parent, entry)], check=False)
                 return True
         return False
 

@@ -74,6 +74,10 @@ def _restart_block(run_dir: str, restarts: Restarts) -> str:
   [ -n "$stopping" ] && break
   if ( {restarts.restore} ); then
     export GPURUN_RESUME_FROM={q(restarts.checkpoint_dir)}
+    # The restore moved the dead job's directory aside; keep the newest such copy only (disk).
+    ls -1d {q(restarts.checkpoint_dir)}.gpurun-old-* 2>/dev/null | sort | head -n -1 | while IFS= read -r old; do
+      rm -rf -- "$old"
+    done
   else
     echo "[gpurun] no snapshot to restore; restarting from the start"
   fi

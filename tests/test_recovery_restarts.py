@@ -132,6 +132,8 @@ def test_local_job_failing_restarts_only_with_on_failure(tmp_path: Path, gpurun_
     assert final["restarts"] == {"used": 2, "max": 2}
     assert "restart 1 of 2 from LATEST" in log and "restart 2 of 2 from LATEST" in log
     assert "restart budget spent (2 of 2)" in log
+    # Each restore moves the dead job's directory aside; only the newest copy is kept.
+    assert len(list((run_dir / "work").glob("ckpt.gpurun-old-*"))) == 1
     # The agent's snapshot before each restart is what the next attempt resumed from.
     assert [line for line in log.splitlines() if line.startswith("resumed at step")] == [
         "resumed at step 3",
