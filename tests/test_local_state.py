@@ -3,6 +3,7 @@ truncated records of live runs, a full disk."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -24,8 +25,13 @@ print("released", flush=True)
 
 
 def _blocked_flock_waiters() -> int:
+    """Processes waiting for a flock on anything in the runs directory's file system with its inode
+    (/proc/locks: `N: -> FLOCK ADVISORY WRITE PID MAJ:MIN:INODE ...`), whatever gpurun locks there."""
+    inodes = {str(os.stat(path).st_ino) for path in [paths.runs_dir(), *paths.runs_dir().iterdir()]}
     with open("/proc/locks") as handle:
-        return sum(1 for line in handle if "->" in line and "FLOCK" in line)
+        return sum(
+            1 for line in handle if "->" in line and "FLOCK" in line and line.split()[6].rsplit(":", 1)[-1] in inodes
+        )
 
 
 def test_a_lock_file_deleted_while_held_lets_no_second_process_in(gpurun_home: Path) -> None:
