@@ -109,9 +109,9 @@ time.sleep(600)
 """
 
 
-@pytest.mark.parametrize("store_copy", [True, False], ids=["store-copy", "run-dir-only"])
+@pytest.mark.parametrize("store_copy", ["good", "none", "planted"], ids=["store-copy", "run-dir-only", "planted-copy"])
 def test_teardown_force_stops_the_live_job_of_a_truncated_record(
-    tmp_path: Path, gpurun_home: Path, store_copy: bool
+    tmp_path: Path, gpurun_home: Path, store_copy: str
 ) -> None:
     import json
     import shutil
@@ -132,8 +132,17 @@ def test_teardown_force_stops_the_live_job_of_a_truncated_record(
     record_file = paths.runs_dir() / f"{run}.json"
     data = record_file.read_bytes()
     record_file.write_bytes(data[: len(data) // 3])  # cut short, as a full disk or a crash leaves it
-    if not store_copy:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("not gpurun's\n")
+    if store_copy == "none":
         shutil.rmtree(gpurun_home / "store" / run)
+    elif store_copy == "planted":
+        # The store is untrusted: a copy steering teardown's `rm -rf` elsewhere is not used.
+        stored = gpurun_home / "store" / run / "run.json"
+        planted = json.loads(stored.read_text())
+        planted["machines"][0]["run_dir"] = str(victim)
+        stored.write_text(json.dumps(planted))
 
     refused = gpurun("teardown", run, "--yes", check=False)
     assert refused.returncode == 1 and "--force" in refused.stderr and process_alive(job_pid)
@@ -145,10 +154,13 @@ def test_teardown_force_stops_the_live_job_of_a_truncated_record(
     wait_until(lambda: not process_alive(agent_pid), timeout=30, what="the agent to stop")
     warning = [line for line in done.stderr.splitlines() if "was damaged" in line]
     assert len(warning) == 1 and "not recovered:" in warning[0]
-    if store_copy:
+    if store_copy == "good":
         assert "run.json" in warning[0] and "changes since launch" in warning[0]
     else:
         assert str(run_dir) in warning[0] and "the spec" in warning[0] and "the job history" in warning[0]
+    if store_copy == "planted":
+        assert "not one gpurun makes for it; not used" in done.stderr
+    assert (victim / "precious.txt").read_text() == "not gpurun's\n"
     assert [p.name for p in paths.runs_dir().glob(f"{run}.json.damaged-*")], "the damaged record is kept aside"
     assert not run_dir.exists()
     assert gpurun_json("status", run)[0]["state"] == "ended"

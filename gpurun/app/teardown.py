@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import time
@@ -59,10 +60,14 @@ def recover_damaged(run: str, ui: Reporter) -> None:
     lost: list[str] = []
     try:
         record = {key: value for key, value in runs.load_from_store(run, store_url).items() if key != "source"}
+        _check_store_copy(record, salvaged)
         record["store"] = store_url
         lost = ["changes since launch (jobs started with exec, machine states)"]
         found = f"its copy in {store_url}/{run}/run.json"
-    except GpurunError:
+    except GpurunError as error:
+        if isinstance(error, UntrustedCopy):
+            ui.warn(str(error))
+        record = None
         local_dir = paths.local_runs_dir() / run
         if salvaged.get("provider", "local") == "local" and local_dir.is_dir():
             record = _local_record_from(run, local_dir, salvaged, store_url)
@@ -84,6 +89,39 @@ def recover_damaged(run: str, ui: Reporter) -> None:
     ui.warn(
         f"run record of {run} was damaged (kept at {aside}); recovered from {found}; not recovered: {', '.join(lost)}"
     )
+
+
+class UntrustedCopy(GpurunError):
+    """The store's copy of a run does not look like what gpurun wrote for it."""
+
+
+def _check_store_copy(record: dict[str, Any], salvaged: dict[str, str]) -> None:
+    """The store is untrusted: its copy may steer teardown only where gpurun itself would go.
+
+    Teardown removes each machine's run directory, so a copy naming any other directory
+    (`/home/me`) is refused, as is one whose provider the damaged record contradicts.
+    """
+    run = record["run"]
+    where = f"the store's copy of {run}"
+    if salvaged.get("provider") and salvaged["provider"] != record["provider"]:
+        raise UntrustedCopy(
+            f"{where} says provider {record['provider']!r}, the damaged record {salvaged['provider']!r}; not used"
+        )
+    expected_local = str(paths.local_runs_dir() / run)
+    for machine in record.get("machines", []):
+        run_dir = machine.get("run_dir") if isinstance(machine, dict) else None
+        if record["provider"] == "local":
+            usable = run_dir == expected_local
+        else:
+            # ~/gpurun/<run>, or ~/gpurun/<run>-nodeK for a second node on the same host.
+            own = re.escape(paths.machine_run_dir(run))
+            usable = (
+                isinstance(run_dir, str)
+                and re.fullmatch(rf"(/[^\x00]*/)?{own}(-node[0-9]+)?", run_dir) is not None
+                and ".." not in run_dir.split("/")
+            )
+        if not usable:
+            raise UntrustedCopy(f"{where} names run directory {run_dir!r}, not one gpurun makes for it; not used")
 
 
 def _local_record_from(run: str, local_dir: Path, salvaged: dict[str, str], store_url: str) -> dict[str, Any]:
