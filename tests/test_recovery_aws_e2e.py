@@ -170,7 +170,7 @@ def test_reclaimed_machine_is_replaced_and_the_job_resumes_from_latest(
     launched_at = datetime.now(timezone.utc)
     # From here on no gpurun process of the laptop runs: AWS and the machines do everything.
     [first] = boot_emulator.live()
-    assert "job started" in _log(boot_emulator, first, run)
+    wait_until(lambda: "job started" in _log(boot_emulator, first, run), timeout=30, what="the first job's output")
 
     # The scheduled guard ends the group at launch + max_runtime, whatever the machines do.
     autoscaling = boto3.client("autoscaling", endpoint_url=world["endpoint"], region_name="us-east-1")
@@ -220,6 +220,8 @@ def test_reclaimed_machine_is_replaced_and_the_job_resumes_from_latest(
     assert status["instances"][0]["id"] == second, "the record follows the group's current machine"
     code, out, err = cli(capsys, "status", run)
     assert f"machine 2: {second}" in out + err and "(restart 1/2)" in out, out + err
+    code, _out, err = cli(capsys, "exec", run, "--", "echo", "hi")
+    assert code == 2 and "exec is not supported there yet" in err, err
 
     # Success: the machine records it and scales its own group to 0.
     finish.touch()

@@ -142,6 +142,12 @@ def _check_live(record: dict[str, Any]) -> None:
         raise BadInput(f"run {run} is still launching; exec starts the next job once its first one runs")
     if not record.get("machines"):
         raise BadInput(f"run {run} has no machine; nothing to run a job on")
+    if record.get("bootstrap"):
+        # Its machine is replaced from the store and its monitor ends the group when the job ends.
+        raise BadInput(
+            f"run {run} recovers on an Auto Scaling group: exec is not supported there yet; "
+            "`gpurun launch` a new run (`--resume` continues from its snapshot)"
+        )
 
 
 def _exec(record: dict[str, Any], spec: Spec, ui: Reporter, *, command: str | None, replace: bool) -> dict[str, Any]:
