@@ -265,8 +265,10 @@ def launch(
         if spec.provider == "local":
             step = "preparing this project's venv"
             record["job_env"] = local_python.prepare(record, ui.say)
-            if spec.setup and local_python.setup_done_before(record, setup_hash):
+            if spec.setup and not setup_skipped and local_python.setup_done_before(record, setup_hash):
                 setup_skipped = "this project's venv already went through this setup (same command and files)"
+                ui.say(f"setup skipped: {setup_skipped}")
+                record["setup_skipped"] = setup_skipped
         runs.add_job(
             record,
             command=spec.run,
