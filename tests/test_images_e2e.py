@@ -12,6 +12,7 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -156,6 +157,7 @@ def test_image_create_use_list_delete_and_orphan_sweep(image_world, sshd, capsys
     assert blob in keys_before
 
     name = f"img-{tag}"
+    stashes = set(Path("/dev/shm").glob("gpurun-image-*"))
     code, out, err = cli(capsys, "image", "create", run, "--name", name, "--json")
     assert code == 0, err
     created = json.loads(out)
@@ -171,7 +173,7 @@ def test_image_create_use_list_delete_and_orphan_sweep(image_world, sshd, capsys
     assert process_alive(job_pid) and _job_state(job_pid) != "T"
     epoch = _last_epoch(run_dir / "job.log")
     wait_until(lambda: _last_epoch(run_dir / "job.log") > epoch, timeout=30, what="the job to go on")
-    assert not list(Path("/dev/shm").glob("gpurun-image-*")), "the tmpfs stash is removed"
+    assert set(Path("/dev/shm").glob("gpurun-image-*")) == stashes, "the tmpfs stash is removed"
 
     (image,) = _images(endpoint)
     tags = {t["Key"]: t["Value"] for t in image["Tags"]}
@@ -299,6 +301,26 @@ def test_image_create_refuses_bad_runs_and_undoes_an_interrupted_create(
     assert code == 1 and "put the run's files back before CreateImage returned" in err, err
     assert _images(endpoint) == [] and process_alive(job_pid) and _job_state(job_pid) != "T"
     image_world["before_create"] = None
+
+    # Ctrl-C just as the files were hidden (or a laptop gone): the machine's watchdog puts them back.
+    hide = images._stash
+
+    def hide_then_interrupt(*args, **kwargs):
+        hide(*args, **kwargs)
+        assert not (run_dir / "work/train.py").exists() and _job_state(job_pid) == "T"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(images, "_stash", hide_then_interrupt)
+    calls = len(image_world["seen_at_create"])
+    stashes = set(Path("/dev/shm").glob("gpurun-image-*"))
+    code, out, err = cli(capsys, "image", "create", run, "--name", f"gone-{image_world['tag']}")
+    assert code == 130 and "puts them back and lets the job continue by itself" in err, err
+    wait_until(lambda: (run_dir / "work/train.py").exists(), timeout=30, what="the watchdog to put the files back")
+    wait_until(lambda: _job_state(job_pid) != "T", timeout=10, what="the job to continue")
+    assert _images(endpoint) == [] and len(image_world["seen_at_create"]) == calls, "CreateImage was never called"
+    monkeypatch.setattr(images, "_stash", hide)
+    for left in set(Path("/dev/shm").glob("gpurun-image-*")) - stashes:
+        shutil.rmtree(left)  # the watchdog keeps its answer 10 minutes for a late caller; it ends when this goes
 
     # A machine that does not answer: exit 1, one line, nothing created.
     from gpurun.app import connections

@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 TMPFS_CANDIDATES = ("/dev/shm", "/run/user/{uid}")
+WATCHDOG_ANSWER_KEPT = 600
 
 
 def _open_inodes() -> set[tuple[int, int]]:
@@ -189,6 +190,8 @@ def _write_manifest(stash_dir: str, manifest: dict[str, Any]) -> None:
 
 def restore(stash_dir: str, who: str) -> dict[str, Any]:
     done_file = os.path.join(stash_dir, "restored.json")
+    if not os.path.isdir(stash_dir):
+        return {"by": "watchdog", "problems": ["the files were put back earlier and the stash removed"]}
     try:
         os.close(os.open(os.path.join(stash_dir, "restoring"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except FileExistsError:
@@ -273,6 +276,11 @@ def main(argv: list[str]) -> int:
                 return 0
         if os.path.isdir(argv[2]) and not os.path.exists(os.path.join(argv[2], "restoring")):
             restore(argv[2], "watchdog")
+            # Keep the answer a while for a late caller (it learns the watchdog came first), then tidy up.
+            until = time.monotonic() + WATCHDOG_ANSWER_KEPT
+            while time.monotonic() < until and os.path.isdir(argv[2]):
+                time.sleep(1.0)
+            shutil.rmtree(argv[2], ignore_errors=True)
         return 0
     print(json.dumps({"error": f"unknown command {command}"}))
     return 2

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpurun import jobs, runs
+from gpurun import jobs, paths, runs
 from gpurun.app import common, connections
 from gpurun.app.reporter import Reporter
 from gpurun.errors import BadInput, GpurunError, Interrupted, TransportError
@@ -120,10 +120,17 @@ def create(run: str, ui: Reporter, *, name: str | None = None) -> dict[str, Any]
     if ec2_images.find_image(aws, image_name) is not None:
         raise BadInput(f"an image named {image_name} exists in {region}; pick another --name or delete it first")
 
+    if not machine.get("host"):
+        # A recovering run's replacement machine: its address is known to EC2, not yet to the record.
+        machine = {**machine, "host": (described or {}).get("PublicIpAddress")}
+        if not machine["host"]:
+            raise BadInput(f"run {run}: its machine {instance_id} has no public address; nothing was created")
     transport = connections.open_transport(record, machine)
     try:
-        job_state = jobs.read_state(transport, machine["run_dir"])
         home = transport.check('printf %s "$HOME"', what="finding the home directory").strip()
+        # The machines of a recovering run set themselves up: the record may not name the directory.
+        machine = {**machine, "run_dir": machine.get("run_dir") or f"{home}/{paths.machine_run_dir(run)}"}
+        job_state = jobs.read_state(transport, machine["run_dir"])
         setup = record["spec"].get("setup")
         if setup and job_state["phase"] != "run":
             phase = job_state["phase"] or "not started"
@@ -140,18 +147,28 @@ def create(run: str, ui: Reporter, *, name: str | None = None) -> dict[str, Any]
         }
         stashed = _stash(transport, plan)
     except TransportError as error:
+        transport.close()
         raise GpurunError(
             f"run {run}: cannot prepare its machine for an image ({error}); nothing was created"
         ) from None
-    ui.say(
-        f"hid {stashed['moved'] + stashed['truncated']} files of {run} and {stashed['keys_removed']} SSH key(s) "
-        f"from the disk; the job is paused for CreateImage"
-    )
+    except KeyboardInterrupt:
+        transport.close()
+        raise Interrupted(
+            f"image create of {run} interrupted while hiding the run's files; nothing was created; the machine "
+            f"puts them back and lets the job continue by itself within {STASH_DEADLINE}s"
+        ) from None
+    except BaseException:
+        transport.close()
+        raise
     source_ami = str(described.get("ImageId") or "") if described else ""
     tags = ec2_images.image_tags(image_name, run, record.get("owner") or "unknown", source_ami, wanted)
     image_id: str | None = None
     restored = False
     try:
+        ui.say(
+            f"hid {stashed['moved'] + stashed['truncated']} files of {run} and {stashed['keys_removed']} SSH key(s) "
+            f"from the disk; the job is paused for CreateImage"
+        )
         image_id = ec2_images.create_image(
             aws, instance_id, image_name, tags, f"gpurun image of run {run} (setup hash {wanted[:12]})"
         )
