@@ -54,11 +54,12 @@ def wait_first_line(run: str, timeout: float = 120) -> None:
 
 def wait_job_end(run: str, timeout: float = 60) -> None:
     from gpurun import jobs, runs
+    from gpurun.transport.local import LocalTransport
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         machines = runs.load(run)["machines"]
-        if all(not jobs.read_state_here(m["run_dir"])["job_alive"] for m in machines):
+        if all(not jobs.read_state(LocalTransport(), m["run_dir"])["job_alive"] for m in machines):
             return
         time.sleep(0.05)
     raise SystemExit(f"the job of {run} did not end within {timeout}s")

@@ -446,7 +446,7 @@ def checkpoint_sync(
     """
     ui = _ui(json_mode)
     if watch is not None:
-        _agent_mode(run, watch, to_url, every, keep, run_dir, spot_notice, ui)
+        _agent_mode(run, watch, to_url, every, keep, run_dir, spot_notice)
         return
     _reject_dropped_options(store_url=store_url, list_mode=list_mode, download=download, seq=seq)
     if force and download is None:
@@ -524,31 +524,31 @@ def _agent_mode(
     keep: int,
     run_dir: Path | None,
     spot_notice: bool,
-    ui: Ui,
 ) -> None:
-    from gpurun.agent.loop import AgentOptions, run_agent
-    from gpurun.durations import parse_duration
+    """`checkpoint-sync --watch` is the agent: the same parser and code as `gpurun agent`."""
+    from gpurun.agent.__main__ import main as agent_main
 
-    if not to_url:
-        raise BadInput("--watch needs --to URL (s3://bucket/prefix or file:///path)")
-    if not to_url.startswith(("s3://", "file://")):
-        raise BadInput(f"--to {to_url}: use s3://bucket/prefix or file:///absolute/path")
-    try:
-        seconds = parse_duration(every)
-    except ValueError as error:
-        raise BadInput(f"--every: {error}") from None
-    if seconds < 10:
-        ui.warn(f"--every {every} is shorter than 10s: each snapshot re-reads changed files; consider 1m or more")
-    options = AgentOptions(
-        watch=watch.resolve(),
-        store_url=to_url,
-        run=run or watch.resolve().name,
-        every=seconds,
-        keep=keep,
-        run_dir=run_dir.resolve() if run_dir else None,
-        spot_notice=spot_notice,
-    )
-    raise SystemExit(run_agent(options))
+    argv = [f"--watch={watch}", f"--every={every}", f"--keep={keep}"]
+    argv += [f"--to={to_url}"] if to_url is not None else []
+    argv += [f"--run={run}"] if run else []
+    argv += [f"--run-dir={run_dir}"] if run_dir is not None else []
+    argv += ["--spot-notice"] if spot_notice else []
+    raise SystemExit(agent_main(argv))
+
+
+@cli.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.argument("arguments", nargs=-1, type=click.UNPROCESSED)
+def agent(arguments: tuple[str, ...]) -> None:
+    """The checkpoint agent (what runs next to the job); `gpurun agent --help` lists its options.
+
+    The same command as `python -m gpurun.agent`, which machines run.
+    """
+    from gpurun.agent.__main__ import main as agent_main
+
+    raise SystemExit(agent_main(list(arguments)))
 
 
 @cli.command(context_settings=CONTEXT)

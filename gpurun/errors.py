@@ -43,6 +43,10 @@ class UnknownRun(BadInput):
     """No run by that name is recorded here or in the store."""
 
 
+class UnknownRegion(BadInput):
+    """aws.region names no AWS region."""
+
+
 class NoCapacity(GpurunError):
     """Every zone and instance type the spec allows is out of capacity."""
 
@@ -61,6 +65,10 @@ class Interrupted(GpurunError):
 
 class StoreError(GpurunError):
     """The checkpoint store refused or failed an operation."""
+
+
+class NoSuchBucket(StoreError):
+    """The store's S3 bucket does not exist (or these credentials cannot see it)."""
 
 
 class InvalidDocument(StoreError):
@@ -82,3 +90,7 @@ class SnapshotConflict(StoreError):
 
 class TransportError(GpurunError):
     """A command or a transfer to the machine failed."""
+
+
+class ConnectionLost(TransportError):
+    """The connection to the machine dropped mid-command; the next command reconnects."""

@@ -266,6 +266,10 @@ def _count(text: str) -> int:
 
 
 def read_state(transport: Transport, run_dir: str) -> dict[str, Any]:
+    """How the job and the agent in `run_dir` are doing: one round trip, or none when the
+    transport runs here (the files are read directly, which keeps `status` fast)."""
+    if transport.runs_here:
+        return _read_state_here(run_dir)
     result = transport.run(
         _STATE_SCRIPT.format(dir=q(run_dir), gpu=gpu.SHELL, status_limit=STATUS_LIMIT + 1), timeout=30
     )
@@ -291,7 +295,7 @@ def _pid_alive_here(pid_file: str) -> tuple[bool, bool]:
     return True, False
 
 
-def read_state_here(run_dir: str) -> dict[str, Any]:
+def _read_state_here(run_dir: str) -> dict[str, Any]:
     """The same answer as read_state, read directly (the local provider; fast for status)."""
 
     def read(name: str, limit: int = 4096) -> str:
@@ -342,9 +346,9 @@ def signal_group(transport: Transport, run_dir: str, name: str, signal: str) -> 
     transport.run(f"p=$(cat {qpid} 2>/dev/null) && kill -{signal} -- -$p 2>/dev/null; true", timeout=30)
 
 
-def stop(transport: Transport, run_dir: str, name: str, *, grace: float = 10.0, here: bool = False) -> bool:
+def stop(transport: Transport, run_dir: str, name: str, *, grace: float = 10.0) -> bool:
     """TERM the group, then KILL after `grace` seconds. True when it had to be killed."""
-    state = read_state_here(run_dir) if here else read_state(transport, run_dir)
+    state = read_state(transport, run_dir)
     key = "job_alive" if name == "job" else "agent_alive"
     if not state[key]:
         return False
@@ -352,7 +356,7 @@ def stop(transport: Transport, run_dir: str, name: str, *, grace: float = 10.0, 
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         time.sleep(0.2)
-        state = read_state_here(run_dir) if here else read_state(transport, run_dir)
+        state = read_state(transport, run_dir)
         if not state[key]:
             return False
     signal_group(transport, run_dir, name, "KILL")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,9 @@ def test_dry_run_json_creates_nothing(capsys, spec: Path, gpurun_home: Path) -> 
         (["launch", "x.yaml", "--bogus"], "No such option '--bogus'"),
         (["checkpoint-sync", "--watch", "/tmp", "--to", "ftp://x"], "use s3://bucket/prefix or file:///absolute/path"),
         (["checkpoint-sync", "--watch", "/tmp", "--to", "file:///tmp/s", "--every", "-1m"], "--every"),
+        (["agent", "--watch", "/tmp", "--to", "ftp://x"], "use s3://bucket/prefix or file:///absolute/path"),
+        (["agent", "--watch", "/tmp", "--to", "file:///tmp/s", "--bogus"], "unrecognized arguments: --bogus"),
+        (["agent", "--watch", "/tmp"], "--to URL is required"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, args: list[str], expected: str) -> None:
@@ -177,3 +182,19 @@ def test_logs_of_a_torn_down_local_run_come_from_the_store_or_say_why_not(
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and f"run {run} has ended" in lines[0] and "removed at teardown" in lines[0], err
+
+
+def test_the_agent_has_one_command_line(tmp_path: Path) -> None:
+    """`gpurun agent`, `python -m gpurun.agent` and `checkpoint-sync --watch` share one parser and one code path."""
+    module_help = subprocess.run(
+        [sys.executable, "-m", "gpurun.agent", "--help"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert gpurun("agent", "--help").stdout == module_help
+    for option in ("--watch", "--to", "--every", "--keep", "--once", "--region", "--job", "--restore-from"):
+        assert option in module_help
+    checkpoints = tmp_path / "ckpt"
+    checkpoints.mkdir()
+    (checkpoints / "w.bin").write_bytes(b"w" * 100)
+    store = f"file://{tmp_path / 'store'}"
+    gpurun("agent", "--watch", str(checkpoints), "--to", store, "--run", "one-abc123", "--once")
+    assert (tmp_path / "store/one-abc123/LATEST").exists()

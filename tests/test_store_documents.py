@@ -22,6 +22,7 @@ from gpurun.errors import GpurunError, InvalidDocument
 from gpurun.store import documents, open_store
 from gpurun.store import snapshots as snaps
 from gpurun.store.snapshots import StagedFile
+from gpurun.transport.local import LocalTransport
 from tests.helpers import gpurun
 
 DEEP = ('{"a":' * 100_000 + "1" + "}" * 100_000).encode()
@@ -194,11 +195,11 @@ def test_what_gpurun_writes_reads_back(store_url: str, tmp_path: Path) -> None:
 
 def test_agent_status_from_a_machine_is_checked(tmp_path: Path) -> None:
     (tmp_path / "agent.status.json").write_text('{"last_seq": true, "last_at": "t"}')
-    assert jobs.read_state_here(str(tmp_path))["agent"] is None
+    assert jobs.read_state(LocalTransport(), str(tmp_path))["agent"] is None
     (tmp_path / "agent.status.json").write_bytes(DEEP)
-    assert jobs.read_state_here(str(tmp_path))["agent"] is None
+    assert jobs.read_state(LocalTransport(), str(tmp_path))["agent"] is None
     (tmp_path / "agent.status.json").write_text('{"last_seq": 3, "last_at": "t", "last_bytes": 9, "extra": [1]}')
-    assert jobs.read_state_here(str(tmp_path))["agent"]["last_seq"] == 3
+    assert jobs.read_state(LocalTransport(), str(tmp_path))["agent"]["last_seq"] == 3
 
 
 # -- random JSON into every reader ------------------------------------------------------------------

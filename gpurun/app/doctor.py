@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpurun.errors import BadInput, GpurunError
+from gpurun.errors import BadInput, GpurunError, NoSuchBucket, UnknownRegion
 
 if TYPE_CHECKING:
     from gpurun.providers.aws.instance_types import TypeInfo
@@ -168,7 +168,7 @@ class Doctor:
         try:
             aws = make_session(region, profile)
         except BadInput as error:
-            if str(error).startswith("aws.region"):
+            if isinstance(error, UnknownRegion):
                 self.failed("aws region", error, "set aws.region to a region such as us-east-1")
                 self.add("aws credentials", SKIP, "not checked: needs a valid region")
                 return None
@@ -372,8 +372,7 @@ class Doctor:
             store = S3Store(url, region=region, profile=profile)
             store.check_writable()
         except Exception as error:
-            message = str(error)
-            if "does not exist" in message:
+            if isinstance(error, NoSuchBucket):
                 bucket = url[len("s3://") :].split("/", 1)[0]
                 self.add(
                     check,

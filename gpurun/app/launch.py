@@ -17,7 +17,14 @@ from gpurun import jobs, paths, runs
 from gpurun.app import common, connections, fingerprints, job_secrets, local_python, recovering
 from gpurun.app.reporter import Reporter
 from gpurun.durations import format_duration
-from gpurun.errors import BadInput, GpurunError, Interrupted, NoCredentials, StillWaiting, TransportError
+from gpurun.errors import (
+    BadInput,
+    ConnectionLost,
+    GpurunError,
+    Interrupted,
+    NoCredentials,
+    StillWaiting,
+)
 from gpurun.providers import get_provider
 from gpurun.sizes import human_bytes
 from gpurun.spec import NAME_PATTERN, Spec, label
@@ -394,9 +401,9 @@ def _prepare(
                     progress=progress,
                 )
                 break
-            except TransportError as error:
+            except ConnectionLost as error:
                 # The manifest moves only after a complete unpack: a retry resends what is missing.
-                if attempt == 2 or "lost" not in str(error):
+                if attempt == 2:
                     raise
                 ui.warn(f"{prefix}the connection dropped during sync ({error}); syncing again")
     ui.say(f"{prefix}synced {result.files_sent} files ({human_bytes(result.bytes_sent)}) to {transport.label}")

@@ -97,11 +97,8 @@ def _ask_machines(record: dict[str, Any], problems: list[str]) -> None:
         if machine.get("state") in ("terminated", "gone", "shutting-down"):
             continue
         try:
-            if record["provider"] == "local":
-                state = jobs.read_state_here(machine["run_dir"])
-            else:
-                with conns.connect(record, machine) as transport:
-                    state = jobs.read_state(transport, machine["run_dir"])
+            with conns.connect(record, machine) as transport:
+                state = jobs.read_state(transport, machine["run_dir"])
             machine.pop("unreachable", None)
             machine["gpus"] = state.get("gpus")
         except GpurunError as error:

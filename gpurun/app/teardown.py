@@ -284,16 +284,16 @@ def _stop_machine(
     with transport:
         if not final_sync and not partial:
             jobs.signal_group(transport, run_dir, "agent", "KILL")
-        state = jobs.read_state_here(run_dir) if local else jobs.read_state(transport, run_dir)
+        state = jobs.read_state(transport, run_dir)
         before = (state.get("agent") or {}).get("last_seq")
         job_was_running = state["job_alive"]
         with ui.spinner(f"stopping the job of {record['run']} on {transport.label}"):
-            killed = jobs.stop(transport, run_dir, "job", grace=JOB_GRACE, here=local)
+            killed = jobs.stop(transport, run_dir, "job", grace=JOB_GRACE)
         if killed:
             ui.warn(f"the job did not stop within {JOB_GRACE:.0f}s of SIGTERM and was killed")
         removed.append(f"job on {transport.label}")
         if machine.get("rank", 0) == 0:
-            state = jobs.read_state_here(run_dir) if local else jobs.read_state(transport, run_dir)
+            state = jobs.read_state(transport, run_dir)
             if record.get("exit_code") is None:
                 record["exit_code"] = state["exit_code"]
             record["job"] = {"phase": state["phase"], "alive": False}
@@ -307,7 +307,7 @@ def _stop_machine(
         # A partly recovered record lacks the agent's settings: SIGTERM below makes it take its final snapshot.
         if final_sync and not partial and machine in common.agent_machines(record):
             final = wait_for_final_snapshot(record, machine, transport, ui, before)
-        jobs.stop(transport, run_dir, "agent", grace=10, here=local)
+        jobs.stop(transport, run_dir, "agent", grace=10)
         # The secrets go whatever else is kept (--keep-files keeps code, logs and checkpoints).
         if record["spec"].get("secrets") or partial:
             jobs.remove_secrets(transport, run_dir)
@@ -357,11 +357,10 @@ def wait_for_final_snapshot(
 ) -> dict[str, Any] | None:
     """The agent sees the job exit and takes the final snapshot; wait for it, or take it ourselves."""
     run_dir = machine["run_dir"]
-    local = record["provider"] == "local"
     deadline = time.monotonic() + AGENT_FINAL_SYNC_TIMEOUT
     with ui.spinner("final checkpoint sync"):
         while time.monotonic() < deadline:
-            state = jobs.read_state_here(run_dir) if local else jobs.read_state(transport, run_dir)
+            state = jobs.read_state(transport, run_dir)
             if not state["agent_alive"]:
                 break
             time.sleep(0.3)
@@ -370,7 +369,7 @@ def wait_for_final_snapshot(
             python = connections.agent_python(record, transport, ui.say)
             jobs.signal_group(transport, run_dir, "agent", "KILL")
             transport.run(common.agent_command(python, common.agent_arguments(record, machine, once=True)))
-            state = jobs.read_state_here(run_dir) if local else jobs.read_state(transport, run_dir)
+            state = jobs.read_state(transport, run_dir)
             agent = state.get("agent") or {}
     if agent.get("last_error"):
         ui.error(f"final checkpoint sync failed: {agent['last_error']}; last good snapshot: {agent.get('last_seq')}")

@@ -42,7 +42,7 @@ from s3transfer.manager import TransferConfig, TransferManager
 from s3transfer.subscribers import BaseSubscriber
 
 from gpurun.aws_files import check_shared_files
-from gpurun.errors import BadInput, SnapshotConflict, StoreError
+from gpurun.errors import BadInput, NoSuchBucket, SnapshotConflict, StoreError
 from gpurun.store.base import Digests, Fetch, Fetches, ObjectStore, Progress, StoredObject, size_mismatch
 
 MiB = 1 << 20
@@ -200,7 +200,7 @@ class S3Store(ObjectStore):
         if isinstance(error, botocore.exceptions.ClientError):
             code, message = _code(error), error.response.get("Error", {}).get("Message", "")
             if code == "NoSuchBucket":
-                return StoreError(
+                return NoSuchBucket(
                     f"bucket {self.bucket} does not exist ({action} {where}); create it or fix checkpoint.store"
                 )
             if _is_conflict(error) and action in ("uploading", "writing", "copying to"):
@@ -545,7 +545,7 @@ class S3Store(ObjectStore):
             self.client.put_object(Bucket=self.bucket, Key=self._key(probe), Body=b"gpurun write probe\n")
         except Exception as error:
             if isinstance(error, botocore.exceptions.ClientError) and _code(error) == "NoSuchBucket":
-                raise StoreError(
+                raise NoSuchBucket(
                     f"store {self.url}: bucket {self.bucket} does not exist; create it (or let gpurun create it) or fix checkpoint.store"
                 ) from None
             raise self._error(error, "writing", probe) from None

@@ -31,6 +31,8 @@ class CommandResult:
 class Transport(ABC):
     #: How the machine is named in messages ("local", "ubuntu@1.2.3.4:22").
     label: str = "machine"
+    #: Commands run on this computer: a reader may open the machine's files directly (no round trip).
+    runs_here: bool = False
 
     @abstractmethod
     def run(self, command: str, *, input: bytes | None = None, timeout: float | None = None) -> CommandResult:

@@ -14,6 +14,7 @@ from gpurun.transport.base import CommandResult, Transport
 
 class LocalTransport(Transport):
     label = "local"
+    runs_here = True
 
     def run(self, command: str, *, input: bytes | None = None, timeout: float | None = None) -> CommandResult:
         try:

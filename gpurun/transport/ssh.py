@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import paramiko
 
-from gpurun.errors import TransportError
+from gpurun.errors import ConnectionLost, TransportError
 from gpurun.transport.base import CommandResult, Transport
 
 if TYPE_CHECKING:
@@ -411,7 +411,7 @@ class SshTransport(Transport):
         transport = channel.get_transport()
         if transport is None or not transport.is_active():
             self._forget(transport)
-            raise TransportError(
+            raise ConnectionLost(
                 f"connection to {self.label} was lost while {what} ran; it is reopened on the next command"
             )
         return 255
@@ -426,7 +426,7 @@ class SshTransport(Transport):
         # EOFError is the socket closing under us: the transport may not have noticed yet.
         if transport is None or not transport.is_active() or isinstance(error, EOFError):
             self._forget(transport)
-            return TransportError(
+            return ConnectionLost(
                 f"connection to {self.label} was lost while {what} ran; it is reopened on the next command"
             )
         return TransportError(f"{what} on {self.label} failed: {_reason(error)}")

@@ -15,7 +15,7 @@ import botocore.session
 from botocore.config import Config
 
 from gpurun.aws_files import check_shared_files
-from gpurun.errors import BadInput, GpurunError, NoCredentials
+from gpurun.errors import BadInput, GpurunError, NoCredentials, UnknownRegion
 
 #: The AWS services gpurun calls (boto3's client() is typed per service name).
 ServiceName = Literal["ec2", "iam", "ssm", "sts", "autoscaling", "service-quotas", "pricing"]
@@ -168,7 +168,7 @@ def make_session(region: str, profile: str | None, *, handlers: EventHandlers = 
     if regions and region not in regions:
         match = difflib.get_close_matches(region, sorted(regions), n=1)
         hint = f" (did you mean {match[0]!r}?)" if match else ""
-        raise BadInput(f"aws.region: {region!r} is not an AWS region{hint}")
+        raise UnknownRegion(f"aws.region: {region!r} is not an AWS region{hint}")
     for event, handler in handlers:
         session.events.register(event, handler)
     return Aws(session=session, region=region, profile=profile)
