@@ -104,8 +104,19 @@ class Metadata:
             raise RuntimeError("no instance identity document in the instance metadata")
         return document
 
-    def credentials(self) -> dict[str, str]:
-        """The instance role's temporary credentials."""
+    def credentials(self, wait: float = 0.0) -> dict[str, str]:
+        """The instance role's temporary credentials; for `wait` seconds, a role not there yet is waited
+        for (a new instance profile reaches a new machine a little after it boots)."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return self._credentials()
+            except (RuntimeError, OSError, ValueError):
+                if time.monotonic() >= deadline:
+                    raise
+            time.sleep(2.0)
+
+    def _credentials(self) -> dict[str, str]:
         names = (self.get("/latest/meta-data/iam/security-credentials/") or b"").decode().split()
         if not names:
             raise RuntimeError("the instance has no role (instance profile): it cannot reach the store")
@@ -187,7 +198,7 @@ class Aws:
     def credentials(self) -> dict[str, str]:
         # Role credentials live for hours; fetching them every 10 minutes keeps well inside that.
         if self._credentials is None or time.monotonic() - self._fetched > 600:
-            self._credentials, self._fetched = self.metadata.credentials(), time.monotonic()
+            self._credentials, self._fetched = self.metadata.credentials(wait=300.0), time.monotonic()
         return self._credentials
 
     def request(
@@ -446,8 +457,14 @@ class Machine:
         if subprocess.run(["python3", "-c", "import boto3"], capture_output=True).returncode == 0:
             return "python3"
         venv = os.path.join(os.path.dirname(os.path.dirname(self.agent_dir)), "venv")
-        subprocess.run(["python3", "-m", "venv", venv], check=True)
-        subprocess.run([f"{venv}/bin/python", "-m", "pip", "install", "--quiet", "boto3"], check=True)
+        if subprocess.run(["python3", "-m", "venv", venv], capture_output=True).returncode == 0:
+            install = [f"{venv}/bin/python", "-m", "pip", "install", "--quiet", "boto3"]
+        else:
+            # No ensurepip (Debian without python3-venv): a bare venv, filled by the system's pip.
+            subprocess.run(["rm", "-rf", venv], check=True)
+            subprocess.run(["python3", "-m", "venv", "--without-pip", venv], check=True)
+            install = ["python3", "-m", "pip", "--python", f"{venv}/bin/python", "install", "--quiet", "boto3"]
+        subprocess.run(install, check=True, capture_output=True)
         return f"{venv}/bin/python"
 
     def agent_env(self) -> dict[str, str]:
@@ -568,8 +585,26 @@ def _alive(path: str) -> bool:
 
 
 def boot(config: dict[str, Any]) -> int:
-    """Everything a new machine does; returns with the job and a monitor running, or the group at 0."""
+    """Everything a new machine does; returns with the job and a monitor running, or the group at 0.
+
+    A machine that fails to set itself up ends the run rather than sit idle, billed, in its group:
+    it records why in attempts.json and scales the group to 0 (the same failure would repeat on a
+    replacement). Without credentials it cannot: the scheduled max_runtime guard ends it then.
+    """
     machine = Machine(config)
+    try:
+        return _boot(machine, config)
+    except Exception as error:
+        problem = f"bootstrap failed: {type(error).__name__}: {error}"[:300]
+        log(problem)
+        try:
+            machine.budget.record(machine.instance_id, state="failed", ended_at=now_iso(), why=problem)
+        finally:
+            machine.scale_to_zero(problem)
+        return 1
+
+
+def _boot(machine: Machine, config: dict[str, Any]) -> int:
     identity = machine.identity
     entry = machine.budget.take_machine(
         {
@@ -638,9 +673,37 @@ def monitor(config: dict[str, Any]) -> int:
 
 
 def main(config: dict[str, Any], argv: list[str]) -> int:
+    switched = _as_login_user(config, argv)
+    if switched is not None:
+        return switched
     if "--monitor" in argv:
         return monitor(config)
     return boot(config)
+
+
+def _as_login_user(config: dict[str, Any], argv: list[str]) -> int | None:
+    """cloud-init runs user data as root; the job, its files and `gpurun ssh` belong to ssh.user.
+
+    Runs this program again as that user (None when it already is, or when a test gave the home).
+    """
+    user = str(config.get("user") or "root")
+    if os.geteuid() != 0 or user == "root" or os.environ.get("GPURUN_BOOT_HOME"):
+        return None
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        log(f"no user {user!r} on this image: running as root")
+        return None
+    # The user data file is root's alone: a copy the user may read (it holds no credentials).
+    copy = os.path.join("/var/tmp", f"gpurun-bootstrap-{config['run']}.py")
+    with open(os.path.abspath(sys.argv[0]), "rb") as source, open(copy + ".tmp", "wb") as target:
+        target.write(source.read())
+    os.chown(copy + ".tmp", account.pw_uid, account.pw_gid)
+    os.chmod(copy + ".tmp", 0o500)
+    os.replace(copy + ".tmp", copy)
+    env = {**os.environ, "HOME": account.pw_dir, "USER": user, "LOGNAME": user}
+    command = ["runuser", "-u", user, "--", sys.executable, copy, *argv]
+    return subprocess.run(command, env=env, check=False).returncode
 
 
 def user_data(config: dict[str, Any]) -> str:

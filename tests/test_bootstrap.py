@@ -10,6 +10,7 @@ import datetime
 import json
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -193,3 +194,45 @@ def test_user_data_holds_no_credentials_and_fits(fake_imds: FakeImds) -> None:
     exec(text.split("sys.exit(")[0].split("\n", 1)[1], namespace)  # noqa: S102 - the test reads its own output
     assert namespace["CONFIG"] == config and b"class Budget" in namespace["SOURCE"]
     assert json.loads(json.dumps(namespace["CONFIG"])) == config
+
+
+def test_a_machine_that_cannot_set_itself_up_ends_the_run_instead_of_idling(
+    machine_aws: bs.Aws, bucket: str, moto_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ec2 = boto3.client("ec2", endpoint_url=moto_server, region_name="us-east-1")
+    autoscaling = boto3.client("autoscaling", endpoint_url=moto_server, region_name="us-east-1")
+    name = f"gpurun-boot-{uuid.uuid4().hex[:8]}"
+    image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    ec2.create_launch_template(
+        LaunchTemplateName=name, LaunchTemplateData={"ImageId": image, "InstanceType": "t3.micro"}
+    )
+    subnets = [subnet["SubnetId"] for subnet in ec2.describe_subnets()["Subnets"]]
+    autoscaling.create_auto_scaling_group(
+        AutoScalingGroupName=name,
+        MinSize=0,
+        MaxSize=1,
+        DesiredCapacity=1,
+        VPCZoneIdentifier=",".join(subnets),
+        LaunchTemplate={"LaunchTemplateName": name, "Version": "$Latest"},
+    )
+    monkeypatch.setenv("GPURUN_BOOT_HOME", str(tmp_path / "home"))
+    config = {
+        "run": "run-1",
+        "store": f"s3://{bucket}/ckpt",
+        "group": name,
+        "region": "us-east-1",
+        "max_restarts": 1,
+        "agent_tag": "missing",
+        "code": "0" * 64,
+        "checkpoint_dir": "ckpt",
+    }
+    try:
+        assert bs.boot(config) == 1
+        document, _etag = _budget(machine_aws, bucket, 1).read()
+        assert document is not None and document["state"] == "failed"
+        assert document["machines"][0]["why"].startswith("bootstrap failed: RuntimeError: s3://")
+        [group] = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"]
+        assert group["DesiredCapacity"] == 0
+    finally:
+        autoscaling.delete_auto_scaling_group(AutoScalingGroupName=name, ForceDelete=True)
+        ec2.delete_launch_template(LaunchTemplateName=name)
