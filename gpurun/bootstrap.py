@@ -444,7 +444,7 @@ class Machine:
             # The "data" filter refuses links out of the target, device files and absolute names.
             archive.extraction_filter = getattr(tarfile, "data_filter", None)
             if archive.extraction_filter is None:
-                raise RuntimeError("this python3 cannot extract archives safely (needs 3.8.17, 3.11.4 or later)")
+                raise RuntimeError("this python3 cannot extract archives safely (needs 3.10.12, 3.11.4 or later)")
             archive.extractall(incoming)
         subprocess.run(["rm", "-rf", into], check=True)
         os.rename(incoming, into)
