@@ -8,6 +8,7 @@ test_images_e2e.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -72,9 +73,16 @@ def test_a_recovery_group_from_a_baked_image_boots_it_and_skips_setup(
         wait_until(lambda: "job started" in _log(boot_emulator, machine, run), timeout=120, what="the job")
         assert not (boot_emulator.run_dir(machine, run) / "work" / "setup-marker").exists()
         assert "[gpurun] setup:" not in _log(boot_emulator, machine, run)
+        # Deleting the image would leave the group nothing to boot a replacement from: refused.
+        code, out, err = cli(capsys, "image", "delete", name, "--region", "us-east-1", "--yes")
+        assert code == 2 and f"run {run} boots its replacement machines" in err, err
+        assert ec2.describe_images(ImageIds=[image])["Images"]
         finish.touch()
         wait_until(lambda: _group(world, run)["DesiredCapacity"] == 0, timeout=60, what="the group scaled to 0")
         code, out, err = cli(capsys, "teardown", run, "--yes")
         assert code == 0, err
+        code, out, err = cli(capsys, "image", "delete", name, "--region", "us-east-1", "--yes")
+        assert code == 0, err
     finally:
-        ec2.deregister_image(ImageId=image)
+        with contextlib.suppress(Exception):
+            ec2.deregister_image(ImageId=image)

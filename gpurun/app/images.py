@@ -287,6 +287,14 @@ def find_for_delete(names: list[str], *, region: str | None, profile: str | None
         if image is None:
             raise BadInput(f"no gpurun image named {name} in {aws.region}; nothing was deleted")
         found.append(image)
+    used = ec2_images.used_by_groups(aws)
+    for image in found:
+        if used.get(image.id):
+            runs_text = ", ".join(used[image.id])
+            raise BadInput(
+                f"image {image.name} is what run {runs_text} boots its replacement machines from; "
+                f"tear the run down first (`gpurun teardown {used[image.id][0]}`); nothing was deleted"
+            )
     return aws, found
 
 

@@ -234,6 +234,26 @@ def delete_image(aws: Aws, image_id: str, snapshots: list[str] | None = None) ->
     return removed
 
 
+def used_by_groups(aws: Aws) -> dict[str, list[str]]:
+    """image id -> the runs whose recovery launch template boots it (deregistering it would stop replacements)."""
+    from gpurun.providers.aws.group import templates_of
+
+    used: dict[str, list[str]] = {}
+    for template in templates_of(aws, None):
+        try:
+            versions = aws.ec2.describe_launch_template_versions(
+                LaunchTemplateId=template["LaunchTemplateId"], Versions=["$Latest", "$Default"]
+            ).get("LaunchTemplateVersions", [])
+        except botocore.exceptions.ClientError:
+            continue
+        run = requests.tag_dict(template.get("Tags")).get(requests.TAG_RUN, template.get("LaunchTemplateName", "?"))
+        for version in versions:
+            image_id = (version.get("LaunchTemplateData") or {}).get("ImageId")
+            if image_id and run not in used.setdefault(image_id, []):
+                used[image_id].append(run)
+    return used
+
+
 def _describe_quietly(aws: Aws, image_id: str) -> dict[str, Any] | None:
     try:
         found = aws.ec2.describe_images(ImageIds=[image_id]).get("Images", [])
