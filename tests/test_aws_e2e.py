@@ -331,6 +331,12 @@ def test_aws_exec_replaces_the_job_on_the_same_instance(aws_world, sshd, capsys)
         assert [(job["number"], job["ended_by"]) for job in jobs] == [(1, "killed"), (2, "exited")]
         stored = json.loads(s3.get_object(Bucket=aws_world["bucket"], Key=f"runs/{run}/run.json")["Body"].read())
         assert [job["command"] for job in stored["jobs"]][-1] == "python3 extra.py; echo job $GPURUN_JOB"
+
+        # The machine's guard (idle_timeout, max_runtime) ends it: exec says so instead of dialling it.
+        ec2 = boto3.client("ec2", endpoint_url=aws_world["endpoint"], region_name="us-east-1")
+        ec2.terminate_instances(InstanceIds=[instance_id])
+        code, out, err = cli(capsys, "exec", run, "--", "echo third")
+        assert code == 1 and "machine is terminated" in err and f"gpurun teardown {run}" in err, err
     finally:
         cli(capsys, "teardown", run, "--yes", "--no-final-sync")
     assert gpurun_resources(aws_world["endpoint"])["instances"] == []

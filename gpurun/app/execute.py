@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import json
 import shlex
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -129,7 +130,17 @@ def exec_job(
             "exec does not run there yet: launch a new run"
         )
     with _exclusive(run):
-        record = reconcile(runs.load(run))
+        record = runs.load(run)
+        loaded = json.dumps(record, sort_keys=True)
+        if record["provider"] == "aws":
+            # A machine that idle_timeout, max_runtime or a spot reclaim ended is named as such, not dialled.
+            from gpurun.providers import get_provider
+
+            try:
+                get_provider("aws").refresh([record])
+            except GpurunError as error:
+                ui.warn(f"could not read the machines' states ({error}); trying them")
+        record = reconcile(record, loaded)
         _check_live(record)
         return _exec(record, spec, ui, command=command, replace=replace)
 
