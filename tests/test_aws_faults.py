@@ -151,19 +151,19 @@ def server_world(moto_server: str, moto_validation: None, monkeypatch: pytest.Mo
     monkeypatch.setattr(AwsProvider, "__init__", patched_init)
 
     def spec(**aws: Any) -> Path:
+        recovery = aws.pop("recovery", None)
         settings = {"instance_type": ["g5.xlarge", "g6.xlarge"], "ami": AMI, "ssh_cidr": "127.0.0.1/32", **aws}
+        document = {
+            "name": "faults",
+            "provider": "aws",
+            "run": "python train.py",
+            "checkpoint": {"store": f"s3://{bucket}/runs", "resume": "never"},
+            "aws": settings,
+        }
+        if recovery is not None:
+            document["recovery"] = recovery
         path = tmp_path / f"spec-{uuid.uuid4().hex[:6]}.yaml"
-        path.write_text(
-            json.dumps(
-                {
-                    "name": "faults",
-                    "provider": "aws",
-                    "run": "python train.py",
-                    "checkpoint": {"store": f"s3://{bucket}/runs", "resume": "never"},
-                    "aws": settings,
-                }
-            )
-        )
+        path.write_text(json.dumps(document))
         return path
 
     return {"faults": faults, "spec": spec, "endpoint": moto_server}
@@ -230,7 +230,8 @@ def test_spot_max_price_too_low_names_the_price_and_what_to_change(server_world,
     faults: SendFaults = server_world["faults"]
     faults.run_instances = "SpotMaxPriceTooLow"
     faults.spot_price = 0.4321
-    spec = server_world["spec"](instance_type=["g5.xlarge"], spot=True, max_price=0.01)
+    # One-off machines (no recovery): a recovering spot run fails over inside its Auto Scaling group.
+    spec = server_world["spec"](instance_type=["g5.xlarge"], spot=True, max_price=0.01, recovery={"max_restarts": 0})
     code, _out, err = cli(capsys, "launch", str(spec), "--name", "faults-spot01")
     assert code == 3, err
     rows = [line for line in err.splitlines() if line.startswith("  g5.xlarge ")]
@@ -414,7 +415,7 @@ def test_a_reclaimed_run_keeps_its_last_checkpoint_and_its_cost(session, recorde
     store = tmp_path / "store"
     (store / record["run"]).mkdir(parents=True)
     at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    (store / record["run"] / "LATEST").write_text(json.dumps({"seq": 2, "at": at, "bytes": 4096}))
+    (store / record["run"] / "LATEST").write_text(json.dumps({"seq": 2, "at": at, "files": 1, "bytes": 4096}))
     record.update(state="running", store=f"file://{store}")
     runs.save(record)
     recorder.launch_shift = timedelta(hours=1)

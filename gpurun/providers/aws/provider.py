@@ -1,7 +1,8 @@
 """`provider: aws`: EC2 machines from the spec's AMI and types, with safe defaults; never leaks.
 
-Read-only checks and the plan live in `prepare`, resource creation and
-rollback in `launch`, removal by tag and orphans in `teardown`; the pure
+Read-only checks and the plan live in `prepare`, resource creation in
+`launch` (each resource recorded as it appears; app/launch rolls back),
+removal by recorded id and by tag, and orphans, in `teardown`; the pure
 request builders in `requests`. This class joins them behind the Provider
 interface.
 """
