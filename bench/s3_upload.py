@@ -105,13 +105,16 @@ store = S3Store(url)
 previous = snapshots.read_manifest(store, run, previous_seq) if previous_seq else None
 # What the agent does for one snapshot: stage (hard links; unchanged files known from the
 # previous manifest), then write_snapshot, which hashes what it uploads as it goes.
-stager = Stager(Path(directory), Path(tempfile.mkdtemp(prefix="gpurun-bench-staging-")) / "s", settle=0)
+staging = tempfile.mkdtemp(prefix="gpurun-bench-staging-")
+stager = Stager(Path(directory), Path(staging) / "s", settle=0)
 stager.remember(previous)
 files, _changed = stager.stage()
 staged = time.perf_counter()
 result = snapshots.write_snapshot(store, run, files, previous=previous, before_commit=stager.verify)
 done = time.perf_counter()
 result.pop("manifest")
+import shutil
+shutil.rmtree(staging, ignore_errors=True)
 print(json.dumps({"setup_s": staged - start, "write_snapshot_s": done - staged, "result": result}))
 """
 

@@ -168,7 +168,7 @@ def test_the_size_claim_is_checked(kind: str, tmp_path: Path, request: pytest.Fi
     rewrite_manifest(store, "run", 1, claim(2))
     with pytest.raises(StoreError, match="the stored object is 1 bytes, the manifest says 2"):
         snapshots.download_snapshot(store, "run", target)
-    rewrite_manifest(store, "run", 1, claim(100 * MiB))  # a ranged download on S3
+    rewrite_manifest(store, "run", 1, claim(200 * MiB))  # a ranged download on S3
     with pytest.raises(StoreError, match="manifest says|shorter than the manifest"):
         snapshots.download_snapshot(store, "run", target)
     assert not target.exists() and leftovers(tmp_path) == []
@@ -290,3 +290,16 @@ def test_big_files_come_as_ranged_parts_hashed_in_order(s3_bucket: str, tmp_path
     assert tree(tmp_path / "out") == data and info["files"] == 2
     assert len([r for r in ranges if r.startswith("bytes=")]) == 13  # ceil((3 MiB + 12345) / 256 KiB)
     assert sum(progress) == sum(map(len, data.values()))
+
+
+def test_requests_in_flight_follow_the_round_trip(s3_bucket: str, slow_moto_server: str, monkeypatch) -> None:
+    near = S3Store(s3_bucket)
+    near.put_bytes("probe", b"x")
+    assert near.concurrency(2000) == near.max_concurrency, "a near endpoint needs no more than the floor"
+    assert near.concurrency(5) == 5, "never more than the batch"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", slow_moto_server)
+    far = S3Store(s3_bucket)
+    near.put_bytes("far/delay-0150ms", b"x")
+    assert far.get_bytes("far/delay-0150ms") == b"x"  # a round trip of 150 ms or more
+    assert far.concurrency(2000) == far.max_small_concurrency == 256
+    assert far.client.meta.config.max_pool_connections >= 256

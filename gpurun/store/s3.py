@@ -136,11 +136,12 @@ class S3Store(ObjectStore):
     #: Server-side copies below this are one CopyObject; above, UploadPartCopy in parallel.
     copy_threshold = 512 * MiB
     copy_chunksize = 128 * MiB
-    #: Restores: objects at least this big are fetched as parallel ranged GETs of this size.
-    ranged_threshold = 64 * MiB
-    ranged_chunksize = 16 * MiB
+    #: Restores: objects at least this big are fetched as parallel ranged GETs of this size. Big
+    #: ranges, because a server may read the whole object for each one (moto does; s5cmd uses 50 MB).
+    ranged_threshold = 128 * MiB
+    ranged_chunksize = 64 * MiB
     #: Restores: bytes of one big file held in memory until their turn to be hashed, at most.
-    ranged_memory = 256 * MiB
+    ranged_memory = 512 * MiB
     #: Connections kept per client; more than any pool here runs at once, and opened only when needed.
     max_pool_connections = 264
 
