@@ -21,11 +21,11 @@ from typing import Any
 
 from gpurun import paths
 from gpurun.errors import BadInput, GpurunError, InvalidDocument, UnknownRun
+from gpurun.states import JobState, RunState
 
 # A record is a few kB; one far larger is not read whole (salvage reads its start).
 MAX_RECORD_BYTES = 16 * 1024 * 1024
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}(/rank-[0-9]+)?")
-STATES = ("launching", "running", "succeeded", "failed", "interrupted", "ended")
 _ALPHABET = string.ascii_lowercase + string.digits
 
 
@@ -118,7 +118,15 @@ def locked(run: str) -> Iterator[None]:
 
 
 # A run's state only moves forward within one job; the terminal states rank alike.
-_STATE_ORDER = {"launching": 0, "running": 1, "succeeded": 2, "failed": 2, "interrupted": 2, "ended": 3}
+# Keyed by the strings records hold (an Enum member hashes by its name, not its value).
+_STATE_ORDER = {
+    RunState.LAUNCHING.value: 0,
+    RunState.RUNNING.value: 1,
+    RunState.SUCCEEDED.value: 2,
+    RunState.FAILED.value: 2,
+    RunState.INTERRUPTED.value: 2,
+    RunState.ENDED.value: 3,
+}
 
 
 def _progress(record: Any) -> tuple[bool, int, int]:
@@ -128,7 +136,7 @@ def _progress(record: Any) -> tuple[bool, int, int]:
     state = record.get("state")
     listed = record.get("jobs")
     count = len(listed) if isinstance(listed, list) else 0
-    return (state == "ended", count, _STATE_ORDER.get(state, 0) if isinstance(state, str) else 0)
+    return (state == RunState.ENDED, count, _STATE_ORDER.get(state, 0) if isinstance(state, str) else 0)
 
 
 def save(record: dict[str, Any]) -> bool:
@@ -339,8 +347,6 @@ def _checked(record: Any, run: str) -> dict[str, Any]:
     return record
 
 
-# How a job ended. None while it runs.
-ENDINGS = ("exited", "killed", "interrupted", "machine_lost")
 _JOB_KEYS = ("number", "command", "code", "setup_hash", "setup_ran", "started_at", "ended_at", "exit_code", "ended_by")
 
 
@@ -399,17 +405,16 @@ def add_job(
 
 
 def end_job(
-    record: dict[str, Any], ended_by: str, exit_code: int | None = None, ended_at: str | None = None
+    record: dict[str, Any], ended_by: JobState | str, exit_code: int | None = None, ended_at: str | None = None
 ) -> dict[str, Any] | None:
     """Mark the current job ended (first ending wins: a later reading must not rewrite it)."""
-    if ended_by not in ENDINGS:
-        raise ValueError(f"unknown job ending {ended_by!r}")
+    ending = JobState(ended_by)  # ValueError for a string that names no ending
     listed = jobs_of(record)
     if not listed:
         return None
     job = listed[-1]
     if job.get("ended_by") is None:
-        job["ended_by"] = ended_by
+        job["ended_by"] = ending.value
         job["exit_code"] = exit_code
         job["ended_at"] = ended_at or now_iso()
     record["jobs"] = listed

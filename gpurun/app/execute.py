@@ -29,6 +29,7 @@ from gpurun.app.teardown import JOB_GRACE, wait_for_final_snapshot
 from gpurun.errors import BadInput, GpurunError, TransportError
 from gpurun.sizes import human_bytes
 from gpurun.spec import Spec, apply_override, label, spec_from_record, validate_spec
+from gpurun.states import JobState
 from gpurun.store import snapshots as snaps
 from gpurun.sync.push import scan_holding_back, sync_tree
 from gpurun.transport.base import Transport
@@ -327,7 +328,7 @@ def _stop_jobs(record: dict[str, Any], conns: connections.Connections, ui: Repor
     with ui.spinner(f"stopping job {number} of {run} (SIGTERM, then its final snapshot)"):
         finals = _each_node(record["machines"], stop)
     state = jobs.read_state(conns.connect(record, record["machines"][0]), record["machines"][0]["run_dir"])
-    runs.end_job(record, "killed", state["exit_code"], state.get("ended_at"))
+    runs.end_job(record, JobState.KILLED, state["exit_code"], state.get("ended_at"))
     final = finals[0]
     if final:
         record["last_checkpoint"] = {key: final[key] for key in ("seq", "at", "bytes")}

@@ -23,6 +23,7 @@ from gpurun.app import common, job_secrets
 from gpurun.app.reporter import Reporter
 from gpurun.errors import BadInput, GpurunError
 from gpurun.spec import Spec
+from gpurun.states import JobState
 from gpurun.store.base import ObjectStore
 from gpurun.sync.ignore import WalkedFile
 
@@ -193,7 +194,7 @@ def apply_attempts(record: dict[str, Any], document: dict[str, Any]) -> None:
         code = 0 if state == "succeeded" else last.get("exit_code")
         record["state"] = "succeeded" if state == "succeeded" else "failed"
         record["exit_code"] = code
-        runs.end_job(record, "exited", code, last.get("ended_at"))
+        runs.end_job(record, JobState.EXITED, code, last.get("ended_at"))
         if state == "budget_spent":
             record["job"] = {"phase": None, "alive": False, "note": "restart budget spent"}
     current = next((item for item in reversed(listed) if not item.get("ended_at")), None)

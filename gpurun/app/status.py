@@ -15,8 +15,7 @@ from gpurun.app import connections
 from gpurun.app.reporter import Reporter
 from gpurun.errors import GpurunError
 from gpurun.providers import get_provider
-
-ACTIVE = ("launching", "running")
+from gpurun.states import ACTIVE, JobState, RunState
 
 
 def _job_outcome(record: dict[str, Any], state: dict[str, Any]) -> None:
@@ -44,16 +43,19 @@ def _job_outcome(record: dict[str, Any], state: dict[str, Any]) -> None:
     if state["exit_code"] is not None:
         record["exit_code"] = state["exit_code"]
         if state["interrupted"]:
-            record["state"] = "interrupted"
+            record["state"] = RunState.INTERRUPTED
         else:
-            record["state"] = "succeeded" if state["exit_code"] == 0 else "failed"
+            record["state"] = RunState.SUCCEEDED if state["exit_code"] == 0 else RunState.FAILED
         runs.end_job(
-            record, "interrupted" if state["interrupted"] else "exited", state["exit_code"], state.get("ended_at")
+            record,
+            JobState.INTERRUPTED if state["interrupted"] else JobState.EXITED,
+            state["exit_code"],
+            state.get("ended_at"),
         )
     elif state["job_started"] and not state["job_alive"]:
-        record["state"] = "interrupted" if state["interrupted"] else "failed"
+        record["state"] = RunState.INTERRUPTED if state["interrupted"] else RunState.FAILED
         record["job"]["note"] = "the job ended without recording its exit status (killed?)"
-        runs.end_job(record, "interrupted" if state["interrupted"] else "killed")
+        runs.end_job(record, JobState.INTERRUPTED if state["interrupted"] else JobState.KILLED)
 
 
 def reconcile(record: dict[str, Any], loaded: str | None = None, problems: list[str] | None = None) -> dict[str, Any]:
@@ -110,8 +112,8 @@ def _ask_machines(record: dict[str, Any], problems: list[str]) -> None:
     machines = record["machines"]
     gone = machines and all(m.get("state") in ("terminated", "gone") for m in machines)
     if record["provider"] == "aws" and record["state"] == "running" and gone:
-        record["state"] = "interrupted"
-        runs.end_job(record, "machine_lost")
+        record["state"] = RunState.INTERRUPTED
+        runs.end_job(record, JobState.MACHINE_LOST)
     if not answered and record["provider"] != "local" and record.get("store"):
         _latest_from_store(record, record["store"], problems)
 

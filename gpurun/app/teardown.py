@@ -14,6 +14,7 @@ from gpurun.app import common, connections
 from gpurun.app.reporter import Reporter
 from gpurun.errors import BadInput, GpurunError, Interrupted, TransportError, UnknownRun
 from gpurun.providers import get_provider
+from gpurun.states import JobState, RunState
 from gpurun.store import snapshots as snaps
 
 if TYPE_CHECKING:
@@ -227,9 +228,9 @@ def teardown(
         job = runs.current_job(current)
         if job is not None and job.get("ended_by") is None and record.get("state") != "launching":
             # Not stopped here: its machine was gone (or unreachable) before teardown came.
-            runs.end_job(current, "machine_lost" if current["provider"] == "aws" else "killed")
+            runs.end_job(current, JobState.MACHINE_LOST if current["provider"] == "aws" else JobState.KILLED)
         current["ended_at"] = current.get("ended_at") or runs.now_iso()
-        current["state"] = "ended"
+        current["state"] = RunState.ENDED
         if final_checkpoint:
             current["last_checkpoint"] = {k: final_checkpoint[k] for k in ("seq", "at", "bytes")}
         runs.save(current)
@@ -298,12 +299,12 @@ def _stop_machine(
                 record["exit_code"] = state["exit_code"]
             record["job"] = {"phase": state["phase"], "alive": False}
             if job_was_running:
-                runs.end_job(record, "killed", state["exit_code"], state.get("ended_at"))
+                runs.end_job(record, JobState.KILLED, state["exit_code"], state.get("ended_at"))
             elif state["exit_code"] is not None:
-                ending = "interrupted" if state["interrupted"] else "exited"
+                ending = JobState.INTERRUPTED if state["interrupted"] else JobState.EXITED
                 runs.end_job(record, ending, state["exit_code"], state.get("ended_at"))
             elif state["job_started"]:
-                runs.end_job(record, "killed")
+                runs.end_job(record, JobState.KILLED)
         # A partly recovered record lacks the agent's settings: SIGTERM below makes it take its final snapshot.
         if final_sync and not partial and machine in common.agent_machines(record):
             final = wait_for_final_snapshot(record, machine, transport, ui, before)
