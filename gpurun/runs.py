@@ -483,6 +483,7 @@ def public_view(record: dict[str, Any]) -> dict[str, Any]:
         "gpus": _gpus_view(record),
         "restarts": restarts_view(record),
         "generations": record.get("generations"),
+        "launcher_gone": bool(record.get("launcher_gone")),
     }
 
 

@@ -471,6 +471,8 @@ def test_a_launching_run_whose_launcher_died_says_so_and_names_teardown(tmp_path
     ) in err
     assert "live-000001" not in err
     assert "launching (launcher gone)" in out
+    code, out, err = cli(capsys, "status", "--json")
+    assert {run["run"]: run["launcher_gone"] for run in json.loads(out)} == {"dead-000001": True, "live-000001": False}
 
 
 def test_dry_run_without_credentials_shows_what_needs_no_aws(capsys, tmp_path, monkeypatch, ip_echo):
