@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shlex
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,6 +48,7 @@ HISTORY_FILES = (
     ".mysql_history",
 )
 _PREP_SCRIPT = Path(__file__).with_name("image_prep.py")
+STASH_PATH = re.compile(r"/[A-Za-z0-9._/-]{1,200}/gpurun-image-[A-Za-z0-9_]{1,40}")
 
 
 def _provider() -> AwsProvider:
@@ -139,7 +141,7 @@ def create(run: str, ui: Reporter, *, name: str | None = None) -> dict[str, Any]
         plan = {
             "run_dir": machine["run_dir"],
             "pid_files": [f"{machine['run_dir']}/job.pid", f"{machine['run_dir']}/agent.pid"],
-            "paths": [f"{home}/{name}" for name in HISTORY_FILES],
+            "paths": [f"{home}/{history}" for history in HISTORY_FILES],
             "authorized_keys": [f"{home}/.ssh/authorized_keys"],
             "key_blobs": [blob for blob in [_key_blob(machine)] if blob],
             "secret_words": ["secret", jobs.SECRETS_FILE],
@@ -218,11 +220,22 @@ def _stash(transport: Transport, plan: dict[str, Any]) -> dict[str, Any]:
     result = transport.run(command, input=_PREP_SCRIPT.read_bytes(), timeout=MOVE_TIMEOUT)
     answer = _last_json(result.stdout)
     if not result.ok or answer is None or "stash" not in answer:
-        why = (answer or {}).get("error") or (result.stderr or result.stdout).decode("utf-8", "replace").strip()
+        why = (
+            str((answer or {}).get("error") or "")
+            or (result.stderr or result.stdout).decode("utf-8", "replace").strip()
+        )
         raise TransportError(
             f"hiding the run's files failed: {why.splitlines()[-1][:300] if why else result.exit_code}"
         )
-    return answer
+    # What the machine says is untrusted: a directory of our naming, and counts.
+    if not isinstance(answer["stash"], str) or not STASH_PATH.fullmatch(answer["stash"]):
+        raise TransportError(
+            f"hiding the run's files: the machine named an unexpected stash {str(answer['stash'])[:80]!r}"
+        )
+    counts = {key: answer.get(key) for key in ("moved", "truncated", "keys_removed")}
+    if not all(isinstance(value, int) and not isinstance(value, bool) for value in counts.values()):
+        raise TransportError("hiding the run's files: the machine's answer is not understood")
+    return {"stash": answer["stash"], **counts}
 
 
 def _restore(transport: Transport, stash: str) -> dict[str, Any]:
