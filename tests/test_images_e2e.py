@@ -198,6 +198,9 @@ def test_image_create_use_list_delete_and_orphan_sweep(image_world, sshd, capsys
     assert "setup skipped" in err and name in err
     wait_until(lambda: _last_epoch(sshd.home / "gpurun" / second / "job.log") >= 1, timeout=60, what="job 2")
     assert marker.read_text() == "setup ran\n"
+    # The job's setup hash (what `exec` compares) is the image's: one function computes both.
+    record = json.loads(Path(os.environ["GPURUN_HOME"], "runs", f"{second}.json").read_text())
+    assert record["jobs"][-1]["setup_hash"] == created["setup_hash"] and record["jobs"][-1]["setup_ran"] is False
     launched_from = _ec2(endpoint).describe_instances(Filters=[{"Name": "tag:gpurun:run", "Values": [second]}])[
         "Reservations"
     ][0]["Instances"][0]["ImageId"]
