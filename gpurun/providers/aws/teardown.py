@@ -183,7 +183,10 @@ def _terminate(
             outcome.left["instances"] = ids
             return False
         unconfirmed.update(retry)
-        say(f"AWS does not know {', '.join(sorted(retry))} yet (NotFound right after launch); terminating again")
+        say(
+            f"TerminateInstances answered NotFound for {', '.join(sorted(retry))} (NotFound right after launch); "
+            "terminating again"
+        )
         timing.sleep(timing.poll_interval)
         pending = [*retry, *pending]
     outcome.removed.extend(f"instance {instance_id}" for instance_id in ids if instance_id not in already)
