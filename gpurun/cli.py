@@ -38,7 +38,8 @@ def cli(debug: bool) -> None:
     \b
     gpurun launch experiment.yaml      plan, provision, sync, start job and checkpoint agent
     gpurun status                      runs, jobs, cost, last checkpoint
-    gpurun logs RUN -f                 follow the job's output
+    gpurun exec RUN [-- CMD]           send what changed, start the run's next job on its machines
+    gpurun logs RUN -f                 follow the job's output (from the store after teardown)
     gpurun checkpoint-sync RUN         snapshot now (--list, --download DIR)
     gpurun teardown RUN                final sync, stop, release everything
     """
