@@ -8,6 +8,12 @@ ssh_config, ...) are utilities: any layer may use them, and they may use
 errors and each other. `python -m gpurun` (__main__) may import cli.
 Imports under TYPE_CHECKING and inside functions count too. Prints each
 import that breaks the table; exit status 1 if there is one.
+
+Second rule: app/ asks a provider what it can do, never which one it is. A
+comparison in gpurun/app/ with a provider's name ("aws", "ssh", "local") is
+a violation, except the ones PROVIDER_BRANCHES
+still lists per file (each a known case to move behind a capability; the list
+may only shrink).
 """
 
 from __future__ import annotations
@@ -32,6 +38,49 @@ ALLOWED = {
     "ui": {"app"},
     "__main__": {"cli"},
 }
+
+
+PROVIDER_NAMES = {"aws", "ssh", "local"}
+#: Provider-name branches app/ still has, per file: the count may go down, never up.
+PROVIDER_BRANCHES: dict[str, int] = {
+    "gpurun/app/doctor.py": 3,
+    "gpurun/app/execute.py": 3,
+    "gpurun/app/images.py": 1,
+    "gpurun/app/launch.py": 5,
+    "gpurun/app/orphans.py": 1,
+    "gpurun/app/teardown.py": 2,
+}
+
+
+def provider_branches(path: Path) -> list[int]:
+    """Lines of `path` that compare with a provider's name (`x == "aws"`, `x in ("ssh", "local")`)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Compare):
+            continue
+        operands = [node.left, *node.comparators]
+        names: set[str] = set()
+        for operand in operands:
+            elements = operand.elts if isinstance(operand, (ast.Tuple, ast.List, ast.Set)) else [operand]
+            names |= {e.value for e in elements if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+        if names & PROVIDER_NAMES:
+            found.append(node.lineno)
+    return found
+
+
+def check_provider_branches(root: Path) -> list[str]:
+    app = root / "app"
+    problems = []
+    for path in sorted(app.rglob("*.py")) if app.is_dir() else []:
+        lines = provider_branches(path)
+        allowed = PROVIDER_BRANCHES.get(path.relative_to(root.parent).as_posix(), 0)
+        if len(lines) > allowed:
+            where = ", ".join(str(line) for line in lines)
+            problems.append(
+                f"{path}: {len(lines)} provider-name branch(es) (lines {where}), {allowed} allowed; "
+                "ask the provider's capabilities (gpurun.providers.capabilities) instead"
+            )
+    return problems
 
 
 def closure(allowed: dict[str, set[str]]) -> dict[str, set[str]]:
@@ -89,6 +138,7 @@ def main() -> int:
                 violations.append(f"{path}:{line}: {mine} imports {target} ({theirs})")
     for name, targets in sorted(utility_uses.items()):
         print(f"utility {name} imports: {', '.join(sorted(targets))}")
+    violations += check_provider_branches(root)
     print("\n".join(dict.fromkeys(violations)) or "no layer violations")
     return 1 if violations else 0
 

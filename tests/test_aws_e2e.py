@@ -272,7 +272,6 @@ def test_teardown_releases_a_run_whose_machine_is_gone_or_does_not_answer(
     aws_world, sshd, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from gpurun import runs
-    from gpurun.app import connections
 
     ec2 = boto3.client("ec2", endpoint_url=aws_world["endpoint"], region_name="us-east-1")
     pids = []
@@ -287,7 +286,7 @@ def test_teardown_releases_a_run_whose_machine_is_gone_or_does_not_answer(
             ec2.terminate_instances(InstanceIds=[instance])  # the console, or a spot reclaim
         else:
             runs.update(run, machines=[{**m, "port": 1} for m in runs.load(run)["machines"]])  # nothing answers
-            monkeypatch.setattr(connections, "AWS_CONNECT_RETRY_FOR", 0.0)
+            monkeypatch.setattr("gpurun.providers.aws.connect.AWS_CONNECT_RETRY_FOR", 0.0)
         code, out, err = cli(capsys, "teardown", run, "--yes", "--json")
         assert code == 0, err
         removed = json.loads(out)["runs"][0]["removed"]

@@ -1015,7 +1015,8 @@ def test_connect_builds_an_ssh_transport_with_the_run_key(provider, tmp_path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from gpurun.app.connections import AWS_CONNECT_RETRY_FOR, open_transport
+    from gpurun.app.connections import open_transport
+    from gpurun.providers.aws.connect import AWS_CONNECT_RETRY_FOR
 
     record, machines, _ = launch(provider, make_spec(tmp_path))
     machine = machines[0]

@@ -326,15 +326,15 @@ def test_image_create_refuses_bad_runs_and_undoes_an_interrupted_create(
         shutil.rmtree(left)  # the watchdog keeps its answer 10 minutes for a late caller; it ends when this goes
 
     # A machine that does not answer: exit 1, one line, nothing created.
-    from gpurun.app import connections
+    from gpurun.providers.aws import connect
 
     saved = runs.load(run)
     runs.update(run, machines=[{**m, "port": 1} for m in saved["machines"]])
-    connections.AWS_CONNECT_RETRY_FOR, retry = 0.0, connections.AWS_CONNECT_RETRY_FOR
+    connect.AWS_CONNECT_RETRY_FOR, retry = 0.0, connect.AWS_CONNECT_RETRY_FOR
     try:
         code, out, err = cli(capsys, "image", "create", run)
     finally:
-        connections.AWS_CONNECT_RETRY_FOR = retry
+        connect.AWS_CONNECT_RETRY_FOR = retry
     assert code == 1 and "nothing was created" in err and len(err.strip().splitlines()) == 1, err
     assert _images(endpoint) == []
     runs.update(run, machines=saved["machines"])

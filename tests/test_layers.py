@@ -32,3 +32,21 @@ def test_the_check_catches_a_lower_layer_importing_a_higher_one(tmp_path: Path) 
         timeout=60,
     )
     assert checked.returncode == 1 and "gpurun.app" in checked.stdout, checked.stdout + checked.stderr
+
+
+def test_the_check_catches_app_branching_on_a_provider_name(tmp_path: Path) -> None:
+    package = tmp_path / "gpurun"
+    (package / "app").mkdir(parents=True)
+    (package / "app" / "fine.py").write_text("def f(record):\n    return record['provider'] == record['other']\n")
+    (package / "app" / "bad.py").write_text(
+        "def f(record):\n    if record['provider'] == 'aws':\n        return 1\n    return record['p'] in ('ssh', 'local')\n"
+    )
+    checked = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "check_layers.py"), str(package)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert "bad.py: 2 provider-name branch(es) (lines 2, 4)" in checked.stdout
+    assert "fine.py" not in checked.stdout

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpurun import jobs, paths
 from gpurun.errors import BadInput
+from gpurun.providers.capabilities import capabilities
 from gpurun.store import open_store
 from gpurun.store.base import ObjectStore
 
@@ -25,9 +26,9 @@ def master_port(run: str) -> int:
 
 def store_url_for(spec: Spec) -> str:
     url = spec.checkpoint.store
-    if spec.provider == "aws" and (url is None or not url.startswith("s3://")):
+    if capabilities(spec.provider).machines_disposable and (url is None or not url.startswith("s3://")):
         raise BadInput(
-            "checkpoint.store: provider aws needs an s3:// store (the machine's disk goes with it), "
+            f"checkpoint.store: provider {spec.provider} needs an s3:// store (the machine's disk goes with it), "
             "like s3://my-bucket/gpurun"
         )
     return url or paths.default_store_url()
@@ -75,7 +76,7 @@ def agent_arguments(record: dict[str, Any], machine: dict[str, Any], *, once: bo
         "--run-dir",
         machine["run_dir"],
     ]
-    if record["provider"] == "aws" and spec["aws"].get("spot"):
+    if capabilities(record["provider"]).spot_notice and spec["aws"].get("spot"):
         arguments.append("--spot-notice")
     if record["store"].startswith("s3://") and spec.get("aws", {}).get("region"):
         arguments += ["--region", spec["aws"]["region"]]

@@ -13,6 +13,7 @@ from typing import Any
 from gpurun import jobs, runs
 from gpurun.app import common, connections
 from gpurun.errors import BadInput, GpurunError, TransportError, UnknownRun
+from gpurun.providers.capabilities import capabilities_of
 from gpurun.text import escape_controls, escape_log
 
 q = shlex.quote
@@ -240,9 +241,9 @@ def _earlier_job(
 def _check_logs_outlived_teardown(record: dict[str, Any]) -> None:
     """An ended run's logs exist only where teardown kept its run directory."""
     run, machines = record["run"], record["machines"]
-    if record["provider"] == "aws":
+    if capabilities_of(record).machines_disposable:
         raise BadInput(f"run {run} has ended and its machines are terminated; the job's output went with them")
-    if record["provider"] == "local":
+    if capabilities_of(record).run_dir_here:
         kept = any(Path(machine["run_dir"]).is_dir() for machine in machines)
     else:
         # Records from before teardown noted this say nothing: try the machine.
@@ -345,7 +346,7 @@ def _show_node(
 
 def _machine_gone(record: dict[str, Any], machine: dict[str, Any]) -> bool:
     """A cloud machine that the provider reports ended (a spot reclaim, a guard) will not answer again."""
-    if record["provider"] != "aws":
+    if not capabilities_of(record).machines_disposable:
         return False
     from gpurun.providers import get_provider
 

@@ -22,6 +22,7 @@ from gpurun import bootstrap, jobs
 from gpurun.app import common, job_secrets
 from gpurun.app.reporter import Reporter
 from gpurun.errors import BadInput, GpurunError
+from gpurun.providers.capabilities import capabilities
 from gpurun.spec import Spec
 from gpurun.states import JobState
 from gpurun.store.base import ObjectStore
@@ -32,7 +33,7 @@ FIRST_JOB_TIMEOUT = 1800.0
 
 
 def applies(spec: Spec) -> bool:
-    return spec.provider == "aws" and (spec.recovery.max_restarts or 0) > 0
+    return capabilities(spec.provider).replaces_lost_machines and (spec.recovery.max_restarts or 0) > 0
 
 
 def check(spec: Spec) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from gpurun import paths, runs
 from gpurun.errors import BadInput, GpurunError
+from gpurun.providers.capabilities import capabilities_of
 
 _BEGIN = "# >>> gpurun run {run}"
 _END = "# <<< gpurun run {run}"
@@ -41,7 +42,7 @@ def host_alias(run: str, rank: int = 0) -> str:
 
 
 def _machines(record: dict[str, Any]) -> list[dict[str, Any]]:
-    if record.get("provider") == "local":
+    if capabilities_of(record).run_dir_here:
         raise BadInput(f"run {record['run']} runs on this computer; its files are under {paths.local_runs_dir()}")
     machines = [m for m in record.get("machines") or [] if m.get("host")]
     if not machines:

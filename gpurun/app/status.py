@@ -15,6 +15,7 @@ from gpurun.app import connections
 from gpurun.app.reporter import Reporter
 from gpurun.errors import GpurunError
 from gpurun.providers import get_provider
+from gpurun.providers.capabilities import capabilities_of
 from gpurun.states import ACTIVE, JobState, RunState
 
 
@@ -69,7 +70,7 @@ def reconcile(record: dict[str, Any], loaded: str | None = None, problems: list[
     before = loaded if loaded is not None else json.dumps(record, sort_keys=True)
     # A run adopted from a store is not dialled: its machines are what the store said.
     problems = problems if problems is not None else []
-    if record.get("provider") == "aws" and record.get("bootstrap") and record["state"] not in ("ended",):
+    if capabilities_of(record).replaces_lost_machines and record.get("bootstrap") and record["state"] != "ended":
         # A recovering run: its machines come and go; the store says what happened, to any computer.
         from gpurun.app import recovering
 
@@ -111,10 +112,10 @@ def _ask_machines(record: dict[str, Any], problems: list[str]) -> None:
             _job_outcome(record, state)
     machines = record["machines"]
     gone = machines and all(m.get("state") in ("terminated", "gone") for m in machines)
-    if record["provider"] == "aws" and record["state"] == "running" and gone:
+    if capabilities_of(record).machines_disposable and record["state"] == "running" and gone:
         record["state"] = RunState.INTERRUPTED
         runs.end_job(record, JobState.MACHINE_LOST)
-    if not answered and record["provider"] != "local" and record.get("store"):
+    if not answered and not capabilities_of(record).run_dir_here and record.get("store"):
         _latest_from_store(record, record["store"], problems)
 
 
@@ -159,15 +160,16 @@ def collect(
         records += [record for record in remote if record["run"] not in known]
         problems += unreadable
     loaded = {record["run"]: json.dumps(record, sort_keys=True) for record in records}
-    aws_active = [r for r in records if r["provider"] == "aws" and r["state"] not in ("ended",)]
-    if aws_active:
+    # The cloud says what became of disposable machines (a spot reclaim, a guard), in one call per provider.
+    cloud = [r for r in records if capabilities_of(r).machines_disposable and r["state"] != "ended"]
+    for name in sorted({r["provider"] for r in cloud}):
         try:
-            get_provider("aws").refresh(aws_active)
+            get_provider(name).refresh([r for r in cloud if r["provider"] == name])
         except GpurunError as error:
-            problems.append(f"AWS: {error}")
+            problems.append(f"{name.upper()}: {error}")
     for record in records:
         if record.get("source") == "store":
-            if record.get("provider") == "aws" and record.get("bootstrap"):
+            if capabilities_of(record).replaces_lost_machines and record.get("bootstrap"):
                 from gpurun.app import recovering
 
                 recovering.reconcile_from_store(record, problems)

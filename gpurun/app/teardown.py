@@ -14,6 +14,7 @@ from gpurun.app import common, connections
 from gpurun.app.reporter import Reporter
 from gpurun.errors import BadInput, GpurunError, Interrupted, TransportError, UnknownRun
 from gpurun.providers import get_provider
+from gpurun.providers.capabilities import capabilities
 from gpurun.states import JobState, RunState
 from gpurun.store import snapshots as snaps
 
@@ -31,13 +32,13 @@ def check_can_end_here(record: dict[str, Any]) -> None:
     with credentials for the account it runs in; checked before anything is written here."""
     if record.get("source") != "store":
         return
-    if record["provider"] != "aws":
+    if not capabilities(record["provider"]).machines_disposable:
         where = ", ".join(m.get("host") or "?" for m in record.get("machines", [])) or "its machine"
         raise BadInput(
             f"run {record['run']} runs on {record['provider']} ({where}) and was launched from another computer, "
             "which alone holds its way in: tear it down there"
         )
-    get_provider("aws").check_access(record)
+    get_provider(record["provider"]).check_access(record)
 
 
 def recover_damaged(run: str, ui: Reporter) -> None:
@@ -111,7 +112,7 @@ def _check_store_copy(record: dict[str, Any], salvaged: dict[str, str]) -> None:
     expected_local = str(paths.local_runs_dir() / run)
     for machine in record.get("machines", []):
         run_dir = machine.get("run_dir") if isinstance(machine, dict) else None
-        if record["provider"] == "local":
+        if capabilities(record["provider"]).run_dir_here:
             usable = run_dir == expected_local
         else:
             # ~/gpurun/<run>, or ~/gpurun/<run>-nodeK for a second node on the same host.
@@ -214,11 +215,12 @@ def teardown(
     except KeyboardInterrupt:
         _save_progress(record)
         raise Interrupted(f"teardown of {run} interrupted; run `gpurun teardown {run}` again to finish it") from None
-    if record["provider"] == "local" and not keep_files:
+    here = capabilities(record["provider"]).run_dir_here
+    if here and not keep_files:
         local_dir = paths.local_runs_dir() / run
         if local_dir.exists():
             shutil.rmtree(local_dir, ignore_errors=True)
-    if record["provider"] != "local":
+    if not here:
         from gpurun.app.remote_access import remove_ssh_config
 
         remove_ssh_config(run)
@@ -228,7 +230,8 @@ def teardown(
         job = runs.current_job(current)
         if job is not None and job.get("ended_by") is None and record.get("state") != "launching":
             # Not stopped here: its machine was gone (or unreachable) before teardown came.
-            runs.end_job(current, JobState.MACHINE_LOST if current["provider"] == "aws" else JobState.KILLED)
+            disposable = capabilities(current["provider"]).machines_disposable
+            runs.end_job(current, JobState.MACHINE_LOST if disposable else JobState.KILLED)
         current["ended_at"] = current.get("ended_at") or runs.now_iso()
         current["state"] = RunState.ENDED
         if final_checkpoint:
@@ -258,7 +261,7 @@ def _refresh_machine_states(provider: Provider, record: dict[str, Any], ui: Repo
 def _unreachable(record: dict[str, Any], machine: dict[str, Any], error: GpurunError, ui: Reporter) -> None:
     """A cloud machine is terminated anyway; on the user's own box the job would keep running."""
     rank, run = machine.get("rank", 0), record["run"]
-    if record["provider"] == "aws":
+    if capabilities(record["provider"]).machines_disposable:
         ui.warn(f"node {rank} is unreachable ({error}); terminating it without a final sync from here")
         return
     _save_progress(record)
@@ -278,7 +281,7 @@ def _stop_machine(
     removed: list[str],
 ) -> dict[str, Any] | None:
     run_dir = machine["run_dir"]
-    local = record["provider"] == "local"
+    local = capabilities(record["provider"]).run_dir_here
     transport = conns.connect(record, machine)
     final = None
     partial = record.get("recovered") == "partial"

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from gpurun import paths
 from gpurun.errors import BadInput, GpurunError, TransportError
 from gpurun.providers.base import Connect, OnChange, Provider, Record, Say
+from gpurun.providers.capabilities import ConnectInfo
 
 if TYPE_CHECKING:
     from gpurun.spec import Spec
@@ -38,6 +39,22 @@ exit 0
 def tofu_known_hosts(run: str) -> Path:
     """Host keys trusted on first use for this run (never written to ~/.ssh/known_hosts)."""
     return paths.home() / "known_hosts" / run
+
+
+def connect_info(record: Record, machine: dict[str, Any]) -> ConnectInfo:
+    """The user's own host: its SSH config's user, key and ProxyJump, keys trusted on first use
+    into the run's own file."""
+    return ConnectInfo(
+        host=machine["host"],
+        port=int(machine["port"]),
+        user=machine.get("user"),
+        key_path=machine.get("key_path"),
+        host_keys=machine.get("host_keys") or None,
+        known_hosts=str(tofu_known_hosts(record["run"])),
+        trust_on_first_use=machine.get("trust_on_first_use", True),
+        jump_host=machine.get("proxy_jump"),
+        label=f"{machine.get('user')}@{machine.get('alias') or machine['host']}:{machine['port']}",
+    )
 
 
 def targets(spec: Spec) -> list[SshTarget]:

@@ -1,0 +1,110 @@
+"""What each provider can do, and how to reach its machines, as plain data.
+
+app/ decides from these, never from a provider's name (scripts/check_layers.py
+enforces it). This module imports nothing heavy: status and teardown ask it for
+every run, and the AWS provider's boto3 stays unloaded until AWS is called.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gpurun.errors import BadInput
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    #: Machines are created for the run and end with it: their disk is no place for checkpoints,
+    #: their files need no cleaning, and one that no longer answers is ended anyway.
+    machines_disposable: bool
+    #: The run directory is on this computer (files are read directly, nothing to connect to).
+    run_dir_here: bool
+    #: A lost machine can be replaced by the provider (AWS Auto Scaling, with recovery on).
+    replaces_lost_machines: bool
+    #: A workflow keeps one connection per machine (the user's own hosts, looked at while acquiring).
+    keeps_connections: bool
+    #: Machines may be reclaimed with a notice (spot): the agent watches for it.
+    spot_notice: bool
+
+
+CAPABILITIES = {
+    "local": Capabilities(
+        machines_disposable=False,
+        run_dir_here=True,
+        replaces_lost_machines=False,
+        keeps_connections=False,
+        spot_notice=False,
+    ),
+    "ssh": Capabilities(
+        machines_disposable=False,
+        run_dir_here=False,
+        replaces_lost_machines=False,
+        keeps_connections=True,
+        spot_notice=False,
+    ),
+    "aws": Capabilities(
+        machines_disposable=True,
+        run_dir_here=False,
+        replaces_lost_machines=True,
+        keeps_connections=False,
+        spot_notice=True,
+    ),
+}
+
+
+#: What a provider gpurun does not know can do (a record from a newer gpurun, or planted): nothing.
+NOTHING = Capabilities(
+    machines_disposable=False,
+    run_dir_here=False,
+    replaces_lost_machines=False,
+    keeps_connections=False,
+    spot_notice=False,
+)
+
+
+def capabilities(provider: str) -> Capabilities:
+    """The provider's capabilities; BadInput for a name gpurun does not know."""
+    try:
+        return CAPABILITIES[provider]
+    except KeyError:
+        raise BadInput(f"unknown provider {provider!r}; use aws, ssh or local") from None
+
+
+def capabilities_of(record: dict[str, Any]) -> Capabilities:
+    """The capabilities of a record's provider, NOTHING for an unknown one (listings never fail on it)."""
+    return CAPABILITIES.get(str(record.get("provider")), NOTHING)
+
+
+@dataclass(frozen=True)
+class ConnectInfo:
+    """How to reach one machine over SSH, as its provider describes it."""
+
+    host: str
+    port: int
+    user: str | None
+    key_path: str | None
+    #: Host keys pinned for this machine ("type base64" lines); None: not known yet.
+    host_keys: list[str] | None
+    #: Where a host key trusted on first use is kept (never ~/.ssh/known_hosts).
+    known_hosts: str
+    trust_on_first_use: bool
+    label: str
+    #: ProxyJump destination, from the user's SSH config.
+    jump_host: str | None = None
+    #: Keep trying to connect this long (a machine that is still booting).
+    connect_retry_for: float = 0.0
+
+
+def connect_info(record: dict[str, Any], machine: dict[str, Any]) -> ConnectInfo | None:
+    """How to reach `machine` of the run, as its provider describes it; None when it is this computer."""
+    provider = record["provider"]
+    if capabilities(provider).run_dir_here:
+        return None
+    if provider == "ssh":
+        from gpurun.providers import ssh
+
+        return ssh.connect_info(record, machine)
+    from gpurun.providers.aws import connect
+
+    return connect.connect_info(record, machine)
