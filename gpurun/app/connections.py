@@ -30,6 +30,9 @@ def open_transport(
     record: dict[str, Any], machine: dict[str, Any], *, on_warning: Callable[[str], None] | None = None
 ) -> Transport:
     """A new transport to one machine of the run; nothing is dialled until its first command."""
+    from gpurun import runs
+
+    runs.check_reachable_from_here(record, "a connection to its machines")
     info = connect_info(record, machine)
     if info is None:
         from gpurun.transport.local import LocalTransport
@@ -79,6 +82,9 @@ class Connections:
         info = connect_info(record, machine)
         if info is None or not capabilities(record["provider"]).keeps_connections:
             return open_transport(record, machine, on_warning=on_warning)
+        from gpurun import runs
+
+        runs.check_reachable_from_here(record, "a connection to its machines")
         key = (record["run"], int(machine.get("rank", 0)))
         with self._lock:
             transport = self._kept.get(key)
