@@ -303,3 +303,12 @@ def test_requests_in_flight_follow_the_round_trip(s3_bucket: str, slow_moto_serv
     assert far.get_bytes("far/delay-0150ms") == b"x"  # a round trip of 150 ms or more
     assert far.concurrency(2000) == far.max_small_concurrency == 256
     assert far.client.meta.config.max_pool_connections >= 256
+
+
+def test_one_big_upload_keeps_its_parts_in_flight(s3_bucket: str, tmp_path: Path) -> None:
+    store = S3Store(s3_bucket)
+    store.multipart_threshold = store.multipart_chunksize = 5 * MiB
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(16 * MiB))
+    assert store._upload_requests(str(big)) == 4
+    assert store.concurrency(store._upload_requests(str(big))) == 4, "one file, four parts at once"

@@ -311,7 +311,7 @@ class S3Store(ObjectStore):
             self._mark_create_only(full_keys, True)
         # Many small files are latency-bound: size the pool by the round trip. Big files' parts
         # are bandwidth-bound: `max_concurrency` of them at most.
-        concurrency = self.concurrency(len(items))
+        concurrency = self.concurrency(sum(self._upload_requests(path) for _key, path in items))
         try:
             with self._manager(self.multipart_threshold, self.multipart_chunksize, concurrency) as manager:
                 futures = [
@@ -332,6 +332,14 @@ class S3Store(ObjectStore):
         finally:
             if if_absent:
                 self._mark_create_only(full_keys, False)
+
+    def _upload_requests(self, path: str) -> int:
+        """Requests that uploading `path` can keep in flight: one, or one per part."""
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            return 1  # the upload itself reports it
+        return -(-size // self.multipart_chunksize) if size >= self.multipart_threshold else 1
 
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         full_key = self._key(key)
