@@ -34,7 +34,7 @@ from gpurun.cli import main  # noqa: E402
 from gpurun.errors import GpurunError, Interrupted  # noqa: E402
 from gpurun.providers.aws import AwsProvider  # noqa: E402
 from gpurun.providers.aws.teardown import Timing  # noqa: E402
-from tests.test_aws_provider import (  # noqa: E402
+from tests.plugins.aws_fake import (  # noqa: E402
     AMI,
     FakeAws,
     Saves,
@@ -407,7 +407,7 @@ def test_a_reclaimed_run_keeps_its_last_checkpoint_and_its_cost(session, recorde
 
     from gpurun import runs
     from gpurun.app import status as status_module
-    from tests.test_aws_provider import launch
+    from tests.plugins.aws_fake import launch
 
     provider = make_provider(recorder)
     monkeypatch.setattr(status_module, "get_provider", lambda name: provider)
@@ -508,7 +508,7 @@ def test_teardown_of_a_launch_whose_launcher_died_removes_everything(session, re
     from gpurun import runs
     from gpurun.app import status as status_module
     from gpurun.app import teardown as teardown_module
-    from tests.test_aws_provider import launch
+    from tests.plugins.aws_fake import launch
 
     provider = make_provider(recorder)
     for module in (status_module, teardown_module):
@@ -530,7 +530,7 @@ def test_teardown_of_a_launch_whose_launcher_died_removes_everything(session, re
 
 
 def test_teardown_does_not_claim_an_instance_aws_had_already_ended(session, recorder, tmp_path):
-    from tests.test_aws_provider import launch
+    from tests.plugins.aws_fake import launch
 
     provider = make_provider(recorder)
     record, machines, saves = launch(provider, make_spec(tmp_path))

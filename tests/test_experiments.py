@@ -11,7 +11,7 @@ import pytest
 from gpurun.cli import main
 from gpurun.providers.aws import AwsProvider
 from tests.helpers import REPO
-from tests.test_aws_provider import FakeAws
+from tests.plugins.aws_fake import FakeAws
 
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
 

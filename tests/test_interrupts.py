@@ -35,7 +35,7 @@ from gpurun import paths
 from gpurun.errors import GpurunError, Interrupted
 from gpurun.transport.local import LocalTransport
 from tests.helpers import REPO, gpurun, gpurun_json, live_processes, process_alive, wait_until
-from tests.test_aws_provider import (
+from tests.plugins.aws_fake import (
     STORE,
     FakeAws,
     Saves,

@@ -31,7 +31,7 @@ from gpurun.providers.aws import AwsProvider
 from gpurun.spec import load_spec
 from gpurun.transport.local import LocalTransport
 from tests.helpers import REPO, process_alive, wait_until
-from tests.test_aws_provider import (
+from tests.plugins.aws_fake import (
     FakeAws,
     Saves,
     key_dir,
