@@ -22,6 +22,7 @@ from gpurun import bootstrap, jobs
 from gpurun.app import common, job_secrets
 from gpurun.app.reporter import Reporter
 from gpurun.errors import BadInput, GpurunError
+from gpurun.providers.aws.connect import DEFAULT_USER
 from gpurun.providers.capabilities import capabilities
 from gpurun.spec import Spec
 from gpurun.states import JobState
@@ -91,7 +92,7 @@ def stage(
     record["bootstrap"] = {
         "run": run,
         "store": record["store"],
-        "user": spec.ssh.user or "ubuntu",
+        "user": spec.ssh.user or DEFAULT_USER,
         "max_restarts": spec.recovery.max_restarts or 0,
         "on_failure": spec.recovery.on_failure,
         "agent_tag": tag,

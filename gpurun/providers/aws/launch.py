@@ -21,6 +21,7 @@ from gpurun import paths
 from gpurun.durations import format_duration
 from gpurun.errors import GpurunError, NoCapacity
 from gpurun.providers.aws import requests
+from gpurun.providers.aws.connect import DEFAULT_USER, known_hosts_file
 from gpurun.providers.aws.pricing import hourly_price
 from gpurun.providers.aws.session import client_error_code, client_error_message
 
@@ -368,11 +369,11 @@ class Launcher:
         self, described: list[dict[str, Any]], key_path: str, type_name: str, zone: str
     ) -> list[dict[str, Any]]:
         settings = self.spec.aws
-        user = self.spec.ssh.user or "ubuntu"
+        user = self.spec.ssh.user or DEFAULT_USER
         spot_price = self.prepared.spot.get(type_name, {}).get(zone) if settings.spot else None
         price = hourly_price(type_name, self.aws.region, spot_price)
         ordered = sorted(described, key=lambda item: (item.get("AmiLaunchIndex", 0), item["InstanceId"]))
-        known_hosts = paths.keys_dir() / self.run / "known_hosts"
+        known_hosts = known_hosts_file(self.run)
         # The login's home on Ubuntu, Amazon Linux and Debian images: /home/<user> (root: /root).
         home = "/root" if user == "root" else f"/home/{user}"
         machines = []
