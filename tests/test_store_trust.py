@@ -368,10 +368,11 @@ def test_links_inside_the_checkpoint_dir_are_kept_as_links_and_links_outside_are
         ("weights.bin/x", "weights.bin", "inside what is a file"),
         ("weights.bin", "other", "both a link and a file"),
         ("d/x", "../weights.bin", "written through link 'd'"),
+        ("evil", 5, "is not a valid snapshot manifest"),
     ],
 )
 def test_a_restore_refuses_a_link_that_escapes_or_stands_in_the_way(
-    link: str, target: str, why: str, tmp_path: Path, gpurun_home: Path
+    link: str, target: object, why: str, tmp_path: Path, gpurun_home: Path
 ) -> None:
     store_url = f"file://{tmp_path / 'store'}"
     store = open_store(store_url)

@@ -32,6 +32,7 @@ def open_transport(
     """A new transport to one machine of the run; nothing is dialled until its first command."""
     from gpurun import runs
 
+    # A run adopted from a store: its machines, keys and paths are what the store said.
     runs.check_reachable_from_here(record, "a connection to its machines")
     info = connect_info(record, machine)
     if info is None:

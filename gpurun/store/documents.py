@@ -84,9 +84,18 @@ class ManifestEntry(_ManifestEntryOptional):
     size: Count
 
 
+class ManifestLink(TypedDict):
+    """A symbolic link of the checkpoint directory whose target is inside it. A restore checks
+    more (a safe path, a relative target that stays inside): see restore.checked_links."""
+
+    path: str
+    target: str
+
+
 class _ManifestOptional(Versioned, total=False):
     run: str | None
     sent_bytes: Count | None
+    links: list[ManifestLink]
 
 
 class Manifest(_ManifestOptional):
@@ -148,6 +157,7 @@ class AgentStatus(Versioned, total=False):
     last_sent_bytes: Count | None
     last_error: str | None
     last_error_at: str | None
+    last_warning: str | None  # what snapshots leave out, such as links pointing outside the directory
     failures: Count | None
     handled_request: str | None
     interrupted: str | None
