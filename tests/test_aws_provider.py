@@ -51,7 +51,7 @@ from tests.plugins.aws_fake import (  # noqa: E402  (moto's settings first)
 
 
 def test_plan_shows_everything_and_creates_nothing(provider, session, fake, tmp_path):
-    spec = make_spec(tmp_path, instance_type=["g5.xlarge", "g6.xlarge"], spot=True)
+    spec = make_spec(tmp_path, instance_type=["g5.xlarge", "g6.xlarge"], spot=True, recovery={"max_restarts": 0})
     rows = dict(provider.plan(spec, "exp-abc123"))
     assert AMI in rows["AMI"] and "ubuntu-trusty-14.04" in rows["AMI"]
     assert "1x NVIDIA A10G 22 GiB" in rows["instance type"]
@@ -211,7 +211,7 @@ def test_each_resource_is_saved_the_moment_it_exists(provider, tmp_path):
 
 
 def test_spot_launch_with_max_price(provider, session, fake, tmp_path):
-    _, machines, _ = launch(provider, make_spec(tmp_path, spot=True, max_price=0.75))
+    _, machines, _ = launch(provider, make_spec(tmp_path, spot=True, max_price=0.75, recovery={"max_restarts": 0}))
     body = fake.bodies["RunInstances"][-1]
     assert body["InstanceMarketOptions.MarketType"] == "spot"
     assert body["InstanceMarketOptions.SpotOptions.SpotInstanceType"] == "one-time"

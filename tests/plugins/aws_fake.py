@@ -212,13 +212,15 @@ def provider(session, fake: FakeAws) -> AwsProvider:
     return make_provider(fake)
 
 
-def make_spec(tmp_path: Path, *, store: str | None = STORE, **aws: Any):
+def make_spec(tmp_path: Path, *, store: str | None = STORE, recovery: dict[str, Any] | None = None, **aws: Any):
     data: dict[str, Any] = {
         "name": "exp",
         "provider": "aws",
         "run": "python train.py",
         "aws": {"ami": AMI, "ssh_cidr": CIDR, "instance_type": ["g5.xlarge"], **aws},
     }
+    if recovery is not None:
+        data["recovery"] = recovery
     if store:
         data["checkpoint"] = {"store": store}
     return validate_spec(data, source="experiment.yaml", spec_dir=tmp_path)

@@ -189,6 +189,10 @@ class AwsProvider(Provider):
 
         aws = prepared.aws
         run = record["run"]
+        if not isinstance(record.get("bootstrap"), dict):
+            raise GpurunError(
+                "a recovering run needs its code and agent staged in the store first (gpurun launch does)"
+            )
         key_path = launcher.key_pair()
         security_group = launcher.security_group(prepared.vpc_id)
         profile = launcher.instance_profile()
