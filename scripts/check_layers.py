@@ -45,10 +45,8 @@ PROVIDER_NAMES = {"aws", "ssh", "local"}
 PROVIDER_BRANCHES: dict[str, int] = {
     "gpurun/app/doctor.py": 3,
     "gpurun/app/execute.py": 3,
-    "gpurun/app/images.py": 1,
     "gpurun/app/launch.py": 5,
-    "gpurun/app/orphans.py": 1,
-    "gpurun/app/teardown.py": 2,
+    "gpurun/app/teardown.py": 1,
 }
 
 

@@ -23,6 +23,7 @@ from gpurun import jobs, paths, runs
 from gpurun.app import common, connections
 from gpurun.app.reporter import Reporter
 from gpurun.errors import BadInput, GpurunError, Interrupted, TransportError
+from gpurun.providers.capabilities import capabilities_of
 from gpurun.setup_hash import MAX_FILE_BYTES, setup_hash
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ def _session(provider: AwsProvider, region: str | None, profile: str | None) -> 
 
 def _aws_record(run: str) -> dict[str, Any]:
     record = runs.load(run)
-    if record["provider"] != "aws":
+    if not capabilities_of(record).bakes_images:
         raise BadInput(f"run {run} runs on provider {record['provider']}: only aws runs can be baked into an image")
     if record["state"] == "ended":
         raise BadInput(f"run {run} has ended; its machine is gone")

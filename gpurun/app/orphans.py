@@ -31,10 +31,10 @@ def teardown_orphans(
             ui.warn(problem)
     # A run torn down here is "known" only while it still runs; leftovers of ended runs are leaks.
     known = {r["run"] for r in records if r["state"] != "ended"}
-    regions = regions or sorted(
-        {r.get("spec", {}).get("aws", {}).get("region") for r in records if r["provider"] == "aws"} - {None}
-    )
     provider = AwsProvider()
+    regions = regions or sorted(
+        {r.get("spec", {}).get("aws", {}).get("region") for r in records if r["provider"] == provider.name} - {None}
+    )
     with ui.spinner("looking for gpurun-tagged resources"):
         orphans = provider.find_orphans(known, regions=regions or None, profile=profile)
     if not orphans:

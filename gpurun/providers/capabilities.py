@@ -26,6 +26,8 @@ class Capabilities:
     keeps_connections: bool
     #: Machines may be reclaimed with a notice (spot): the agent watches for it.
     spot_notice: bool
+    #: A live machine can be baked into an image that later launches start from (`gpurun image create`).
+    bakes_images: bool = False
 
 
 CAPABILITIES = {
@@ -49,6 +51,7 @@ CAPABILITIES = {
         replaces_lost_machines=True,
         keeps_connections=False,
         spot_notice=True,
+        bakes_images=True,
     ),
 }
 
