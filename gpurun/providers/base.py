@@ -15,6 +15,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from gpurun.providers.capabilities import Capabilities, ConnectInfo, capabilities, connect_info
+
 if TYPE_CHECKING:
     from gpurun.spec import Spec
 
@@ -40,6 +42,15 @@ Connect = Callable[[Record, dict[str, Any], Say], Shell]
 
 class Provider(ABC):
     name: str
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this provider can do (`providers.capabilities`: app/ decides from these, never from `name`)."""
+        return capabilities(self.name)
+
+    def connect_info(self, record: Record, machine: dict[str, Any]) -> ConnectInfo | None:
+        """How to reach one of the run's machines; None when it is this computer."""
+        return connect_info(record, machine)
 
     @abstractmethod
     def plan(self, spec: Spec, run: str) -> list[tuple[str, str]]:
