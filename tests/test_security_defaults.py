@@ -33,6 +33,7 @@ from gpurun.transport.local import LocalTransport
 from tests.helpers import REPO, process_alive, wait_until
 from tests.plugins.aws_fake import (
     FakeAws,
+    Said,
     Saves,
     key_dir,
     leftovers,
@@ -174,7 +175,27 @@ def check_requests(
     assert "AuthorizeSecurityGroupEgress" not in recorder.calls
 
     launches = _bodies(recorder, "RunInstances")
-    assert launches
+    templates = _bodies(recorder, "CreateLaunchTemplate")
+    assert launches or templates, "neither RunInstances nor CreateLaunchTemplate was sent"
+    for body in templates:
+        # A recovering run: every machine of its group boots from this template.
+        data = "LaunchTemplateData."
+        assert body[f"{data}MetadataOptions.HttpTokens"] == "required"
+        assert str(body[f"{data}MetadataOptions.HttpPutResponseHopLimit"]) == "1"
+        devices = _indexed(body, rf"{re.escape(data)}BlockDeviceMapping\.\d+\.DeviceName")
+        assert devices
+        for key in devices:
+            index = key.split(".")[2]
+            ebs = f"{data}BlockDeviceMapping.{index}.Ebs."
+            assert body.get(f"{ebs}Encrypted") in (True, "true"), f"template device {index} unencrypted"
+            assert body.get(f"{ebs}DeleteOnTermination") in (True, "true")
+        # Inside a group, shutdown=terminate would only make the group start another machine.
+        assert f"{data}InstanceInitiatedShutdownBehavior" not in body
+        script = base64.b64decode(body[f"{data}UserData"]).decode()
+        for secret in (ACCESS_KEY, *SECRETS, "aws_secret", "aws_access_key_id", "AWS_SESSION_TOKEN", "AKIA"):
+            assert secret.lower() not in script.lower(), f"template user data holds {secret!r}"
+        kinds = set(_indexed(body, rf"{re.escape(data)}TagSpecification\.\d+\.ResourceType").values())
+        assert {"instance", "volume"} <= kinds
     for body in launches:
         assert body["MetadataOptions.HttpTokens"] == "required"
         assert body["MetadataOptions.HttpEndpoint"] == "enabled"
@@ -199,9 +220,21 @@ def check_requests(
     [role] = _bodies(recorder, "CreateRole")
     trust = json.loads(role["AssumeRolePolicyDocument"])
     assert [s["Principal"] for s in trust["Statement"]] == [{"Service": "ec2.amazonaws.com"}]
-    [put] = _bodies(recorder, "PutRolePolicy")
+    puts = {body["PolicyName"]: json.loads(body["PolicyDocument"]) for body in _bodies(recorder, "PutRolePolicy")}
+    group_policy = puts.pop("gpurun-own-group", None)
+    if group_policy is not None:
+        # A recovering run's machines may scale or leave their own group, and touch nothing else.
+        for statement in group_policy["Statement"]:
+            assert statement["Effect"] == "Allow"
+            assert set(statement["Action"]) <= {
+                "autoscaling:SetDesiredCapacity",
+                "autoscaling:TerminateInstanceInAutoScalingGroup",
+            }
+            resources = [statement["Resource"]] if isinstance(statement["Resource"], str) else statement["Resource"]
+            assert resources and all(f"autoScalingGroupName/gpurun-{run}" in r for r in resources), resources
+    [put_document] = puts.values()
     check_role_policy(
-        json.loads(put["PolicyDocument"]),
+        put_document,
         bucket=bucket,
         prefix=prefix,
         run=run,
@@ -241,6 +274,14 @@ def test_every_request_of_every_aws_experiment_is_safe(world, recorder, experime
     assert f"{CALLER_IP}/32" in rows["security rule"] and "warning" not in rows
     record, said, saves = new_record(RUN), [], Saves()
     record["store"] = spec.checkpoint.store
+    recovering = bool(spec.recovery.max_restarts)
+    if recovering:
+        # As `gpurun launch` does: the group's machines bootstrap from code and agent in the store.
+        from gpurun.app import recovering as recovery_app
+        from gpurun.store import open_store
+
+        record["spec"] = spec.to_record()
+        recovery_app.stage(spec, record, open_store(record["store"]), [], None, Said())
     machines = provider.acquire(spec, record, saves, said.append)
     assert len(machines) == spec.aws.nodes
     assert not any("open to the whole internet" in line for line in said)
@@ -255,13 +296,23 @@ def test_every_request_of_every_aws_experiment_is_safe(world, recorder, experime
 
     ec2 = world.client("ec2")
     volumes = ec2.describe_volumes()["Volumes"]
+    if recovering:
+        # moto gives a group's instance the AMI's own 8 GB gp2 root beside the template's disk;
+        # EC2 replaces the root with the template's mapping. The template's request is checked above.
+        volumes = [v for v in volumes if v["VolumeType"] == "gp3"]
     assert len(volumes) == spec.aws.nodes and all(v["Encrypted"] for v in volumes)
-    for reservation in ec2.describe_instances()["Reservations"]:
-        for instance in reservation["Instances"]:
-            assert instance["MetadataOptions"]["HttpTokens"] == "required"
+    if not recovering:  # moto does not copy a launch template's MetadataOptions to the group's instances
+        for reservation in ec2.describe_instances()["Reservations"]:
+            for instance in reservation["Instances"]:
+                assert instance["MetadataOptions"]["HttpTokens"] == "required"
 
     provider.release(record, Saves(), said.append)
-    assert leftovers(world, recorder) == []
+    if recovering:
+        # The moto-only gp2 root (see above) has no DeleteOnTermination; only it may be left.
+        gp2 = {v["VolumeId"] for v in ec2.describe_volumes()["Volumes"] if v["VolumeType"] == "gp2"}
+        assert [x for x in leftovers(world, recorder) if x.split()[-1] not in gp2] == []
+    else:
+        assert leftovers(world, recorder) == []
     assert not key_dir(RUN).exists()
 
 

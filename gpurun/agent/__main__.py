@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser().parse_args(argv)
         if not args.store:
-            raise BadInput("--to URL is required (s3://bucket/prefix or file:///path)")
+            needs = "--restore-from" if args.restore_from else "--watch"
+            raise BadInput(f"{needs} needs --to URL (s3://bucket/prefix or file:///path)")
         if not args.store.startswith(("s3://", "file://")):
             raise BadInput(f"--to {args.store}: use s3://bucket/prefix or file:///absolute/path")
         store_options = {"region": args.region} if args.region and args.store.startswith("s3://") else {}
