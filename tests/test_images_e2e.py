@@ -29,6 +29,9 @@ from gpurun.providers.aws import AwsProvider  # noqa: E402
 from tests.helpers import process_alive, wait_until  # noqa: E402
 from tests.test_aws_e2e import ACCOUNT, AMI, aws_world, cli  # noqa: E402,F401
 
+# Both image test files watch /dev/shm for the stash an image create leaves: one worker runs them.
+pytestmark = pytest.mark.xdist_group("dev-shm-image-stash")
+
 SETUP_SH = 'echo "setup ran" >> "$HOME/setup-marker-$1"\n'
 
 

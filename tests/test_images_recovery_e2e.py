@@ -21,6 +21,9 @@ from tests.helpers import wait_until
 from tests.plugins.boot_emulator import BootEmulator
 from tests.test_recovery_aws_e2e import AMI, _group, _log, _spec, cli, world  # noqa: F401
 
+# Both image test files watch /dev/shm for the stash an image create leaves: one worker runs them.
+pytestmark = pytest.mark.xdist_group("dev-shm-image-stash")
+
 ACCOUNT = "123456789012"
 
 
