@@ -69,7 +69,7 @@ def test_dry_run_json_creates_nothing(capsys, spec: Path, gpurun_home: Path) -> 
         (["checkpoint-sync", "--watch", "/tmp", "--to", "file:///tmp/s", "--every", "-1m"], "--every"),
         (["agent", "--watch", "/tmp", "--to", "ftp://x"], "use s3://bucket/prefix or file:///absolute/path"),
         (["agent", "--watch", "/tmp", "--to", "file:///tmp/s", "--bogus"], "unrecognized arguments: --bogus"),
-        (["agent", "--watch", "/tmp"], "--to URL is required"),
+        (["agent", "--watch", "/tmp"], "--watch needs --to URL"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, args: list[str], expected: str) -> None:
