@@ -267,6 +267,7 @@ def _jobs_table(ui: Ui, record: dict[str, Any]) -> None:
 
 def _status_table(ui: Ui, records: list[dict[str, Any]]) -> None:
     from gpurun.app.status import age
+    from gpurun.providers.capabilities import capabilities_of
     from gpurun.runs import restarts_view as public_restarts
     from gpurun.sizes import human_bytes
 
@@ -288,7 +289,7 @@ def _status_table(ui: Ui, records: list[dict[str, Any]]) -> None:
         restarts = public_restarts(record)
         if restarts and restarts["used"]:
             job_text += f" (restart {restarts['used']}/{restarts['max']})"
-        if record["provider"] == "local":
+        if capabilities_of(record).run_dir_here:
             where = "local"
         else:
             where = (
@@ -820,9 +821,10 @@ def doctor(spec_file: Path | None, overrides: tuple[str, ...], json_mode: bool) 
 
 def _remote_record(run: str) -> dict[str, Any]:
     from gpurun import runs
+    from gpurun.providers.capabilities import capabilities_of
 
     record = runs.load(run)
-    if record["provider"] == "local":
+    if capabilities_of(record).run_dir_here:
         raise BadInput(
             f"run {run} runs on this computer; its files are in {record['machines'][0]['run_dir'] if record.get('machines') else 'GPURUN_HOME/local'}"
         )
@@ -864,11 +866,12 @@ def ssh_config(install: bool, yes: bool) -> None:
     """Write `Host gpurun-<run>` entries for every live remote run, so `ssh gpurun-<run>` works."""
     from gpurun import runs
     from gpurun.app.remote_access import include_line, install_ssh_config_include, ssh_config_file, write_ssh_config
+    from gpurun.providers.capabilities import capabilities_of
 
     records, _problems = runs.load_all()
     for record in records:
         live = record["state"] != "ended" and record.get("machines") and not record.get("adopted_from")
-        if record["provider"] != "local" and live:
+        if not capabilities_of(record).run_dir_here and live:
             write_ssh_config(record)
     click.echo(str(ssh_config_file()))
     if install:

@@ -50,3 +50,19 @@ def test_the_check_catches_app_branching_on_a_provider_name(tmp_path: Path) -> N
     assert checked.returncode == 1, checked.stdout + checked.stderr
     assert "bad.py: 2 provider-name branch(es) (lines 2, 4)" in checked.stdout
     assert "fine.py" not in checked.stdout
+
+
+def test_the_check_catches_the_cli_branching_on_a_provider_name(tmp_path: Path) -> None:
+    package = tmp_path / "gpurun"
+    package.mkdir()
+    (package / "cli.py").write_text(
+        "def where(record):\n    return 'here' if record['provider'] == 'local' else 'there'\n"
+    )
+    checked = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "check_layers.py"), str(package)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert "cli.py: 1 provider-name branch(es) (lines 2), 0 allowed" in checked.stdout

@@ -27,6 +27,7 @@ from gpurun.app.reporter import Reporter
 from gpurun.app.status import reconcile
 from gpurun.app.teardown import JOB_GRACE, wait_for_final_snapshot
 from gpurun.errors import BadInput, GpurunError, TransportError
+from gpurun.providers.capabilities import capabilities_of
 from gpurun.sizes import human_bytes
 from gpurun.spec import Spec, apply_override, label, spec_from_record, validate_spec
 from gpurun.states import JobState
@@ -133,12 +134,12 @@ def exec_job(
     with _exclusive(run):
         record = runs.load(run)
         loaded = json.dumps(record, sort_keys=True)
-        if record["provider"] == "aws":
+        if capabilities_of(record).machines_disposable:
             # A machine that idle_timeout, max_runtime or a spot reclaim ended is named as such, not dialled.
             from gpurun.providers import get_provider
 
             try:
-                get_provider("aws").refresh([record])
+                get_provider(record["provider"]).refresh([record])
             except GpurunError as error:
                 ui.warn(f"could not read the machines' states ({error}); trying them")
         record = reconcile(record, loaded)
@@ -204,7 +205,7 @@ def _exec(record: dict[str, Any], spec: Spec, ui: Reporter, *, command: str | No
     setup_hash = fingerprints.setup_hash(spec.setup, spec.workdir_path, files)
     last_setup_hash = previous.get("setup_hash") if previous else None
     run_setup = bool(spec.setup) and (setup_hash != last_setup_hash or setup_failed_before)
-    if record["provider"] == "local":
+    if capabilities_of(record).run_dir_here:
         from gpurun.app import local_python
 
         record["spec"] = {**record["spec"], "setup": spec.setup}
@@ -283,7 +284,7 @@ def _exec(record: dict[str, Any], spec: Spec, ui: Reporter, *, command: str | No
 
         try:
             wait_for_setup(record, [(conns.connect(record, m), m) for m in machines], ui)
-            if record["provider"] == "local":
+            if capabilities_of(record).run_dir_here:
                 from gpurun.app import local_python
 
                 local_python.note_setup_done(record, setup_hash)

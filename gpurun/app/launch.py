@@ -26,6 +26,7 @@ from gpurun.errors import (
     StillWaiting,
 )
 from gpurun.providers import get_provider
+from gpurun.providers.capabilities import capabilities_of
 from gpurun.sizes import human_bytes
 from gpurun.spec import NAME_PATTERN, Spec, label
 from gpurun.store import open_store
@@ -269,7 +270,7 @@ def launch(
         machines = provider.acquire(spec, record, on_change, ui.say, connect=conns.connect)
         record["machines"] = machines
         setup_hash = fingerprints.setup_hash(spec.setup, spec.workdir_path, files)
-        if spec.provider == "local":
+        if provider.capabilities.run_dir_here:
             step = "preparing this project's venv"
             record["job_env"] = local_python.prepare(record, ui.say)
             if spec.setup and not setup_skipped and local_python.setup_done_before(record, setup_hash):
@@ -298,7 +299,7 @@ def launch(
         record["state"] = "running"
         on_change(record)
         snaps.put_run_record(store, run, record)
-        if spec.provider != "local":
+        if not provider.capabilities.run_dir_here:
             from gpurun.app.remote_access import write_ssh_config
 
             write_ssh_config(record)
@@ -375,7 +376,7 @@ def _prepare(
     prefix = f"[node {machine['rank']}] " if len(record["machines"]) > 1 else ""
     transport = conns.connect(record, machine)
     started.append((transport, machine))
-    if record["provider"] == "aws":
+    if capabilities_of(record).run_dir_under_login_home:
         # The login's real home, whatever the AMI's user layout is.
         home = transport.check('printf %s "$HOME"', what="finding the home directory").strip()
         machine["run_dir"] = f"{home}/{paths.machine_run_dir(record['run'])}"
@@ -578,7 +579,7 @@ def roll_back(
         try:
             for name in ("job", "agent"):
                 jobs.signal_group(transport, machine["run_dir"], name, "KILL")
-            if record["provider"] != "aws":
+            if not capabilities_of(record).machines_disposable:
                 transport.run(f"rm -rf {shlex.quote(machine['run_dir'])}", timeout=60)
                 removed.append(f"run directory {machine['run_dir']} on {transport.label}")
         except BaseException as error:  # keep rolling back what else we can
@@ -593,7 +594,7 @@ def roll_back(
         record["state"] = "failed"
         on_change(record)
         return False, removed
-    if record["provider"] == "local":
+    if capabilities_of(record).run_dir_here:
         shutil.rmtree(paths.local_runs_dir() / record["run"], ignore_errors=True)
     runs.delete(record["run"])
     return True, removed

@@ -28,6 +28,8 @@ class Capabilities:
     spot_notice: bool
     #: A live machine can be baked into an image that later launches start from (`gpurun image create`).
     bakes_images: bool = False
+    #: The run directory lies under the login's home, which is known only once connected (the AMI decides it).
+    run_dir_under_login_home: bool = False
 
 
 CAPABILITIES = {
@@ -52,6 +54,7 @@ CAPABILITIES = {
         keeps_connections=False,
         spot_notice=True,
         bakes_images=True,
+        run_dir_under_login_home=True,
     ),
 }
 
