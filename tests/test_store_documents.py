@@ -10,6 +10,7 @@ reader and accepts only success or gpurun's own error.
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpurun import jobs
+from gpurun.app import image_prep, images
+from gpurun.app.metrics import parse_metrics
 from gpurun.errors import GpurunError, InvalidDocument
 from gpurun.store import documents, open_store
 from gpurun.store import snapshots as snaps
@@ -202,6 +205,70 @@ def test_agent_status_from_a_machine_is_checked(tmp_path: Path) -> None:
     assert jobs.read_state(LocalTransport(), str(tmp_path))["agent"]["last_seq"] == 3
 
 
+def test_metrics_lines_that_are_not_records_are_skipped_never_a_crash() -> None:
+    good = json.dumps({"epoch": 1, "loss": 0.5}).encode()
+    diverged = b'{"epoch": 2, "loss": NaN, "val_loss": 0.7}'  # what json.dumps writes for a NaN loss
+    big = json.dumps({"loss": 1.0, "note": "x" * (documents.METRICS_LINE_LIMIT + 1)}).encode()
+    wrong = [b"[1, 2]", b'"text"', b"{not json", DEEP, big]
+    parsed = parse_metrics(b"\n".join([good, *wrong, diverged]))
+    assert parsed["records"] == 2 and parsed["skipped_lines"] == len(wrong)
+    assert parsed["metrics"]["loss"]["values"] == [0.5] and parsed["metrics"]["val_loss"]["last"] == 0.7
+
+
+def test_the_machine_s_image_prep_answer_is_checked() -> None:
+    answer = {"stash": "/dev/shm/gpurun-image-x1", "moved": 3, "truncated": 0, "keys_removed": 1}
+    noise = b"warning: something\n"
+    assert images._last_json(noise + json.dumps(answer).encode() + b"\n") == answer
+    assert images._last_json(noise) is None
+    big = json.dumps({"by": "request", "problems": ["x" * documents.PREP_ANSWER_LIMIT]}).encode()
+    for bad, reason in (
+        (b'{"stash": "/s", "moved": true}', "moved: should be a whole number"),
+        (b'{"by": "request", "problems": [1]}', "problems.0: should be a string"),
+        (DEEP, "nested deeper than 32"),
+        (big, "larger than 1024 KiB"),
+    ):
+        with pytest.raises(InvalidDocument, match=reason):
+            images._last_json(noise + bad)
+
+
+def run_prep(*args: str) -> subprocess.CompletedProcess[str]:
+    """image_prep.py as the machine runs it: a lone script under the system python3, gpurun not importable."""
+    script = Path(image_prep.__file__)
+    return subprocess.run(
+        ["python3", "-I", str(script), *args], capture_output=True, text=True, timeout=60, cwd="/", check=False
+    )
+
+
+def test_image_prep_refuses_a_malformed_plan_or_stash_before_touching_anything(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "job.log").write_text("kept")
+    for plan, says in (
+        (json.dumps({"run_dir": str(run_dir), "deadline": True}), "the plan: deadline has the wrong type"),
+        (json.dumps({"run_dir": str(run_dir), "deadline": 9, "paths": [1]}), "the plan: paths has the wrong type"),
+        (json.dumps({"deadline": 9}), "the plan lacks run_dir"),
+        ("[" * 10_000 + "]" * 10_000, "the plan is nested too deep"),
+        (
+            json.dumps({"run_dir": str(run_dir), "deadline": 9, "x": [[[[[[[[[1]]]]]]]]]}),
+            "the plan is nested deeper than 8 levels",
+        ),
+        ('{"run_dir": "r", "deadline": NaN}', "the plan is not valid JSON"),
+    ):
+        done = run_prep("stash", plan)
+        assert done.returncode == 2 and json.loads(done.stdout) == {"error": says}, done.stderr
+        assert (run_dir / "job.log").read_text() == "kept"
+    stash = tmp_path / "gpurun-image-x"
+    stash.mkdir()
+    for manifest, says in (
+        (json.dumps({"run_dir": "r", "pids": ["1"], "moved": [], "truncated": [], "keys": []}), "pids has the wrong"),
+        (b" " * (image_prep.DOCUMENT_LIMIT + 1), "is larger than"),
+    ):
+        (stash / "manifest.json").write_bytes(manifest.encode() if isinstance(manifest, str) else manifest)
+        (stash / "restoring").unlink(missing_ok=True)
+        done = run_prep("restore", str(stash))
+        assert done.returncode == 2 and says in json.loads(done.stdout)["error"], done.stderr
+
+
 # -- random JSON into every reader ------------------------------------------------------------------
 
 JSON = st.recursive(
@@ -231,6 +298,8 @@ def test_every_reader_gives_a_document_or_gpurun_s_own_error(data: bytes, tmp_pa
         lambda: snaps.list_snapshots(store, "r-abc123", warn=lambda _line: None),
         lambda: snaps.list_run_records(store, warn=lambda _run, _line: None),
         lambda: documents.read(data, documents.AgentStatus, name="agent.status.json", limit=1 << 20),
+        lambda: parse_metrics(data),
+        lambda: images._last_json(data),
     ]
     for reader in readers:
         try:

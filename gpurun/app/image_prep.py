@@ -31,6 +31,91 @@ from typing import Any
 
 TMPFS_CANDIDATES = ("/dev/shm", "/run/user/{uid}")
 WATCHDOG_ANSWER_KEPT = 600
+#: Bytes of a plan, a stash manifest or a restore answer: far above what gpurun writes.
+DOCUMENT_LIMIT = 16 * 1024 * 1024
+DOCUMENT_DEPTH = 8
+
+# The schemas of what this script reads: the plan the laptop sends, and the manifest and answer it
+# wrote into the stash itself. This is a local copy of gpurun.store.documents' strictness (a size
+# limit, a depth limit, strict types, a bool is never a number) rather than an import of it, because
+# this file runs on the machine as a lone script under the system python3: gpurun is not there.
+
+
+class _ListOf:
+    """A JSON array whose every item fits `item` (a type, a tuple of types, or a list: a fixed-length row)."""
+
+    def __init__(self, item: Any) -> None:
+        self.item = item
+
+
+_STRINGS = _ListOf(str)
+_PLAN = {
+    "run_dir": str,
+    "paths": _STRINGS,
+    "pid_files": _STRINGS,
+    "secret_words": _STRINGS,
+    "authorized_keys": _STRINGS,
+    "key_blobs": _STRINGS,
+    "deadline": (int, float),
+}
+_PLAN_REQUIRED = ("run_dir", "deadline")
+_MANIFEST = {
+    "run_dir": str,
+    "pids": _ListOf(int),
+    "moved": _ListOf([str, str]),
+    "truncated": _ListOf([str, str]),
+    "keys": _ListOf([str, str, int]),
+}
+_ANSWER = {"by": str, "problems": _STRINGS}
+
+
+class BadDocument(Exception):
+    """A plan, manifest or answer that is not what this script writes; the message names it."""
+
+
+def _no_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not a JSON number")
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    if isinstance(kind, _ListOf):
+        return isinstance(value, list) and all(_fits(item, kind.item) for item in value)
+    if isinstance(kind, list):
+        return isinstance(value, list) and len(value) == len(kind) and all(map(_fits, value, kind))
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def strict_document(text: str | bytes, schema: dict[str, Any], required: tuple[str, ...], what: str) -> dict[str, Any]:
+    """`text` parsed, once it is a JSON object of at most DOCUMENT_LIMIT bytes whose fields fit `schema`."""
+    if len(text) > DOCUMENT_LIMIT:
+        raise BadDocument(f"{what} is larger than {DOCUMENT_LIMIT} bytes")
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise BadDocument(f"{what} is nested too deep") from None
+    except ValueError:
+        raise BadDocument(f"{what} is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise BadDocument(f"{what} is not a JSON object")
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > DOCUMENT_DEPTH:
+            raise BadDocument(f"{what} is nested deeper than {DOCUMENT_DEPTH} levels")
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    for key in required:
+        if key not in value:
+            raise BadDocument(f"{what} lacks {key}")
+    for key, kind in schema.items():
+        if key in value and not _fits(value[key], kind):
+            raise BadDocument(f"{what}: {key} has the wrong type")
+    return value
+
+
+def _read_document(path: str, schema: dict[str, Any], required: tuple[str, ...]) -> dict[str, Any]:
+    with open(path, "rb") as handle:
+        return strict_document(handle.read(DOCUMENT_LIMIT + 1), schema, required, path)
 
 
 def _open_inodes() -> set[tuple[int, int]]:
@@ -197,13 +282,10 @@ def restore(stash_dir: str, who: str) -> dict[str, Any]:
     except FileExistsError:
         for _ in range(600):  # the other restorer is at work: wait for its answer
             if os.path.exists(done_file):
-                with open(done_file) as handle:
-                    answer: dict[str, Any] = json.load(handle)
-                    return answer
+                return _read_document(done_file, _ANSWER, ("by",))
             time.sleep(0.1)
         return {"by": "unknown", "problems": ["another restore did not finish"]}
-    with open(os.path.join(stash_dir, "manifest.json")) as handle:
-        manifest = json.load(handle)
+    manifest = _read_document(os.path.join(stash_dir, "manifest.json"), _MANIFEST, tuple(_MANIFEST))
     problems = []
     try:
         for path, source in manifest["moved"]:
@@ -257,14 +339,23 @@ def main(argv: list[str]) -> int:
         # A dropped connection must not cut the stash short: its watchdog starts only at the end.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        stashed = stash(json.loads(argv[2]))
+        try:
+            plan = strict_document(argv[2], _PLAN, _PLAN_REQUIRED, "the plan")
+        except BadDocument as error:
+            print(json.dumps({"error": str(error)}), flush=True)
+            return 2
+        stashed = stash(plan)
         try:
             print(json.dumps(stashed), flush=True)
         except OSError:
             pass  # nobody listens any more: the watchdog puts everything back
         return 0
     if command == "restore":
-        answer = restore(argv[2], "request")
+        try:
+            answer = restore(argv[2], "request")
+        except BadDocument as error:
+            print(json.dumps({"error": str(error)}), flush=True)
+            return 2
         print(json.dumps(answer), flush=True)
         shutil.rmtree(argv[2], ignore_errors=True)
         return 0

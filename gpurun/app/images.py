@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 from gpurun import jobs, paths, runs
 from gpurun.app import common, connections
 from gpurun.app.reporter import Reporter
-from gpurun.errors import BadInput, GpurunError, Interrupted, TransportError
+from gpurun.errors import BadInput, GpurunError, Interrupted, InvalidDocument, TransportError
 from gpurun.providers.capabilities import capabilities_of
 from gpurun.setup_hash import MAX_FILE_BYTES, setup_hash
+from gpurun.store import documents
 
 if TYPE_CHECKING:
     from gpurun.providers.aws import AwsProvider
@@ -253,12 +254,21 @@ def _restore(transport: Transport, stash: str) -> dict[str, Any]:
 
 
 def _last_json(output: bytes) -> dict[str, Any] | None:
-    for line in reversed(output.decode("utf-8", "replace").splitlines()):
-        try:
-            value = json.loads(line)
-        except ValueError:
+    """image_prep.py's last answer line, checked by its schema; lines of other output before it are skipped.
+
+    A line that starts an object but is too big, too deep or of the wrong types is
+    InvalidDocument naming the machine's answer, never a crash further on.
+    """
+    for line in reversed(output.splitlines()):
+        if not line.lstrip().startswith(b"{"):
             continue
-        return value if isinstance(value, dict) else None
+        try:
+            return documents.read(
+                line, documents.PrepAnswer, name="the machine's answer", limit=documents.PREP_ANSWER_LIMIT
+            )
+        except InvalidDocument as error:
+            if error.reason != "not valid JSON":
+                raise
     return None
 
 

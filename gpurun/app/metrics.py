@@ -10,12 +10,12 @@ count, and metric names are limited in number and length.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from typing import Any
 
 from gpurun.app.checkpoints import record_and_store
-from gpurun.errors import BadInput, StoreError
+from gpurun.errors import BadInput, InvalidDocument, StoreError
+from gpurun.store import documents
 from gpurun.store import snapshots as snaps
 
 METRICS_FILE = "metrics.jsonl"
@@ -46,21 +46,25 @@ def read_metrics(run: str, *, store_url: str | None = None, seq: int | None = No
     data = store.get_bytes(key)
     if data is None or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
         raise StoreError(f"{store.url}/{key} is missing or does not match its manifest's sha256")
-    return {"run": run, "seq": manifest_seq, **parse_metrics(data)}
+    return {"run": run, "seq": manifest_seq, **parse_metrics(data, name=f"{store.url}/{key}")}
 
 
-def parse_metrics(data: bytes) -> dict[str, Any]:
+def parse_metrics(data: bytes, *, name: str = METRICS_FILE) -> dict[str, Any]:
+    """Each line through the store-document reader; a line that is not a metrics record is counted and skipped."""
     series: dict[str, list[float]] = {}
     records = skipped = 0
-    for line in data.splitlines():
+    for number, line in enumerate(data.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
-        except ValueError:
-            skipped += 1
-            continue
-        if not isinstance(item, dict):
+            item = documents.read(
+                line,
+                documents.MetricsRecord,
+                name=f"{name} line {number}",
+                limit=documents.METRICS_LINE_LIMIT,
+                non_finite=True,
+            )
+        except InvalidDocument:
             skipped += 1
             continue
         records += 1

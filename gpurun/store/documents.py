@@ -41,6 +41,10 @@ LATEST_LIMIT = 64 * KiB
 RUN_RECORD_LIMIT = 4 * MiB
 MANIFEST_LIMIT = 64 * MiB
 AGENT_STATUS_LIMIT = 1 * MiB
+#: One line of metrics.jsonl: an epoch's numbers, never near this.
+METRICS_LINE_LIMIT = 64 * KiB
+#: image_prep.py's answer line: counts, a path and a list of problems (one per file at most).
+PREP_ANSWER_LIMIT = 1 * MiB
 
 
 class Minimum:
@@ -164,20 +168,42 @@ class AgentStatus(Versioned, total=False):
     updated_at: str | None
 
 
+class MetricsRecord(TypedDict, total=False):
+    """One line of `metrics.jsonl` in a snapshot: any JSON object; app.metrics keeps only its finite numbers."""
+
+
+class PrepAnswer(TypedDict, total=False):
+    """The last line image_prep.py prints on the machine: a stash, a restore, or an error."""
+
+    stash: str
+    moved: Count
+    truncated: Count
+    keys_removed: Count
+    bytes: Count
+    watchdog: int
+    by: str
+    problems: list[str]
+    error: str
+
+
 _KINDS: dict[type, str] = {
     Pointer: "LATEST pointer",
     Latest: "LATEST pointer",
     Manifest: "snapshot manifest",
     RunDocument: "run record",
     AgentStatus: "agent status",
+    MetricsRecord: "metrics record",
+    PrepAnswer: "image preparation answer",
 }
 
 
-def read(data: bytes, schema: type, *, name: str, limit: int) -> dict[str, Any]:
+def read(data: bytes, schema: type, *, name: str, limit: int, non_finite: bool = False) -> dict[str, Any]:
     """The document in `data`, as stored, once it fits `schema` (one of the TypedDicts above).
 
     `name` says where it came from (`s3://bucket/prefix/run/LATEST`); every failure
     is InvalidDocument naming it, with `reason` saying what is wrong, on one line.
+    `non_finite` accepts NaN and Infinity, which Python's json.dumps writes for a
+    diverged loss: refusing them would drop that epoch's other metrics.
     """
     what = _KINDS.get(schema, schema.__name__)
     if len(data) > limit:
@@ -185,7 +211,7 @@ def read(data: bytes, schema: type, *, name: str, limit: int) -> dict[str, Any]:
         raise _invalid(name, size, f"is {size}; a {what} is never that big")
     deep = f"nested deeper than {MAX_DEPTH} levels"
     try:
-        parsed = json.loads(data, parse_constant=_no_constant)
+        parsed = json.loads(data, parse_constant=None if non_finite else _no_constant)
     except RecursionError:
         raise _invalid(name, deep, f"is {deep}; not a {what}") from None
     except ValueError:  # JSONDecodeError, UnicodeDecodeError, NaN and Infinity
@@ -199,7 +225,8 @@ def read(data: bytes, schema: type, *, name: str, limit: int) -> dict[str, Any]:
         _check(parsed, schema, "")
     except _Mismatch as mismatch:
         raise _invalid(name, str(mismatch), f"is not a valid {what} ({mismatch})") from None
-    version = parsed.get("version", 1)
+    # Only a versioned schema has checked its `version`; in a metrics line it is the job's own field.
+    version = parsed.get("version", 1) if "version" in _fields(schema) else 1
     if version > SCHEMA_VERSION:
         reason = f"schema version {version}"
         raise _invalid(name, reason, f"has {reason}; this gpurun reads up to {SCHEMA_VERSION} (upgrade gpurun)")
