@@ -23,6 +23,11 @@ class RunState(str, Enum):
         return self.value
 
 
+#: Machine states (as providers record them) of a machine that no longer exists.
+MACHINE_GONE = frozenset({"terminated", "gone"})
+#: ... and of one that will not answer or run a job again without someone starting it.
+MACHINE_NOT_RUNNING = MACHINE_GONE | {"shutting-down", "stopping", "stopped"}
+
 #: A run in these states may still have a job and machines to ask about.
 ACTIVE = (RunState.LAUNCHING, RunState.RUNNING)
 

@@ -306,3 +306,25 @@ def test_every_reader_gives_a_document_or_gpurun_s_own_error(data: bytes, tmp_pa
             reader()
         except GpurunError as error:
             assert "\n" not in str(error)
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        b"[" * 100_000 + b"]" * 100_000,  # deeper than any parser's recursion
+        b'{"version": 1, "machines": "x"}',
+        b'{"version": true, "machines": []}',
+        b"not json",
+        b'{"version": 1, "machines": []}' + b" " * 2_000_000,  # over the ledger's size limit
+    ],
+    ids=["deep", "machines-not-a-list", "bool-version", "not-json", "oversized"],
+)
+def test_a_hostile_restart_ledger_reads_as_absent_never_as_a_crash(tmp_path: Path, planted: bytes) -> None:
+    """attempts.json is written by the run's machines: status reads it through its schema."""
+    from gpurun.app.recovering import read_attempts
+
+    store = open_store((tmp_path / "store").as_uri())
+    store.put_bytes("run-abc123/attempts.json", planted)
+    assert read_attempts(store, "run-abc123") is None
+    store.put_bytes("run-abc123/attempts.json", b'{"version": 1, "machines": [{"instance": "i-1"}]}')
+    assert read_attempts(store, "run-abc123") == {"version": 1, "machines": [{"instance": "i-1"}]}

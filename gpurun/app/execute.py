@@ -30,7 +30,7 @@ from gpurun.errors import BadInput, GpurunError, TransportError
 from gpurun.providers.capabilities import capabilities_of
 from gpurun.sizes import human_bytes
 from gpurun.spec import Spec, apply_override, label, spec_from_record, validate_spec
-from gpurun.states import JobState
+from gpurun.states import MACHINE_NOT_RUNNING, JobState
 from gpurun.store import snapshots as snaps
 from gpurun.sync.push import scan_holding_back, sync_tree
 from gpurun.transport.base import Transport
@@ -166,7 +166,7 @@ def _check_live(record: dict[str, Any]) -> None:
 def _exec(record: dict[str, Any], spec: Spec, ui: Reporter, *, command: str | None, replace: bool) -> dict[str, Any]:
     run = record["run"]
     machines: list[dict[str, Any]] = record["machines"]
-    lost = [m for m in machines if m.get("state") in ("terminated", "gone", "shutting-down", "stopped")]
+    lost = [m for m in machines if m.get("state") in MACHINE_NOT_RUNNING]
     if lost:
         raise GpurunError(
             f"run {run}: node {lost[0].get('rank', 0)}'s machine is {lost[0].get('state')} "

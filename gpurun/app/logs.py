@@ -14,6 +14,7 @@ from gpurun import jobs, runs
 from gpurun.app import common, connections
 from gpurun.errors import BadInput, GpurunError, TransportError, UnknownRun
 from gpurun.providers.capabilities import capabilities_of
+from gpurun.states import MACHINE_GONE, MACHINE_NOT_RUNNING
 from gpurun.text import escape_controls, escape_log
 
 q = shlex.quote
@@ -101,7 +102,7 @@ def show_logs(
 
 def _all_machines_gone(record: dict[str, Any]) -> bool:
     machines = record.get("machines") or []
-    return bool(machines) and all(m.get("state") in ("terminated", "gone") for m in machines)
+    return bool(machines) and all(m.get("state") in MACHINE_GONE for m in machines)
 
 
 def _store_run(run: str, node: int | None) -> str:
@@ -351,10 +352,10 @@ def _machine_gone(record: dict[str, Any], machine: dict[str, Any]) -> bool:
     from gpurun.providers import get_provider
 
     try:
-        get_provider("aws").refresh([record])
+        get_provider(record["provider"]).refresh([record])
     except GpurunError:
         return False
-    return machine.get("state") in ("terminated", "shutting-down", "stopped", "stopping", "gone")
+    return machine.get("state") in MACHINE_NOT_RUNNING
 
 
 # `--follow` exit statuses besides the job's own (documented in the README and docs/json.md).

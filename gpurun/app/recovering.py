@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import json
 import tarfile
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 from gpurun import bootstrap, jobs
 from gpurun.app import common, job_secrets
 from gpurun.app.reporter import Reporter
-from gpurun.errors import BadInput, GpurunError
+from gpurun.errors import BadInput, GpurunError, InvalidDocument
 from gpurun.providers.aws.connect import DEFAULT_USER
 from gpurun.providers.capabilities import capabilities
 from gpurun.spec import Spec
@@ -110,17 +109,18 @@ def stage(
 
 
 def read_attempts(store: ObjectStore, run: str) -> dict[str, Any] | None:
-    """attempts.json, validated loosely; None when absent or unreadable (a machine writes it)."""
-    data = store.get_bytes(f"{run}/{bootstrap.ATTEMPTS}")
-    if data is None or len(data) > bootstrap.MAX_DOCUMENT_BYTES:
+    """attempts.json through its schema; None when absent or unreadable (a machine writes it: untrusted)."""
+    from gpurun.store import documents
+
+    key = f"{run}/{bootstrap.ATTEMPTS}"
+    data = store.get_bytes(key, limit=bootstrap.MAX_DOCUMENT_BYTES)
+    if data is None:
         return None
     try:
-        document = json.loads(data)
-    except ValueError:
+        document = documents.read(data, documents.Attempts, name=key, limit=bootstrap.MAX_DOCUMENT_BYTES)
+    except InvalidDocument:
         return None
-    if not isinstance(document, dict) or document.get("version") != bootstrap.ATTEMPTS_VERSION:
-        return None
-    if not isinstance(document.get("machines"), list):
+    if document.get("version") != bootstrap.ATTEMPTS_VERSION:
         return None
     return document
 

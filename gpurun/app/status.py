@@ -16,7 +16,7 @@ from gpurun.app.reporter import Reporter
 from gpurun.errors import GpurunError
 from gpurun.providers import get_provider
 from gpurun.providers.capabilities import capabilities_of
-from gpurun.states import ACTIVE, JobState, RunState
+from gpurun.states import ACTIVE, MACHINE_GONE, MACHINE_NOT_RUNNING, JobState, RunState
 
 
 def _job_outcome(record: dict[str, Any], state: dict[str, Any]) -> None:
@@ -97,7 +97,7 @@ def _ask_machines(record: dict[str, Any], problems: list[str]) -> None:
     conns = connections.Connections()
     answered = False
     for machine in record["machines"]:
-        if machine.get("state") in ("terminated", "gone", "shutting-down"):
+        if machine.get("state") in MACHINE_NOT_RUNNING:
             continue
         try:
             with conns.connect(record, machine) as transport:
@@ -111,7 +111,7 @@ def _ask_machines(record: dict[str, Any], problems: list[str]) -> None:
             answered = True
             _job_outcome(record, state)
     machines = record["machines"]
-    gone = machines and all(m.get("state") in ("terminated", "gone") for m in machines)
+    gone = machines and all(m.get("state") in MACHINE_GONE for m in machines)
     if capabilities_of(record).machines_disposable and record["state"] == "running" and gone:
         record["state"] = RunState.INTERRUPTED
         runs.end_job(record, JobState.MACHINE_LOST)

@@ -15,7 +15,7 @@ from gpurun.app.reporter import Reporter
 from gpurun.errors import BadInput, GpurunError, Interrupted, TransportError, UnknownRun
 from gpurun.providers import get_provider
 from gpurun.providers.capabilities import capabilities, capabilities_of
-from gpurun.states import JobState, RunState
+from gpurun.states import MACHINE_NOT_RUNNING, JobState, RunState
 from gpurun.store import snapshots as snaps
 
 if TYPE_CHECKING:
@@ -185,7 +185,7 @@ def teardown(
     conns = connections.Connections()
     removed: list[str] = []
     final_checkpoint = None
-    gone_states = ("terminated", "gone", "shutting-down", "stopping", "stopped")
+    gone_states = MACHINE_NOT_RUNNING
     adopted = bool(record.get("adopted_from"))
     store_seq_before = (_store_latest(record, ui) or {}).get("seq") if adopted else None
     try:

@@ -186,6 +186,12 @@ class PrepAnswer(TypedDict, total=False):
     error: str
 
 
+class Attempts(Versioned):
+    """`<run>/attempts.json`: a recovering run's machines and restarts, written by the machines (gpurun.bootstrap)."""
+
+    machines: list[dict[str, Any]]
+
+
 _KINDS: dict[type, str] = {
     Pointer: "LATEST pointer",
     Latest: "LATEST pointer",
@@ -194,6 +200,7 @@ _KINDS: dict[type, str] = {
     AgentStatus: "agent status",
     MetricsRecord: "metrics record",
     PrepAnswer: "image preparation answer",
+    Attempts: "restart ledger",
 }
 
 
