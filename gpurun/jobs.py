@@ -22,6 +22,7 @@ from typing import Any
 
 from gpurun import gpu
 from gpurun.errors import InvalidDocument, TransportError
+from gpurun.store import documents
 from gpurun.transport.base import Transport
 
 q = shlex.quote
@@ -195,9 +196,9 @@ def start_agent(transport: Transport, run_dir: str, python: str, arguments: list
     return int(output.strip().splitlines()[-1])
 
 
-STATUS_FILE = "agent.status.json"
+STATUS_FILE = documents.AGENT_STATUS_FILE
 #: What is read of the agent's status file at most: it is a few hundred bytes; a machine may plant more.
-STATUS_LIMIT = 1 << 20
+STATUS_LIMIT = documents.AGENT_STATUS_LIMIT
 
 # One round trip that reports everything status needs about a run directory.
 _STATE_SCRIPT = r"""

@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from gpurun import paths
 from gpurun.store.base import ObjectStore
 from gpurun.store.logs import CHUNK_BYTES, chunk_key
 
@@ -64,6 +65,4 @@ class LogShipper:
 
     def _remember(self) -> None:
         state = {"run": self.run, "job": self.job, "offset": self.offset, "next": self.index}
-        temp = self.state_path.with_name(f".{STATE_FILE}.tmp")
-        temp.write_text(json.dumps(state))
-        os.replace(temp, self.state_path)
+        paths.atomic_write(self.state_path, json.dumps(state).encode(), 0o644)

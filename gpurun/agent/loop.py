@@ -18,16 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpurun import gpu
+from gpurun import gpu, paths
 from gpurun.agent.logship import SHIP_EVERY, LogShipper
 from gpurun.agent.staging import HeldFileChanged, Stager
 from gpurun.errors import GpurunError, InvalidDocument
-from gpurun.store import open_store
+from gpurun.store import documents, open_store
 from gpurun.store import snapshots as snaps
 from gpurun.store.base import ObjectStore
 
 REQUEST_FILE = "sync.request"
-STATUS_FILE = "agent.status.json"
+STATUS_FILE = documents.AGENT_STATUS_FILE
 SPOT_POLL_SECONDS = 5.0
 TICK = 0.2
 # A launch starts the agent a moment before the job; if the job never appears
@@ -94,11 +94,9 @@ class Agent:
     def write_status(self, **changes: Any) -> None:
         self.status.update(changes, updated_at=snaps.now_iso())
         path = self.run_dir / STATUS_FILE
-        temp = path.with_name(f".{STATUS_FILE}.tmp")
         try:
-            temp.write_text(json.dumps(self.status))
-            os.replace(temp, path)
-        except OSError as error:
+            paths.atomic_write(path, json.dumps(self.status).encode(), 0o644)
+        except GpurunError as error:
             log(f"cannot write {path}: {error}")
 
     # -- snapshots --------------------------------------------------------
@@ -291,11 +289,9 @@ class Agent:
         if text is None:
             return
         path = self.run_dir / gpu.FILE
-        temp = path.with_name(f".{gpu.FILE}.tmp")
         try:
-            temp.write_text(text)
-            os.replace(temp, path)
-        except OSError as error:
+            paths.atomic_write(path, text.encode(), 0o644)
+        except GpurunError as error:
             log(f"cannot write {path}: {error}")
 
     def run(self) -> int:

@@ -41,6 +41,8 @@ LATEST_LIMIT = 64 * KiB
 RUN_RECORD_LIMIT = 4 * MiB
 MANIFEST_LIMIT = 64 * MiB
 AGENT_STATUS_LIMIT = 1 * MiB
+#: Where the checkpoint agent keeps its status, in the run directory on the machine.
+AGENT_STATUS_FILE = "agent.status.json"
 #: One line of metrics.jsonl: an epoch's numbers, never near this.
 METRICS_LINE_LIMIT = 64 * KiB
 #: image_prep.py's answer line: counts, a path and a list of problems (one per file at most).
