@@ -19,8 +19,9 @@ import hashlib
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISLNK, S_ISREG
 from typing import Any
 
 from gpurun.store.snapshots import StagedFile, sha256_file
@@ -49,55 +50,51 @@ def _identity(stat: os.stat_result) -> FileIdentity:
     return FileIdentity(stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
 
-def list_checkpoint_files(directory: Path) -> dict[str, FileIdentity]:
-    found: dict[str, FileIdentity] = {}
-    if not directory.is_dir():
-        return found
-    for current, dirs, files in os.walk(directory):
-        dirs[:] = [d for d in dirs if not d.startswith(".gpurun")]
-        for name in files:
-            if name.endswith(TEMPORARY_SUFFIXES) or name.startswith(TEMPORARY_PREFIXES):
-                continue
-            full = os.path.join(current, name)
-            try:
-                stat = os.stat(full, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if not os.path.isfile(full) or os.path.islink(full):
-                continue
-            found[os.path.relpath(full, directory).replace(os.sep, "/")] = _identity(stat)
-    return found
-
-
-def find_links(directory: Path) -> tuple[dict[str, str], list[str]]:
-    """The symbolic links in the checkpoint directory: those whose target is inside it
-    (path -> target relative to the link's folder), and "path -> target" for the others.
+@dataclass
+class CheckpointScan:
+    """One walk of the checkpoint directory: its regular files, and its symbolic links, those whose
+    target is inside it (path -> target relative to the link's folder) and "path -> target" for the others.
 
     Links to folders are not descended into (their files are under their target
     already); a link whose target lies outside is never followed.
     """
-    inside: dict[str, str] = {}
-    outside: list[str] = []
+
+    files: dict[str, FileIdentity] = field(default_factory=dict)
+    links_inside: dict[str, str] = field(default_factory=dict)
+    links_outside: list[str] = field(default_factory=list)
+
+
+def scan_checkpoint_dir(directory: Path) -> CheckpointScan:
+    scan = CheckpointScan()
     if not directory.is_dir():
-        return inside, outside
+        return scan
     root = os.path.realpath(directory)
     for current, dirs, files in os.walk(directory):
         dirs[:] = [d for d in dirs if not d.startswith(".gpurun")]
         for name in sorted(dirs + files):
-            full = os.path.join(current, name)
-            if not os.path.islink(full) or name.endswith(TEMPORARY_SUFFIXES) or name.startswith(TEMPORARY_PREFIXES):
+            if name.endswith(TEMPORARY_SUFFIXES) or name.startswith(TEMPORARY_PREFIXES):
                 continue
+            full = os.path.join(current, name)
             relative = os.path.relpath(full, directory).replace(os.sep, "/")
             try:
-                target = os.readlink(full)
-            except OSError:
+                stat = os.stat(full, follow_symlinks=False)
+            except FileNotFoundError:
                 continue  # removed while we looked
-            resolved = os.path.realpath(os.path.join(current, target))
-            if resolved == root or resolved.startswith(root + os.sep):
-                inside[relative] = os.path.relpath(resolved, os.path.realpath(current)).replace(os.sep, "/")
-            else:
-                outside.append(f"{relative} -> {target}")
-    return inside, outside
+            if S_ISLNK(stat.st_mode):
+                try:
+                    target = os.readlink(full)
+                except OSError:
+                    continue
+                resolved = os.path.realpath(os.path.join(current, target))
+                if resolved == root or resolved.startswith(root + os.sep):
+                    scan.links_inside[relative] = os.path.relpath(resolved, os.path.realpath(current)).replace(
+                        os.sep, "/"
+                    )
+                else:
+                    scan.links_outside.append(f"{relative} -> {target}")
+            elif S_ISREG(stat.st_mode):
+                scan.files[relative] = _identity(stat)
+    return scan
 
 
 def _copy_and_hash(source: str, dest: str) -> tuple[str, int]:
@@ -138,7 +135,7 @@ class Stager:
         if not manifest:
             return
         self.known_links = {entry["path"]: entry["target"] for entry in manifest.get("links", [])}
-        current = list_checkpoint_files(self.watch_dir)
+        current = scan_checkpoint_dir(self.watch_dir).files
         for entry in manifest["files"]:
             identity = current.get(entry["path"])
             # Trust size alone only after checking the hash once.
@@ -154,13 +151,14 @@ class Stager:
         if self.staging_dir.exists():
             shutil.rmtree(self.staging_dir)
         self.staging_dir.mkdir(parents=True)
-        current = list_checkpoint_files(self.watch_dir)
+        scan = scan_checkpoint_dir(self.watch_dir)
+        current = scan.files
         staged: list[StagedFile] = []
         self._pending = {}
         self._held = {}
         self._links = 0
         self._link_names = {}
-        self.links, self.outside_links = find_links(self.watch_dir)
+        self.links, self.outside_links = scan.links_inside, scan.links_outside
         self._pending_links = dict(self.links)
         changed = set(current) != set(self.known) or self.links != self.known_links
         to_take = []
