@@ -122,12 +122,13 @@ def restore_arguments(record: dict[str, Any], machine: dict[str, Any]) -> list[s
     return arguments
 
 
-def agent_run_name(record: dict[str, Any], machine: dict[str, Any]) -> str:
+def rank_run_name(run: str, rank: int | None) -> str:
     """Rank 0 writes under the run; with checkpoint.nodes=all, other ranks write under <run>/rank-K."""
-    run = str(record["run"])
-    if machine.get("rank", 0) == 0:
-        return run
-    return f"{run}/rank-{machine['rank']}"
+    return run if not rank else f"{run}/rank-{rank}"
+
+
+def agent_run_name(record: dict[str, Any], machine: dict[str, Any]) -> str:
+    return rank_run_name(str(record["run"]), machine.get("rank", 0))
 
 
 def agent_machines(record: dict[str, Any]) -> list[dict[str, Any]]:

@@ -416,7 +416,7 @@ def _prepare(
         # Every node gets the snapshot it needs: rank 0's, or its own with checkpoint.nodes=all.
         rank = machine.get("rank", 0)
         own = spec["checkpoint"].get("nodes") == "all" and rank > 0
-        source_run = f"{source['run']}/rank-{rank}" if own else source["run"]
+        source_run = common.rank_run_name(source["run"], rank if own else 0)
         into = common.checkpoint_dir(record, machine)
         # The checkpoint dir becomes exactly the snapshot; anything already there is kept beside it, never mixed.
         arguments = [
@@ -483,7 +483,7 @@ def _setup_failed(
     lines = [line for line in tail if not line.startswith("[gpurun] setup failed")][-SETUP_TAIL_LINES:]
     job = runs.current_job(record)
     number = job["number"] if job else 1
-    where_run = run if rank == 0 else f"{run}/rank-{rank}"
+    where_run = common.rank_run_name(run, rank)
     kept = f"{record['store']}/{where_run}/logs/job-{number:04d}/"
     if machine in common.agent_machines(record):
         # The agent ships the job's output when the job ends: let it finish before anything is removed.

@@ -106,8 +106,8 @@ def _all_machines_gone(record: dict[str, Any]) -> bool:
 
 
 def _store_run(run: str, node: int | None) -> str:
-    """Where a node's output is in the store: rank 0 under the run, rank K (checkpoint.nodes=all) under rank-K."""
-    return run if not node else f"{run}/rank-{node}"
+    """Where a node's output is in the store (the same place as its snapshots)."""
+    return common.rank_run_name(run, node)
 
 
 def _store_of(record: dict[str, Any] | None, store_url: str, node: int | None) -> Any:
