@@ -9,11 +9,9 @@ errors and each other. `python -m gpurun` (__main__) may import cli.
 Imports under TYPE_CHECKING and inside functions count too. Prints each
 import that breaks the table; exit status 1 if there is one.
 
-Second rule: app/ asks a provider what it can do, never which one it is. A
-comparison in gpurun/app/ with a provider's name ("aws", "ssh", "local") is
-a violation, except the ones PROVIDER_BRANCHES
-still lists per file (each a known case to move behind a capability; the list
-may only shrink).
+Second rule: app/ (and cli.py) asks a provider what it can do, never which
+one it is. A comparison there with a provider's name ("aws", "ssh", "local")
+is a violation: ask gpurun.providers.capabilities instead.
 """
 
 from __future__ import annotations
@@ -41,11 +39,6 @@ ALLOWED = {
 
 
 PROVIDER_NAMES = {"aws", "ssh", "local"}
-#: Provider-name branches app/ (and cli.py, which must have none) still has, per file: the count may go down, never up.
-PROVIDER_BRANCHES: dict[str, int] = {
-    "gpurun/app/doctor.py": 3,
-    "gpurun/app/teardown.py": 1,
-}
 
 
 def provider_branches(path: Path) -> list[int]:
@@ -71,11 +64,10 @@ def check_provider_branches(root: Path) -> list[str]:
     deciders += [root / "cli.py"] if (root / "cli.py").is_file() else []
     for path in deciders:
         lines = provider_branches(path)
-        allowed = PROVIDER_BRANCHES.get(path.relative_to(root.parent).as_posix(), 0)
-        if len(lines) > allowed:
+        if lines:
             where = ", ".join(str(line) for line in lines)
             problems.append(
-                f"{path}: {len(lines)} provider-name branch(es) (lines {where}), {allowed} allowed; "
+                f"{path}: {len(lines)} provider-name branch(es) (lines {where}); "
                 "ask the provider's capabilities (gpurun.providers.capabilities) instead"
             )
     return problems

@@ -290,3 +290,31 @@ def test_teardown_force_stops_the_ssh_job_of_a_truncated_record(
     wait_until(lambda: not process_alive(job_pid), timeout=30, what="the job on the ssh host to stop")
     assert not run_dir.exists()
     assert gpurun_json("status", run)[0]["state"] == "ended"
+
+
+@pytest.mark.parametrize(
+    "provider, hint",
+    [
+        ("aws", "`gpurun teardown --orphans` finds its AWS resources by their gpurun:run tag"),
+        (None, "`gpurun teardown --orphans` finds its AWS resources by their gpurun:run tag"),
+        ("ssh", "stop its job on the machine by hand"),
+        ("local", "stop its job on the machine by hand"),
+    ],
+    ids=["aws", "no-provider-left", "ssh", "local-without-run-dir"],
+)
+def test_teardown_force_of_a_damaged_record_without_any_copy_says_where_to_look(
+    gpurun_home: Path, tmp_path: Path, provider: str | None, hint: str
+) -> None:
+    """Nothing to recover from (no store copy, no run directory): the error says how to find what the run left."""
+    run = "gone-abc123"
+    empty_store = tmp_path / "empty-store"
+    empty_store.mkdir()
+    fields = {"run": run, "store": f"file://{empty_store}"} | ({"provider": provider} if provider else {})
+    text = "{\n" + ",\n".join(f' "{key}": "{value}"' for key, value in fields.items()) + ',\n "machines": [{"ra'
+    paths.runs_dir().mkdir(parents=True, exist_ok=True)
+    (paths.runs_dir() / f"{run}.json").write_text(text)
+
+    done = gpurun("teardown", run, "--yes", "--force", check=False)
+    assert done.returncode == 1, done.stderr
+    assert "is damaged" in done.stderr and hint in done.stderr and "Traceback" not in done.stderr
+    assert (paths.runs_dir() / f"{run}.json").read_text() == text  # nothing recovered, nothing moved

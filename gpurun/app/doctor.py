@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpurun.errors import BadInput, GpurunError, NoSuchBucket, UnknownRegion
+from gpurun.providers.capabilities import capabilities
 
 if TYPE_CHECKING:
     from gpurun.providers.aws.instance_types import TypeInfo
@@ -563,7 +564,8 @@ def diagnose(spec: Spec | None, on_check: Callable[[Check], None] | None = None)
     doctor.tar()
     store = spec.checkpoint.store or ""
     credentials_ok: bool | None = None
-    if spec.provider == "aws":
+    provider = capabilities(spec.provider)
+    if provider.rents_aws_machines:
         aws = doctor.aws_session(spec.aws.region, spec.aws.profile)
         credentials_ok = aws is not None
         doctor.aws_launch(aws, spec)
@@ -571,10 +573,10 @@ def diagnose(spec: Spec | None, on_check: Callable[[Check], None] | None = None)
     elif store.startswith("s3://"):
         aws = doctor.aws_session(spec.aws.region, spec.aws.profile)
         credentials_ok = aws is not None
-    if spec.provider == "ssh":
+    if provider.machines_are_spec_hosts:
         doctor.ssh_hosts(spec)
-    elif spec.provider == "local":
-        doctor.python()
+    elif provider.run_dir_here:
+        doctor.python()  # this Python runs the job's checkpoint agent
     doctor.store(spec, credentials_ok)
     return doctor.checks
 

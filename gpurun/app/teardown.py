@@ -77,9 +77,10 @@ def recover_damaged(run: str, ui: Reporter) -> None:
             found = f"its run directory {local_dir}"
     if record is None:
         provider = salvaged.get("provider", "unknown")
+        # With no provider recorded, the tagged resources are the one trail left to follow.
         hint = (
             "`gpurun teardown --orphans` finds its AWS resources by their gpurun:run tag"
-            if provider in ("aws", "unknown")
+            if "provider" not in salvaged or capabilities_of({"provider": provider}).resources_tagged
             else "stop its job on the machine by hand (`kill -- -$(cat ~/gpurun/RUN/job.pid)`)"
         )
         raise GpurunError(

@@ -30,6 +30,13 @@ class Capabilities:
     bakes_images: bool = False
     #: The run directory lies under the login's home, which is known only once connected (the AMI decides it).
     run_dir_under_login_home: bool = False
+    #: Machines are rented in the AWS account of the spec's `aws:` section: a launch needs its credentials,
+    #: network, instance types, AMI, vCPU quota and the caller's IP (what `gpurun doctor` checks first).
+    rents_aws_machines: bool = False
+    #: The machines are the hosts the spec lists (`ssh.hosts`): each must log in and offer python3, tar and GPUs.
+    machines_are_spec_hosts: bool = False
+    #: What the run creates carries its `gpurun:run` tag, so `teardown --orphans` finds it without a record.
+    resources_tagged: bool = False
 
 
 CAPABILITIES = {
@@ -46,6 +53,7 @@ CAPABILITIES = {
         replaces_lost_machines=False,
         keeps_connections=True,
         spot_notice=False,
+        machines_are_spec_hosts=True,
     ),
     "aws": Capabilities(
         machines_disposable=True,
@@ -55,6 +63,8 @@ CAPABILITIES = {
         spot_notice=True,
         bakes_images=True,
         run_dir_under_login_home=True,
+        rents_aws_machines=True,
+        resources_tagged=True,
     ),
 }
 
