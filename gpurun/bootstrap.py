@@ -17,10 +17,11 @@ At every boot of every machine of the group:
 2. fetch gpurun (`agent/<tag>.tar.gz`) and the code (`code/<sha256>.tar.gz`);
 3. restore LATEST into the checkpoint directory (none yet: a fresh start);
 4. run setup, start the job with GPURUN_RESUME_FROM and the checkpoint agent;
-5. leave a monitor running that, when the job ends, records the outcome and
-   scales the group to 0 (success, failure, budget spent), or restarts the
-   job on this machine (a killed job, or a failing one with on_failure) when
-   the budget allows. A spot interruption leaves the rest to the group.
+5. leave a monitor running that, when the job ends, records the outcome and,
+   once no job has been alive for `idle_timeout`, scales the group to 0
+   (success, failure, budget spent), or restarts the job on this machine (a
+   killed job, or a failing one with on_failure) when the budget allows. A
+   spot interruption leaves the rest to the group.
 
 The machine never powers itself off: inside a group, that would be replaced.
 """
@@ -643,6 +644,7 @@ def monitor(config: dict[str, Any]) -> int:
         exit_path = os.path.join(run_dir, "job.exit")
         while not os.path.exists(exit_path) and _alive(os.path.join(run_dir, "job.pid")):
             time.sleep(POLL_SECONDS)
+        job_ended = time.monotonic()
         deadline = time.monotonic() + AGENT_EXIT_WAIT
         while _alive(os.path.join(run_dir, "agent.pid")) and time.monotonic() < deadline:
             time.sleep(POLL_SECONDS)  # the agent's final snapshot comes first
@@ -656,7 +658,7 @@ def monitor(config: dict[str, Any]) -> int:
             return 0
         if code == 0:
             machine.budget.record(machine.instance_id, state="succeeded", ended_at=now_iso(), why="job succeeded")
-            machine.scale_to_zero("the job succeeded")
+            linger(machine, "the job succeeded", since=job_ended)
             return 0
         lost = code is None or code > 128
         if (lost or config.get("on_failure")) and machine.budget.take_restart(machine.instance_id):
@@ -668,8 +670,44 @@ def monitor(config: dict[str, Any]) -> int:
         spent = bool(document and document.get("state") == "budget_spent")
         why = "restart budget spent" if spent else "job failed"
         machine.budget.record(machine.instance_id, state="failed", ended_at=now_iso(), why=why, exit_code=code)
-        machine.scale_to_zero(f"the job ended with exit status {code} ({why})")
+        linger(machine, f"the job ended with exit status {code} ({why})", since=job_ended)
         return 0
+
+
+def linger(machine: Machine, why: str, *, since: float) -> None:
+    """After the run ended: keep the machine for `idle_timeout` (to ssh in, read logs, sync a checkpoint),
+    then scale the group to 0. A job alive again on the machine (its job.pid) restarts the wait, as on a
+    plain AWS machine. With idle_timeout null the machine stays until teardown or the scheduled guard.
+
+    Never a power-off: inside a group a machine that ends itself is replaced.
+    """
+    idle = machine.config.get("idle_timeout", 0)
+    if idle is None:
+        log(f"{why}; idle_timeout is off: this machine stays until `gpurun teardown` or the max_runtime guard")
+        return
+    idle_s = max(0.0, float(idle))
+    if idle_s > 0:
+        log(f"{why}; keeping this machine until no job has been alive for {idle_s:g}s (idle_timeout)")
+        wait_idle(os.path.join(machine.run_dir, "job.pid"), idle_s, since=since)
+        why += f", and no job has been alive for {idle_s:g}s (idle_timeout)"
+    machine.scale_to_zero(why)
+
+
+def wait_idle(pid_path: str, idle_s: float, *, since: float, poll: float = POLL_SECONDS) -> None:
+    """Return once the process in `pid_path` has not been alive for `idle_s` (counted from `since`)."""
+    idle_since = since
+    busy = False
+    while True:
+        now = time.monotonic()
+        if _alive(pid_path):
+            if not busy:
+                log("a job is alive on this machine again: idle_timeout counts from its end")
+            busy, idle_since = True, now
+        elif now - idle_since >= idle_s:
+            return
+        else:
+            busy = False
+        time.sleep(min(poll, max(0.05, idle_s - (now - idle_since))))
 
 
 def main(config: dict[str, Any], argv: list[str]) -> int:

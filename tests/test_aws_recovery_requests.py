@@ -121,6 +121,7 @@ def test_plan_rows_name_group_types_zones_guard_and_budget() -> None:
             spot=True,
             nodes=1,
             max_runtime_text="12h",
+            idle_timeout_text="30m",
             max_restarts=3,
             on_failure=False,
         )
@@ -128,7 +129,8 @@ def test_plan_rows_name_group_types_zones_guard_and_budget() -> None:
     assert rows["auto scaling group"].startswith(f"gpurun-{RUN}")
     assert rows["types"] == "g5.xlarge, g6.xlarge (spot, price-capacity-optimized)"
     assert rows["zones"] == "us-east-1a, us-east-1b"
-    assert "12h" in rows["guard"] and rows["restart budget"].startswith("3 ")
+    assert "12h" in rows["guard"] and "30m after the job ends" in rows["guard"]
+    assert rows["restart budget"].startswith("3 ")
 
 
 def test_moto_accepts_the_template_group_and_guard(session) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -30,7 +31,7 @@ import boto3  # noqa: E402
 from gpurun.cli import main  # noqa: E402
 from gpurun.providers.aws import AwsProvider  # noqa: E402
 from tests.helpers import wait_until  # noqa: E402
-from tests.plugins.boot_emulator import BootEmulator  # noqa: E402
+from tests.plugins.boot_emulator import MARK, BootEmulator  # noqa: E402
 
 AMI = "ami-1e749f67"  # bundled with moto for us-east-1
 
@@ -83,14 +84,14 @@ def world(moto_server: str, moto_validation: None, tmp_path: Path, monkeypatch: 
     return {"bucket": bucket, "endpoint": moto_server, "code": code, "tmp": tmp_path}
 
 
-def _spec(world: dict[str, Any], argument: str, recovery: str) -> Path:
+def _spec(world: dict[str, Any], argument: str, recovery: str, idle_timeout: str = "1s") -> Path:
     spec = world["tmp"] / "aws.yaml"
     spec.write_text(
         "name: rec\nprovider: aws\nworkdir: code\n"
         f"run: {sys.executable} train.py {argument}\n"
         f"checkpoint: {{dir: ckpt, every: 1h, keep: 3, store: 's3://{world['bucket']}/runs', resume: never}}\n"
         f"aws: {{instance_type: [t3.micro, t3.small], ami: {AMI}, disk_gb: 20, ssh_cidr: 127.0.0.1/32, "
-        "spot: true, max_runtime: 2h}\n"
+        f"spot: true, max_runtime: 2h, idle_timeout: {idle_timeout}}}\n"
         f"recovery: {recovery}\n"
     )
     return spec
@@ -255,6 +256,58 @@ def test_reclaimed_machine_is_replaced_and_the_job_resumes_from_latest(
         "roles": [],
         "profiles": [],
     }
+
+
+@pytest.mark.slow
+def test_after_success_the_machine_stays_for_idle_timeout_then_scales_its_group_to_zero(
+    world: dict[str, Any], boot_emulator: BootEmulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    finish = world["tmp"] / "finish"
+    spec = _spec(world, str(finish), "{max_restarts: 1}", idle_timeout="15s")
+    code, out, err = cli(capsys, "launch", str(spec), "--dry-run", "--json")
+    assert code == 0, err
+    plan = {row["item"]: row["value"] for row in json.loads(out)["plan"]}
+    assert "15s after the job ends" in plan["guard"], plan["guard"]
+    code, out, err = cli(capsys, "launch", str(spec), "--json")
+    assert code == 0, err
+    run = json.loads(out)["run"]
+    [machine] = boot_emulator.live()
+    wait_until(lambda: "step 1" in _log(boot_emulator, machine, run), timeout=60, what="the job's first step")
+    finish.touch()
+    wait_until(lambda: (_attempts(world, run) or {}).get("state") == "succeeded", timeout=60, what="success")
+    # The run has ended, but its machine stays in the group for idle_timeout: ssh, logs, checkpoint-sync.
+    assert _group(world, run)["DesiredCapacity"] == 1
+    code, out, err = cli(capsys, "status", run, "--json")
+    [status] = json.loads(out)
+    assert (status["state"], status["exit_code"]) == ("succeeded", 0), out + err
+    assert boot_emulator.live() == [machine]
+
+    # A job alive on the machine again (as a new job would be) holds it: the wait counts from that job's end.
+    run_dir = boot_emulator.run_dir(machine, run)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)"],
+        env={**os.environ, MARK: machine},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        (run_dir / "job.pid").write_text(str(holder.pid))
+        wait_until(
+            lambda: "alive on this machine again" in (run_dir / "monitor.log").read_text(),
+            timeout=30,
+            what="the monitor to see the new job",
+        )
+        assert _group(world, run)["DesiredCapacity"] == 1, "a machine with a live job is never scaled in"
+    finally:
+        holder.kill()
+        holder.wait()
+    wait_until(lambda: _group(world, run)["DesiredCapacity"] == 0, timeout=90, what="the group scaled to 0")
+    assert "no job has been alive for 15s (idle_timeout)" in (run_dir / "monitor.log").read_text()
+    wait_until(lambda: not boot_emulator.live(), timeout=30, what="the machine to go")
+    assert boot_emulator.power_log() == "", "a machine in a group never powers itself off"
+    assert not boot_emulator.errors, boot_emulator.errors
+    code, _out, err = cli(capsys, "teardown", run, "--yes")
+    assert code == 0, err
 
 
 @pytest.mark.slow

@@ -100,6 +100,8 @@ def stage(
         "every": spec.checkpoint.every,
         "keep": spec.checkpoint.keep,
         "spot": spec.aws.spot,
+        # Seconds the machine stays after the job ends before it scales its group to 0; None: until teardown.
+        "idle_timeout": spec.aws.idle_timeout,
         "resume_from": source,
         # References only: each machine reads the values itself, through the run's role.
         "secrets": job_secrets.machine_references(spec.secrets),

@@ -104,6 +104,7 @@ class AwsProvider(Provider):
                 spot=spec.aws.spot,
                 nodes=spec.aws.nodes,
                 max_runtime_text=format_duration(spec.aws.max_runtime),
+                idle_timeout_text=format_duration(spec.aws.idle_timeout) if spec.aws.idle_timeout else None,
                 max_restarts=spec.recovery.max_restarts or 0,
                 on_failure=spec.recovery.on_failure,
             )

@@ -201,15 +201,21 @@ def plan_rows(
     spot: bool,
     nodes: int,
     max_runtime_text: str,
+    idle_timeout_text: str | None,
     max_restarts: int,
     on_failure: bool,
 ) -> list[tuple[str, str]]:
     market = "spot, price-capacity-optimized" if spot else "on-demand, in order"
+    guard = f"group scaled to 0 after {max_runtime_text} (scheduled action {GUARD_ACTION})"
+    if idle_timeout_text:
+        guard += f", or by its machine {idle_timeout_text} after the job ends"
+    else:
+        guard += "; idle_timeout off: the machine stays after the job ends"
     restarts = f"{max_restarts} (a lost machine{' or a failed job' if on_failure else ''} restarts from LATEST)"
     return [
         ("auto scaling group", f"{group_name(run)}: {nodes} machine(s), replaced by AWS when lost"),
         ("types", f"{', '.join(instance_types)} ({market})"),
         ("zones", ", ".join(zones) or "-"),
-        ("guard", f"group scaled to 0 after {max_runtime_text} (scheduled action {GUARD_ACTION})"),
+        ("guard", guard),
         ("restart budget", restarts),
     ]
