@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -80,3 +82,20 @@ def write_spec(directory: Path, text: str, name: str = "experiment.yaml") -> Pat
     path = directory / name
     path.write_text(text)
     return path
+
+
+def isolate(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh state directory and no real AWS, through `monkeypatch` (also what a class-scoped
+    fixture that sets up one scenario for several tests builds its world with)."""
+    home = tmp_path_factory.mktemp("gpurun-home")
+    monkeypatch.setenv("GPURUN_HOME", str(home))
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(home / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "aws-credentials"))
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return home

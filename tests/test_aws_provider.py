@@ -15,6 +15,7 @@ import stat
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +31,7 @@ from gpurun.providers.aws import AwsProvider  # noqa: E402
 from gpurun.providers.aws.ami import pick_dlami  # noqa: E402
 from gpurun.providers.aws.teardown import Timing  # noqa: E402
 from gpurun.spec import validate_spec  # noqa: E402
+from tests.helpers import isolate  # noqa: E402
 from tests.plugins.aws_fake import (  # noqa: E402  (moto's settings first)
     _MUTATING_PREFIXES,
     AMI,
@@ -37,6 +39,7 @@ from tests.plugins.aws_fake import (  # noqa: E402  (moto's settings first)
     DLAMI,
     MUTATING_STEPS,
     OTHER_AMI,
+    FakeAws,
     Saves,
     _error,
     acquire,
@@ -48,6 +51,7 @@ from tests.plugins.aws_fake import (  # noqa: E402  (moto's settings first)
     new_record,
     text,
 )
+from tests.plugins.aws_moto import enable_moto_validation  # noqa: E402
 
 
 def test_plan_shows_everything_and_creates_nothing(provider, session, fake, tmp_path):
@@ -103,91 +107,136 @@ def test_pick_dlami_prefers_newest_framework_then_ubuntu():
 # -- launch: the defaults, asserted on what moto holds --------------------------------------------
 
 
-def test_launch_applies_every_safe_default(provider, session, fake, tmp_path):
-    spec = make_spec(tmp_path, disk_gb=120)
-    record, machines, saves = launch(provider, spec)
-    ec2, iam = session.client("ec2"), session.client("iam")
-    [machine] = machines
-    instance = ec2.describe_instances(InstanceIds=[machine["instance_id"]])["Reservations"][0]["Instances"][0]
-    tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
-    assert tags == {
-        "gpurun:run": "exp-abc123",
-        "gpurun:managed": "true",
-        "gpurun:owner": "user/moto",
-        "Name": "gpurun-exp-abc123",
-    }
-    assert instance["MetadataOptions"]["HttpTokens"] == "required"
-    assert instance["ImageId"] == AMI and instance["InstanceType"] == "g5.xlarge"
-    behaviour = ec2.describe_instance_attribute(
-        InstanceId=instance["InstanceId"], Attribute="instanceInitiatedShutdownBehavior"
-    )
-    assert behaviour["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
-    [volume] = ec2.describe_volumes(Filters=[{"Name": "attachment.instance-id", "Values": [instance["InstanceId"]]}])[
-        "Volumes"
-    ]
-    assert (volume["Size"], volume["VolumeType"], volume["Encrypted"]) == (120, "gp3", True)
-    assert {t["Key"]: t["Value"] for t in volume["Tags"]}["gpurun:run"] == "exp-abc123"
-    body = fake.bodies["RunInstances"][-1]
-    assert body["BlockDeviceMapping.1.Ebs.DeleteOnTermination"] in (True, "true")
-    assert body["BlockDeviceMapping.1.DeviceName"] == "/dev/sda1"
+@pytest.fixture(scope="class")
+def safe_launch(tmp_path_factory: pytest.TempPathFactory, bundled_amis: str) -> dict[str, Any]:
+    """One launch with the defaults, and what moto then holds about it, read once: each test
+    below checks one part (a launch costs more than all the reads)."""
+    from moto import mock_aws
 
-    [group] = ec2.describe_security_groups(GroupIds=[record["resources"]["security_group"]])["SecurityGroups"]
-    assert {t["Key"]: t["Value"] for t in group["Tags"]}["gpurun:managed"] == "true"
-    [rule] = group["IpPermissions"]
-    assert (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) == ("tcp", 22, 22)
-    assert [r["CidrIp"] for r in rule["IpRanges"]] == [CIDR]
-    assert not rule.get("Ipv6Ranges") and not rule.get("UserIdGroupPairs")
-    assert [g["GroupId"] for g in instance["SecurityGroups"]] == [group["GroupId"]]
+    from gpurun.providers.aws.session import new_botocore_session
 
-    policy = iam.get_role_policy(RoleName="gpurun-exp-abc123", PolicyName="gpurun-checkpoint-store")["PolicyDocument"]
-    if isinstance(policy, str):
-        policy = json.loads(policy)
-    resources = [statement["Resource"] for statement in policy["Statement"]]
-    assert resources == ["arn:aws:s3:::ckpt-bucket/team/exp/exp-abc123/*", "arn:aws:s3:::ckpt-bucket"]
-    assert policy["Statement"][1]["Condition"]["StringLike"]["s3:prefix"] == ["team/exp/exp-abc123/*"]
-    role_tags = {t["Key"]: t["Value"] for t in iam.list_role_tags(RoleName="gpurun-exp-abc123")["Tags"]}
-    assert role_tags["gpurun:managed"] == "true"
-    assert iam.list_attached_role_policies(RoleName="gpurun-exp-abc123")["AttachedPolicies"] == []
-    assert instance["IamInstanceProfile"]["Arn"].endswith("instance-profile/gpurun/gpurun-exp-abc123")
+    with pytest.MonkeyPatch.context() as monkeypatch, mock_aws():
+        isolate(tmp_path_factory, monkeypatch)
+        enable_moto_validation(monkeypatch, bundled_amis)
+        session = boto3.Session(botocore_session=new_botocore_session(), region_name="us-east-1")
+        fake = FakeAws()
+        spec = make_spec(tmp_path_factory.mktemp("spec"), disk_gb=120)
+        record, [machine], _ = launch(make_provider(fake), spec)
+        ec2, iam = session.client("ec2"), session.client("iam")
+        instance = ec2.describe_instances(InstanceIds=[machine["instance_id"]])["Reservations"][0]["Instances"][0]
+        by_instance = [{"Name": "attachment.instance-id", "Values": [instance["InstanceId"]]}]
+        policy = iam.get_role_policy(RoleName="gpurun-exp-abc123", PolicyName="gpurun-checkpoint-store")
+        key_path = Path(machine["key_path"])
+        return {
+            "record": record,
+            "machine": machine,
+            "instance": instance,
+            "shutdown": ec2.describe_instance_attribute(
+                InstanceId=instance["InstanceId"], Attribute="instanceInitiatedShutdownBehavior"
+            )["InstanceInitiatedShutdownBehavior"]["Value"],
+            "user_data": ec2.describe_instance_attribute(InstanceId=instance["InstanceId"], Attribute="userData")[
+                "UserData"
+            ]["Value"],
+            "volumes": ec2.describe_volumes(Filters=by_instance)["Volumes"],
+            "run_instances": fake.bodies["RunInstances"][-1],
+            "groups": ec2.describe_security_groups(GroupIds=[record["resources"]["security_group"]])["SecurityGroups"],
+            "policy": policy["PolicyDocument"],
+            "role_tags": iam.list_role_tags(RoleName="gpurun-exp-abc123")["Tags"],
+            "attached_policies": iam.list_attached_role_policies(RoleName="gpurun-exp-abc123")["AttachedPolicies"],
+            "key_pairs": ec2.describe_key_pairs(KeyNames=["gpurun-exp-abc123"])["KeyPairs"],
+            "key_dir": key_dir(),
+            "key_mode": stat.S_IMODE(key_path.stat().st_mode),
+            "key_dir_mode": stat.S_IMODE(key_path.parent.stat().st_mode),
+            "key_text": key_path.read_text(),
+        }
 
-    [pair] = ec2.describe_key_pairs(KeyNames=["gpurun-exp-abc123"])["KeyPairs"]
-    assert pair["KeyType"] == "ed25519"
-    assert instance["KeyName"] == "gpurun-exp-abc123"
-    key_path = Path(machine["key_path"])
-    assert key_path.parent == key_dir()
-    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
-    assert stat.S_IMODE(key_path.parent.stat().st_mode) == 0o700
-    assert key_path.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
 
-    data = ec2.describe_instance_attribute(InstanceId=instance["InstanceId"], Attribute="userData")["UserData"]["Value"]
-    script = base64.b64decode(data).decode()
-    assert "RUNTIME=43200" in script and "--unit=gpurun-max-runtime" in script and "per-boot" in script
-    assert "IDLE=1800" in script and "job.pid" in script
-    for secret in ("testing", "AWS_SECRET", "aws_access_key_id", "AKIA"):
-        assert secret not in script
+@pytest.mark.xdist_group("aws-provider-safe-launch")  # one worker launches once for the whole class
+class TestLaunchAppliesEverySafeDefault:
+    def test_the_instance_is_tagged_requires_imdsv2_and_terminates_on_shutdown(self, safe_launch) -> None:
+        instance = safe_launch["instance"]
+        tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
+        assert tags == {
+            "gpurun:run": "exp-abc123",
+            "gpurun:managed": "true",
+            "gpurun:owner": "user/moto",
+            "Name": "gpurun-exp-abc123",
+        }
+        assert instance["MetadataOptions"]["HttpTokens"] == "required"
+        assert instance["ImageId"] == AMI and instance["InstanceType"] == "g5.xlarge"
+        assert safe_launch["shutdown"] == "terminate"
 
-    assert machine == {
-        **machine,
-        "rank": 0,
-        "host": instance["PublicIpAddress"],
-        "public_ip": instance["PublicIpAddress"],
-        "private_ip": instance["PrivateIpAddress"],
-        "port": 22,
-        "user": "ubuntu",
-        "instance_type": "g5.xlarge",
-        "spot": False,
-        "state": "running",
-        "host_keys": None,
-        "price_per_hour": 1.006,
-        "run_dir": "/home/ubuntu/gpurun/exp-abc123",
-    }
-    assert record["aws"] == {
-        "region": "us-east-1",
-        "profile": None,
-        "account": "123456789012",
-        "owner": "user/moto",
-        "nodes": 1,
-    }
+    def test_the_root_volume_is_encrypted_gp3_of_the_spec_size_and_goes_with_the_instance(self, safe_launch) -> None:
+        [volume] = safe_launch["volumes"]
+        assert (volume["Size"], volume["VolumeType"], volume["Encrypted"]) == (120, "gp3", True)
+        assert {t["Key"]: t["Value"] for t in volume["Tags"]}["gpurun:run"] == "exp-abc123"
+        body = safe_launch["run_instances"]
+        assert body["BlockDeviceMapping.1.Ebs.DeleteOnTermination"] in (True, "true")
+        assert body["BlockDeviceMapping.1.DeviceName"] == "/dev/sda1"
+
+    def test_the_security_group_opens_ssh_to_the_caller_only(self, safe_launch) -> None:
+        [group] = safe_launch["groups"]
+        assert {t["Key"]: t["Value"] for t in group["Tags"]}["gpurun:managed"] == "true"
+        [rule] = group["IpPermissions"]
+        assert (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) == ("tcp", 22, 22)
+        assert [r["CidrIp"] for r in rule["IpRanges"]] == [CIDR]
+        assert not rule.get("Ipv6Ranges") and not rule.get("UserIdGroupPairs")
+        assert [g["GroupId"] for g in safe_launch["instance"]["SecurityGroups"]] == [group["GroupId"]]
+
+    def test_the_role_reaches_only_the_runs_store_prefix(self, safe_launch) -> None:
+        policy = safe_launch["policy"]
+        if isinstance(policy, str):
+            policy = json.loads(policy)
+        resources = [statement["Resource"] for statement in policy["Statement"]]
+        assert resources == ["arn:aws:s3:::ckpt-bucket/team/exp/exp-abc123/*", "arn:aws:s3:::ckpt-bucket"]
+        assert policy["Statement"][1]["Condition"]["StringLike"]["s3:prefix"] == ["team/exp/exp-abc123/*"]
+        role_tags = {t["Key"]: t["Value"] for t in safe_launch["role_tags"]}
+        assert role_tags["gpurun:managed"] == "true"
+        assert safe_launch["attached_policies"] == []
+        assert safe_launch["instance"]["IamInstanceProfile"]["Arn"].endswith(
+            "instance-profile/gpurun/gpurun-exp-abc123"
+        )
+
+    def test_a_fresh_ed25519_key_is_kept_private_here(self, safe_launch) -> None:
+        [pair] = safe_launch["key_pairs"]
+        assert pair["KeyType"] == "ed25519"
+        assert safe_launch["instance"]["KeyName"] == "gpurun-exp-abc123"
+        assert Path(safe_launch["machine"]["key_path"]).parent == safe_launch["key_dir"]
+        assert safe_launch["key_mode"] == 0o600
+        assert safe_launch["key_dir_mode"] == 0o700
+        assert safe_launch["key_text"].startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+
+    def test_user_data_guards_runtime_and_idleness_and_holds_no_credentials(self, safe_launch) -> None:
+        script = base64.b64decode(safe_launch["user_data"]).decode()
+        assert "RUNTIME=43200" in script and "--unit=gpurun-max-runtime" in script and "per-boot" in script
+        assert "IDLE=1800" in script and "job.pid" in script
+        for secret in ("testing", "AWS_SECRET", "aws_access_key_id", "AKIA"):
+            assert secret not in script
+
+    def test_the_machine_and_record_say_how_to_reach_it(self, safe_launch) -> None:
+        machine, instance = safe_launch["machine"], safe_launch["instance"]
+        assert machine == {
+            **machine,
+            "rank": 0,
+            "host": instance["PublicIpAddress"],
+            "public_ip": instance["PublicIpAddress"],
+            "private_ip": instance["PrivateIpAddress"],
+            "port": 22,
+            "user": "ubuntu",
+            "instance_type": "g5.xlarge",
+            "spot": False,
+            "state": "running",
+            "host_keys": None,
+            "price_per_hour": 1.006,
+            "run_dir": "/home/ubuntu/gpurun/exp-abc123",
+        }
+        assert safe_launch["record"]["aws"] == {
+            "region": "us-east-1",
+            "profile": None,
+            "account": "123456789012",
+            "owner": "user/moto",
+            "nodes": 1,
+        }
 
 
 def test_each_resource_is_saved_the_moment_it_exists(provider, tmp_path):

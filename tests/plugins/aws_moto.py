@@ -38,6 +38,10 @@ def bundled_amis(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture
 def moto_validation(monkeypatch: pytest.MonkeyPatch, bundled_amis: str) -> None:
+    enable_moto_validation(monkeypatch, bundled_amis)
+
+
+def enable_moto_validation(monkeypatch: pytest.MonkeyPatch, bundled_amis: str) -> None:
     import moto.settings
 
     monkeypatch.setenv("MOTO_AMIS_PATH", bundled_amis)
