@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 
 from gpurun.providers.aws import recovery as rc
 from gpurun.providers.aws import requests as rq
+from gpurun.providers.aws.group import ScalingActivities
 
 RUN = "sine-lstm-ab12cd"
 
@@ -212,3 +213,25 @@ def test_teardown_removes_group_template_and_guard_and_orphans_finds_them(sessio
     assert live == []
     assert f"auto scaling group gpurun-{RUN}" in outcome.removed
     assert f"scheduled action {rc.GUARD_ACTION}" in outcome.removed
+
+
+def test_scaling_activities_are_shown_once_and_failures_say_what_was_tried() -> None:
+    seen = ScalingActivities(["g5.xlarge", "g6.xlarge"])
+    spot = {
+        "ActivityId": "b",
+        "StatusCode": "Failed",
+        "StatusMessage": "Could not launch Spot Instances. InsufficientInstanceCapacity - "
+        "There is no Spot capacity available that matches your request.\x1b[2J",
+        "Details": '{"Availability Zone":"eu-west-1b"}',
+    }
+    quota = {"ActivityId": "c", "StatusCode": "Failed", "StatusMessage": "You have requested more vCPU capacity"}
+    started = {"ActivityId": "a", "StatusCode": "Successful", "Description": "Launching a new EC2 instance: i-1"}
+    assert seen.feed([spot, started]) == [
+        "Successful: Launching a new EC2 instance: i-1",
+        "Failed (no capacity: eu-west-1b): Could not launch Spot Instances. InsufficientInstanceCapacity - "
+        "There is no Spot capacity available that matches your request.\\x1b[2J",
+    ]
+    assert seen.feed([quota, spot, started]) == ["Failed: You have requested more vCPU capacity"]
+    assert seen.feed([quota, spot, started]) == []
+    assert seen.tried() == "2 failed launches tried type not named in eu-west-1b"
+    assert ScalingActivities(["g5.xlarge"]).tried() == ""

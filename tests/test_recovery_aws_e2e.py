@@ -360,11 +360,43 @@ def test_a_machine_booting_after_the_budget_is_spent_scales_the_group_to_zero(
     assert code == 0, err
 
 
+def _capacity_failure(activity_id: str, instance_type: str, zone: str) -> dict[str, Any]:
+    reason = (
+        f"We currently do not have sufficient {instance_type} capacity in the Availability Zone you requested "
+        f"({zone}). Our system will be working on provisioning additional capacity."
+    )
+    return {
+        "ActivityId": activity_id,
+        "StatusCode": "Failed",
+        "StatusMessage": reason,
+        "Description": f"Launching a new EC2 instance.  Status Reason: {reason} Launching EC2 instance failed.",
+        "Details": json.dumps({"Subnet ID": "subnet-0", "Availability Zone": zone}),
+    }
+
+
+#: What describe_scaling_activities answers, call after call (moto's is always empty), newest first as AWS
+#: lists them: each call repeats what the previous one said, and the third activity ends on the fourth call.
+ACTIVITIES = [
+    [_capacity_failure("a1", "t3.micro", "us-east-1a")],
+    [_capacity_failure("a2", "t3.micro", "us-east-1b"), _capacity_failure("a1", "t3.micro", "us-east-1a")],
+    [
+        {"ActivityId": "a3", "StatusCode": "InProgress", "Description": "Launching a new EC2 instance: a3"},
+        _capacity_failure("a2", "t3.micro", "us-east-1b"),
+        _capacity_failure("a1", "t3.micro", "us-east-1a"),
+    ],
+    [
+        _capacity_failure("a3", "t3.small", "us-east-1a"),
+        _capacity_failure("a2", "t3.micro", "us-east-1b"),
+        _capacity_failure("a1", "t3.micro", "us-east-1a"),
+    ],
+]
+
+
 def _no_capacity(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
     """The group exists but AWS cannot start its machine: every zone is out of the types."""
     from botocore.awsrequest import AWSResponse
 
-    message = "Launching a new EC2 instance. Status Reason: We currently do not have sufficient t3.micro capacity"
+    calls = [0]
 
     def empty_group(params: dict[str, Any], **_: Any) -> Any:
         body = params.get("body") or {}
@@ -375,16 +407,17 @@ def _no_capacity(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
         }
         return AWSResponse(endpoint, 200, {}, None), answer
 
-    def failed_activity(**_: Any) -> Any:
-        answer = {"Activities": [{"StatusCode": "Failed", "StatusMessage": message, "Description": "Launching"}]}
-        return AWSResponse(endpoint, 200, {}, None), answer
+    def failed_activities(**_: Any) -> Any:
+        calls[0] += 1
+        answer = {"Activities": ACTIVITIES[min(calls[0], len(ACTIVITIES)) - 1]}
+        return AWSResponse(endpoint, 200, {}, None), json.loads(json.dumps(answer))
 
     original_init = AwsProvider.__init__
 
     def patched_init(self: AwsProvider, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
         self.event_handlers.append(("before-call.autoscaling.DescribeAutoScalingGroups", empty_group))
-        self.event_handlers.append(("before-call.autoscaling.DescribeScalingActivities", failed_activity))
+        self.event_handlers.append(("before-call.autoscaling.DescribeScalingActivities", failed_activities))
 
     monkeypatch.setattr(AwsProvider, "__init__", patched_init)
 
@@ -395,10 +428,21 @@ def test_no_capacity_within_capacity_wait_exits_3_and_removes_everything(
 ) -> None:
     _no_capacity(monkeypatch, world["endpoint"])
     spec = _spec(world, "x", "{max_restarts: 1}")
-    code, out, err = cli(capsys, "launch", str(spec), "--set", "aws.capacity_wait=1s")
+    # Long enough for the four answers above at the 0.2 s poll, even on a loaded machine.
+    code, out, err = cli(capsys, "launch", str(spec), "--set", "aws.capacity_wait=6s")
     assert code == 3, err
-    assert "started no machine in 1s" in err and "sufficient t3.micro capacity" in err, err
     run = next(line.split()[1] for line in (out + err).splitlines() if line.startswith("launching "))
+    # Every scaling activity is shown once as it appears, and once more when one seen in progress ends.
+    shown = [line.split(f"group gpurun-{run}: ", 1)[1] for line in err.splitlines() if f"group gpurun-{run}: " in line]
+    assert [line.split(": We currently")[0] for line in shown] == [
+        "Failed (no capacity: t3.micro, us-east-1a)",
+        "Failed (no capacity: t3.micro, us-east-1b)",
+        "InProgress: Launching a new EC2 instance: a3",
+        "Failed (no capacity: t3.small, us-east-1a)",
+    ], err
+    # Exit 3 says what was tried, from the activities.
+    assert "started no machine in 6s" in err and "sufficient t3.small capacity" in err, err
+    assert "3 failed launches tried t3.micro in us-east-1a, us-east-1b; t3.small in us-east-1a" in err, err
     assert _leftovers(world, run) == {
         "groups": [],
         "templates": [],

@@ -7,8 +7,10 @@ every one that teardown terminates.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -92,16 +94,18 @@ def wait_first_instance(
     sleep: Callable[[float], None],
     say: Say,
     keep_waiting: bool = False,
+    instance_types: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The group's first running instance (described); NoCapacity after `timeout` with the group's
-    last scaling activity (StillWaiting with `keep_waiting`: the caller leaves the group trying)."""
+    """The group's first running instance (described), printing each of the group's scaling
+    activities once as it appears; NoCapacity after `timeout` with what AWS tried (StillWaiting with
+    `keep_waiting`: the caller leaves the group trying)."""
     from gpurun.errors import NoCapacity, StillWaiting
     from gpurun.providers.aws.teardown import describe_by_ids
 
     name = recovery.group_name(run)
     autoscaling = aws.client("autoscaling")
+    activities = ScalingActivities(instance_types or [])
     deadline = time.monotonic() + timeout
-    last = ""
     while True:
         answer = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[name])
         ids = [
@@ -112,14 +116,15 @@ def wait_first_instance(
             running = [found[key] for key in ids if found.get(key, {}).get("State", {}).get("Name") == "running"]
             if running:
                 return running[0]
-        activity = _latest_activity(aws, run)
-        if activity and activity != last:
-            say(f"group {name}: {activity}")
-            last = activity
+        for line in activities.feed(_activities(aws, run)):
+            say(f"group {name}: {line}")
         if time.monotonic() >= deadline:
-            message = f"the group {name} started no machine in {timeout:.0f}s" + (
-                f"; last scaling activity: {last}" if last else ""
-            )
+            message = f"the group {name} started no machine in {timeout:.0f}s"
+            tried = activities.tried()
+            if tried:
+                message += f"; {tried}"
+            if activities.last:
+                message += f"; last scaling activity: {activities.last}"
             if keep_waiting:
                 raise StillWaiting(
                     f"{message}. The group keeps trying: `gpurun status {run}` shows when its machine starts "
@@ -129,17 +134,95 @@ def wait_first_instance(
         sleep(interval)
 
 
-def _latest_activity(aws: Aws, run: str) -> str:
+def _activities(aws: Aws, run: str) -> list[dict[str, Any]]:
+    """The group's newest scaling activities (newest first, as AWS lists them); none when unreadable."""
     try:
         answer = aws.client("autoscaling").describe_scaling_activities(
-            AutoScalingGroupName=recovery.group_name(run), MaxRecords=1
+            AutoScalingGroupName=recovery.group_name(run), MaxRecords=100
         )
     except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError):
-        return ""
-    for activity in answer.get("Activities", []):
-        text = str(activity.get("StatusMessage") or activity.get("Description") or "")
-        return f"{activity.get('StatusCode', '')}: {text}"[:300]
-    return ""
+        return []
+    return [item for item in answer.get("Activities", []) if isinstance(item, dict)]
+
+
+#: A scaling activity's status once it will not change again.
+_FINAL = {"Successful", "Failed", "Cancelled"}
+#: Words of a failed launch's message that mean AWS had no capacity (or price) for it, not a fault of the spec.
+_CAPACITY_WORDS = re.compile(
+    r"\b(?:"
+    + "|".join([*sorted(requests.CAPACITY_ERRORS), r"sufficient [\w.-]+ capacity", r"no spot capacity"])
+    + r")\b",
+    re.IGNORECASE,
+)
+_ZONE = re.compile(r"\b[a-z]{2}(?:-gov|-iso[a-z]?)?-[a-z]+-\d[a-z]\b")
+
+
+@dataclass
+class Failure:
+    types: list[str]
+    zones: list[str]
+    capacity: bool
+
+
+@dataclass
+class ScalingActivities:
+    """What launch has shown of a group's scaling activities: each once (by ActivityId), and once more
+    when one first seen in progress ends; the failed launches, for what was tried."""
+
+    instance_types: list[str]
+    shown: dict[str, str] = field(default_factory=dict)
+    failures: dict[str, Failure] = field(default_factory=dict)
+    last: str = ""
+
+    def feed(self, activities: list[dict[str, Any]]) -> list[str]:
+        """Lines for the activities not shown yet (oldest first); AWS lists the newest first."""
+        lines = []
+        for activity in reversed(activities):
+            status = _text(activity.get("StatusCode"), 40) or "?"
+            text = _text(activity.get("StatusMessage") or activity.get("Description"), 300)
+            key = _text(activity.get("ActivityId"), 100) or f"{activity.get('StartTime')} {text}"
+            before = self.shown.get(key)
+            if before is not None and (before in _FINAL or status not in _FINAL):
+                continue
+            self.shown[key] = status
+            label = status
+            if status == "Failed":
+                failure = self.failures[key] = self._failure(activity)
+                if failure.capacity:
+                    where = ", ".join(failure.types + failure.zones)
+                    label = f"Failed (no capacity{': ' + where if where else ''})"
+            line = f"{label}: {text}"
+            lines.append(line)
+            self.last = line
+        return lines
+
+    def _failure(self, activity: dict[str, Any]) -> Failure:
+        said = " ".join(
+            _text(activity.get(name), 2000) for name in ("StatusMessage", "Description", "Cause", "Details")
+        )
+        types = [name for name in self.instance_types if re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", said)]
+        zones = list(dict.fromkeys(_ZONE.findall(said)))
+        return Failure(types, zones, bool(_CAPACITY_WORDS.search(said)))
+
+    def tried(self) -> str:
+        """What the failed launches tried, by type then zone; "" when none failed."""
+        if not self.failures:
+            return ""
+        by_type: dict[str, list[str]] = {}
+        for failure in self.failures.values():
+            for name in failure.types or ["type not named"]:
+                zones = by_type.setdefault(name, [])
+                zones.extend(zone for zone in failure.zones if zone not in zones)
+        parts = [f"{name} in {', '.join(zones)}" if zones else name for name, zones in by_type.items()]
+        count = len(self.failures)
+        return f"{count} failed launch{'es' if count != 1 else ''} tried " + "; ".join(parts)
+
+
+def _text(value: object, limit: int) -> str:
+    """AWS's text, from untrusted JSON: one line, control characters escaped, bounded."""
+    from gpurun.text import escape_controls
+
+    return escape_controls(str(value))[:limit] if value is not None else ""
 
 
 def remove(aws: Aws, run: str, timing: Timing, say: Say, outcome: Outcome) -> bool:

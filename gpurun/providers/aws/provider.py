@@ -253,6 +253,7 @@ class AwsProvider(Provider):
             sleep=self.sleep,
             say=say,
             keep_waiting=bool(record.get("keep_waiting")),
+            instance_types=[info.name for info in types],
         )
         zone = first_instance.get("Placement", {}).get("AvailabilityZone", "")
         machines = launcher.machines([first_instance], key_path, first_instance.get("InstanceType", first.name), zone)
