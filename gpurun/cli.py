@@ -830,7 +830,9 @@ def _remote_record(run: str) -> dict[str, Any]:
         )
     if record["state"] == "ended":
         raise BadInput(f"run {run} has ended; its machine is gone")
-    return record
+    from gpurun.app.status import with_current_machine
+
+    return with_current_machine(record)
 
 
 @cli.command(context_settings={**CONTEXT, "ignore_unknown_options": True})

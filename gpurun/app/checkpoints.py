@@ -64,7 +64,9 @@ def download(
 
 def sync_now(run: str, ui: Reporter, *, timeout: float = SYNC_TIMEOUT) -> dict[str, Any]:
     """Ask the agent for a snapshot now and wait for it; runs a one-off sync when no agent is alive."""
-    record = runs.load(run)
+    from gpurun.app.status import with_current_machine
+
+    record = with_current_machine(runs.load(run))
     if not record.get("machines"):
         raise BadInput(f"run {run} has no machine; nothing to sync")
     if record["state"] == "ended":

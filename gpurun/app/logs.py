@@ -133,6 +133,13 @@ def _from_store(
 
     store = _store_of(record, store_url, node)
     where = _store_run(run, node)
+    if follow and (record is None or record.get("bootstrap")):
+        from gpurun.app import recovering
+
+        attempts = recovering.read_attempts(store, run)
+        if attempts is not None:
+            # A recovering run: follow its machines one after the other, as the group replaces them.
+            return _follow_recovering(run, record, store, where, attempts, job=job, tail=tail, write=write)
     numbers = stored_jobs(store, where)
     if not numbers:
         raise BadInput(f"{store_url} has no output of {where} (nothing under {where}/logs/)")
@@ -184,6 +191,152 @@ def _recorded_outcome(record: dict[str, Any] | None, store: Any, run: str, numbe
         "lost": ended_by == "machine_lost",
         "unknown": ended_by is None,
     }
+
+
+#: How often `logs -f` of a recovering run reads its store (each machine's agent ships every 5 s).
+RECOVERING_POLL_SECONDS = 2.0
+#: How often it also reads run.json, which a teardown (from any computer) marks ended.
+RUN_RECORD_POLL_SECONDS = 10.0
+#: attempts.json still `running` this long after the max_runtime guard: the guard ended the group.
+GUARD_SLACK_SECONDS = 300.0
+
+
+def _follow_recovering(
+    run: str,
+    record: dict[str, Any] | None,
+    store: Any,
+    where: str,
+    attempts: dict[str, Any],
+    *,
+    job: int | None,
+    tail: int | None,
+    write: Callable[[bytes], None],
+    poll: float = RECOVERING_POLL_SECONDS,
+) -> dict[str, Any]:
+    """Follow a recovering run's output in the store, machine after machine, until the run ends.
+
+    Machine N's output is job N. When a later machine has started the job, what
+    is left of the current one's is shown and a line says which machine took
+    over; the follow ends when attempts.json says the run ended (or a teardown
+    marked run.json ended, or the max_runtime guard has passed).
+    """
+    from gpurun.app import recovering
+    from gpurun.store.logs import read_job_log_from, stored_jobs
+
+    listed = recovering.generations(attempts)
+    started = [item["generation"] for item in listed if item.get("job_started_at")]
+    stored = stored_jobs(store, where)
+    if job is not None and job not in stored and not 1 <= job <= len(listed):
+        raise BadInput(f"--job {job}: run {run} has had {len(listed)} machine(s); machine N's output is job N")
+    current = job if job is not None else max(started + stored, default=1)
+    offset, first, at_line_start = 0, True, True
+    said: set[str] = set()
+    guard_at = _guard_deadline(record, store, run)
+    next_record_check = 0.0
+    while True:
+        # attempts.json before the output: once it says the run ended, the output read next is complete.
+        attempts = recovering.read_attempts(store, run) or attempts
+        listed = recovering.generations(attempts)
+        data, offset, problems = read_job_log_from(store, where, current, offset)
+        if first and tail is not None:
+            data = b"".join(data.splitlines(keepends=True)[-tail:]) if tail else b""
+        first = False
+        if data:
+            write(data)
+            at_line_start = data.endswith(b"\n")
+        for problem in problems:
+            if problem not in said:
+                said.add(problem)
+                print(f"[gpurun] {escape_controls(problem)}", file=sys.stderr, flush=True)
+        successor = next((g for g in listed if g["generation"] > current and g.get("job_started_at")), None)
+        if successor is not None:
+            write((b"" if at_line_start else b"\n") + _took_over_line(attempts, successor).encode())
+            current, offset, at_line_start = successor["generation"], 0, True
+            continue
+        if attempts.get("state") != "running":
+            if not at_line_start:
+                write(b"\n")
+            return {"run": run, "from_store": True, **_recovering_outcome(attempts, listed)}
+        if time.monotonic() >= next_record_check:
+            next_record_check = time.monotonic() + RUN_RECORD_POLL_SECONDS
+            if _torn_down(run, record, store):
+                return {"run": run, "from_store": True, "exit_code": None, "gone": True}
+            if guard_at is not None and time.time() > guard_at + GUARD_SLACK_SECONDS:
+                return {"run": run, "from_store": True, "exit_code": None, "lost": True, "note": "max_runtime passed"}
+        time.sleep(poll)
+
+
+def _took_over_line(attempts: dict[str, Any], successor: dict[str, Any]) -> str:
+    """`--- machine 2 (i-..., g5.xlarge, us-east-1b) took over: resumed from LATEST ---` (fields escaped)."""
+    number = successor["generation"]
+    raw = attempts.get("machines", [])[number - 1]
+    resumed = isinstance(raw, dict) and raw.get("resumed") is True
+    names = ", ".join(str(successor[key]) for key in ("instance_id", "type", "zone") if successor.get(key))
+    how = "resumed from LATEST" if resumed else "started the job from the beginning (no snapshot to resume)"
+    return f"--- machine {number} ({names}) took over: {how} ---\n"
+
+
+def _recovering_outcome(attempts: dict[str, Any], listed: list[dict[str, Any]]) -> dict[str, Any]:
+    """How a recovering run ended, from attempts.json (its last machine says why)."""
+    state = attempts.get("state")
+    used, most = attempts.get("restarts_used"), attempts.get("max_restarts")
+    counted = all(isinstance(value, int) and not isinstance(value, bool) for value in (used, most))
+    restarts = f"{used} of {most} restarts used" if counted else None
+    final = listed[-1] if listed else {}
+    if state == "succeeded":
+        return {"exit_code": 0, "note": restarts if counted and used else None}
+    budget = f"no restart left: {restarts}" if state == "budget_spent" and restarts else None
+    if not final.get("job_started_at"):
+        return {"exit_code": None, "failed_to_start": final.get("why") or f"the run ended ({state})"}
+    why, code = final.get("why"), final.get("exit_code")
+    if why == "spot interruption":
+        return {"exit_code": code, "interrupted": True, "note": budget}
+    if code is None and why in (None, "replaced"):
+        # The machine went (reclaimed without a notice) and nothing took its place.
+        return {"exit_code": None, "lost": True, "note": budget}
+    return {"exit_code": code, "note": budget}
+
+
+def _torn_down(run: str, record: dict[str, Any] | None, store: Any) -> bool:
+    """Teardown marks the record here, and run.json in the store for every other computer, ended."""
+    if record is not None:
+        try:
+            if runs.load(run).get("state") == "ended":
+                return True
+        except GpurunError:
+            pass
+    from gpurun.store.snapshots import get_run_record
+
+    try:
+        stored = get_run_record(store, run)
+    except GpurunError:
+        return False
+    return isinstance(stored, dict) and stored.get("state") == "ended"
+
+
+def _guard_deadline(record: dict[str, Any] | None, store: Any, run: str) -> float | None:
+    """When the group's max_runtime guard ends it at the latest (epoch seconds): created_at + max_runtime."""
+    from datetime import datetime
+
+    if record is None:
+        from gpurun.store.snapshots import get_run_record
+
+        try:
+            record = get_run_record(store, run)
+        except GpurunError:
+            record = None
+    if not isinstance(record, dict):
+        return None
+    spec = record.get("spec")
+    aws = spec.get("aws") if isinstance(spec, dict) else None
+    limit = aws.get("max_runtime") if isinstance(aws, dict) else None
+    created = record.get("created_at")
+    if not isinstance(limit, (int, float)) or isinstance(limit, bool) or not isinstance(created, str):
+        return None
+    try:
+        return datetime.fromisoformat(created).timestamp() + float(limit)
+    except ValueError:
+        return None
 
 
 def _escaping(write: Callable[[bytes], None]) -> Callable[[bytes], None]:
@@ -366,7 +519,15 @@ JOB_KILLED = 137  # the job ended without recording an exit status, as a shell r
 
 def follow_outcome(outcome: dict[str, Any]) -> tuple[int, str]:
     """The exit status `--follow` ends with, and the line that says why."""
+    code, message = _follow_status(outcome)
+    note = outcome.get("note")
+    return code, f"{message} ({note})" if note else message
+
+
+def _follow_status(outcome: dict[str, Any]) -> tuple[int, str]:
     code = outcome.get("exit_code")
+    if outcome.get("failed_to_start"):
+        return 1, f"the run ended before its job started: {outcome['failed_to_start']}"
     if outcome.get("lost"):
         return MACHINE_LOST, "the job's machine is gone (terminated) before the job recorded an exit status"
     if outcome.get("gone"):

@@ -97,8 +97,12 @@ def _config_quote(value: str) -> str:
 def _options(record: dict[str, Any], machine: dict[str, Any]) -> list[str]:
     """`-o` options shared by ssh and tunnel (also the lines of the ssh_config entry)."""
     known = " ".join(_config_quote(path) for path in _known_hosts_files(record))
+    # A machine its group started (a recovering run) was never dialled by gpurun: nothing pinned or
+    # learned its key yet. Its first key is trusted and kept in the run's known_hosts, as for any
+    # machine without pinned keys; a changed key is still refused.
+    first_use = bool(machine.get("generation")) and not machine.get("host_keys") and machine.get("trust_on_first_use")
     options = [
-        "StrictHostKeyChecking=yes",
+        f"StrictHostKeyChecking={'accept-new' if first_use else 'yes'}",
         f"UserKnownHostsFile={known}",
         "GlobalKnownHostsFile=/dev/null",
         "ServerAliveInterval=15",

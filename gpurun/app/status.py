@@ -160,6 +160,12 @@ def collect(
         records += [record for record in remote if record["run"] not in known]
         problems += unreadable
     loaded = {record["run"]: json.dumps(record, sort_keys=True) for record in records}
+    for record in records:
+        if _recovering(record) and record.get("source") != "store":
+            # The group's current machine first, so that the cloud is asked about it (its address, state).
+            from gpurun.app import recovering
+
+            recovering.reconcile_from_store(record, problems)
     # The cloud says what became of disposable machines (a spot reclaim, a guard), in one call per provider.
     cloud = [r for r in records if capabilities_of(r).machines_disposable and r["state"] != "ended"]
     for name in sorted({r["provider"] for r in cloud}):
@@ -183,6 +189,21 @@ def collect(
                 f"(pid {record['launcher']['pid']}) is gone: `gpurun teardown {record['run']}` removes what it created"
             )
     return records, problems
+
+
+def _recovering(record: dict[str, Any]) -> bool:
+    return bool(
+        capabilities_of(record).replaces_lost_machines and record.get("bootstrap") and record["state"] != "ended"
+    )
+
+
+def with_current_machine(record: dict[str, Any]) -> dict[str, Any]:
+    """A recovering run's record pointing at its group's current machine, with that machine's address
+    (what `ssh`, `tunnel` and `checkpoint-sync` need); any other record as it is."""
+    if not _recovering(record):
+        return record
+    records, _problems = collect(record["run"])
+    return records[0]
 
 
 def _latest_from_store(record: dict[str, Any], store_url: str, problems: list[str]) -> None:

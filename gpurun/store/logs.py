@@ -70,3 +70,45 @@ def read_job_log(store: ObjectStore, run: str, job: int) -> tuple[bytes, list[st
     if first > 0:
         problems.append(f"only the last {MAX_READ_BYTES // (1024 * 1024)} MiB of job {job}'s output are shown")
     return data[-MAX_READ_BYTES:], problems
+
+
+def read_job_log_from(store: ObjectStore, run: str, job: int, offset: int) -> tuple[bytes, int, list[str]]:
+    """(job `job`'s output from byte `offset` on, the offset after it, problems met), for following.
+
+    Only the chunks holding bytes past `offset` are fetched. When more than
+    MAX_READ_BYTES lie ahead, the start is skipped (named among the problems).
+    A missing chunk stops the read there: it may still be on its way.
+    """
+    chunks = _chunks(store, run).get(job, {})
+    problems: list[str] = []
+    if not chunks:
+        return b"", offset, problems
+    last = max(chunks)
+    end = last * CHUNK_BYTES + min(chunks[last], CHUNK_BYTES)
+    if end - offset > MAX_READ_BYTES:
+        problems.append(
+            f"{end - MAX_READ_BYTES - offset} bytes of job {job}'s output skipped (more than the last 32 MiB)"
+        )
+        offset = end - MAX_READ_BYTES
+    parts: list[bytes] = []
+    position = offset
+    for index in range(position // CHUNK_BYTES, last + 1):
+        size = chunks.get(index)
+        key = chunk_key(run, job, index)
+        if size is None or size > CHUNK_BYTES:
+            if size is not None:
+                problems.append(f"{store.url}/{key} is {size} bytes, more than a chunk holds; skipped")
+            break
+        if index * CHUNK_BYTES + size <= position:
+            continue
+        data = store.get_bytes(key)
+        if data is None:
+            break
+        data = data[:CHUNK_BYTES]
+        start = position - index * CHUNK_BYTES
+        if len(data) > start:
+            parts.append(data[start:])
+            position = index * CHUNK_BYTES + len(data)
+        if len(data) < CHUNK_BYTES:
+            break  # the rest of this chunk (and the ones after it) is still to come
+    return b"".join(parts), position, problems

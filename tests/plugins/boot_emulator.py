@@ -8,6 +8,13 @@ the moto server as every AWS endpoint. An instance that leaves its group
 (terminated, scaled in, replaced) is taken away: every process it started is
 killed, as a reclaimed machine's would be.
 
+With `ssh_port`, each instance also gets an sshd of its own (tests/plugins/sshd.py)
+on an address of its own (127.0.0.2, 127.0.0.3, ...) at that port, set as the
+instance's public IP in moto, whose HOME is the instance's home; it accepts the
+keys in `authorized_keys` (the run's key pair, as cloud-init installs it) and
+has a new host key, as a new machine does. `~/instance-id` holds the instance's
+id (cloud-init keeps it in /var/lib/cloud/data/instance-id).
+
 No credentials reach the machine except through its fake IMDS; every power
 command (shutdown, poweroff, halt, reboot, systemctl, systemd-run) is a stub
 on PATH that only writes a line in `power.log`, so no test ever reaches the
@@ -36,6 +43,7 @@ from tests.helpers import live_processes
 if TYPE_CHECKING:
     # Imported where used: a plugin imported by another is not assertion-rewritten.
     from tests.plugins.fake_imds import FakeImds
+    from tests.plugins.sshd import Sshd
 
 POWER_COMMANDS = ("shutdown", "poweroff", "halt", "reboot", "systemctl", "systemd-run")
 MARK = "GPURUN_EMULATED_INSTANCE"
@@ -59,6 +67,7 @@ class Instance:
     user_data: Path
     taken_away_at: float | None = None
     boot: subprocess.Popen[bytes] | None = None
+    sshd: Sshd | None = None
 
 
 @dataclass
@@ -66,6 +75,10 @@ class BootEmulator:
     endpoint: str
     root: Path
     region: str = "us-east-1"
+    #: Each instance's own sshd listens on this port (None: no sshd).
+    ssh_port: int | None = None
+    #: Public keys each instance's sshd accepts besides the test client's (read at each boot).
+    authorized_keys: Path | None = None
     instances: dict[str, Instance] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     #: Instances that were in a group before the emulator started (another test's): never booted.
@@ -167,6 +180,9 @@ class BootEmulator:
             }
         )
         instance = Instance(instance_id, home, imds, server, time.monotonic(), script)
+        (home / "instance-id").write_text(instance_id + "\n")
+        if self.ssh_port is not None:
+            instance.sshd = self._sshd(instance_id, len(self.instances) + 2)
         with self._lock:
             self.instances[instance_id] = instance
         with open(self.root / instance_id / "cloud-init-output.log", "ab") as log:
@@ -174,6 +190,22 @@ class BootEmulator:
             instance.boot = subprocess.Popen(
                 [sys.executable, str(script)], cwd=home, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
             )
+
+    def _sshd(self, instance_id: str, number: int) -> Sshd:
+        """The instance's sshd on 127.0.0.<number>, which becomes its public IP in moto."""
+        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.ec2.models import ec2_backends
+
+        from tests.plugins.sshd import make_sshd
+
+        assert self.ssh_port is not None
+        address = f"127.0.0.{number}"
+        server = make_sshd(self.root / instance_id, host=address, port=self.ssh_port)
+        if self.authorized_keys is not None and self.authorized_keys.exists():
+            with open(server.directory / "authorized_keys", "a") as handle:
+                handle.write(self.authorized_keys.read_text())
+        ec2_backends[DEFAULT_ACCOUNT_ID][self.region].get_instance(instance_id).nics[0].public_ip = address
+        return server
 
     def take_away(self, instance_id: str) -> None:
         """The machine is gone: everything it ran dies at once, its metadata service too."""
@@ -191,6 +223,8 @@ class BootEmulator:
                     pass
         instance.server.shutdown()
         instance.server.server_close()
+        if instance.sshd is not None:
+            instance.sshd.stop()
 
     def close(self) -> None:
         self._stop.set()

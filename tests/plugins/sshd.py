@@ -239,7 +239,7 @@ class Sshd:
         )
 
 
-def make_sshd(directory: Path) -> Sshd:
+def make_sshd(directory: Path, *, host: str = "127.0.0.1", port: int = 0) -> Sshd:
     if not os.path.exists(SSHD) or not shutil.which("ssh-keygen"):
         pytest.fail(
             f"{SSHD} (or ssh-keygen) is missing: the SSH tests need a real OpenSSH server; "
@@ -258,8 +258,10 @@ def make_sshd(directory: Path) -> Sshd:
         host_key_line=" ".join((directory / "host_ed25519.pub").read_text().split()[:2]),
         home=home,
         log_path=directory / "sshd.log",
+        host=host,
+        port=port,
     )
-    server.start()
+    server.start(keep_port=bool(port))
     return server
 
 
