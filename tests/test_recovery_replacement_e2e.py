@@ -150,7 +150,7 @@ def reclaimed(moto_server: str, bundled_amis: str, tmp_path_factory: pytest.Temp
             f"run: {sys.executable} train.py {finish_file}\n"
             f"checkpoint: {{dir: ckpt, every: 1h, keep: 10, store: 's3://{bucket}/runs', resume: never}}\n"
             f"aws: {{instance_type: [t3.micro, t3.small], ami: {AMI}, disk_gb: 20, ssh_cidr: 127.0.0.1/32, "
-            "spot: true, max_runtime: 2h}\n"
+            "spot: true, max_runtime: 2h, idle_timeout: 1s}\n"
             f"ssh: {{user: {getpass.getuser()}, port: {port}}}\n"
             "recovery: {max_restarts: 2}\n"
         )
