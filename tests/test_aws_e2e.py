@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,7 +29,8 @@ import boto3  # noqa: E402
 
 from gpurun.cli import main  # noqa: E402
 from gpurun.providers.aws import AwsProvider  # noqa: E402
-from tests.helpers import process_alive, wait_until  # noqa: E402
+from tests.helpers import isolate, process_alive, wait_until  # noqa: E402
+from tests.plugins.aws_moto import enable_moto_validation  # noqa: E402
 
 AMI = "ami-1e749f67"  # bundled with moto for us-east-1
 ACCOUNT = "123456789012"
@@ -52,8 +55,33 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
     return exited.value.code, out, err
 
 
+def cli_captured(*args: str) -> tuple[int, str, str]:
+    """cli() for a fixture wider than one test, which has no capsys: stdout and stderr caught here."""
+    out_bytes, err_bytes = io.BytesIO(), io.BytesIO()
+    out, err = io.TextIOWrapper(out_bytes, encoding="utf-8"), io.TextIOWrapper(err_bytes, encoding="utf-8")
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exited:
+        main(list(args))
+    out.flush()
+    err.flush()
+    return exited.value.code, out_bytes.getvalue().decode(), err_bytes.getvalue().decode()
+
+
 @pytest.fixture
 def aws_world(moto_server: str, moto_validation: None, sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    return build_aws_world(moto_server, sshd, tmp_path, monkeypatch)
+
+
+@contextlib.contextmanager
+def wide_aws_world(moto_server: str, sshd, bundled_amis: str, tmp_path_factory: pytest.TempPathFactory):
+    """aws_world for a class- or module-scoped fixture: its own isolated state, undone on leaving."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        isolate(tmp_path_factory, monkeypatch)
+        enable_moto_validation(monkeypatch, bundled_amis)
+        tmp_path = tmp_path_factory.mktemp("aws-world")
+        yield {**build_aws_world(moto_server, sshd, tmp_path, monkeypatch), "tmp_path": tmp_path}, monkeypatch
+
+
+def build_aws_world(moto_server: str, sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
     bucket = f"e2e-{os.getpid()}-{len(list(tmp_path.parent.iterdir()))}"
     boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
@@ -183,88 +211,154 @@ def test_aws_launch_ssh_sync_job_checkpoint_teardown(aws_world, sshd, capsys) ->
     assert any("/logs/job-0001/" in k["Key"] for k in keys)
 
 
+@pytest.fixture(scope="class")
+def second_computer(moto_server: str, sshd, bundled_amis: str, tmp_path_factory: pytest.TempPathFactory):
+    """A run launched here, then seen, refused and ended from a second computer with the same
+    credentials through its store, then settled back here. Launching costs most, so the story runs
+    once: each step's (exit status, stdout, stderr) and what AWS held after it are kept for the tests."""
+    with wide_aws_world(moto_server, sshd, bundled_amis, tmp_path_factory) as (aws_world, monkeypatch):
+        tmp_path = aws_world["tmp_path"]
+        code, out, err = cli_captured("launch", str(aws_world["spec"]), "--json")
+        assert code == 0, err
+        run = json.loads(out)["run"]
+        run_dir = sshd.home / "gpurun" / run
+        job_pid = int((run_dir / "job.pid").read_text())
+        store = f"s3://{aws_world['bucket']}/runs"
+        s3 = boto3.client("s3", endpoint_url=aws_world["endpoint"], region_name="us-east-1")
+        steps: dict[str, Any] = {"run": run}
+
+        def step(name: str, *args: str, resources: bool = False) -> None:
+            steps[name] = cli_captured(*args)
+            if resources:
+                steps[f"{name}: resources"] = gpurun_resources(aws_world["endpoint"])
+            steps[f"{name}: record kept"] = (tmp_path / "other-laptop" / "runs" / f"{run}.json").exists()
+
+        try:
+            wait_until(lambda: bucket_latest(s3, aws_world["bucket"], run), timeout=60, what="a snapshot in the bucket")
+            first_computer = os.environ["GPURUN_HOME"]
+            monkeypatch.setenv("GPURUN_HOME", str(tmp_path / "other-laptop"))  # same credentials, no local state
+
+            step("status here", "status", run)
+            step("status --store", "status", run, "--store", store, "--json")
+            step("orphans", "teardown", "--orphans", "--region", "us-east-1")
+            step(
+                "orphans --store",
+                "teardown",
+                "--orphans",
+                "--store",
+                store,
+                "--region",
+                "us-east-1",
+                "--yes",
+                "--json",
+                resources=True,
+            )
+            step("teardown --store --region", "teardown", run, "--store", store, "--region", "us-east-1", "--yes")
+
+            key = f"runs/{run}/run.json"
+            original = s3.get_object(Bucket=aws_world["bucket"], Key=key)["Body"].read()
+            elsewhere = json.loads(original)
+            elsewhere["aws"]["account"] = "111111111111"
+            s3.put_object(Bucket=aws_world["bucket"], Key=key, Body=json.dumps(elsewhere).encode())
+            step("teardown, another account", "teardown", run, "--store", store, "--yes", resources=True)
+            from_laptop_a = json.loads(original)
+            from_laptop_a["aws"]["profile"] = from_laptop_a["spec"]["aws"]["profile"] = "laptop-a"
+            s3.put_object(Bucket=aws_world["bucket"], Key=key, Body=json.dumps(from_laptop_a).encode())
+            step("teardown, laptop-a's profile", "teardown", run, "--store", store, "--yes")
+
+            config = tmp_path / "aws-config"
+            config.write_text("[profile second]\nregion = us-east-1\n")
+            credentials = tmp_path / "aws-credentials"
+            credentials.write_text("[second]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+            monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+            monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+            step(
+                "teardown --profile",
+                "teardown",
+                run,
+                "--store",
+                store,
+                "--profile",
+                "second",
+                "--yes",
+                "--json",
+                resources=True,
+            )
+            steps["stored after"] = json.loads(s3.get_object(Bucket=aws_world["bucket"], Key=key)["Body"].read())
+            step("status after", "status", run, "--json")
+            step("teardown again", "teardown", run, "--yes")
+
+            monkeypatch.setenv("GPURUN_HOME", first_computer)
+            step("first computer: teardown", "teardown", run, "--yes", "--json")
+            step("first computer: status", "status", run, "--json")
+        finally:
+            # moto's termination cannot stop processes on the loopback sshd.
+            for pid in [job_pid, int((run_dir / "agent.pid").read_text())]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        return steps
+
+
 @pytest.mark.slow
-def test_a_second_computer_sees_and_ends_an_aws_run_through_the_store(
-    aws_world, sshd, capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    code, out, err = cli(capsys, "launch", str(aws_world["spec"]), "--json")
-    assert code == 0, err
-    run = json.loads(out)["run"]
-    job_pid = int((sshd.home / "gpurun" / run / "job.pid").read_text())
-    store = f"s3://{aws_world['bucket']}/runs"
-    s3 = boto3.client("s3", endpoint_url=aws_world["endpoint"], region_name="us-east-1")
-    wait_until(lambda: bucket_latest(s3, aws_world["bucket"], run), timeout=60, what="a snapshot in the bucket")
-    first_computer = os.environ["GPURUN_HOME"]
-    monkeypatch.setenv("GPURUN_HOME", str(tmp_path / "other-laptop"))  # same credentials, no local state
+@pytest.mark.xdist_group("aws-e2e-second-computer")  # one worker runs the story once for the whole class
+class TestASecondComputerSeesAndEndsAnAwsRunThroughTheStore:
+    def test_it_sees_the_run_only_through_the_store(self, second_computer) -> None:
+        code, out, err = second_computer["status here"]
+        assert code == 2 and "unknown run" in err
+        code, out, err = second_computer["status --store"]
+        assert code == 0, err
+        seen = json.loads(out)[0]
+        assert seen["run"] == second_computer["run"] and seen["state"] == "running"
 
-    code, out, err = cli(capsys, "status", run)
-    assert code == 2 and "unknown run" in err
-    code, out, err = cli(capsys, "status", run, "--store", store, "--json")
-    assert code == 0, err
-    seen = json.loads(out)[0]
-    assert seen["run"] == run and seen["state"] == "running"
+    def test_the_orphan_sweep_asks_first_and_spares_a_run_live_in_the_store(self, second_computer) -> None:
+        # Knowing nothing, this computer takes the run's resources for orphans (and asks first)...
+        code, out, err = second_computer["orphans"]
+        assert code == 2 and second_computer["run"] in out and "pass --yes" in err
+        # ...but the run is live in the store: not an orphan for a computer told where to look.
+        code, out, err = second_computer["orphans --store"]
+        assert code == 0, err
+        assert json.loads(out) == {"orphans": [], "removed": []}
+        assert len(second_computer["orphans --store: resources"]["instances"]) == 1
+        code, out, err = second_computer["teardown --store --region"]
+        assert code == 2 and "--orphans" in err
 
-    # Knowing nothing, this computer takes the run's resources for orphans (and asks first)...
-    code, out, err = cli(capsys, "teardown", "--orphans", "--region", "us-east-1")
-    assert code == 2 and run in out and "pass --yes" in err
-    # ...but the run is live in the store: not an orphan for a computer told where to look.
-    code, out, err = cli(capsys, "teardown", "--orphans", "--store", store, "--region", "us-east-1", "--yes", "--json")
-    assert code == 0, err
-    assert json.loads(out) == {"orphans": [], "removed": []}
-    assert len(gpurun_resources(aws_world["endpoint"])["instances"]) == 1
-    code, out, err = cli(capsys, "teardown", run, "--store", store, "--region", "us-east-1", "--yes")
-    assert code == 2 and "--orphans" in err
+    def test_credentials_for_another_account_touch_nothing(self, second_computer) -> None:
+        # They would find no tagged resource and call the run ended.
+        code, out, err = second_computer["teardown, another account"]
+        assert code == 2 and "account 111111111111" in err and "nothing was touched" in err, err
+        assert len(second_computer["teardown, another account: resources"]["instances"]) == 1
+        assert not second_computer["teardown, another account: record kept"], "no record kept for a refused run"
 
-    # Credentials for another account would find no tagged resource and call the run ended.
-    key = f"runs/{run}/run.json"
-    original = s3.get_object(Bucket=aws_world["bucket"], Key=key)["Body"].read()
-    elsewhere = json.loads(original)
-    elsewhere["aws"]["account"] = "111111111111"
-    s3.put_object(Bucket=aws_world["bucket"], Key=key, Body=json.dumps(elsewhere).encode())
-    code, out, err = cli(capsys, "teardown", run, "--store", store, "--yes")
-    assert code == 2 and "account 111111111111" in err and "nothing was touched" in err, err
-    assert len(gpurun_resources(aws_world["endpoint"])["instances"]) == 1
-    assert not (tmp_path / "other-laptop" / "runs" / f"{run}.json").exists(), "no record kept for a refused run"
-    # The launching computer's profile name means nothing here: it is named, and --profile replaces it.
-    from_laptop_a = json.loads(original)
-    from_laptop_a["aws"]["profile"] = from_laptop_a["spec"]["aws"]["profile"] = "laptop-a"
-    s3.put_object(Bucket=aws_world["bucket"], Key=key, Body=json.dumps(from_laptop_a).encode())
-    code, out, err = cli(capsys, "teardown", run, "--store", store, "--yes")
-    assert code == 2 and "laptop-a" in err, err
-    assert not (tmp_path / "other-laptop" / "runs" / f"{run}.json").exists()
-    config = tmp_path / "aws-config"
-    config.write_text("[profile second]\nregion = us-east-1\n")
-    credentials = tmp_path / "aws-credentials"
-    credentials.write_text("[second]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    def test_the_launching_computers_profile_is_named_and_refused(self, second_computer) -> None:
+        code, out, err = second_computer["teardown, laptop-a's profile"]
+        assert code == 2 and "laptop-a" in err, err
+        assert not second_computer["teardown, laptop-a's profile: record kept"]
 
-    code, out, err = cli(capsys, "teardown", run, "--store", store, "--profile", "second", "--yes", "--json")
-    assert code == 0, err
-    assert "no SSH key" in err
-    down = json.loads(out)["runs"][0]
-    assert down["final_checkpoint"]["seq"] >= 1
-    assert any(item.startswith("instance i-") for item in down["removed"])
-    assert gpurun_resources(aws_world["endpoint"]) == {"instances": [], "security_groups": [], "key_pairs": []}
-    stored = json.loads(s3.get_object(Bucket=aws_world["bucket"], Key=f"runs/{run}/run.json")["Body"].read())
-    assert stored["state"] == "ended"
-    code, out, err = cli(capsys, "status", run, "--json")  # kept here, so teardown can be run again
-    assert code == 0 and json.loads(out)[0]["state"] == "ended"
-    code, out, err = cli(capsys, "teardown", run, "--yes")
-    assert code == 0, err
+    def test_with_its_own_profile_it_ends_the_run_and_keeps_the_record(self, second_computer) -> None:
+        code, out, err = second_computer["teardown --profile"]
+        assert code == 0, err
+        assert "no SSH key" in err
+        down = json.loads(out)["runs"][0]
+        assert down["final_checkpoint"]["seq"] >= 1
+        assert any(item.startswith("instance i-") for item in down["removed"])
+        assert second_computer["teardown --profile: resources"] == {
+            "instances": [],
+            "security_groups": [],
+            "key_pairs": [],
+        }
+        assert second_computer["stored after"]["state"] == "ended"
+        code, out, err = second_computer["status after"]  # kept here, so teardown can be run again
+        assert code == 0 and json.loads(out)[0]["state"] == "ended"
+        code, out, err = second_computer["teardown again"]
+        assert code == 0, err
 
-    # Back on the first computer: the instance is terminated, so teardown only settles the record.
-    monkeypatch.setenv("GPURUN_HOME", first_computer)
-    code, out, err = cli(capsys, "teardown", run, "--yes", "--json")
-    assert code == 0, err
-    assert not any(item.startswith("job on") for item in json.loads(out)["runs"][0]["removed"])
-    code, out, err = cli(capsys, "status", run, "--json")
-    assert json.loads(out)[0]["state"] == "ended"
-    # moto's termination cannot stop processes on the loopback sshd.
-    run_dir = sshd.home / "gpurun" / run
-    for pid in [job_pid, int((run_dir / "agent.pid").read_text())]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    def test_back_on_the_first_computer_teardown_only_settles_the_record(self, second_computer) -> None:
+        # The instance is terminated: no job to stop there.
+        code, out, err = second_computer["first computer: teardown"]
+        assert code == 0, err
+        assert not any(item.startswith("job on") for item in json.loads(out)["runs"][0]["removed"])
+        code, out, err = second_computer["first computer: status"]
+        assert json.loads(out)[0]["state"] == "ended"
 
 
 @pytest.mark.slow
