@@ -27,7 +27,7 @@ import boto3  # noqa: E402
 
 from gpurun.providers.aws import AwsProvider  # noqa: E402
 from tests.helpers import process_alive, wait_until  # noqa: E402
-from tests.test_aws_e2e import ACCOUNT, AMI, aws_world, cli  # noqa: E402,F401
+from tests.test_aws_e2e import ACCOUNT, AMI, aws_world, cli, cli_captured, wide_aws_world  # noqa: E402,F401
 
 # Both image test files watch /dev/shm for the stash an image create leaves: one worker runs them.
 pytestmark = pytest.mark.xdist_group("dev-shm-image-stash")
@@ -60,6 +60,12 @@ def _last_epoch(log: Path) -> int:
 
 @pytest.fixture
 def image_world(aws_world, sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: F811
+    with image_world_of(aws_world, sshd, tmp_path, monkeypatch) as world:
+        yield world
+
+
+@contextlib.contextmanager
+def image_world_of(aws_world, sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: F811
     """aws_world plus: a spec with a setup, the run's key put into ~/.ssh/authorized_keys as cloud-init
     would, and moto's images made EBS-backed (moto registers them as instance-store)."""
     tag = f"{os.getpid()}-{len(list(tmp_path.parent.iterdir()))}"
@@ -117,15 +123,17 @@ def image_world(aws_world, sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     (code / "requirements.txt").write_text("numpy==1.26.4\n")
     spec = Path(aws_world["spec"])
     spec.write_text(spec.read_text().replace("run:", f"setup: sh setup.sh {tag} -r requirements.txt\nrun:"))
-    yield world
-    ec2 = _ec2(aws_world["endpoint"])
-    for image in _images(aws_world["endpoint"]):  # the moto server outlives this test: leave no image
-        with contextlib.suppress(Exception):
-            ec2.deregister_image(ImageId=image["ImageId"])
-    tagged = [{"Name": "tag:gpurun:managed", "Values": ["true"]}]
-    for snapshot in ec2.describe_snapshots(OwnerIds=["self"], Filters=tagged)["Snapshots"]:
-        with contextlib.suppress(Exception):
-            ec2.delete_snapshot(SnapshotId=snapshot["SnapshotId"])
+    try:
+        yield world
+    finally:
+        ec2 = _ec2(aws_world["endpoint"])
+        for image in _images(aws_world["endpoint"]):  # the moto server outlives this test: leave no image
+            with contextlib.suppress(Exception):
+                ec2.deregister_image(ImageId=image["ImageId"])
+        tagged = [{"Name": "tag:gpurun:managed", "Values": ["true"]}]
+        for snapshot in ec2.describe_snapshots(OwnerIds=["self"], Filters=tagged)["Snapshots"]:
+            with contextlib.suppress(Exception):
+                ec2.delete_snapshot(SnapshotId=snapshot["SnapshotId"])
 
 
 def _launch(capsys, spec: Path, *extra: str) -> tuple[str, str]:
@@ -141,135 +149,229 @@ def _kill_run_processes(sshd, run: str) -> None:
             os.kill(int((sshd.home / "gpurun" / run / name).read_text()), signal.SIGKILL)
 
 
+def _went_on(condition, what: str) -> bool:
+    """wait_until, as an observation a test asserts on later."""
+    try:
+        wait_until(condition, timeout=60, what=what)
+    except AssertionError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="class")
+def image_story(moto_server: str, sshd, bundled_amis: str, tmp_path_factory: pytest.TempPathFactory):
+    """A run baked into an image, which a second launch then uses; list, doctor, dry runs against it;
+    teardown, the orphan sweep and delete. Two launches cost most, so the story runs once and keeps
+    what each step printed and what moto and the machine held after it, for the tests to check."""
+    with (
+        wide_aws_world(moto_server, sshd, bundled_amis, tmp_path_factory) as (world, monkeypatch),
+        image_world_of(world, sshd, world["tmp_path"], monkeypatch) as image_world,
+    ):
+        endpoint, tag, spec = image_world["endpoint"], image_world["tag"], image_world["spec"]
+        marker = sshd.home / f"setup-marker-{tag}"
+        seen: dict = {"tag": tag, "spec": spec}
+        code, out, err = cli_captured("launch", str(spec), "--json")
+        assert code == 0, err
+        run = seen["run"] = json.loads(out)["run"]
+        second = None
+        try:
+            seen["marker after launch"] = marker.read_text()
+            run_dir = sshd.home / "gpurun" / run
+            job_pid = int((run_dir / "job.pid").read_text())
+            wait_until(lambda: _last_epoch(run_dir / "job.log") >= 2, timeout=60, what="the job's output")
+            (sshd.home / ".bash_history").write_text("export WANDB_API_KEY=canary\n")
+            (run_dir / "secrets.env").write_text("export WANDB_API_KEY=canary\n")  # as the spec's secrets: would
+            keys_before = seen["keys before"] = (sshd.home / ".ssh/authorized_keys").read_text()
+            record_file = Path(os.environ["GPURUN_HOME"], "runs", f"{run}.json")
+            run_key = Path(f"{json.loads(record_file.read_text())['machines'][0]['key_path']}.pub")
+            seen["run key"] = run_key.read_text().split()[1]
+
+            name = seen["name"] = f"img-{tag}"
+            stashes = set(Path("/dev/shm").glob("gpurun-image-*"))
+            seen["create"] = cli_captured("image", "create", run, "--name", name, "--json")
+            seen["seen at create"] = list(image_world["seen_at_create"])
+            seen["after create"] = {
+                "train.py": (run_dir / "work/train.py").exists(),
+                "history": (sshd.home / ".bash_history").exists(),
+                "secrets.env": (run_dir / "secrets.env").read_text(),
+                "keys unchanged": (sshd.home / ".ssh/authorized_keys").read_text() == keys_before,
+                "job running": process_alive(job_pid) and _job_state(job_pid) != "T",
+            }
+            epoch = _last_epoch(run_dir / "job.log")
+            seen["after create"]["job went on"] = _went_on(
+                lambda: _last_epoch(run_dir / "job.log") > epoch, "the job to go on"
+            )
+            seen["after create"]["stash removed"] = set(Path("/dev/shm").glob("gpurun-image-*")) == stashes
+            seen["images"] = _images(endpoint)
+            seen["created"] = json.loads(seen["create"][1]) if seen["create"][0] == 0 else {}
+            if seen["images"]:
+                snapshot = seen["snapshot"] = seen["images"][0]["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
+                seen["snapshot described"] = _ec2(endpoint).describe_snapshots(SnapshotIds=[snapshot])["Snapshots"][0]
+
+            seen["list --json"] = cli_captured("image", "list", "--region", "us-east-1", "--json")
+            seen["list"] = cli_captured("image", "list", "--region", "us-east-1")
+
+            # A launch from the image with the same setup skips setup: the marker is not written again.
+            code, out, err = seen["launch from image"] = cli_captured(
+                "launch", str(spec), "--json", "--set", f"aws.ami=image:{name}"
+            )
+            assert code == 0, err
+            second = json.loads(out)["run"]
+            seen["job 2 ran"] = _went_on(lambda: _last_epoch(sshd.home / "gpurun" / second / "job.log") >= 1, "job 2")
+            seen["marker after launch from image"] = marker.read_text()
+            seen["second record"] = json.loads(Path(os.environ["GPURUN_HOME"], "runs", f"{second}.json").read_text())
+            by_run = [{"Name": "tag:gpurun:run", "Values": [second]}]
+            seen["second launched from"] = _ec2(endpoint).describe_instances(Filters=by_run)["Reservations"][0][
+                "Instances"
+            ][0]["ImageId"]
+
+            seen["doctor auto"] = cli_captured("doctor", str(spec), "--set", "aws.ami=auto", "--json")
+
+            # A changed requirements.txt matches no image: setup runs (image:<name>), or the fallback is used (auto).
+            (Path(spec).parent / "code/requirements.txt").write_text("numpy==2.0.0\n")
+            for ami in (f"image:{name}", "auto"):
+                seen[f"dry run, changed setup, {ami}"] = cli_captured(
+                    "launch",
+                    str(spec),
+                    "--dry-run",
+                    "--json",
+                    "--set",
+                    f"aws.ami={ami}",
+                    "--set",
+                    f"aws.ami_fallback={AMI}",
+                )
+            (Path(spec).parent / "code/requirements.txt").write_text("numpy==1.26.4\n")
+            seen["dry run, same setup, auto"] = cli_captured(
+                "launch", str(spec), "--dry-run", "--json", "--set", "aws.ami=auto"
+            )
+
+            seen["teardowns"] = []
+            for each in (run, second):
+                seen["teardowns"].append(cli_captured("teardown", each, "--yes"))
+                _kill_run_processes(sshd, each)
+            seen["images after teardown"] = len(_images(endpoint))
+            seen["create on an ended run"] = cli_captured("image", "create", run)
+
+            # The orphan sweep lists the image (kept) and removes a snapshot no image refers to.
+            ec2 = _ec2(endpoint)
+            volume = ec2.create_volume(Size=1, AvailabilityZone="us-east-1a")["VolumeId"]
+            managed = [{"ResourceType": "snapshot", "Tags": [{"Key": "gpurun:managed", "Value": "true"}]}]
+            seen["planted"] = ec2.create_snapshot(VolumeId=volume, TagSpecifications=managed)["SnapshotId"]
+            ec2.delete_volume(VolumeId=volume)
+            seen["orphans"] = cli_captured("teardown", "--orphans", "--region", "us-east-1", "--yes", "--json")
+            seen["snapshots after orphans"] = _snapshot_ids(endpoint)
+            seen["images after orphans"] = len(_images(endpoint))
+
+            seen["delete"] = cli_captured("image", "delete", name, "--region", "us-east-1", "--yes", "--json")
+            seen["images after delete"] = _images(endpoint)
+            seen["snapshots after delete"] = _snapshot_ids(endpoint)
+            seen["delete again"] = cli_captured("image", "delete", name, "--region", "us-east-1", "--yes")
+        finally:
+            for each in (run, second):  # moto's termination cannot stop processes on the loopback sshd
+                if each:
+                    _kill_run_processes(sshd, each)
+        return seen
+
+
 @pytest.mark.slow
-def test_image_create_use_list_delete_and_orphan_sweep(image_world, sshd, capsys) -> None:
-    endpoint, tag, spec = image_world["endpoint"], image_world["tag"], image_world["spec"]
-    marker = sshd.home / f"setup-marker-{tag}"
-    run, _ = _launch(capsys, spec)
-    assert marker.read_text() == "setup ran\n"
-    run_dir = sshd.home / "gpurun" / run
-    job_pid = int((run_dir / "job.pid").read_text())
-    wait_until(lambda: _last_epoch(run_dir / "job.log") >= 2, timeout=60, what="the job's output")
-    (sshd.home / ".bash_history").write_text("export WANDB_API_KEY=canary\n")
-    (run_dir / "secrets.env").write_text("export WANDB_API_KEY=canary\n")  # as the spec's secrets: would
-    keys_before = (sshd.home / ".ssh/authorized_keys").read_text()
-    run_key = Path(
-        f"{json.loads(Path(os.environ['GPURUN_HOME'], 'runs', f'{run}.json').read_text())['machines'][0]['key_path']}.pub"
-    )
-    blob = run_key.read_text().split()[1]
-    assert blob in keys_before
+class TestImageCreateUseListDeleteAndOrphanSweep:
+    def test_the_image_holds_nothing_of_the_run_nor_its_key(self, image_story) -> None:
+        assert image_story["marker after launch"] == "setup ran\n"
+        assert image_story["run key"] in image_story["keys before"]
+        code, out, err = image_story["create"]
+        assert code == 0, err
+        # What the image would hold: nothing of the run, no history, not the run's key; the other key stays.
+        (seen,) = image_story["seen at create"]
+        assert seen["nonempty_files"] == [] and not seen["history"]
+        assert image_story["run key"] not in seen["keys"] and "other@box" in seen["keys"]
 
-    name = f"img-{tag}"
-    stashes = set(Path("/dev/shm").glob("gpurun-image-*"))
-    code, out, err = cli(capsys, "image", "create", run, "--name", name, "--json")
-    assert code == 0, err
-    created = json.loads(out)
+    def test_the_machine_is_as_it_was_and_the_job_runs_on(self, image_story) -> None:
+        after = image_story["after create"]
+        assert after["train.py"] and after["history"]
+        assert after["secrets.env"] == "export WANDB_API_KEY=canary\n"
+        assert after["keys unchanged"]
+        assert after["job running"]
+        assert after["job went on"], "the job went on after the image was made"
+        assert after["stash removed"], "the tmpfs stash is removed"
 
-    # What the image would hold: nothing of the run, no history, not the run's key; the other key stays.
-    (seen,) = image_world["seen_at_create"]
-    assert seen["nonempty_files"] == [] and not seen["history"]
-    assert blob not in seen["keys"] and "other@box" in seen["keys"]
-    # ...and afterwards the machine is as it was, the job running on.
-    assert (run_dir / "work/train.py").exists() and (sshd.home / ".bash_history").exists()
-    assert (run_dir / "secrets.env").read_text() == "export WANDB_API_KEY=canary\n"
-    assert (sshd.home / ".ssh/authorized_keys").read_text() == keys_before
-    assert process_alive(job_pid) and _job_state(job_pid) != "T"
-    epoch = _last_epoch(run_dir / "job.log")
-    wait_until(lambda: _last_epoch(run_dir / "job.log") > epoch, timeout=30, what="the job to go on")
-    assert set(Path("/dev/shm").glob("gpurun-image-*")) == stashes, "the tmpfs stash is removed"
+    def test_the_image_and_its_snapshot_are_tagged_with_their_source(self, image_story) -> None:
+        created, name, run = image_story["created"], image_story["name"], image_story["run"]
+        (image,) = image_story["images"]
+        tags = {t["Key"]: t["Value"] for t in image["Tags"]}
+        assert image["Name"] == name and image["ImageId"] == created["id"] and image["State"] == "available"
+        assert tags["gpurun:managed"] == "true" and tags["gpurun:image"] == name
+        assert tags["gpurun:source-ami"] == AMI and tags["gpurun:source-run"] == run
+        assert tags["gpurun:setup-hash"] == created["setup_hash"] and len(created["setup_hash"]) == 64
+        assert created["setup_files"] == ["requirements.txt", "setup.sh"]
+        described = image_story["snapshot described"]
+        assert {t["Key"]: t["Value"] for t in described["Tags"]}["gpurun:image"] == name
 
-    (image,) = _images(endpoint)
-    tags = {t["Key"]: t["Value"] for t in image["Tags"]}
-    assert image["Name"] == name and image["ImageId"] == created["id"] and image["State"] == "available"
-    assert tags["gpurun:managed"] == "true" and tags["gpurun:image"] == name
-    assert tags["gpurun:source-ami"] == AMI and tags["gpurun:source-run"] == run
-    assert tags["gpurun:setup-hash"] == created["setup_hash"] and len(created["setup_hash"]) == 64
-    assert created["setup_files"] == ["requirements.txt", "setup.sh"]
-    snapshot = image["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
-    described = _ec2(endpoint).describe_snapshots(SnapshotIds=[snapshot])["Snapshots"][0]
-    assert {t["Key"]: t["Value"] for t in described["Tags"]}["gpurun:image"] == name
+    def test_image_list_shows_it_with_its_source_and_monthly_cost(self, image_story) -> None:
+        name, run = image_story["name"], image_story["run"]
+        code, out, err = image_story["list --json"]
+        assert code == 0, err
+        (listed,) = json.loads(out)
+        assert listed["name"] == name and listed["source_ami"] == AMI and listed["monthly_usd"] > 0
+        code, out, err = image_story["list"]
+        assert code == 0 and name in out and f"{AMI} (run {run})" in out and "$0.75" in out, out  # 15 GB at $0.05
 
-    code, out, err = cli(capsys, "image", "list", "--region", "us-east-1", "--json")
-    assert code == 0, err
-    (listed,) = json.loads(out)
-    assert listed["name"] == name and listed["source_ami"] == AMI and listed["monthly_usd"] > 0
-    code, out, err = cli(capsys, "image", "list", "--region", "us-east-1")
-    assert code == 0 and name in out and f"{AMI} (run {run})" in out and "$0.75" in out, out  # 15 GB at $0.05
+    def test_a_launch_from_the_image_with_the_same_setup_skips_setup(self, image_story) -> None:
+        created = image_story["created"]
+        code, out, err = image_story["launch from image"]
+        assert "setup skipped" in err and image_story["name"] in err
+        assert image_story["job 2 ran"]
+        assert image_story["marker after launch from image"] == "setup ran\n"
+        # The job's setup hash (what `exec` compares) is the image's: one function computes both.
+        job = image_story["second record"]["jobs"][-1]
+        assert job["setup_hash"] == created["setup_hash"] and job["setup_ran"] is False
+        assert image_story["second launched from"] == created["id"]
 
-    # A launch from the image with the same setup skips setup: the marker is not written again.
-    second, err = _launch(capsys, spec, "--set", f"aws.ami=image:{name}")
-    assert "setup skipped" in err and name in err
-    wait_until(lambda: _last_epoch(sshd.home / "gpurun" / second / "job.log") >= 1, timeout=60, what="job 2")
-    assert marker.read_text() == "setup ran\n"
-    # The job's setup hash (what `exec` compares) is the image's: one function computes both.
-    record = json.loads(Path(os.environ["GPURUN_HOME"], "runs", f"{second}.json").read_text())
-    assert record["jobs"][-1]["setup_hash"] == created["setup_hash"] and record["jobs"][-1]["setup_ran"] is False
-    launched_from = _ec2(endpoint).describe_instances(Filters=[{"Name": "tag:gpurun:run", "Values": [second]}])[
-        "Reservations"
-    ][0]["Instances"][0]["ImageId"]
-    assert launched_from == created["id"]
-
-    # doctor resolves `auto` as launch does, and says which image and why.
-    code, out, err = cli(capsys, "doctor", str(spec), "--set", "aws.ami=auto", "--json")
-    ami_check = next(check for check in json.loads(out) if check["check"] == "AMI")
-    assert (
-        ami_check["result"] == "pass"
-        and created["id"] in ami_check["detail"]
-        and "setup is skipped" in ami_check["detail"]
-    )
-
-    # A changed requirements.txt matches no image: setup runs (image:<name>), or the fallback is used (auto).
-    (Path(spec).parent / "code/requirements.txt").write_text("numpy==2.0.0\n")
-    for ami, expected in ((f"image:{name}", "differs"), ("auto", f"aws.ami_fallback {AMI}")):
-        code, out, err = cli(
-            capsys,
-            "launch",
-            str(spec),
-            "--dry-run",
-            "--json",
-            "--set",
-            f"aws.ami={ami}",
-            "--set",
-            f"aws.ami_fallback={AMI}",
+    def test_doctor_resolves_auto_as_launch_does_and_says_which_image_and_why(self, image_story) -> None:
+        code, out, err = image_story["doctor auto"]
+        ami_check = next(check for check in json.loads(out) if check["check"] == "AMI")
+        assert (
+            ami_check["result"] == "pass"
+            and image_story["created"]["id"] in ami_check["detail"]
+            and "setup is skipped" in ami_check["detail"]
         )
-        assert code == 0, err
+
+    def test_a_changed_setup_matches_no_image(self, image_story) -> None:
+        name = image_story["name"]
+        # Setup runs (image:<name>), or the fallback is used (auto).
+        for ami, expected in ((f"image:{name}", "differs"), ("auto", f"aws.ami_fallback {AMI}")):
+            code, out, err = image_story[f"dry run, changed setup, {ami}"]
+            assert code == 0, err
+            plan = {row["item"]: row["value"] for row in json.loads(out)["plan"]}
+            assert expected in plan["image"] and not plan["setup"].startswith("skipped"), plan
+        code, out, err = image_story["dry run, same setup, auto"]
         plan = {row["item"]: row["value"] for row in json.loads(out)["plan"]}
-        assert expected in plan["image"] and not plan["setup"].startswith("skipped"), plan
-    (Path(spec).parent / "code/requirements.txt").write_text("numpy==1.26.4\n")
-    code, out, err = cli(capsys, "launch", str(spec), "--dry-run", "--json", "--set", "aws.ami=auto")
-    plan = {row["item"]: row["value"] for row in json.loads(out)["plan"]}
-    assert code == 0 and plan["setup"].startswith("skipped: auto: " + name), plan
+        assert code == 0 and plan["setup"].startswith("skipped: auto: " + name), plan
 
-    for each in (run, second):
-        code, out, err = cli(capsys, "teardown", each, "--yes")
+    def test_teardown_never_deletes_images_and_an_ended_run_cannot_be_baked(self, image_story) -> None:
+        for code, _out, err in image_story["teardowns"]:
+            assert code == 0, err
+        assert image_story["images after teardown"] == 1, "teardown never deletes images"
+        code, out, err = image_story["create on an ended run"]
+        assert code == 2 and "has ended" in err
+
+    def test_the_orphan_sweep_keeps_the_image_and_removes_a_snapshot_no_image_uses(self, image_story) -> None:
+        planted, snapshot, created = image_story["planted"], image_story["snapshot"], image_story["created"]
+        code, out, err = image_story["orphans"]
         assert code == 0, err
-        _kill_run_processes(sshd, each)
-    assert len(_images(endpoint)) == 1, "teardown never deletes images"
-    code, out, err = cli(capsys, "image", "create", run)
-    assert code == 2 and "has ended" in err
+        swept = json.loads(out)
+        kinds = {(o["kind"], o["id"]) for o in swept["orphans"]}
+        assert ("snapshot", planted) in kinds and ("image", created["id"]) in kinds
+        assert ("snapshot", snapshot) not in kinds, "an image's own snapshot is no orphan"
+        assert f"snapshot {planted}" in swept["removed"] and planted not in image_story["snapshots after orphans"]
+        assert image_story["images after orphans"] == 1
 
-    # The orphan sweep lists the image (kept) and removes a snapshot no image refers to.
-    ec2 = _ec2(endpoint)
-    volume = ec2.create_volume(Size=1, AvailabilityZone="us-east-1a")["VolumeId"]
-    planted = ec2.create_snapshot(
-        VolumeId=volume,
-        TagSpecifications=[{"ResourceType": "snapshot", "Tags": [{"Key": "gpurun:managed", "Value": "true"}]}],
-    )["SnapshotId"]
-    ec2.delete_volume(VolumeId=volume)
-    code, out, err = cli(capsys, "teardown", "--orphans", "--region", "us-east-1", "--yes", "--json")
-    assert code == 0, err
-    swept = json.loads(out)
-    kinds = {(o["kind"], o["id"]) for o in swept["orphans"]}
-    assert ("snapshot", planted) in kinds and ("image", created["id"]) in kinds
-    assert ("snapshot", snapshot) not in kinds, "an image's own snapshot is no orphan"
-    assert f"snapshot {planted}" in swept["removed"] and planted not in _snapshot_ids(endpoint)
-    assert len(_images(endpoint)) == 1
-
-    code, out, err = cli(capsys, "image", "delete", name, "--region", "us-east-1", "--yes", "--json")
-    assert code == 0, err
-    assert _images(endpoint) == [] and snapshot not in _snapshot_ids(endpoint)
-    code, out, err = cli(capsys, "image", "delete", name, "--region", "us-east-1", "--yes")
-    assert code == 2 and "no gpurun image named" in err
+    def test_image_delete_removes_the_image_and_its_snapshot_once(self, image_story) -> None:
+        code, out, err = image_story["delete"]
+        assert code == 0, err
+        assert image_story["images after delete"] == []
+        assert image_story["snapshot"] not in image_story["snapshots after delete"]
+        code, out, err = image_story["delete again"]
+        assert code == 2 and "no gpurun image named" in err
 
 
 @pytest.mark.slow
