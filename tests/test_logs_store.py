@@ -106,3 +106,113 @@ def test_a_spot_notice_ships_the_log_tail(fake_imds, tmp_path: Path) -> None:
         agent.kill()
         job.wait()
         agent.wait()
+
+
+# -- a recovering run's output, machine after machine (what its machines write in the store) -------------
+
+RECOVERING = "rec-a1b2c3"
+
+
+def _attempts(state: str, machines: list[dict], used: int = 0) -> bytes:
+    import json
+
+    return json.dumps(
+        {
+            "version": 1,
+            "run": RECOVERING,
+            "max_restarts": 2,
+            "restarts_used": used,
+            "state": state,
+            "machines": machines,
+        }
+    ).encode()
+
+
+def _machine(number: int, instance: str, **fields: object) -> dict:
+    started = {"job_started_at": "2026-12-04T20:00:00+00:00", "resumed": number > 1}
+    return {
+        "instance_id": instance,
+        "type": "g5.xlarge",
+        "zone": "us-east-1b",
+        "generation": number,
+        **started,
+        **fields,
+    }
+
+
+@pytest.mark.slow
+def test_follow_of_a_recovering_run_moves_to_the_machine_that_took_over(tmp_path: Path) -> None:
+    store_url = f"file://{tmp_path / 'store'}"
+    store = open_store(store_url)
+    store.put_bytes(f"{RECOVERING}/logs/job-0001/000000.log", b"one\n")
+    store.put_bytes(f"{RECOVERING}/attempts.json", _attempts("running", [_machine(1, "i-first")]))
+    out, err = tmp_path / "out", tmp_path / "err"
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "gpurun", "logs", RECOVERING, "-f", "--store", store_url],
+            stdout=stdout,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        wait_until(lambda: b"one" in out.read_bytes(), timeout=60, what="the first machine's output")
+        # The first machine's last bytes (no newline yet); a second one takes over (its id comes from the store).
+        store.put_bytes(f"{RECOVERING}/logs/job-0001/000000.log", b"one\ntwo")
+        replaced = _machine(1, "i-first", ended_at="2026-12-04T20:05:00+00:00", why="replaced")
+        second = _machine(2, "i-\x1b[2Jsecond")
+        store.put_bytes(f"{RECOVERING}/logs/job-0002/000000.log", b"three\n")
+        store.put_bytes(f"{RECOVERING}/attempts.json", _attempts("running", [replaced, second], used=1))
+        wait_until(lambda: b"three" in out.read_bytes(), timeout=60, what="the second machine's output")
+        store.put_bytes(f"{RECOVERING}/logs/job-0002/000000.log", b"three\nfour\n")
+        store.put_bytes(f"{RECOVERING}/attempts.json", _attempts("succeeded", [replaced, second], used=1))
+        assert follower.wait(60) == 0, err.read_text()
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    assert out.read_text() == (
+        "one\ntwo\n--- machine 2 (i-\\x1b[2Jsecond, g5.xlarge, us-east-1b) took over: resumed from LATEST ---\n"
+        "three\nfour\n"
+    )
+    assert "the job exited with status 0 (1 of 2 restarts used)" in err.read_text()
+
+
+@pytest.mark.parametrize(
+    ("state", "last", "code", "said"),
+    [
+        ("budget_spent", {"why": "restart budget spent", "exit_code": 3}, 3, "status 3 (no restart left: 2 of 2"),
+        ("failed", {"why": "job failed", "exit_code": None}, 137, "without recording an exit status (killed)"),
+        ("budget_spent", {"why": "spot interruption", "exit_code": None}, 4, "interrupted (spot reclaim)"),
+        ("budget_spent", {}, 5, "machine is gone"),
+        (
+            "failed",
+            {"why": "bootstrap failed: RuntimeError: code missing", "job_started_at": None},
+            1,
+            "ended before its job started: bootstrap failed: RuntimeError: code missing",
+        ),
+    ],
+)
+def test_follow_of_an_ended_recovering_run_exits_with_how_it_ended(
+    tmp_path: Path, state: str, last: dict, code: int, said: str
+) -> None:
+    store_url = f"file://{tmp_path / 'store'}"
+    store = open_store(store_url)
+    store.put_bytes(f"{RECOVERING}/logs/job-0002/000000.log", b"second machine\n")
+    first = _machine(1, "i-first", ended_at="2026-12-04T20:05:00+00:00", why="replaced")
+    store.put_bytes(f"{RECOVERING}/attempts.json", _attempts(state, [first, _machine(2, "i-second", **last)], used=2))
+    done = gpurun("logs", RECOVERING, "-f", "--store", store_url, check=False)
+    assert done.returncode == code, done.stderr
+    assert said in done.stderr, done.stderr
+
+
+def test_follow_of_a_recovering_run_torn_down_ends_with_5(tmp_path: Path) -> None:
+    import json
+
+    store_url = f"file://{tmp_path / 'store'}"
+    store = open_store(store_url)
+    store.put_bytes(f"{RECOVERING}/logs/job-0001/000000.log", b"first machine\n")
+    store.put_bytes(f"{RECOVERING}/attempts.json", _attempts("running", [_machine(1, "i-first")]))
+    store.put_bytes(f"{RECOVERING}/run.json", json.dumps({"run": RECOVERING, "state": "ended"}).encode())
+    done = gpurun("logs", RECOVERING, "-f", "--store", store_url, check=False)
+    assert done.returncode == 5 and "torn down while following" in done.stderr, done.stderr
+    assert done.stdout == "first machine\n"
