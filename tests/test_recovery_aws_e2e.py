@@ -28,6 +28,7 @@ os.environ.setdefault("MOTO_ENABLE_KEYPAIR_VALIDATION", "true")
 
 import boto3  # noqa: E402
 
+from gpurun import runs  # noqa: E402
 from gpurun.cli import main  # noqa: E402
 from gpurun.providers.aws import AwsProvider  # noqa: E402
 from tests.helpers import wait_until  # noqa: E402
@@ -308,6 +309,43 @@ def test_after_success_the_machine_stays_for_idle_timeout_then_scales_its_group_
     assert not boot_emulator.errors, boot_emulator.errors
     code, _out, err = cli(capsys, "teardown", run, "--yes")
     assert code == 0, err
+
+
+@pytest.mark.slow
+def test_with_idle_timeout_null_a_failed_run_keeps_its_machine_until_teardown(
+    world: dict[str, Any],
+    boot_emulator: BootEmulator,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = _spec(world, "fail", "{max_restarts: 1}", idle_timeout="null")
+    code, out, err = cli(capsys, "launch", str(spec), "--dry-run", "--json")
+    plan = {row["item"]: row["value"] for row in json.loads(out)["plan"]}
+    assert "idle_timeout off" in plan["guard"] and "2h" in plan["guard"], plan["guard"]
+    code, out, err = cli(capsys, "launch", str(spec), "--json")
+    assert code == 0, err
+    run = json.loads(out)["run"]
+    [machine] = boot_emulator.live()
+    monitor_log = boot_emulator.run_dir(machine, run) / "monitor.log"
+    # exit 3 is not a lost job (on_failure is off): the run fails; the monitor is done and leaves the group be.
+    wait_until(
+        lambda: monitor_log.exists() and "idle_timeout is off" in monitor_log.read_text(),
+        timeout=60,
+        what="the monitor to finish",
+    )
+    attempts = _attempts(world, run)
+    assert attempts is not None and attempts["state"] == "failed" and attempts["restarts_used"] == 0
+    assert _group(world, run)["DesiredCapacity"] == 1 and boot_emulator.live() == [machine]
+    code, out, err = cli(capsys, "status", run, "--json")
+    assert (json.loads(out)[0]["state"], json.loads(out)[0]["exit_code"]) == ("failed", 3), out + err
+    # Teardown ends the group with its machine (moto's machine has no SSH: it is terminated without a final sync).
+    runs.update(run, machines=[{**m, "host": "127.0.0.1", "port": 1} for m in runs.load(run)["machines"]])
+    monkeypatch.setattr("gpurun.providers.aws.connect.AWS_CONNECT_RETRY_FOR", 0.0)
+    code, _out, err = cli(capsys, "teardown", run, "--yes")
+    assert code == 0, err
+    assert not _leftovers(world, run)["groups"] and not _leftovers(world, run)["instances"]
+    wait_until(lambda: not boot_emulator.live(), timeout=30, what="the machine to go")
+    assert boot_emulator.power_log() == "", "a machine in a group never powers itself off"
 
 
 @pytest.mark.slow
