@@ -278,12 +278,8 @@ def test_after_success_the_machine_stays_for_idle_timeout_then_scales_its_group_
     wait_until(lambda: (_attempts(world, run) or {}).get("state") == "succeeded", timeout=60, what="success")
     # The run has ended, but its machine stays in the group for idle_timeout: ssh, logs, checkpoint-sync.
     assert _group(world, run)["DesiredCapacity"] == 1
-    code, out, err = cli(capsys, "status", run, "--json")
-    [status] = json.loads(out)
-    assert (status["state"], status["exit_code"]) == ("succeeded", 0), out + err
-    assert boot_emulator.live() == [machine]
-
     # A job alive on the machine again (as a new job would be) holds it: the wait counts from that job's end.
+    # Started at once (well inside the 15 s), it keeps what follows free of any race with the timeout.
     run_dir = boot_emulator.run_dir(machine, run)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(600)"],
@@ -298,11 +294,19 @@ def test_after_success_the_machine_stays_for_idle_timeout_then_scales_its_group_
             timeout=30,
             what="the monitor to see the new job",
         )
+        code, out, err = cli(capsys, "status", run, "--json")
+        [status] = json.loads(out)
+        assert (status["state"], status["exit_code"]) == ("succeeded", 0), out + err
         assert _group(world, run)["DesiredCapacity"] == 1, "a machine with a live job is never scaled in"
+        assert boot_emulator.live() == [machine]
     finally:
         holder.kill()
         holder.wait()
+        released = time.monotonic()
     wait_until(lambda: _group(world, run)["DesiredCapacity"] == 0, timeout=90, what="the group scaled to 0")
+    # Not before idle_timeout after that job's end, less the monitor's 2 s poll (it saw the job alive last up
+    # to one poll, plus a loaded machine's lateness, before the kill).
+    assert time.monotonic() - released >= 10
     assert "no job has been alive for 15s (idle_timeout)" in (run_dir / "monitor.log").read_text()
     wait_until(lambda: not boot_emulator.live(), timeout=30, what="the machine to go")
     assert boot_emulator.power_log() == "", "a machine in a group never powers itself off"
