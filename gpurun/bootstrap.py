@@ -612,6 +612,9 @@ def _boot(machine: Machine, config: dict[str, Any]) -> int:
             "instance_id": machine.instance_id,
             "type": identity.get("instanceType"),
             "zone": identity.get("availabilityZone"),
+            # Where this machine keeps the run: `ssh` and `checkpoint-sync` go there (the login's home may
+            # not be /home/<user> on every image).
+            "run_dir": machine.run_dir,
         }
     )
     if entry is None:

@@ -231,15 +231,34 @@ def scenario(reclaimed: Reclaimed, monkeypatch: pytest.MonkeyPatch) -> Reclaimed
 
 def test_ssh_reaches_the_replacement_machine(scenario: Reclaimed) -> None:
     assert not scenario.finished, "runs while the second machine lives (tests run in file order)"
-    done = gpurun("ssh", scenario.run, "--", "cat", "instance-id", check=False)
+    done = gpurun("ssh", scenario.run, "--", "cat", "~/instance-id", check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == scenario.second, "the group's current machine, not the first"
     # Its host key was trusted on first use and kept: the next connection checks it.
     known = Path(scenario.env["GPURUN_HOME"]) / "keys" / scenario.run / "known_hosts"
     second_sshd = scenario.emulator.instances[scenario.second].sshd
     assert second_sshd is not None and second_sshd.host_key_line in known.read_text()
-    again = gpurun("ssh", scenario.run, "--", "cat", "instance-id", check=False)
-    assert again.returncode == 0 and again.stdout.strip() == scenario.second, again.stderr
+    # It lands in the run's work directory there, which the machine reported (its home is its own).
+    again = gpurun("ssh", scenario.run, "--", "pwd;", "cat", "~/instance-id", check=False)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.split() == [
+        str(scenario.emulator.run_dir(scenario.second, scenario.run) / "work"),
+        scenario.second,
+    ]
+
+
+def test_checkpoint_sync_takes_a_snapshot_on_the_replacement_machine(
+    scenario: Reclaimed, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert not scenario.finished, "runs while the second machine lives (tests run in file order)"
+    with pytest.raises(SystemExit) as exited:
+        main(["checkpoint-sync", scenario.run, "--json"])
+    out, err = capsys.readouterr()
+    assert exited.value.code in (0, None), err
+    taken = json.loads(out)
+    assert taken["new"] is True and taken["seq"] > scenario.saved_seq, taken
+    status = json.loads((scenario.emulator.run_dir(scenario.second, scenario.run) / "agent.status.json").read_text())
+    assert status["last_seq"] == taken["seq"], "the second machine's agent took it"
 
 
 def test_logs_follows_the_run_across_the_reclaim_until_it_ends(scenario: Reclaimed) -> None:

@@ -203,6 +203,7 @@ def apply_attempts(record: dict[str, Any], document: dict[str, Any]) -> None:
             record["job"] = {"phase": None, "alive": False, "note": "restart budget spent"}
     current = next((item for item in reversed(listed) if not item.get("ended_at")), None)
     machines = record.get("machines") or []
+    reported_dir = _reported_run_dir(document, current, str(record.get("run")))
     if current and machines and current.get("instance_id") and machines[0].get("instance_id") != current["instance_id"]:
         previous = dict(machines[0])
         previous.setdefault("ended_at", runs.now_iso())
@@ -220,6 +221,23 @@ def apply_attempts(record: dict[str, Any], document: dict[str, Any]) -> None:
             "ended_at": None,
             "cost_usd": None,
         }
+    if reported_dir and machines and current and machines[0].get("instance_id") == current.get("instance_id"):
+        machines[0]["run_dir"] = reported_dir
+
+
+def _reported_run_dir(document: dict[str, Any], current: dict[str, Any] | None, run: str) -> str | None:
+    """The run directory the current machine reported in attempts.json, when it has the expected shape
+    (an absolute path ending in gpurun/<run>, the characters job.sh allows): a machine wrote it."""
+    if current is None:
+        return None
+    entries = document.get("machines", [])
+    raw = entries[current["generation"] - 1] if len(entries) >= current["generation"] else None
+    value = raw.get("run_dir") if isinstance(raw, dict) else None
+    if not isinstance(value, str) or len(value) > 1024 or not bootstrap.RUN_DIR_SAFE.fullmatch(value):
+        return None
+    if ".." in value.split("/") or not value.endswith(f"/gpurun/{run}"):
+        return None
+    return value
 
 
 def reconcile_from_store(record: dict[str, Any], problems: list[str]) -> bool:
