@@ -150,13 +150,18 @@ def sign(
     region: str,
     service: str,
     when: datetime.datetime | None = None,
+    payload_sha256: str | None = None,
 ) -> dict[str, str]:
-    """`headers` plus host, x-amz-date, x-amz-content-sha256, the session token and Authorization."""
+    """`headers` plus host, x-amz-date, x-amz-content-sha256, the session token and Authorization.
+
+    `payload_sha256`: the body's sha256 when the caller has it already (the store's lean S3
+    path hashes each file once, for the manifest and the signature alike).
+    """
     parsed = urllib.parse.urlsplit(url)
     when = when or datetime.datetime.now(datetime.timezone.utc)
     stamp = when.strftime("%Y%m%dT%H%M%SZ")
     day = stamp[:8]
-    payload = hashlib.sha256(body).hexdigest()
+    payload = payload_sha256 or hashlib.sha256(body).hexdigest()
     signed_headers = {name.lower(): value for name, value in headers.items()}
     signed_headers.update({"host": parsed.netloc, "x-amz-date": stamp, "x-amz-content-sha256": payload})
     if credentials.get("token"):

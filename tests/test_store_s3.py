@@ -51,26 +51,31 @@ def small_store(url: str) -> S3Store:
 
 
 class Recorder:
-    """Every S3 request a client sends: operation, key, headers, query, and body bytes."""
+    """Every S3 request a store sends, through its boto3 client or its lean path (both emit
+    before-send on the client): operation, key, headers and query (names lower-cased), body bytes."""
 
     def __init__(self, store: S3Store) -> None:
         self.calls: list[tuple[str, str, dict]] = []
         self.body_bytes: list[tuple[str, int]] = []
         self._lock = threading.Lock()
-        events = store.client.meta.events
-        events.register("before-call.s3.*", self._call)
-        events.register("before-send.s3.*", self._send)
+        self._bucket = store.bucket
+        store.client.meta.events.register("before-send.s3.*", self._send)
 
-    def _call(self, model, params: dict, **kwargs) -> None:
-        # params is the serialized request; url_path is /<key> (the bucket is added when the endpoint is resolved).
-        key = urllib.parse.unquote(params["url_path"]).lstrip("/")
+    def _send(self, request, event_name: str, **kwargs) -> None:
+        url = urllib.parse.urlsplit(request.url)
+        path = urllib.parse.unquote(url.path).lstrip("/")
+        key = path[len(self._bucket) + 1 :] if path.startswith(self._bucket + "/") else path  # path-style URLs
+        headers = {
+            str(name).lower(): value.decode() if isinstance(value, bytes) else str(value)
+            for name, value in request.headers.items()
+        }
+        details = {**headers, **dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))}
         with self._lock:
-            self.calls.append((model.name, key, {**params["headers"], **params.get("query_string", {})}))
-
-    def _send(self, request, **kwargs) -> None:
-        if request.method in ("PUT", "POST"):
-            with self._lock:
-                self.body_bytes.append((request.url, int(request.headers.get("Content-Length") or 0)))
+            self.calls.append((event_name.rsplit(".", 1)[-1], key, details))
+            if request.method in ("PUT", "POST"):
+                body = request.body
+                size = len(body) if isinstance(body, bytes) else int(headers.get("content-length") or 0)
+                self.body_bytes.append((request.url, size))
 
     def ops(self, key_part: str = "") -> list[str]:
         return [name for name, key, _params in self.calls if key_part in key]
@@ -191,7 +196,7 @@ def test_conditional_writes_refuse_a_second_writer(s3_bucket: str, tmp_path: Pat
         second.put_bytes("run/snapshots/000001.claim", b"writer 2", if_absent=True)
     assert first.get_bytes("run/snapshots/000001.claim") == b"writer 1"
     puts = [params for name, _key, params in recorder.calls if name == "PutObject"]
-    assert puts[-1].get("If-None-Match") == "*"
+    assert puts[-1].get("if-none-match") == "*"
 
     small = tmp_path / "small.bin"
     small.write_bytes(b"x" * 1000)
@@ -207,7 +212,7 @@ def test_conditional_writes_refuse_a_second_writer(s3_bucket: str, tmp_path: Pat
     with pytest.raises(SnapshotConflict):
         second.put_file("run/snapshots/000001/big.bin", str(big), if_absent=True)  # multipart: refused at Complete
     completes = [params for name, _key, params in recorder.calls if name == "CompleteMultipartUpload"]
-    assert completes and all(params.get("If-None-Match") == "*" for params in completes)
+    assert completes and all(params.get("if-none-match") == "*" for params in completes)
     with pytest.raises(SnapshotConflict):
         second.copy("run/snapshots/000001/w.bin", "run/snapshots/000001/big.bin")
     assert first.size_of("run/snapshots/000001/w.bin") == 1000

@@ -46,6 +46,11 @@ class StoredObject:
 class ObjectStore(ABC):
     url: str
 
+    def hashed_while_sending(self) -> int:
+        """`put_files` hashes (sha256) every file up to this size that it sends, and returns the
+        digests: the caller need not read those files again. 0: it hashes none."""
+        return 0
+
     @abstractmethod
     def put_file(self, key: str, path: str, *, if_absent: bool = False, progress: Progress | None = None) -> None:
         """Upload a file; with `if_absent`, refuse (SnapshotConflict) when the key exists."""
@@ -81,10 +86,12 @@ class ObjectStore(ABC):
 
     def put_files(
         self, items: builtins.list[tuple[str, str]], *, if_absent: bool = False, progress: Progress | None = None
-    ) -> None:
-        """Upload many files; stores that can do it concurrently override this."""
+    ) -> dict[str, str]:
+        """Upload many files; returns the sha256 of those it hashed while sending (by key, see
+        `hashed_while_sending`). Stores that can do it concurrently override this."""
         for key, path in items:
             self.put_file(key, path, if_absent=if_absent, progress=progress)
+        return {}
 
     def copy_many(self, pairs: builtins.list[tuple[str, str]]) -> None:
         for source, dest in pairs:

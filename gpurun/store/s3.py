@@ -8,9 +8,15 @@ Imported only when an s3:// URL is used, so boto3 stays off the CLI's fast path.
   is in flight) and that becomes `SnapshotConflict`. A create-only object
   carries a random `x-amz-meta-gpurun-put` token, so a write that succeeded
   but whose response was lost (the retry then gets 412) is recognised as ours.
-- Transfers go through one s3transfer `TransferManager` per batch: every
-  file of a snapshot is submitted at once and runs `max_concurrency` wide;
-  big files go multipart in `multipart_chunksize` parts.
+- Small files (up to `lean_max_size`) of a snapshot go up, and the files of
+  a restore come down, through `s3_lean`: SigV4-signed requests on kept-alive
+  connections, without botocore's per-request machinery (a quarter of its
+  CPU per request), to the endpoint and with the credentials of the boto3
+  client. Where that path cannot go the way boto3 would (a proxy, a redirect,
+  no credentials), the boto3 client does the work.
+- Bigger uploads go through one s3transfer `TransferManager` per batch: every
+  file is submitted at once and runs `max_concurrency` wide; big files go
+  multipart in `multipart_chunksize` parts.
 - Copies are server-side (CopyObject, or UploadPartCopy for big objects):
   an unchanged file costs one request and no upload.
 - Restores (`fetch_hashed`) run their own pool: every file at once, big
@@ -23,10 +29,12 @@ Imported only when an s3:// URL is used, so boto3 stays off the CLI's fast path.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import datetime
 import email.utils
 import functools
 import hashlib
+import http.client
 import math
 import os
 import re
@@ -34,7 +42,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any
 
 import boto3
@@ -47,6 +55,7 @@ from s3transfer.subscribers import BaseSubscriber
 
 from gpurun.aws_files import check_shared_files
 from gpurun.errors import BadInput, NoSuchBucket, SnapshotConflict, StoreError
+from gpurun.store import s3_lean
 from gpurun.store.base import Digests, Fetch, Fetches, ObjectStore, Progress, StoredObject, size_mismatch
 
 MiB = 1 << 20
@@ -74,7 +83,19 @@ _STREAM_ERRORS = (
     botocore.exceptions.ConnectionClosedError,
     ConnectionError,
     TimeoutError,
+    http.client.HTTPException,  # the lean path's body broke off (IncompleteRead)
 )
+#: Answers of the lean path that boto3 handles better: it follows a bucket's region, refreshes
+#: credentials, corrects for clock skew. The request is made again through the client.
+_BOTO3_KNOWS_BETTER = {
+    "PermanentRedirect",
+    "TemporaryRedirect",
+    "AuthorizationHeaderMalformed",
+    "IllegalLocationConstraintException",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+    "RequestTimeTooSkewed",
+}
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 
 
@@ -103,6 +124,26 @@ def _is_conflict(error: BaseException) -> bool:
     return isinstance(error, botocore.exceptions.ClientError) and (
         _code(error) in _CONFLICT_CODES or _status(error) == 412
     )
+
+
+def _client_error(refused: s3_lean.Refused, operation: str) -> botocore.exceptions.ClientError:
+    """The lean path's refusal as botocore would have raised it, so one mapping serves both."""
+    answer: Any = {
+        "Error": {"Code": refused.code, "Message": refused.message},
+        "ResponseMetadata": {"HTTPStatusCode": refused.status},
+    }
+    return botocore.exceptions.ClientError(answer, operation)
+
+
+def _needs_boto3(refused: s3_lean.Refused) -> bool:
+    return refused.status in (301, 302, 307, 308) or refused.code in _BOTO3_KNOWS_BETTER
+
+
+def _file_size(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None  # the upload itself reports it
 
 
 def _is_not_found(error: BaseException) -> bool:
@@ -148,6 +189,11 @@ class S3Store(ObjectStore):
     ranged_memory = 512 * MiB
     #: Connections kept per client; more than any pool here runs at once, and opened only when needed.
     max_pool_connections = 264
+    #: Files up to this size go up through the lean path (`s3_lean`), read whole into memory:
+    #: with `max_small_concurrency` in flight, at most that many MiB are held at once.
+    lean_max_size = 1 * MiB
+    #: False: every request through the boto3 client (as before the lean path; for comparison).
+    use_lean = True
 
     def __init__(
         self,
@@ -181,6 +227,10 @@ class S3Store(ObjectStore):
         )
         # endpoint_url=None lets botocore honour AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3.
         self.client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        self._core = core
+        self._lean: s3_lean.LeanS3 | None = None
+        self._lean_probed = False
+        self._lean_lock = threading.Lock()
         self._progress_lock = threading.Lock()
         self._round_trip: float | None = None
         self._create_only: dict[str, int] = {}
@@ -299,47 +349,173 @@ class S3Store(ObjectStore):
 
     def put_files(
         self, items: list[tuple[str, str]], *, if_absent: bool = False, progress: Progress | None = None
-    ) -> None:
-        """Upload every file at once through one transfer manager; wait for all."""
+    ) -> dict[str, str]:
+        """Upload every file at once; wait for all. Returns the sha256 of each file sent through the lean path.
+
+        Small files go through the lean path in a pool of their own; bigger ones
+        through one transfer manager at the same time.
+        """
         if not items:
-            return
+            return {}
         nonce = uuid.uuid4().hex
         extra = {"Metadata": {_NONCE: nonce}} if if_absent else {}
         full_keys = [self._key(key) for key, _path in items]
-        subscribers = [_Subscriber(None, self._locked(progress))]
-        if if_absent:
-            self._mark_create_only(full_keys, True)
+        report = self._locked(progress)
+        lean = self._lean_path()
+        sizes = [_file_size(path) for _key, path in items]
+        small = [
+            index
+            for index, size in enumerate(sizes)
+            if lean is not None and size is not None and size <= self.lean_max_size
+        ]
+        big = sorted(set(range(len(items))) - set(small))
         # Many small files are latency-bound: size the pool by the round trip. Big files' parts
         # are bandwidth-bound: `max_concurrency` of them at most.
-        concurrency = self.concurrency(sum(self._upload_requests(path) for _key, path in items))
+        concurrency = self.concurrency(len(small) + sum(self._requests_for(sizes[index]) for index in big))
+        if if_absent:
+            self._mark_create_only(full_keys, True)
         try:
-            with self._manager(self.multipart_threshold, self.multipart_chunksize, concurrency) as manager:
-                futures = [
-                    (
-                        key,
-                        full_key,
-                        manager.upload(path, self.bucket, full_key, extra_args=extra, subscribers=subscribers),
+            with contextlib.ExitStack() as stack:
+                futures = []
+                if big:
+                    manager = stack.enter_context(
+                        self._manager(self.multipart_threshold, self.multipart_chunksize, concurrency)
                     )
-                    for (key, path), full_key in zip(items, full_keys, strict=True)
-                ]
-                for key, full_key, future in futures:
+                    subscribers = [_Subscriber(None, report)]
+                    futures = [
+                        (
+                            index,
+                            manager.upload(
+                                items[index][1],
+                                self.bucket,
+                                full_keys[index],
+                                extra_args=extra,
+                                subscribers=subscribers,
+                            ),
+                        )
+                        for index in big
+                    ]
+                jobs = [(items[index][0], full_keys[index], items[index][1]) for index in small]
+                digests = self._put_small(jobs, nonce if if_absent else None, report, concurrency) if jobs else {}
+                for index, future in futures:
                     try:
                         future.result()
                     except Exception as error:
-                        if if_absent and _is_conflict(error) and self._written_by_us(full_key, nonce):
+                        if if_absent and _is_conflict(error) and self._written_by_us(full_keys[index], nonce):
                             continue
-                        raise self._error(error, "uploading", key) from None
+                        raise self._error(error, "uploading", items[index][0]) from None
+                return digests
         finally:
             if if_absent:
                 self._mark_create_only(full_keys, False)
 
+    def hashed_while_sending(self) -> int:
+        return self.lean_max_size if self._lean_path() is not None else 0
+
+    def _lean_path(self) -> s3_lean.LeanS3 | None:
+        """The lean path, found on first use (from a request the client signs but never sends)."""
+        with self._lean_lock:
+            if not self._lean_probed:
+                self._lean_probed = True
+                if self.use_lean:
+                    self._lean = s3_lean.LeanS3.for_client(
+                        self.client,
+                        self._core.get_credentials(),
+                        self.bucket,
+                        ca_bundle=self._core.get_config_variable("ca_bundle"),
+                        connect_timeout=10,
+                        read_timeout=120,
+                        keep=self.max_pool_connections,
+                    )
+            return self._lean
+
+    def _put_small(
+        self, jobs: list[tuple[str, str, str]], nonce: str | None, report: Progress | None, workers: int
+    ) -> dict[str, str]:
+        """(key, full key, path) each in one PutObject, `workers` at once; the first failure stops the rest."""
+        headers = {"if-none-match": "*", f"x-amz-meta-{_NONCE}": nonce} if nonce else {}
+        stop = threading.Event()
+
+        def send(full_key: str, path: str) -> str:
+            try:
+                return self._put_one(full_key, path, headers, nonce, report, stop)
+            except BaseException:
+                stop.set()
+                raise
+
+        digests: dict[str, str] = {}
+        failure: tuple[str, Exception] | None = None
+        pool = ThreadPoolExecutor(max_workers=min(workers, len(jobs)), thread_name_prefix="gpurun-put")
+        try:
+            futures = [(key, pool.submit(send, full_key, path)) for key, full_key, path in jobs]
+            for key, future in futures:
+                try:
+                    digests[key] = future.result()
+                except (s3_lean.Abandoned, CancelledError):
+                    continue
+                except Exception as error:
+                    if failure is None:
+                        failure = (key, error)
+                        pool.shutdown(wait=False, cancel_futures=True)
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if failure is not None:
+            raise self._error(failure[1], "uploading", failure[0]) from None
+        return digests
+
+    def _put_one(
+        self,
+        full_key: str,
+        path: str,
+        headers: dict[str, str],
+        nonce: str | None,
+        report: Progress | None,
+        stop: threading.Event,
+    ) -> str:
+        """One small file, read once: hashed, signed with its hash, sent. Returns its sha256."""
+        with open(path, "rb") as handle:
+            data = handle.read()
+        digest = hashlib.sha256(data).hexdigest()
+        lean = self._lean
+        try:
+            if lean is None or len(data) > self.lean_max_size:
+                self._put_through_client(full_key, data, nonce)
+            else:
+                try:
+                    lean.put(full_key, data, digest, headers, stop)
+                except s3_lean.Refused as refused:
+                    if not _needs_boto3(refused):
+                        raise _client_error(refused, "PutObject") from None
+                    self._put_through_client(full_key, data, nonce)
+                    self._lean = None  # the client found the way where the lean path did not: stay on it
+                except s3_lean.Unreachable:
+                    self._put_through_client(full_key, data, nonce)  # its own retries, and its own words if it fails
+        except botocore.exceptions.ClientError as error:
+            if not (nonce and _is_conflict(error) and self._written_by_us(full_key, nonce)):
+                raise
+        if report is not None:
+            report(len(data))
+        return digest
+
+    def _put_through_client(self, full_key: str, data: bytes, nonce: str | None) -> None:
+        # A create-only key is marked: `_add_if_none_match` adds If-None-Match.
+        if nonce:
+            self.client.put_object(Bucket=self.bucket, Key=full_key, Body=data, Metadata={_NONCE: nonce})
+        else:
+            self.client.put_object(Bucket=self.bucket, Key=full_key, Body=data)
+
+    def _requests_for(self, size: int | None) -> int:
+        """Requests that uploading a file of `size` bytes can keep in flight: one, or one per part."""
+        if size is None or size < self.multipart_threshold:
+            return 1
+        return -(-size // self.multipart_chunksize)
+
     def _upload_requests(self, path: str) -> int:
         """Requests that uploading `path` can keep in flight: one, or one per part."""
-        try:
-            size = os.path.getsize(path)
-        except OSError:
-            return 1  # the upload itself reports it
-        return -(-size // self.multipart_chunksize) if size >= self.multipart_threshold else 1
+        return self._requests_for(_file_size(path))
 
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         full_key = self._key(key)
@@ -452,11 +628,33 @@ class S3Store(ObjectStore):
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key), **extra)
         except Exception as error:
-            if isinstance(error, botocore.exceptions.ClientError) and (
-                _code(error) == "InvalidRange" or _status(error) == 416
-            ):
-                raise StoreError(f"{self.url}/{key}: the stored object is shorter than the manifest says") from None
-            raise self._error(error, "downloading", key) from None
+            raise self._get_error(error, key) from None
+
+    def _get_error(self, error: BaseException, key: str) -> StoreError:
+        if isinstance(error, botocore.exceptions.ClientError) and (
+            _code(error) == "InvalidRange" or _status(error) == 416
+        ):
+            return StoreError(f"{self.url}/{key}: the stored object is shorter than the manifest says")
+        return self._error(error, "downloading", key)
+
+    def _open(self, key: str, stop: threading.Event) -> tuple[int | None, Any]:
+        """A whole object to read: (its Content-Length, a body with read(n) and close())."""
+        lean = self._lean_path()
+        if lean is not None:
+            try:
+                response = lean.get(self._key(key), stop)
+                length = response.header("Content-Length")
+                return (int(length) if length and length.isdigit() else None), response
+            except s3_lean.Abandoned:
+                raise StoreError(f"{self.url}/{key}: download abandoned") from None
+            except s3_lean.Refused as refused:
+                if not _needs_boto3(refused):
+                    raise self._get_error(_client_error(refused, "GetObject"), key) from None
+                self._lean = None  # the client's way from now on (it follows a redirect, refreshes credentials)
+            except s3_lean.Unreachable:
+                pass  # the client tries again, and says what is wrong if it cannot
+        answer = self._get(key)
+        return int(answer.get("ContentLength", -1)), answer["Body"]
 
     def copy(self, source_key: str, dest_key: str) -> None:
         self.copy_many([(source_key, dest_key)])
@@ -613,11 +811,10 @@ class _WholeFetch:
         for attempt in range(_STREAM_ATTEMPTS):
             digest = hashlib.sha256()
             received = 0
-            response = self.store._get(item.key)
-            body = response["Body"]
+            length, body = self.store._open(item.key, self.stop)
             try:
-                if int(response.get("ContentLength", -1)) != item.size:
-                    raise StoreError(size_mismatch(self.store.url, item.key, response.get("ContentLength"), item.size))
+                if length != item.size:
+                    raise StoreError(size_mismatch(self.store.url, item.key, str(length), item.size))
                 with open(item.path, "wb" if attempt else "xb") as handle:
                     while chunk := body.read(_READ_CHUNK):
                         if self.stop.is_set():

@@ -252,17 +252,23 @@ def write_snapshot(
         else:
             uploads.append((prefix + item.path, item.local_path))
             sent += item.size
-    # hashlib releases the interpreter lock on large reads: the hash costs no upload time.
+    # hashlib releases the interpreter lock on large reads: the hash costs no upload time. Files
+    # the store hashes as it sends them (it signs each small one with its sha256) are read once.
+    hashed_by_store = store.hashed_while_sending()
     pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gpurun-hash")
     abandon = threading.Event()
     try:
         pending = {
             item.path: pool.submit(sha256_file, item.local_path, abandon)
             for item in unhashed
-            if item.path not in hashes and item.local_path is not None
+            if item.path not in hashes and item.local_path is not None and item.size > hashed_by_store
         }
-        store.put_files(uploads, if_absent=True, progress=progress)
+        sent_digests = store.put_files(uploads, if_absent=True, progress=progress)
         hashes.update({path: future.result() for path, future in pending.items()})
+        for item in unhashed:
+            if item.path not in hashes and item.local_path is not None:
+                digest = sent_digests.get(prefix + item.path)
+                hashes[item.path] = digest if digest is not None else sha256_file(item.local_path, abandon)
     finally:
         # After a failed upload, a big file's hash stops at its next chunk: the
         # agent's final sync and its exit do not wait for it.

@@ -1,4 +1,5 @@
-"""moto's S3 over real HTTP on 127.0.0.1 for the whole session (fixtures `moto_server`, `s3_bucket`).
+"""moto's S3 over real HTTP on 127.0.0.1 for the whole session (fixtures `moto_server`, `s3_bucket`,
+and endpoints onto the same backend that are slow or answer faults: `slow_moto_server`, `faulty_moto_server`).
 
 One `ThreadedMotoServer` serves every test; each test that asks for
 `s3_bucket` gets a fresh bucket and AWS_ENDPOINT_URL pointing at the server
@@ -8,12 +9,15 @@ failure, never a skip: install `moto[server]`.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -74,9 +78,6 @@ def slow_moto_server(moto_server: str) -> Iterator[str]:
     The delay lets a test catch a download in the middle without a fixed
     sleep: files finish one after another, in the order their names say.
     """
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
-    from moto.server import ThreadedMotoServer
-    from werkzeug.serving import make_server
 
     def delaying(app: Any) -> Any:
         def wrapped(environ: dict[str, Any], start_response: Any) -> Any:
@@ -87,17 +88,89 @@ def slow_moto_server(moto_server: str) -> Iterator[str]:
 
         return wrapped
 
-    class DelayingServer(ThreadedMotoServer):
+    with _serving(delaying) as endpoint:
+        yield endpoint
+
+
+@contextlib.contextmanager
+def _serving(wrap: Callable[[Any], Any]) -> Iterator[str]:
+    """A second moto server on the same backend (moto's backends are per process), its app wrapped."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    from moto.server import ThreadedMotoServer
+    from werkzeug.serving import make_server
+
+    class WrappedServer(ThreadedMotoServer):
         def _server_entry(self) -> None:
-            app = delaying(DomainDispatcherApplication(create_backend_app))
+            app = wrap(DomainDispatcherApplication(create_backend_app))
             self._server = make_server(self._ip_address, self._port, app, True)
             self._server_ready_event.set()
             self._server.serve_forever()
 
-    server = DelayingServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server = WrappedServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     try:
         yield f"http://{host}:{port}"
     finally:
         server.stop()
+
+
+_SLOWDOWN = re.compile(r"slowdown-(\d+)x")
+#: Requests signed with this access key are refused as S3 refuses an unknown one.
+REJECTED_ACCESS_KEY = "AKIDREJECTEDBYSERVER"
+
+
+class FaultyS3:
+    """The endpoint of `faulty_moto_server`, and the faults it has answered so far."""
+
+    def __init__(self, endpoint: str, refused: Counter[tuple[str, str]]) -> None:
+        self.endpoint = endpoint
+        self.refused = refused  # (method, path) -> 503 SlowDown answers given
+
+
+def _s3_error(start_response: Any, status: str, code: str, message: str) -> list[bytes]:
+    body = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{message}</Message></Error>"
+    start_response(status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+    return [body.encode()]
+
+
+@pytest.fixture(scope="session")
+def faulty_moto_server(moto_server: str) -> Iterator[FaultyS3]:
+    """An endpoint onto the same moto backend that answers as S3 does when it is unhappy:
+
+    - a key named `...slowdown-<N>x...` gets 503 SlowDown for its first N requests of each
+      method (PUT, GET), then moto's answer;
+    - a request signed with REJECTED_ACCESS_KEY gets 403 InvalidAccessKeyId.
+    """
+    refused: Counter[tuple[str, str]] = Counter()
+    lock = threading.Lock()
+
+    def faulty(app: Any) -> Any:
+        def wrapped(environ: dict[str, Any], start_response: Any) -> Any:
+            # Read what the client sent first, as S3 does: it then sees the answer, not a broken pipe.
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            body = environ["wsgi.input"].read(length) if length else b""
+            environ["wsgi.input"] = io.BytesIO(body)
+            if f"Credential={REJECTED_ACCESS_KEY}/" in environ.get("HTTP_AUTHORIZATION", ""):
+                return _s3_error(
+                    start_response,
+                    "403 Forbidden",
+                    "InvalidAccessKeyId",
+                    "The AWS Access Key Id you provided does not exist in our records.",
+                )
+            path = environ.get("PATH_INFO", "")
+            match = _SLOWDOWN.search(path)
+            if match:
+                slot = (environ["REQUEST_METHOD"], path)
+                with lock:
+                    slow = refused[slot] < int(match.group(1))
+                    if slow:
+                        refused[slot] += 1
+                if slow:
+                    return _s3_error(start_response, "503 Slow Down", "SlowDown", "Please reduce your request rate.")
+            return app(environ, start_response)
+
+        return wrapped
+
+    with _serving(faulty) as endpoint:
+        yield FaultyS3(endpoint, refused)

@@ -1,0 +1,158 @@
+"""The lean request path of the s3:// store (gpurun/store/s3_lean.py): small files of a snapshot go up,
+and the files of a restore come down, without botocore's per-request machinery.
+
+Against moto's server over real HTTP, and an endpoint onto the same backend that answers
+503 SlowDown or refuses a credential as S3 does (`faulty_moto_server`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import boto3
+import pytest
+
+from gpurun.errors import NoSuchBucket, StoreError
+from gpurun.store import snapshots
+from gpurun.store.base import Fetch
+from gpurun.store.s3 import S3Store, parse_url
+from tests.plugins.moto_server import REJECTED_ACCESS_KEY, FaultyS3
+from tests.test_store_s3 import Recorder, stage
+
+NAMES = {
+    "model weights.pt": b"spaces " * 300,
+    "ünïcödé/é tensor.bin": b"\x00\x01unicode" * 500,
+    "a+b=c&d.bin": b"plus and friends" * 40,
+    "100%/~tilde;semi,comma.bin": b"percent" * 70,
+    "empty.marker": b"",
+}
+
+
+def bucket_objects(url: str, folder: str, endpoint: str | None = None) -> dict[str, bytes]:
+    """What a plain boto3 client finds under `folder` of the store: key (below the folder) -> bytes."""
+    bucket, prefix = parse_url(url)
+    client = boto3.client("s3", endpoint_url=endpoint)
+    found = {}
+    for item in client.list_objects_v2(Bucket=bucket, Prefix=prefix + folder).get("Contents", []):
+        body = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+        found[item["Key"][len(prefix + folder) :]] = body
+    return found
+
+
+def client_calls(store: S3Store) -> list[str]:
+    """Keys of the GETs and PUTs that went through the boto3 client's own pipeline (the lean path skips it)."""
+    calls: list[str] = []
+
+    def record(params: dict, model, **_kwargs) -> None:
+        if model.name in ("PutObject", "GetObject"):
+            calls.append(params["Key"].rsplit("/", 1)[-1])
+
+    store.client.meta.events.register("before-parameter-build.s3.*", record)
+    return calls
+
+
+def test_small_files_land_with_their_names_and_bytes_and_come_back(s3_bucket: str, tmp_path: Path) -> None:
+    store = S3Store(s3_bucket)
+    recorder = Recorder(store)
+    through_client = client_calls(store)
+    result = snapshots.write_snapshot(store, "run", stage(tmp_path / "staged", NAMES), previous=None)
+
+    assert bucket_objects(s3_bucket, "run/snapshots/000001/") == NAMES
+    manifest = {entry["path"]: entry["sha256"] for entry in result["manifest"]["files"]}
+    assert manifest == {name: hashlib.sha256(data).hexdigest() for name, data in NAMES.items()}
+    # Each file is signed with the sha256 the manifest records: S3 refuses bytes that differ from it.
+    puts = {key: params for name, key, params in recorder.calls if name == "PutObject" and "/000001/" in key}
+    for name, digest in manifest.items():
+        assert puts[f"ckpt/run/snapshots/000001/{name}"]["x-amz-content-sha256"] == digest
+    assert all(params["if-none-match"] == "*" for params in puts.values())
+
+    snapshots.download_snapshot(store, "run", tmp_path / "restored")
+    # The files went the lean way; the claim, manifest and LATEST the client's.
+    assert sorted(set(through_client)) == ["000001.claim", "000001.manifest.json", "LATEST"]
+    assert {
+        str(path.relative_to(tmp_path / "restored")): path.read_bytes()
+        for path in (tmp_path / "restored").rglob("*")
+        if path.is_file()
+    } == NAMES
+
+
+def test_a_missing_bucket_is_one_line(moto_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    store = S3Store("s3://gpurun-lean-no-such-bucket/ckpt")
+    through_client = client_calls(store)
+    files = stage(tmp_path, {"a.bin": b"a" * 100, "b.bin": b"b" * 100})
+    with pytest.raises(NoSuchBucket) as raised:
+        store.put_files([(f"run/{f.path}", str(f.local_path)) for f in files], if_absent=True)
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("bucket gpurun-lean-no-such-bucket does not exist")
+    with pytest.raises(NoSuchBucket, match="bucket gpurun-lean-no-such-bucket does not exist"):
+        store.fetch_hashed([Fetch("run/a.bin", str(tmp_path / "out.bin"), 100)])
+    assert not (tmp_path / "out.bin").exists()
+    assert through_client == [], "the lean path's own answer, mapped as the client's would be"
+
+
+def test_slow_down_is_retried_and_the_snapshot_completes(
+    s3_bucket: str, moto_server: str, faulty_moto_server: FaultyS3, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faulty_moto_server.endpoint)
+    store = S3Store(s3_bucket)
+    through_client = client_calls(store)
+    data = {"w-slowdown-2x.bin": b"weights" * 1000, "o-slowdown-3x.bin": b"optimizer" * 500, "plain.bin": b"p"}
+    snapshots.write_snapshot(store, "run", stage(tmp_path / "staged", data), previous=None)
+    assert bucket_objects(s3_bucket, "run/snapshots/000001/", moto_server) == data
+    bucket, _prefix = parse_url(s3_bucket)
+    refused = {
+        (method, path.rsplit("/", 1)[-1]): count
+        for (method, path), count in faulty_moto_server.refused.items()
+        if f"/{bucket}/" in path
+    }
+    assert refused == {("PUT", "w-slowdown-2x.bin"): 2, ("PUT", "o-slowdown-3x.bin"): 3}
+
+    snapshots.download_snapshot(store, "run", tmp_path / "restored")
+    assert {path.name: path.read_bytes() for path in (tmp_path / "restored").iterdir()} == data
+    refused_gets = {
+        path.rsplit("/", 1)[-1]: count
+        for (method, path), count in faulty_moto_server.refused.items()
+        if method == "GET" and f"/{bucket}/" in path
+    }
+    assert refused_gets == {"w-slowdown-2x.bin": 2, "o-slowdown-3x.bin": 3}
+    assert sorted(set(through_client)) == ["000001.claim", "000001.manifest.json", "LATEST"]
+
+
+def test_a_rejected_credential_fails_clearly(
+    s3_bucket: str, faulty_moto_server: FaultyS3, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    writer = S3Store(s3_bucket)
+    files = stage(tmp_path / "staged", {"w.bin": b"w" * 500})
+    writer.put_files([("run/w.bin", str(files[0].local_path))])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faulty_moto_server.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", REJECTED_ACCESS_KEY)
+    store = S3Store(s3_bucket)
+    through_client = client_calls(store)
+    with pytest.raises(StoreError) as raised:
+        store.put_files([("run/again.bin", str(files[0].local_path))], if_absent=True)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert (
+        message
+        == f"uploading {s3_bucket}/run/again.bin: AWS credentials rejected (InvalidAccessKeyId); refresh or fix them"
+    )
+    with pytest.raises(StoreError, match=r"AWS credentials rejected \(InvalidAccessKeyId\)"):
+        store.fetch_hashed([Fetch("run/w.bin", str(tmp_path / "out.bin"), 500)])
+    assert not (tmp_path / "out.bin").exists()
+    assert through_client == []
+    assert "run/again.bin" not in {obj.key for obj in writer.list("run/")}
+
+
+def test_the_in_process_moto_mock_sees_the_lean_requests(tmp_path: Path) -> None:
+    """No endpoint URL: the requests name real AWS, and moto's mock answers them (a before-send handler)."""
+    from moto import mock_aws
+
+    with mock_aws():
+        boto3.client("s3").create_bucket(Bucket="gpurun-mocked")
+        store = S3Store("s3://gpurun-mocked/ckpt")
+        snapshots.write_snapshot(store, "run", stage(tmp_path / "staged", NAMES), previous=None)
+        assert bucket_objects("s3://gpurun-mocked/ckpt", "run/snapshots/000001/") == NAMES
+        snapshots.download_snapshot(store, "run", tmp_path / "restored")
+        assert (tmp_path / "restored" / "model weights.pt").read_bytes() == NAMES["model weights.pt"]
