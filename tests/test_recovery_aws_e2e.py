@@ -272,8 +272,13 @@ def test_after_success_the_machine_stays_for_idle_timeout_then_scales_its_group_
     code, out, err = cli(capsys, "launch", str(spec), "--json")
     assert code == 0, err
     run = json.loads(out)["run"]
-    [machine] = boot_emulator.live()
-    wait_until(lambda: "step 1" in _log(boot_emulator, machine, run), timeout=60, what="the job's first step")
+    [first] = boot_emulator.live()
+    wait_until(lambda: "step 1" in _log(boot_emulator, first, run), timeout=60, what="the first job's first step")
+    # A reclaim first (no gpurun command runs meanwhile): the machine that idles is the replacement.
+    autoscaling = boto3.client("autoscaling", endpoint_url=world["endpoint"], region_name="us-east-1")
+    autoscaling.terminate_instance_in_auto_scaling_group(InstanceId=first, ShouldDecrementDesiredCapacity=False)
+    machine = wait_until(lambda: [i for i in boot_emulator.live() if i != first], timeout=30, what="a new machine")[0]
+    wait_until(lambda: "step 1" in _log(boot_emulator, machine, run), timeout=120, what="the new job's first step")
     finish.touch()
     wait_until(lambda: (_attempts(world, run) or {}).get("state") == "succeeded", timeout=60, what="success")
     # The run has ended, but its machine stays in the group for idle_timeout: ssh, logs, checkpoint-sync.
@@ -297,6 +302,7 @@ def test_after_success_the_machine_stays_for_idle_timeout_then_scales_its_group_
         code, out, err = cli(capsys, "status", run, "--json")
         [status] = json.loads(out)
         assert (status["state"], status["exit_code"]) == ("succeeded", 0), out + err
+        assert status["instances"][0]["id"] == machine, "ssh, logs and checkpoint-sync reach the idling machine"
         assert _group(world, run)["DesiredCapacity"] == 1, "a machine with a live job is never scaled in"
         assert boot_emulator.live() == [machine]
     finally:

@@ -201,7 +201,9 @@ def apply_attempts(record: dict[str, Any], document: dict[str, Any]) -> None:
         runs.end_job(record, JobState.EXITED, code, last.get("ended_at"))
         if state == "budget_spent":
             record["job"] = {"phase": None, "alive": False, "note": "restart budget spent"}
-    current = next((item for item in reversed(listed) if not item.get("ended_at")), None)
+    # The newest generation is the group's machine now, or the last one it had: a machine whose job has
+    # ended stays for idle_timeout, and ssh, logs and checkpoint-sync must reach that one.
+    current = listed[-1] if listed else None
     machines = record.get("machines") or []
     reported_dir = _reported_run_dir(document, current, str(record.get("run")))
     if current and machines and current.get("instance_id") and machines[0].get("instance_id") != current["instance_id"]:
