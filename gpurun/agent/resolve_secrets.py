@@ -21,13 +21,11 @@ def _fetch(reference: str, region: str | None) -> str:
 
     kind, _, name = reference.partition(":")
     if kind == "ssm":
-        client = boto3.client("ssm", region_name=region)
-        answer = client.get_parameter(Name=name, WithDecryption=True)
-        return str(answer["Parameter"]["Value"])
-    client = boto3.client("secretsmanager", region_name=region)
-    answer = client.get_secret_value(SecretId=name)
-    if "SecretString" in answer:
-        return str(answer["SecretString"])
+        parameter = boto3.client("ssm", region_name=region).get_parameter(Name=name, WithDecryption=True)
+        return str(parameter["Parameter"]["Value"])
+    secret = boto3.client("secretsmanager", region_name=region).get_secret_value(SecretId=name)
+    if "SecretString" in secret:
+        return str(secret["SecretString"])
     raise ValueError("it is a binary secret; store it as a string")
 
 

@@ -8,6 +8,7 @@ is taken.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -59,7 +60,7 @@ def _parse_time(text: str | None) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
-def _image_info(image: dict[str, Any], source: str, field: str = "aws.ami") -> AmiInfo:
+def _image_info(image: Mapping[str, Any], source: str, field: str = "aws.ami") -> AmiInfo:
     image_id = image["ImageId"]
     name = image.get("Name") or "(no name)"
     state = image.get("State", "available")

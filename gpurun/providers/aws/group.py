@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -20,6 +20,10 @@ from gpurun.providers.aws import recovery, requests
 from gpurun.providers.aws.session import Aws, client_error_code, client_error_message
 
 if TYPE_CHECKING:
+    from mypy_boto3_autoscaling.type_defs import ActivityTypeDef, AutoScalingGroupTypeDef
+    from mypy_boto3_autoscaling.type_defs import InstanceTypeDef as GroupInstance
+    from mypy_boto3_ec2.type_defs import InstanceTypeDef, LaunchTemplateTypeDef
+
     from gpurun.providers.aws.teardown import Outcome, Timing
 
 Say = Callable[[str], None]
@@ -27,21 +31,18 @@ Say = Callable[[str], None]
 _GONE_CODES = {"ValidationError", "InvalidLaunchTemplateName.NotFoundException", "InvalidLaunchTemplateId.NotFound"}
 
 
-def groups_of(aws: Aws, run: str | None) -> list[dict[str, Any]]:
+def groups_of(aws: Aws, run: str | None) -> list[AutoScalingGroupTypeDef]:
     """gpurun's groups (of one run, or all), checked by their own tags."""
     autoscaling = aws.client("autoscaling")
-    filters = [{"Name": f"tag:{requests.TAG_MANAGED}", "Values": ["true"]}]
-    if run is not None:
-        filters.append({"Name": f"tag:{requests.TAG_RUN}", "Values": [run]})
     found = []
-    for page in autoscaling.get_paginator("describe_auto_scaling_groups").paginate(Filters=filters):
+    for page in autoscaling.get_paginator("describe_auto_scaling_groups").paginate(Filters=requests.run_filters(run)):
         for group in page.get("AutoScalingGroups", []):
             if requests.is_managed(group.get("Tags"), run):
                 found.append(group)
     return found
 
 
-def templates_of(aws: Aws, run: str | None) -> list[dict[str, Any]]:
+def templates_of(aws: Aws, run: str | None) -> list[LaunchTemplateTypeDef]:
     found = []
     for page in aws.ec2.get_paginator("describe_launch_templates").paginate(Filters=requests.run_filters(run)):
         for template in page.get("LaunchTemplates", []):
@@ -57,9 +58,9 @@ def templates_of(aws: Aws, run: str | None) -> list[dict[str, Any]]:
     return found
 
 
-def group_instances(aws: Aws, run: str) -> list[dict[str, Any]]:
+def group_instances(aws: Aws, run: str) -> list[GroupInstance]:
     """The instances the run's group holds now (any lifecycle state)."""
-    instances: list[dict[str, Any]] = []
+    instances: list[GroupInstance] = []
     for group in groups_of(aws, run):
         instances.extend(group.get("Instances", []))
     return instances
@@ -95,7 +96,7 @@ def wait_first_instance(
     say: Say,
     keep_waiting: bool = False,
     instance_types: list[str] | None = None,
-) -> dict[str, Any]:
+) -> InstanceTypeDef:
     """The group's first running instance (described), printing each of the group's scaling
     activities once as it appears; NoCapacity after `timeout` with what AWS tried (StillWaiting with
     `keep_waiting`: the caller leaves the group trying)."""
@@ -134,7 +135,7 @@ def wait_first_instance(
         sleep(interval)
 
 
-def _activities(aws: Aws, run: str) -> list[dict[str, Any]]:
+def _activities(aws: Aws, run: str) -> list[ActivityTypeDef]:
     """The group's newest scaling activities (newest first, as AWS lists them); none when unreadable."""
     try:
         answer = aws.client("autoscaling").describe_scaling_activities(
@@ -174,7 +175,7 @@ class ScalingActivities:
     failures: dict[str, Failure] = field(default_factory=dict)
     last: str = ""
 
-    def feed(self, activities: list[dict[str, Any]]) -> list[str]:
+    def feed(self, activities: Sequence[Mapping[str, Any]]) -> list[str]:
         """Lines for the activities not shown yet (oldest first); AWS lists the newest first."""
         lines = []
         for activity in reversed(activities):

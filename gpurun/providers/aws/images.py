@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -24,6 +24,8 @@ from gpurun.providers.aws.session import Aws, client_error_code, client_error_me
 from gpurun.setup_hash import local_reader, setup_hash
 
 if TYPE_CHECKING:
+    from mypy_boto3_ec2.type_defs import FilterTypeDef, ImageTypeDef
+
     from gpurun.spec import Spec
 
 TAG_IMAGE = "gpurun:image"
@@ -78,7 +80,7 @@ def check_name(name: str) -> str:
     return name
 
 
-def image_tags(name: str, run: str, owner: str, source_ami: str, setup_hash: str) -> list[dict[str, str]]:
+def image_tags(name: str, run: str, owner: str, source_ami: str, setup_hash: str) -> list[requests.Tag]:
     value = requests._tag_value
     return [
         {"Key": requests.TAG_MANAGED, "Value": "true"},
@@ -91,7 +93,7 @@ def image_tags(name: str, run: str, owner: str, source_ami: str, setup_hash: str
     ]
 
 
-def _from_described(image: dict[str, Any]) -> GpurunImage:
+def _from_described(image: Mapping[str, Any]) -> GpurunImage:
     tags = requests.tag_dict(image.get("Tags"))
     snapshots = []
     size = 0
@@ -114,7 +116,7 @@ def _from_described(image: dict[str, Any]) -> GpurunImage:
     )
 
 
-def _managed_filter() -> list[dict[str, Any]]:
+def _managed_filter() -> list[FilterTypeDef]:
     return [{"Name": f"tag:{requests.TAG_MANAGED}", "Values": ["true"]}]
 
 
@@ -157,7 +159,7 @@ def find_image(aws: Aws, name: str) -> GpurunImage | None:
     return images[0] if images else None
 
 
-def create_image(aws: Aws, instance_id: str, name: str, tags: list[dict[str, str]], description: str) -> str:
+def create_image(aws: Aws, instance_id: str, name: str, tags: list[requests.Tag], description: str) -> str:
     """CreateImage without a reboot: the job keeps running; the disk is as the caller left it (synced)."""
     answer = aws.ec2.create_image(
         InstanceId=instance_id,
@@ -169,12 +171,12 @@ def create_image(aws: Aws, instance_id: str, name: str, tags: list[dict[str, str
     return str(answer["ImageId"])
 
 
-def tag_snapshots(aws: Aws, image_id: str, tags: list[dict[str, str]]) -> list[str]:
+def tag_snapshots(aws: Aws, image_id: str, tags: list[requests.Tag]) -> list[str]:
     """Tag the image's snapshots (CreateImage tags only the image here); returns their ids."""
     described = aws.ec2.describe_images(ImageIds=[image_id]).get("Images", [])
     snapshots = _from_described(described[0]).snapshots if described else []
     if snapshots:
-        aws.ec2.create_tags(Resources=snapshots, Tags=tags)
+        aws.ec2.create_tags(Resources=snapshots, Tags=requests.ec2_tags(tags))
     return snapshots
 
 
@@ -254,7 +256,7 @@ def used_by_groups(aws: Aws) -> dict[str, list[str]]:
     return used
 
 
-def _describe_quietly(aws: Aws, image_id: str) -> dict[str, Any] | None:
+def _describe_quietly(aws: Aws, image_id: str) -> ImageTypeDef | None:
     try:
         found = aws.ec2.describe_images(ImageIds=[image_id]).get("Images", [])
     except botocore.exceptions.ClientError:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import botocore.exceptions
 
 from gpurun.errors import BadInput
 from gpurun.providers.aws.session import Aws, client_error_code, client_error_message
+
+if TYPE_CHECKING:
+    from mypy_boto3_ec2.literals import InstanceTypeType
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class TypeInfo:
         return f"{gpu}, {self.vcpus} vCPUs, {memory}, {self.arch}"
 
 
-def _parse(item: dict[str, Any]) -> TypeInfo:
+def _parse(item: Mapping[str, Any]) -> TypeInfo:
     arches = item.get("ProcessorInfo", {}).get("SupportedArchitectures", []) or ["x86_64"]
     arch = "arm64" if "arm64" in arches and "x86_64" not in arches else "x86_64"
     gpus = item.get("GpuInfo", {}).get("Gpus", []) or []
@@ -58,11 +62,16 @@ def _parse(item: dict[str, Any]) -> TypeInfo:
     )
 
 
+def _type_names(names: list[str]) -> list[InstanceTypeType]:
+    """The spec's names as the stubs' literal type: AWS, not the stubs' list of its day, says which exist."""
+    return cast("list[InstanceTypeType]", names)
+
+
 def describe_types(aws: Aws, names: list[str]) -> dict[str, TypeInfo]:
     """Info for every type in `names`; a type that does not exist is BadInput."""
     unique = list(dict.fromkeys(names))
     try:
-        answer = aws.ec2.describe_instance_types(InstanceTypes=unique)
+        answer = aws.ec2.describe_instance_types(InstanceTypes=_type_names(unique))
     except botocore.exceptions.ClientError as error:
         if client_error_code(error) in ("InvalidInstanceType", "InvalidParameterValue"):
             missing = _find_missing(aws, unique)
@@ -71,7 +80,7 @@ def describe_types(aws: Aws, names: list[str]) -> dict[str, TypeInfo]:
                 f"aws.instance_type: {listed} does not exist in {aws.region}; use a type such as g5.xlarge or g6.xlarge"
             ) from None
         raise BadInput(f"aws.instance_type: cannot check {', '.join(unique)}: {client_error_message(error)}") from None
-    found = {item["InstanceType"]: _parse(item) for item in answer.get("InstanceTypes", [])}
+    found: dict[str, TypeInfo] = {item["InstanceType"]: _parse(item) for item in answer.get("InstanceTypes", [])}
     missing = [name for name in unique if name not in found]
     if missing:
         raise BadInput(f"aws.instance_type: {', '.join(missing)} does not exist in {aws.region}")
@@ -82,7 +91,7 @@ def _find_missing(aws: Aws, names: list[str]) -> list[str]:
     missing = []
     for name in names:
         try:
-            aws.ec2.describe_instance_types(InstanceTypes=[name])
+            aws.ec2.describe_instance_types(InstanceTypes=_type_names([name]))
         except botocore.exceptions.ClientError:
             missing.append(name)
     return missing

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,8 @@ from gpurun.providers.aws.pricing import hourly_price
 from gpurun.providers.aws.session import client_error_code, client_error_message
 
 if TYPE_CHECKING:
+    from mypy_boto3_ec2.type_defs import InstanceTypeDef, ReservationResponseTypeDef
+
     from gpurun.providers.aws.prepare import Prepared
     from gpurun.spec import Spec
 
@@ -207,7 +209,7 @@ class Launcher:
         self._created("placement_group", self.name)
         return self.name
 
-    def _run_once(self, kwargs: dict[str, Any], attempt: list[int]) -> dict[str, Any]:
+    def _run_once(self, kwargs: dict[str, Any], attempt: list[int]) -> ReservationResponseTypeDef:
         """RunInstances in one type/zone: one request per answer AWS gives.
 
         The client makes one attempt (botocore would repeat a capacity error's HTTP 500);
@@ -224,8 +226,7 @@ class Launcher:
         attempt[0] += 1
         while True:
             try:
-                reservation: dict[str, Any] = ec2.run_instances(**kwargs)
-                return reservation
+                return ec2.run_instances(**kwargs)
             except botocore.exceptions.ClientError as error:
                 code = client_error_code(error)
                 if code in requests.RETRYABLE_ERRORS and retries_left > 0:
@@ -257,7 +258,7 @@ class Launcher:
 
     def instances(
         self, key_name: str, group_id: str, profile: str | None, placement: str | None
-    ) -> tuple[list[dict[str, Any]], str, str]:
+    ) -> tuple[list[InstanceTypeDef], str, str]:
         """Launch `nodes` machines: each zone of the first type, then the next type; (instances, type, zone)."""
         settings = self.spec.aws
         tried: list[tuple[str, str, str, str]] = []
@@ -331,7 +332,7 @@ class Launcher:
             details=details,
         )
 
-    def wait_running(self, ids: list[str]) -> list[dict[str, Any]]:
+    def wait_running(self, ids: list[str]) -> list[InstanceTypeDef]:
         """Poll (one batched describe per round) until every instance runs with a public IP."""
         from gpurun.providers.aws.teardown import describe_by_ids
 
@@ -366,7 +367,7 @@ class Launcher:
             self.sleep(self.poll_interval)
 
     def machines(
-        self, described: list[dict[str, Any]], key_path: str, type_name: str, zone: str
+        self, described: Sequence[Mapping[str, Any]], key_path: str, type_name: str, zone: str
     ) -> list[dict[str, Any]]:
         settings = self.spec.aws
         user = self.spec.ssh.user or DEFAULT_USER

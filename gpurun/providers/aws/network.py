@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,7 +65,7 @@ def resolve_cidr(ssh_cidr: str) -> tuple[str, str]:
     return f"{address}/{suffix}", "your public IP"
 
 
-def _subnet(item: dict[str, Any]) -> Subnet:
+def _subnet(item: Mapping[str, Any]) -> Subnet:
     return Subnet(
         id=item["SubnetId"],
         zone=item["AvailabilityZone"],

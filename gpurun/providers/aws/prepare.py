@@ -6,8 +6,9 @@ disk smaller than the image) is raised from here, before any resource exists.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gpurun.durations import format_duration
 from gpurun.errors import BadInput
@@ -192,7 +193,7 @@ def plan_rows(prepared: Prepared, spec: Spec) -> list[tuple[str, str]]:
 def _fixed_rows(
     spec: Spec,
     name: str,
-    tags: list[dict[str, str]],
+    tags: Sequence[Mapping[str, Any]],
     store: tuple[str, str] | None,
     instance_profile: str | None,
     partition: str,

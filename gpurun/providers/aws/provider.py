@@ -13,7 +13,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -481,7 +481,7 @@ def _ended_at(reason: str | None) -> str | None:
     return datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc).isoformat()
 
 
-def _update_machines(record: Record, found: dict[str, dict[str, Any]], region: str, now: datetime) -> None:
+def _update_machines(record: Record, found: Mapping[str, Mapping[str, Any]], region: str, now: datetime) -> None:
     total = 0.0
     known = False
     for machine in record.get("machines") or []:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import base64
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpurun.providers.aws.requests import (
     block_device_mappings,
@@ -35,12 +35,15 @@ from gpurun.providers.aws.requests import (
     tags,
 )
 
+if TYPE_CHECKING:
+    from mypy_boto3_ec2.literals import ResourceTypeType
+
 #: The role's inline policy that lets a machine scale its own group.
 GROUP_POLICY_NAME = "gpurun-own-group"
 #: The scheduled action that ends the group's machines at launch + max_runtime.
 GUARD_ACTION = "gpurun-max-runtime"
 #: Resource types the template tags at launch (a spot request is the group's, not ours to tag).
-TEMPLATE_TAGGED = ["instance", "volume", "network-interface"]
+TEMPLATE_TAGGED: list[ResourceTypeType] = ["instance", "volume", "network-interface"]
 #: What a machine may do to its own group (and nothing else): scale it to 0 when the run is over,
 #: and end itself without lowering the capacity (a machine to replace).
 GROUP_ACTIONS = ["autoscaling:SetDesiredCapacity", "autoscaling:TerminateInstanceInAutoScalingGroup"]

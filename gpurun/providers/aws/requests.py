@@ -13,7 +13,13 @@ import json
 import math
 import re
 import shlex
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypedDict
+
+if TYPE_CHECKING:  # boto3-stubs (test extras): the request shapes, checked by mypy, nothing imported at run time
+    from mypy_boto3_ec2.literals import ResourceTypeType
+    from mypy_boto3_ec2.type_defs import FilterTypeDef, IpPermissionTypeDef, TagSpecificationTypeDef
+    from mypy_boto3_ec2.type_defs import TagTypeDef as Ec2Tag
 
 TAG_RUN = "gpurun:run"
 TAG_MANAGED = "gpurun:managed"
@@ -73,7 +79,14 @@ def _tag_value(value: str) -> str:
     return re.sub(r"[^\w .:/=+\-@]", "_", value)[:256]
 
 
-def tags(run: str, owner: str) -> list[dict[str, str]]:
+class Tag(TypedDict):
+    """One tag as IAM and Auto Scaling take it (EC2's own shape: `ec2_tags`)."""
+
+    Key: str
+    Value: str
+
+
+def tags(run: str, owner: str) -> list[Tag]:
     return [
         {"Key": TAG_RUN, "Value": _tag_value(run)},
         {"Key": TAG_MANAGED, "Value": "true"},
@@ -82,11 +95,16 @@ def tags(run: str, owner: str) -> list[dict[str, str]]:
     ]
 
 
-def tag_dict(items: list[dict[str, str]] | None) -> dict[str, str]:
+def ec2_tags(tag_list: Sequence[Tag]) -> list[Ec2Tag]:
+    return [{"Key": tag["Key"], "Value": tag["Value"]} for tag in tag_list]
+
+
+def tag_dict(items: Sequence[Mapping[str, Any]] | None) -> dict[str, str]:
+    """Tags as AWS describes them ({"Key", "Value"} each), as one dict."""
     return {item["Key"]: item["Value"] for item in items or []}
 
 
-def is_managed(items: list[dict[str, str]] | None, run: str | None = None) -> bool:
+def is_managed(items: Sequence[Mapping[str, Any]] | None, run: str | None = None) -> bool:
     """True when the tags say gpurun made this (and, given `run`, for that run)."""
     found = tag_dict(items)
     if found.get(TAG_MANAGED) != "true":
@@ -94,13 +112,15 @@ def is_managed(items: list[dict[str, str]] | None, run: str | None = None) -> bo
     return run is None or found.get(TAG_RUN) == run
 
 
-def tag_specifications(resource_types: list[str], tag_list: list[dict[str, str]]) -> list[dict[str, Any]]:
-    return [{"ResourceType": kind, "Tags": list(tag_list)} for kind in resource_types]
+def tag_specifications(
+    resource_types: Sequence[ResourceTypeType], tag_list: Sequence[Tag]
+) -> list[TagSpecificationTypeDef]:
+    return [{"ResourceType": kind, "Tags": ec2_tags(tag_list)} for kind in resource_types]
 
 
-def run_filters(run: str | None = None) -> list[dict[str, Any]]:
-    """EC2 filters that find what gpurun made (for one run, or for all)."""
-    filters = [{"Name": f"tag:{TAG_MANAGED}", "Values": ["true"]}]
+def run_filters(run: str | None = None) -> list[FilterTypeDef]:
+    """EC2 (and Auto Scaling) filters that find what gpurun made (for one run, or for all)."""
+    filters: list[FilterTypeDef] = [{"Name": f"tag:{TAG_MANAGED}", "Values": ["true"]}]
     if run is not None:
         filters.append({"Name": f"tag:{TAG_RUN}", "Values": [run]})
     return filters
@@ -109,7 +129,7 @@ def run_filters(run: str | None = None) -> list[dict[str, Any]]:
 LIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
 
 
-def instance_filters(run: str | None = None) -> list[dict[str, Any]]:
+def instance_filters(run: str | None = None) -> list[FilterTypeDef]:
     return [*run_filters(run), {"Name": "instance-state-name", "Values": LIVE_STATES}]
 
 
@@ -169,7 +189,7 @@ def run_instances_kwargs(
 ) -> dict[str, Any]:
     """The whole RunInstances request for one attempt (one type, one subnet)."""
     tag_list = tags(run, owner)
-    resource_types = ["instance", "volume", "network-interface"]
+    resource_types: list[ResourceTypeType] = ["instance", "volume", "network-interface"]
     if spot:
         resource_types.append("spot-instances-request")
     kwargs: dict[str, Any] = {
@@ -212,10 +232,10 @@ def run_instances_kwargs(
 
 def ingress_permissions(
     ssh_cidr: str, *, port: int = 22, group_id: str | None = None, nodes: int = 1
-) -> list[dict[str, Any]]:
+) -> list[IpPermissionTypeDef]:
     """TCP `port` from `ssh_cidr` only; all traffic between the run's own nodes when nodes > 1."""
     network = ipaddress.ip_network(ssh_cidr, strict=False)
-    rule: dict[str, Any] = {"IpProtocol": "tcp", "FromPort": port, "ToPort": port}
+    rule: IpPermissionTypeDef = {"IpProtocol": "tcp", "FromPort": port, "ToPort": port}
     if network.version == 4:
         rule["IpRanges"] = [{"CidrIp": str(network), "Description": "gpurun ssh"}]
     else:

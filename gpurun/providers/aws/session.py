@@ -7,7 +7,7 @@ import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import boto3
 import botocore.exceptions
@@ -16,6 +16,12 @@ from botocore.config import Config
 
 from gpurun.aws_files import check_shared_files
 from gpurun.errors import BadInput, GpurunError, NoCredentials, UnknownRegion
+
+if TYPE_CHECKING:  # the boto3-stubs of the test extras: types only, nothing imported at run time
+    from mypy_boto3_autoscaling import AutoScalingClient
+    from mypy_boto3_ec2 import EC2Client
+    from mypy_boto3_iam import IAMClient
+    from mypy_boto3_ssm import SSMClient
 
 #: The AWS services gpurun calls (boto3's client() is typed per service name).
 ServiceName = Literal["ec2", "iam", "ssm", "sts", "autoscaling", "service-quotas", "pricing"]
@@ -67,6 +73,16 @@ class Aws:
     _clients: dict[str, Any] = field(default_factory=dict)
     _views: dict[str, Aws] = field(default_factory=dict)
 
+    @overload
+    def client(self, name: Literal["ec2"]) -> EC2Client: ...
+    @overload
+    def client(self, name: Literal["iam"]) -> IAMClient: ...
+    @overload
+    def client(self, name: Literal["ssm"]) -> SSMClient: ...
+    @overload
+    def client(self, name: Literal["autoscaling"]) -> AutoScalingClient: ...
+    @overload
+    def client(self, name: Literal["sts", "service-quotas", "pricing"]) -> Any: ...
     def client(self, name: ServiceName) -> Any:
         client = self._clients.get(name)
         if client is None:
@@ -89,15 +105,15 @@ class Aws:
         return self.view("cleanup")
 
     @property
-    def ec2(self) -> Any:
+    def ec2(self) -> EC2Client:
         return self.client("ec2")
 
     @property
-    def iam(self) -> Any:
+    def iam(self) -> IAMClient:
         return self.client("iam")
 
     @property
-    def ssm(self) -> Any:
+    def ssm(self) -> SSMClient:
         return self.client("ssm")
 
     @property

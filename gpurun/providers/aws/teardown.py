@@ -14,9 +14,9 @@ import contextlib
 import functools
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import botocore.exceptions
 
@@ -25,6 +25,9 @@ from gpurun.durations import format_duration
 from gpurun.providers.aws import group as scaling
 from gpurun.providers.aws import requests
 from gpurun.providers.aws.session import Aws, client_error_code, client_error_message
+
+if TYPE_CHECKING:
+    from mypy_boto3_ec2.type_defs import DescribeInstancesResultTypeDef, InstanceTypeDef
 
 Say = Callable[[str], None]
 
@@ -66,8 +69,8 @@ def _aws_errors() -> tuple[type[BaseException], ...]:
     return (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError)
 
 
-def run_instances_live(aws: Aws, run: str | None) -> list[dict[str, Any]]:
-    found = []
+def run_instances_live(aws: Aws, run: str | None) -> list[InstanceTypeDef]:
+    found: list[InstanceTypeDef] = []
     paginator = aws.ec2.get_paginator("describe_instances")
     for page in paginator.paginate(Filters=requests.instance_filters(run)):
         for reservation in page.get("Reservations", []):
@@ -75,9 +78,9 @@ def run_instances_live(aws: Aws, run: str | None) -> list[dict[str, Any]]:
     return [item for item in found if requests.is_managed(item.get("Tags"), run)]
 
 
-def describe_by_ids(aws: Aws, ids: list[str]) -> dict[str, dict[str, Any]]:
+def describe_by_ids(aws: Aws, ids: list[str]) -> dict[str, InstanceTypeDef]:
     """id -> instance; ids AWS no longer knows are simply absent (filters never raise NotFound)."""
-    found: dict[str, dict[str, Any]] = {}
+    found: dict[str, InstanceTypeDef] = {}
     for start in range(0, len(ids), 199):
         chunk = ids[start : start + 199]
         paginator = aws.ec2.get_paginator("describe_instances")
@@ -88,10 +91,10 @@ def describe_by_ids(aws: Aws, ids: list[str]) -> dict[str, dict[str, Any]]:
     return found
 
 
-def describe_each(aws: Aws, ids: list[str]) -> tuple[dict[str, dict[str, Any]], set[str]]:
+def describe_each(aws: Aws, ids: list[str]) -> tuple[dict[str, InstanceTypeDef], set[str]]:
     """Describe by id (InstanceIds, not a filter: filtered describes omit an instance for a while
     after RunInstances); returns (id -> instance, ids AWS answered NotFound for)."""
-    found: dict[str, dict[str, Any]] = {}
+    found: dict[str, InstanceTypeDef] = {}
     missing: set[str] = set()
     for start in range(0, len(ids), 100):
         chunk = ids[start : start + 100]
@@ -111,7 +114,7 @@ def describe_each(aws: Aws, ids: list[str]) -> tuple[dict[str, dict[str, Any]], 
     return found, missing
 
 
-def _collect(answer: dict[str, Any], found: dict[str, dict[str, Any]]) -> None:
+def _collect(answer: DescribeInstancesResultTypeDef, found: dict[str, InstanceTypeDef]) -> None:
     for reservation in answer.get("Reservations", []):
         for item in reservation.get("Instances", []):
             found[item["InstanceId"]] = item
@@ -259,7 +262,7 @@ def _placement_groups(aws: Aws, run: str, timing: Timing, say: Say, outcome: Out
                 outcome.left["placement_group"] = name
 
 
-def _iam_tags_match(tag_list: list[dict[str, str]] | None, run: str) -> bool:
+def _iam_tags_match(tag_list: Sequence[Mapping[str, Any]] | None, run: str) -> bool:
     return requests.is_managed(tag_list, run)
 
 
@@ -415,7 +418,7 @@ def find_orphans(aws: Aws, known_runs: set[str] | list[str], *, include_iam: boo
     known = set(known_runs)
     orphans: list[dict[str, Any]] = []
 
-    def add(kind: str, ident: str, tag_list: list[dict[str, str]] | None, **extra: Any) -> None:
+    def add(kind: str, ident: str, tag_list: Sequence[Mapping[str, Any]] | None, **extra: Any) -> None:
         found = requests.tag_dict(tag_list)
         if found.get(requests.TAG_MANAGED) != "true":
             return
@@ -448,8 +451,8 @@ def find_orphans(aws: Aws, known_runs: set[str] | list[str], *, include_iam: boo
     for pair in ec2.describe_key_pairs(Filters=filters).get("KeyPairs", []):
         add("key_pair", pair["KeyName"], pair.get("Tags"))
     try:
-        for group in ec2.describe_placement_groups(Filters=filters).get("PlacementGroups", []):
-            add("placement_group", group["GroupName"], group.get("Tags"))
+        for placement in ec2.describe_placement_groups(Filters=filters).get("PlacementGroups", []):
+            add("placement_group", placement["GroupName"], placement.get("Tags"))
     except _aws_errors():
         pass
     if include_iam:
@@ -461,15 +464,15 @@ def find_orphans(aws: Aws, known_runs: set[str] | list[str], *, include_iam: boo
                 add("role", role["RoleName"], tag_list)
                 if len(orphans) > before:
                     orphans[-1]["region"] = None
-        for page in iam.get_paginator("list_instance_profiles").paginate(PathPrefix=requests.IAM_PATH):
-            for profile in page.get("InstanceProfiles", []):
-                tag_list = profile.get("Tags")
-                if tag_list is None:
-                    tag_list = iam.get_instance_profile(InstanceProfileName=profile["InstanceProfileName"])[
+        for listed in iam.get_paginator("list_instance_profiles").paginate(PathPrefix=requests.IAM_PATH):
+            for profile in listed.get("InstanceProfiles", []):
+                profile_tags = profile.get("Tags")
+                if profile_tags is None:
+                    profile_tags = iam.get_instance_profile(InstanceProfileName=profile["InstanceProfileName"])[
                         "InstanceProfile"
                     ].get("Tags", [])
                 before = len(orphans)
-                add("instance_profile", profile["InstanceProfileName"], tag_list)
+                add("instance_profile", profile["InstanceProfileName"], profile_tags)
                 if len(orphans) > before:
                     orphans[-1]["region"] = None
     return orphans
