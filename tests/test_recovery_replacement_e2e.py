@@ -1,15 +1,18 @@
 """A recovering AWS run after a reclaim: what a user reaches once the group's second machine runs the job.
 
-One scenario serves every test here (module fixture `reclaimed`, tests in one
-xdist group): the real CLI launches a recovering run on moto's server and
-returns; `gpurun logs RUN -f` starts following in its own process; a spot
-notice, the final snapshot, and a reclaim (terminate without decrement)
-follow; the group's second machine (booted by the boot emulator, with an
-sshd of its own on its own loopback address) resumes from LATEST. With the
-launching process long gone, each test checks one thing a user does:
-`ssh` reaches the new machine, `logs` shows its output (and `--job 1` the
-first's), `logs -f` followed across the reclaim, and `checkpoint-sync`
-lists and restores the snapshots of both machines.
+One scenario (module fixture `reclaimed`) serves every test here: the real
+CLI launches a recovering run on moto's server and returns; `gpurun logs RUN
+-f` starts following in its own process; a spot notice, the final snapshot,
+and a reclaim (terminate without decrement) follow; the group's second
+machine (booted by the boot emulator, with an sshd of its own on its own
+loopback address) resumes from LATEST. With the launching process long gone,
+the scenario runs `ssh` and `checkpoint-sync` (snapshot now) on the second
+machine, then lets the job succeed. Each test checks one thing a user sees:
+`ssh` reached the new machine, the snapshot was its agent's, `logs -f`
+followed across the reclaim, `logs` shows the new machine's output (and
+`--job 1` the first's), and `checkpoint-sync` lists and restores the
+snapshots of both machines. The tests read what the scenario recorded, so
+they hold in any order and on any xdist worker.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,27 +54,13 @@ class Reclaimed:
     env: dict[str, str]
     world: dict[str, Any]
     emulator: BootEmulator
-    follower: subprocess.Popen[bytes]
-    follow_out: Path
-    follow_err: Path
     saved_seq: int
     resumed_step: int
-    finish_file: Path
-    finished: dict[str, Any] = field(default_factory=dict)
-
-    def finish(self) -> dict[str, Any]:
-        """Let the job succeed (once): the group goes to 0 and `logs -f` ends."""
-        if not self.finished:
-            self.finish_file.touch()
-            wait_until(lambda: _group(self.world, self.run)["DesiredCapacity"] == 0, timeout=90, what="group at 0")
-            deadline = time.monotonic() + 60
-            while self.follower.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert self.follower.poll() is not None, "logs -f did not end with the run"
-            self.finished["code"] = self.follower.returncode
-            self.finished["out"] = self.follow_out.read_text()
-            self.finished["err"] = self.follow_err.read_text()
-        return self.finished
+    ssh_first: subprocess.CompletedProcess[str]
+    ssh_again: subprocess.CompletedProcess[str]
+    synced: tuple[int, str]
+    second_agent_seq: int | None
+    followed: tuple[int, str, str]
 
 
 def _cli(*args: str) -> tuple[int, str]:
@@ -80,6 +69,13 @@ def _cli(*args: str) -> tuple[int, str]:
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exited:
         main(list(args))
     return int(exited.value.code or 0), out.getvalue()
+
+
+def _wait_for_exit(process: subprocess.Popen[bytes], timeout: float) -> int | None:
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return process.poll()
 
 
 def _environment(home: Path, endpoint: str, bundled_amis: str) -> dict[str, str]:
@@ -198,6 +194,18 @@ def reclaimed(moto_server: str, bundled_amis: str, tmp_path_factory: pytest.Temp
                 timeout=120,
                 what="the new machine's job to resume",
             )
+            resumed_step = int(resumed[0].split()[-1])
+            # While the second machine runs the job: what a user does on it (each test asserts one).
+            # pytest-xdist's xdist_group does not hold with pytest 9 here, so nothing depends on test order.
+            ssh_first = gpurun("ssh", run, "--", "cat", "~/instance-id", check=False)
+            ssh_again = gpurun("ssh", run, "--", "pwd;", "cat", "~/instance-id", check=False)
+            synced = _cli("checkpoint-sync", run, "--json")
+            status = json.loads((emulator.run_dir(second, run) / "agent.status.json").read_text())
+            # The job succeeds: the run ends, and so does `logs -f`.
+            finish_file.touch()
+            followed_code = _wait_for_exit(follower, 90)
+            assert followed_code is not None, "logs -f did not end with the run"
+            wait_until(lambda: _group(world, run)["DesiredCapacity"] == 0, timeout=90, what="the group at 0")
             yield Reclaimed(
                 run=run,
                 first=first,
@@ -205,12 +213,13 @@ def reclaimed(moto_server: str, bundled_amis: str, tmp_path_factory: pytest.Temp
                 env=env,
                 world=world,
                 emulator=emulator,
-                follower=follower,
-                follow_out=follow_out,
-                follow_err=follow_err,
                 saved_seq=saved_seq,
-                resumed_step=int(resumed[0].split()[-1]),
-                finish_file=finish_file,
+                resumed_step=resumed_step,
+                ssh_first=ssh_first,
+                ssh_again=ssh_again,
+                synced=synced,
+                second_agent_seq=status.get("last_seq"),
+                followed=(followed_code, follow_out.read_text(), follow_err.read_text()),
             )
         finally:
             if follower is not None and follower.poll() is None:
@@ -230,8 +239,7 @@ def scenario(reclaimed: Reclaimed, monkeypatch: pytest.MonkeyPatch) -> Reclaimed
 
 
 def test_ssh_reaches_the_replacement_machine(scenario: Reclaimed) -> None:
-    assert not scenario.finished, "runs while the second machine lives (tests run in file order)"
-    done = gpurun("ssh", scenario.run, "--", "cat", "~/instance-id", check=False)
+    done = scenario.ssh_first
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == scenario.second, "the group's current machine, not the first"
     # Its host key was trusted on first use and kept: the next connection checks it.
@@ -239,7 +247,7 @@ def test_ssh_reaches_the_replacement_machine(scenario: Reclaimed) -> None:
     second_sshd = scenario.emulator.instances[scenario.second].sshd
     assert second_sshd is not None and second_sshd.host_key_line in known.read_text()
     # It lands in the run's work directory there, which the machine reported (its home is its own).
-    again = gpurun("ssh", scenario.run, "--", "pwd;", "cat", "~/instance-id", check=False)
+    again = scenario.ssh_again
     assert again.returncode == 0, again.stderr
     assert again.stdout.split() == [
         str(scenario.emulator.run_dir(scenario.second, scenario.run) / "work"),
@@ -247,24 +255,17 @@ def test_ssh_reaches_the_replacement_machine(scenario: Reclaimed) -> None:
     ]
 
 
-def test_checkpoint_sync_takes_a_snapshot_on_the_replacement_machine(
-    scenario: Reclaimed, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert not scenario.finished, "runs while the second machine lives (tests run in file order)"
-    with pytest.raises(SystemExit) as exited:
-        main(["checkpoint-sync", scenario.run, "--json"])
-    out, err = capsys.readouterr()
-    assert exited.value.code in (0, None), err
+def test_checkpoint_sync_takes_a_snapshot_on_the_replacement_machine(scenario: Reclaimed) -> None:
+    code, out = scenario.synced
+    assert code == 0, out
     taken = json.loads(out)
     assert taken["new"] is True and taken["seq"] > scenario.saved_seq, taken
-    status = json.loads((scenario.emulator.run_dir(scenario.second, scenario.run) / "agent.status.json").read_text())
-    assert status["last_seq"] == taken["seq"], "the second machine's agent took it"
+    assert scenario.second_agent_seq == taken["seq"], "the second machine's agent took it"
 
 
 def test_logs_follows_the_run_across_the_reclaim_until_it_ends(scenario: Reclaimed) -> None:
-    finished = scenario.finish()
-    out, err = finished["out"], finished["err"]
-    assert finished["code"] == 0, (out, err)
+    code, out, err = scenario.followed
+    assert code == 0, (out, err)
     lines = out.splitlines()
     [marker] = [line for line in lines if line.startswith("--- machine")]
     assert marker.startswith(f"--- machine 2 ({scenario.second}, t3.") and marker.endswith(
@@ -284,7 +285,7 @@ def test_logs_shows_the_new_machines_output_and_job_1_the_firsts(
     newest = capsys.readouterr().out
     assert exited.value.code in (0, None)
     assert f"resumed at step {scenario.resumed_step}\njob started\nstep {scenario.resumed_step + 1}\n" in newest
-    assert "step 1\n" not in newest, "only the second machine's output"
+    assert newest.endswith("done\n") and "step 1\n" not in newest, "only the second machine's output"
     with pytest.raises(SystemExit):
         main(["logs", scenario.run, "--job", "1"])
     first = capsys.readouterr().out
@@ -295,14 +296,13 @@ def test_logs_shows_the_new_machines_output_and_job_1_the_firsts(
 def test_checkpoint_sync_lists_and_restores_snapshots_of_both_machines(
     scenario: Reclaimed, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    scenario.finish()  # the second machine's final snapshot is taken when its job ends
     with pytest.raises(SystemExit) as exited:
         main(["checkpoint-sync", scenario.run, "--list", "--json"])
     listed = json.loads(capsys.readouterr().out)
     assert exited.value.code in (0, None)
     seqs = [item["seq"] for item in listed]
     assert scenario.saved_seq in seqs, "the first machine's final snapshot"
-    assert max(seqs) > scenario.saved_seq, "a snapshot taken by the second machine"
+    assert max(seqs) > scenario.saved_seq, "snapshots taken by the second machine"
 
     def restored(seq: int | None) -> int:
         dest = tmp_path / f"restore-{seq}"
