@@ -515,8 +515,22 @@ def test_keep_waiting_leaves_the_group_trying(
     assert _leftovers(world, run)["groups"], "the group is left to find capacity"
     code, out, err = cli(capsys, "status", run, "--json")
     assert json.loads(out)[0]["state"] == "launching" and "is gone" not in err, err
-    code, _out, err = cli(capsys, "teardown", run, "--yes")
-    assert code == 0, err
+    # `logs -f` waits for the group's first machine; a teardown ends the wait (exit 5).
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "gpurun", "logs", run, "-f"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        code, _out, err = cli(capsys, "teardown", run, "--yes")
+        assert code == 0, err
+        _followed, said = follower.communicate(timeout=60)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.communicate()
+    assert follower.returncode == 5 and b"torn down while following" in said, said
     assert not _leftovers(world, run)["groups"]
     refused = cli(capsys, "launch", str(spec), "--keep-waiting", "--set", "recovery.max_restarts=0")
     assert refused[0] == 2 and "--keep-waiting: only for a run with recovery on AWS" in refused[2]

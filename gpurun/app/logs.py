@@ -76,12 +76,12 @@ def show_logs(
         raise UnknownRun(
             f"{error}; for a run launched elsewhere or rolled back: `gpurun logs RUN --store URL`"
         ) from None
-    machines = record.get("machines", [])
-    if not machines:
-        raise BadInput(f"run {run} has no machine (it never started); nothing to show")
     if record.get("bootstrap") and record.get("store"):
         # A recovering AWS run: its machines come and go, each ships its output as job N (its generation).
         return _from_store(run, record, record["store"], job=job, node=node, tail=tail, follow=follow, write=write)
+    machines = record.get("machines", [])
+    if not machines:
+        raise BadInput(f"run {run} has no machine (it never started); nothing to show")
     if record.get("state") == "ended" or _all_machines_gone(record):
         from gpurun.store.logs import stored_jobs
 
@@ -137,6 +137,9 @@ def _from_store(
         from gpurun.app import recovering
 
         attempts = recovering.read_attempts(store, run)
+        if attempts is None and record is not None:
+            # Still waiting for the group's first machine (launch --keep-waiting): wait for it too.
+            attempts = {"state": "running", "machines": []}
         if attempts is not None:
             # A recovering run: follow its machines one after the other, as the group replaces them.
             return _follow_recovering(run, record, store, where, attempts, job=job, tail=tail, write=write)
