@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -99,3 +101,17 @@ def isolate(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monkey
     monkeypatch.setenv("NO_COLOR", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     return home
+
+
+def cli_captured(*args: str) -> tuple[int, str, str]:
+    """The CLI in this process, for a fixture wider than one test (which has no capsys):
+    (exit status, stdout, stderr)."""
+    from gpurun.cli import main
+
+    out_bytes, err_bytes = io.BytesIO(), io.BytesIO()
+    out, err = io.TextIOWrapper(out_bytes, encoding="utf-8"), io.TextIOWrapper(err_bytes, encoding="utf-8")
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exited:
+        main(list(args))
+    out.flush()
+    err.flush()
+    return exited.value.code, out_bytes.getvalue().decode(), err_bytes.getvalue().decode()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import io
 import json
 import os
 import signal
@@ -29,7 +28,7 @@ import boto3  # noqa: E402
 
 from gpurun.cli import main  # noqa: E402
 from gpurun.providers.aws import AwsProvider  # noqa: E402
-from tests.helpers import isolate, process_alive, wait_until  # noqa: E402
+from tests.helpers import cli_captured, isolate, process_alive, wait_until  # noqa: E402,F401
 from tests.plugins.aws_moto import enable_moto_validation  # noqa: E402
 
 AMI = "ami-1e749f67"  # bundled with moto for us-east-1
@@ -53,17 +52,6 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
         main(list(args))
     out, err = capsys.readouterr()
     return exited.value.code, out, err
-
-
-def cli_captured(*args: str) -> tuple[int, str, str]:
-    """cli() for a fixture wider than one test, which has no capsys: stdout and stderr caught here."""
-    out_bytes, err_bytes = io.BytesIO(), io.BytesIO()
-    out, err = io.TextIOWrapper(out_bytes, encoding="utf-8"), io.TextIOWrapper(err_bytes, encoding="utf-8")
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exited:
-        main(list(args))
-    out.flush()
-    err.flush()
-    return exited.value.code, out_bytes.getvalue().decode(), err_bytes.getvalue().decode()
 
 
 @pytest.fixture

@@ -26,8 +26,12 @@ os.environ.setdefault("MOTO_ENABLE_KEYPAIR_VALIDATION", "true")
 import boto3  # noqa: E402
 
 from gpurun.providers.aws import AwsProvider  # noqa: E402
-from tests.helpers import process_alive, wait_until  # noqa: E402
-from tests.test_aws_e2e import ACCOUNT, AMI, aws_world, cli, cli_captured, wide_aws_world  # noqa: E402,F401
+from tests.helpers import (  # noqa: E402
+    cli_captured,  # noqa: E402
+    process_alive,
+    wait_until,
+)
+from tests.test_aws_e2e import ACCOUNT, AMI, aws_world, cli, wide_aws_world  # noqa: E402,F401
 
 # Both image test files watch /dev/shm for the stash an image create leaves: one worker runs them.
 pytestmark = pytest.mark.xdist_group("dev-shm-image-stash")

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ import boto3  # noqa: E402
 from gpurun import runs  # noqa: E402
 from gpurun.cli import main  # noqa: E402
 from gpurun.providers.aws import AwsProvider  # noqa: E402
-from tests.helpers import wait_until  # noqa: E402
+from tests.helpers import cli_captured, isolate, wait_until  # noqa: E402
+from tests.plugins.aws_moto import enable_moto_validation  # noqa: E402
 from tests.plugins.boot_emulator import MARK, BootEmulator  # noqa: E402
 
 AMI = "ami-1e749f67"  # bundled with moto for us-east-1
@@ -69,6 +71,10 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 
 @pytest.fixture
 def world(moto_server: str, moto_validation: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    return build_world(moto_server, tmp_path, monkeypatch)
+
+
+def build_world(moto_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
     bucket = f"recovery-{os.getpid()}-{time.monotonic_ns() % 10**8}"
     boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=bucket)
@@ -155,32 +161,42 @@ def _leftovers(world: dict[str, Any], run: str) -> dict[str, list[Any]]:
     }
 
 
-@pytest.mark.slow
-def test_reclaimed_machine_is_replaced_and_the_job_resumes_from_latest(
-    world: dict[str, Any], boot_emulator: BootEmulator, capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.fixture(scope="class")
+def reclaim_story(
+    moto_server: str, bundled_amis: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """A recovering run launched, noticed, reclaimed, resumed on a new machine, succeeded and torn
+    down. Each step waits on AWS and the emulated machines, so the story runs once and keeps what
+    each step printed and what the store, the group and the machines held; each test checks one part."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        isolate(tmp_path_factory, monkeypatch)
+        enable_moto_validation(monkeypatch, bundled_amis)
+        world = build_world(moto_server, tmp_path_factory.mktemp("recovery"), monkeypatch)
+        boot_emulator = BootEmulator(moto_server, world["tmp"] / "machines")
+        boot_emulator.start()
+        try:
+            yield _reclaim(world, boot_emulator)
+        finally:
+            boot_emulator.close()
+
+
+def _reclaim(world: dict[str, Any], boot_emulator: BootEmulator) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
     finish = world["tmp"] / "finish"
     spec = _spec(world, str(finish), "{max_restarts: 2}")
-    code, out, err = cli(capsys, "launch", str(spec), "--dry-run", "--json")
-    assert code == 0, err
-    plan = {row["item"]: row["value"] for row in json.loads(out)["plan"]}
-    assert plan["types"] == "t3.micro, t3.small (spot, price-capacity-optimized)"
-    assert plan["restart budget"].startswith("2 ") and "2h" in plan["guard"] and plan["zones"]
-    code, out, err = cli(capsys, "launch", str(spec), "--json")
+    seen["dry run"] = cli_captured("launch", str(spec), "--dry-run", "--json")
+    code, out, err = cli_captured("launch", str(spec), "--json")
     assert code == 0, err
     run = json.loads(out)["run"]
-    launched_at = datetime.now(timezone.utc)
+    seen["launched_at"] = datetime.now(timezone.utc)
     # From here on no gpurun process of the laptop runs: AWS and the machines do everything.
     [first] = boot_emulator.live()
+    seen["first"] = first
     wait_until(lambda: "job started" in _log(boot_emulator, first, run), timeout=30, what="the first job's output")
-
-    # The scheduled guard ends the group at launch + max_runtime, whatever the machines do.
     autoscaling = boto3.client("autoscaling", endpoint_url=world["endpoint"], region_name="us-east-1")
-    [guard] = autoscaling.describe_scheduled_actions(AutoScalingGroupName=f"gpurun-{run}")[
+    seen["guards"] = autoscaling.describe_scheduled_actions(AutoScalingGroupName=f"gpurun-{run}")[
         "ScheduledUpdateGroupActions"
     ]
-    assert (guard["DesiredCapacity"], guard["MaxSize"]) == (0, 0)
-    assert abs(guard["StartTime"].timestamp() - (launched_at.timestamp() + 7200)) < 120
 
     # A spot notice: the agent takes its final snapshot of what the job wrote last.
     wait_until(lambda: "step 3" in _log(boot_emulator, first, run), timeout=60, what="step 3")
@@ -198,65 +214,115 @@ def test_reclaimed_machine_is_replaced_and_the_job_resumes_from_latest(
         timeout=30,
         what="the agent's snapshot to be LATEST",
     )
-    saved_seq = (_latest(world, run) or final)["seq"]
+    seen["saved seq"] = (_latest(world, run) or final)["seq"]
 
     # AWS takes the machine; the group starts another, which bootstraps itself.
     autoscaling.terminate_instance_in_auto_scaling_group(InstanceId=first, ShouldDecrementDesiredCapacity=False)
     second = wait_until(lambda: [i for i in boot_emulator.live() if i != first], timeout=30, what="a new machine")[0]
-    resumed = wait_until(
+    seen["second"] = second
+    seen["resumed"] = wait_until(
         lambda: [line for line in _log(boot_emulator, second, run).splitlines() if line.startswith("resumed at step")],
         timeout=120,
         what="the new machine's job to resume",
     )
-    assert int(resumed[0].split()[-1]) >= 3
-    attempts = _attempts(world, run)
-    assert attempts is not None and attempts["restarts_used"] == 1 and attempts["state"] == "running"
-    assert [m["instance_id"] for m in attempts["machines"]] == [first, second]
-    assert attempts["machines"][1]["resumed"] is True
-    assert _latest(world, run)["seq"] >= saved_seq
-    code, out, err = cli(capsys, "status", run, "--json")
-    assert code == 0 and out, (out, err)
-    [status] = json.loads(out)
-    assert status["state"] == "running" and status["restarts"] == {"used": 1, "max": 2}
-    assert [(g["instance_id"], g["why"]) for g in status["generations"]] == [(first, "replaced"), (second, None)]
-    assert status["instances"][0]["id"] == second, "the record follows the group's current machine"
-    code, out, err = cli(capsys, "status", run)
-    assert f"machine 2: {second}" in out + err and "(restart 1/2)" in out, out + err
-    code, _out, err = cli(capsys, "exec", run, "--", "echo", "hi")
-    assert code == 2 and "exec is not supported there yet" in err, err
+    seen["attempts after the reclaim"] = _attempts(world, run)
+    seen["latest after the reclaim"] = _latest(world, run)
+    seen["status --json while running"] = cli_captured("status", run, "--json")
+    seen["status while running"] = cli_captured("status", run)
+    seen["exec"] = cli_captured("exec", run, "--", "echo", "hi")
 
     # Success: the machine records it and scales its own group to 0.
     finish.touch()
     wait_until(lambda: _group(world, run)["DesiredCapacity"] == 0, timeout=60, what="the group scaled to 0")
-    attempts = _attempts(world, run)
-    assert attempts is not None and attempts["state"] == "succeeded"
+    seen["attempts after success"] = _attempts(world, run)
     wait_until(lambda: not boot_emulator.live(), timeout=30, what="the machine to go")
-    code, out, err = cli(capsys, "status", run, "--json")
-    assert json.loads(out)[0]["state"] == "succeeded" and json.loads(out)[0]["exit_code"] == 0, out
-    # The output outlives the machines: each machine's is a job in the store, the newest shown first.
-    code, out, err = cli(capsys, "logs", run)
-    assert code == 0 and "resumed at step" in out and "done" in out, out + err
+    seen["status --json after success"] = cli_captured("status", run, "--json")
+    seen["logs"] = cli_captured("logs", run)
     # Another computer (no record here) sees the same from the store.
     with pytest.MonkeyPatch.context() as other_computer:
         other_computer.setenv("GPURUN_HOME", str(world["tmp"] / "other-computer"))
-        code, out, err = cli(capsys, "status", run, "--store", f"s3://{world['bucket']}/runs", "--json")
-    assert code == 0, err
-    [remote] = json.loads(out)
-    assert remote["state"] == "succeeded" and [g["instance_id"] for g in remote["generations"]] == [first, second]
-    assert boot_emulator.power_log() == "", "a machine in a group never powers itself off"
-    assert not boot_emulator.errors, boot_emulator.errors
+        seen["status --store"] = cli_captured("status", run, "--store", f"s3://{world['bucket']}/runs", "--json")
+    seen["power log"] = boot_emulator.power_log()
+    seen["emulator errors"] = list(boot_emulator.errors)
 
-    code, out, err = cli(capsys, "teardown", run, "--yes", "--json")
-    assert code == 0, err
-    assert _leftovers(world, run) == {
-        "groups": [],
-        "templates": [],
-        "instances": [],
-        "security_groups": [],
-        "key_pairs": [],
-        "roles": [],
-        "profiles": [],
-    }
+    seen["teardown"] = cli_captured("teardown", run, "--yes", "--json")
+    seen["leftovers"] = _leftovers(world, run)
+    return seen
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("recovery-reclaim-story")  # one worker runs the story once for the whole class
+class TestReclaimedMachineIsReplacedAndTheJobResumesFromLatest:
+    def test_the_dry_run_plans_failover_types_the_restart_budget_and_the_guard(self, reclaim_story) -> None:
+        code, out, err = reclaim_story["dry run"]
+        assert code == 0, err
+        plan = {row["item"]: row["value"] for row in json.loads(out)["plan"]}
+        assert plan["types"] == "t3.micro, t3.small (spot, price-capacity-optimized)"
+        assert plan["restart budget"].startswith("2 ") and "2h" in plan["guard"] and plan["zones"]
+
+    def test_a_scheduled_action_ends_the_group_at_launch_plus_max_runtime(self, reclaim_story) -> None:
+        # The scheduled guard ends the group at launch + max_runtime, whatever the machines do.
+        [guard] = reclaim_story["guards"]
+        assert (guard["DesiredCapacity"], guard["MaxSize"]) == (0, 0)
+        assert abs(guard["StartTime"].timestamp() - (reclaim_story["launched_at"].timestamp() + 7200)) < 120
+
+    def test_the_new_machine_resumes_from_the_snapshot_taken_at_the_spot_notice(self, reclaim_story) -> None:
+        first, second = reclaim_story["first"], reclaim_story["second"]
+        assert int(reclaim_story["resumed"][0].split()[-1]) >= 3
+        attempts = reclaim_story["attempts after the reclaim"]
+        assert attempts is not None and attempts["restarts_used"] == 1 and attempts["state"] == "running"
+        assert [m["instance_id"] for m in attempts["machines"]] == [first, second]
+        assert attempts["machines"][1]["resumed"] is True
+        assert reclaim_story["latest after the reclaim"]["seq"] >= reclaim_story["saved seq"]
+
+    def test_status_follows_the_group_to_its_current_machine(self, reclaim_story) -> None:
+        first, second = reclaim_story["first"], reclaim_story["second"]
+        code, out, err = reclaim_story["status --json while running"]
+        assert code == 0 and out, (out, err)
+        [status] = json.loads(out)
+        assert status["state"] == "running" and status["restarts"] == {"used": 1, "max": 2}
+        assert [(g["instance_id"], g["why"]) for g in status["generations"]] == [(first, "replaced"), (second, None)]
+        assert status["instances"][0]["id"] == second, "the record follows the group's current machine"
+        code, out, err = reclaim_story["status while running"]
+        assert f"machine 2: {second}" in out + err and "(restart 1/2)" in out, out + err
+
+    def test_exec_is_refused_on_a_recovering_run(self, reclaim_story) -> None:
+        code, _out, err = reclaim_story["exec"]
+        assert code == 2 and "exec is not supported there yet" in err, err
+
+    def test_success_scales_the_group_to_zero_and_the_run_reads_succeeded(self, reclaim_story) -> None:
+        attempts = reclaim_story["attempts after success"]
+        assert attempts is not None and attempts["state"] == "succeeded"
+        code, out, err = reclaim_story["status --json after success"]
+        assert json.loads(out)[0]["state"] == "succeeded" and json.loads(out)[0]["exit_code"] == 0, out
+
+    def test_the_output_and_the_history_outlive_the_machines(self, reclaim_story) -> None:
+        # Each machine's output is a job in the store, the newest shown first.
+        code, out, err = reclaim_story["logs"]
+        assert code == 0 and "resumed at step" in out and "done" in out, out + err
+        # Another computer (no record here) sees the same from the store.
+        code, out, err = reclaim_story["status --store"]
+        assert code == 0, err
+        [remote] = json.loads(out)
+        assert remote["state"] == "succeeded"
+        assert [g["instance_id"] for g in remote["generations"]] == [reclaim_story["first"], reclaim_story["second"]]
+
+    def test_no_machine_of_the_group_powers_itself_off(self, reclaim_story) -> None:
+        assert reclaim_story["power log"] == "", "a machine in a group never powers itself off"
+        assert not reclaim_story["emulator errors"], reclaim_story["emulator errors"]
+
+    def test_teardown_leaves_nothing(self, reclaim_story) -> None:
+        code, out, err = reclaim_story["teardown"]
+        assert code == 0, err
+        assert reclaim_story["leftovers"] == {
+            "groups": [],
+            "templates": [],
+            "instances": [],
+            "security_groups": [],
+            "key_pairs": [],
+            "roles": [],
+            "profiles": [],
+        }
 
 
 @pytest.mark.slow
