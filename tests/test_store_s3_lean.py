@@ -156,3 +156,16 @@ def test_the_in_process_moto_mock_sees_the_lean_requests(tmp_path: Path) -> None
         assert bucket_objects("s3://gpurun-mocked/ckpt", "run/snapshots/000001/") == NAMES
         snapshots.download_snapshot(store, "run", tmp_path / "restored")
         assert (tmp_path / "restored" / "model weights.pt").read_bytes() == NAMES["model weights.pt"]
+
+
+def test_an_expired_token_is_sent_again_through_the_client(
+    s3_bucket: str, moto_server: str, faulty_moto_server: FaultyS3, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """botocore refreshes credentials (and follows a bucket's region): such answers go to the client."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faulty_moto_server.endpoint)
+    store = S3Store(s3_bucket)
+    through_client = client_calls(store)
+    data = {"w-expired-1x.bin": b"weights" * 100}
+    snapshots.write_snapshot(store, "run", stage(tmp_path / "staged", data), previous=None)
+    assert bucket_objects(s3_bucket, "run/snapshots/000001/", moto_server) == data
+    assert "w-expired-1x.bin" in through_client

@@ -227,6 +227,8 @@ class S3Store(ObjectStore):
         )
         # endpoint_url=None lets botocore honour AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3.
         self.client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        self._session = session
+        self._client_options: dict[str, Any] = {"endpoint_url": endpoint_url, "config": config}
         self._core = core
         self._lean: s3_lean.LeanS3 | None = None
         self._lean_probed = False
@@ -419,9 +421,12 @@ class S3Store(ObjectStore):
                 self._lean_probed = True
                 if self.use_lean:
                     self._lean = s3_lean.LeanS3.for_client(
-                        self.client,
+                        # Its own client for the probe: handlers of the store's own do not change
+                        # while another thread may be using it.
+                        self._session.client("s3", **self._client_options),
                         self._core.get_credentials(),
                         self.bucket,
+                        events=self.client.meta.events,
                         ca_bundle=self._core.get_config_variable("ca_bundle"),
                         connect_timeout=10,
                         read_timeout=120,

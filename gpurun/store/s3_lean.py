@@ -224,12 +224,18 @@ class LeanS3:
         credentials: Any,
         bucket: str,
         *,
+        events: Any,
         ca_bundle: str | None,
         connect_timeout: float,
         read_timeout: float,
         keep: int,
     ) -> LeanS3 | None:
-        """The lean path for `client` and `bucket`, or None where only boto3 knows the way."""
+        """The lean path for `bucket` as `client` would reach it, or None where only boto3 knows the way.
+
+        `client` is a client made for the probe alone (its handlers change for a moment);
+        `events` are those of the client the store uses, whose before-send handlers the
+        lean requests go through.
+        """
         config = client.meta.config
         if credentials is None or config.proxies or getattr(config, "client_cert", None):
             return None
@@ -243,15 +249,11 @@ class LeanS3:
             seen["headers"] = {str(name).lower(): _text(value) for name, value in request.headers.items()}
             return botocore.awsrequest.AWSResponse(request.url, 200, botocore.awsrequest.HTTPHeaders(), _NoBody())
 
-        events = client.meta.events
-        handler_id = f"gpurun-lean-probe-{id(answer)}"
-        events.register_first("before-send.s3.HeadObject", answer, unique_id=handler_id)
+        client.meta.events.register_first("before-send.s3.HeadObject", answer)
         try:
             client.head_object(Bucket=bucket, Key=probe)
         except Exception:  # noqa: BLE001 - no credentials, a bad endpoint: boto3 will say so itself
             return None
-        finally:
-            events.unregister("before-send.s3.HeadObject", unique_id=handler_id)
         url, headers = seen.get("url", ""), seen.get("headers", {})
         scope = _SCOPE.match(headers.get("authorization", ""))
         parsed = urllib.parse.urlsplit(url)

@@ -116,6 +116,7 @@ def _serving(wrap: Callable[[Any], Any]) -> Iterator[str]:
 
 
 _SLOWDOWN = re.compile(r"slowdown-(\d+)x")
+_EXPIRED = re.compile(r"expired-(\d+)x")
 #: Requests signed with this access key are refused as S3 refuses an unknown one.
 REJECTED_ACCESS_KEY = "AKIDREJECTEDBYSERVER"
 
@@ -125,7 +126,7 @@ class FaultyS3:
 
     def __init__(self, endpoint: str, refused: Counter[tuple[str, str]]) -> None:
         self.endpoint = endpoint
-        self.refused = refused  # (method, path) -> 503 SlowDown answers given
+        self.refused = refused  # (method, path) -> fault answers given (503 SlowDown, 400 ExpiredToken)
 
 
 def _s3_error(start_response: Any, status: str, code: str, message: str) -> list[bytes]:
@@ -139,7 +140,7 @@ def faulty_moto_server(moto_server: str) -> Iterator[FaultyS3]:
     """An endpoint onto the same moto backend that answers as S3 does when it is unhappy:
 
     - a key named `...slowdown-<N>x...` gets 503 SlowDown for its first N requests of each
-      method (PUT, GET), then moto's answer;
+      method (PUT, GET), then moto's answer; `...expired-<N>x...` gets 400 ExpiredToken;
     - a request signed with REJECTED_ACCESS_KEY gets 403 InvalidAccessKeyId.
     """
     refused: Counter[tuple[str, str]] = Counter()
@@ -159,15 +160,19 @@ def faulty_moto_server(moto_server: str) -> Iterator[FaultyS3]:
                     "The AWS Access Key Id you provided does not exist in our records.",
                 )
             path = environ.get("PATH_INFO", "")
-            match = _SLOWDOWN.search(path)
-            if match:
-                slot = (environ["REQUEST_METHOD"], path)
-                with lock:
-                    slow = refused[slot] < int(match.group(1))
-                    if slow:
-                        refused[slot] += 1
-                if slow:
-                    return _s3_error(start_response, "503 Slow Down", "SlowDown", "Please reduce your request rate.")
+            for pattern, status, code, message in (
+                (_SLOWDOWN, "503 Slow Down", "SlowDown", "Please reduce your request rate."),
+                (_EXPIRED, "400 Bad Request", "ExpiredToken", "The provided token has expired."),
+            ):
+                match = pattern.search(path)
+                if match:
+                    slot = (environ["REQUEST_METHOD"], path)
+                    with lock:
+                        fault = refused[slot] < int(match.group(1))
+                        if fault:
+                            refused[slot] += 1
+                    if fault:
+                        return _s3_error(start_response, status, code, message)
             return app(environ, start_response)
 
         return wrapped
