@@ -49,7 +49,7 @@ ATTEMPTS = "attempts.json"
 #: Where job.sh (rendered by gpurun at launch, before the machine's home is known) names the run directory.
 RUN_DIR_MARK = "@GPURUN_RUN_DIR@"
 RUN_DIR_SAFE = re.compile(r"/[A-Za-z0-9_./-]+")
-ATTEMPTS_VERSION = 1
+ATTEMPTS_VERSION = 1  # gpurun.models.SCHEMA_VERSION: this file imports nothing of gpurun (a test keeps them equal)
 MAX_DOCUMENT_BYTES = 1_000_000
 POLL_SECONDS = 2.0
 AGENT_EXIT_WAIT = 600.0
@@ -306,7 +306,14 @@ class Budget:
         if len(body) > MAX_DOCUMENT_BYTES:
             raise RuntimeError(f"{self.key} is larger than {MAX_DOCUMENT_BYTES} bytes")
         document = json.loads(body)
-        if not isinstance(document, dict) or document.get("version") != ATTEMPTS_VERSION:
+        version = document.get("version") if isinstance(document, dict) else None
+        if isinstance(version, int) and not isinstance(version, bool) and version > ATTEMPTS_VERSION:
+            # Never rewritten by an older reader: it would drop what the newer one keeps there.
+            raise RuntimeError(
+                f"{self.key} was written by a newer gpurun (schema version {version}, this one reads up to "
+                f"{ATTEMPTS_VERSION}); upgrade gpurun"
+            )
+        if not isinstance(document, dict) or version != ATTEMPTS_VERSION:
             raise RuntimeError(f"{self.key} is not an attempts document of version {ATTEMPTS_VERSION}")
         return document, etag
 

@@ -15,6 +15,7 @@ import click
 
 from gpurun import __version__
 from gpurun.errors import BadInput, GpurunError
+from gpurun.models import Job, RunRecord
 
 if TYPE_CHECKING:
     from gpurun.ui import Ui
@@ -205,7 +206,7 @@ def status(run: str | None, store_url: str | None, list_jobs: bool, all_runs: bo
         _generation_lines(ui, records[0])
 
 
-def _job_outcome_text(job: dict[str, Any]) -> str:
+def _job_outcome_text(job: Job) -> str:
     ended_by = str(job.get("ended_by") or "")
     if not ended_by:
         return "running"
@@ -215,7 +216,7 @@ def _job_outcome_text(job: dict[str, Any]) -> str:
     return ended_by.replace("_", " ") + (f" (exit {code})" if code is not None else "")
 
 
-def _current_job_line(ui: Ui, record: dict[str, Any]) -> None:
+def _current_job_line(ui: Ui, record: RunRecord) -> None:
     from gpurun.app.status import age
     from gpurun.runs import jobs_of
     from gpurun.text import escape_controls
@@ -231,7 +232,7 @@ def _current_job_line(ui: Ui, record: dict[str, Any]) -> None:
     )
 
 
-def _generation_lines(ui: Ui, record: dict[str, Any]) -> None:
+def _generation_lines(ui: Ui, record: RunRecord) -> None:
     """A recovering run's machines, one line each (values were escaped when read from the store)."""
     listed = record.get("generations")
     if not isinstance(listed, list) or not listed:
@@ -244,7 +245,7 @@ def _generation_lines(ui: Ui, record: dict[str, Any]) -> None:
         )
 
 
-def _jobs_table(ui: Ui, record: dict[str, Any]) -> None:
+def _jobs_table(ui: Ui, record: RunRecord) -> None:
     from gpurun.app.status import age
     from gpurun.runs import jobs_of
     from gpurun.text import escape_controls
@@ -265,7 +266,7 @@ def _jobs_table(ui: Ui, record: dict[str, Any]) -> None:
     ui.table(["JOB", "COMMAND", "CODE", "SETUP", "STARTED", "ENDED", "OUTCOME"], rows)
 
 
-def _status_table(ui: Ui, records: list[dict[str, Any]]) -> None:
+def _status_table(ui: Ui, records: list[RunRecord]) -> None:
     from gpurun.app.status import age
     from gpurun.providers.capabilities import capabilities_of
     from gpurun.runs import restarts_view as public_restarts
@@ -330,7 +331,7 @@ def _status_table(ui: Ui, records: list[dict[str, Any]]) -> None:
     ui.table(columns, rows)
 
 
-def _gpu_text(record: dict[str, Any]) -> str:
+def _gpu_text(record: RunRecord) -> str:
     """Utilisation and memory per node, as status last read them (only while the run is active)."""
     from gpurun.gpu import summary
 
@@ -819,7 +820,7 @@ def doctor(spec_file: Path | None, overrides: tuple[str, ...], json_mode: bool) 
         raise GpurunError(problem)
 
 
-def _remote_record(run: str) -> dict[str, Any]:
+def _remote_record(run: str) -> RunRecord:
     from gpurun import runs
     from gpurun.providers.capabilities import capabilities_of
 

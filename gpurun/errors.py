@@ -84,6 +84,11 @@ class InvalidDocument(StoreError):
         self.reason = reason or message
 
 
+class NewerSchema(InvalidDocument):
+    """A document written by a newer gpurun (its `version` is above what this one reads): never
+    misread, never rewritten by this one; `reason` says to upgrade."""
+
+
 class SnapshotConflict(StoreError):
     """Another writer already owns this snapshot number."""
 

@@ -11,7 +11,8 @@ import os
 import shutil
 import subprocess
 import time
-from typing import Any
+
+from gpurun.models import Gpu
 
 QUERY = ["--query-gpu=index,utilization.gpu,memory.used,memory.total", "--format=csv,noheader,nounits"]
 SAMPLE_EVERY = 10.0
@@ -40,7 +41,7 @@ def sample() -> str | None:
     return done.stdout[:4000].decode("utf-8", "replace") if done.returncode == 0 else None
 
 
-def read_here(run_dir: str) -> list[dict[str, int]] | None:
+def read_here(run_dir: str) -> list[Gpu] | None:
     """This machine's GPUs, from the agent's fresh sample or nvidia-smi; None without GPUs."""
     path = os.path.join(run_dir, FILE)
     try:
@@ -53,9 +54,9 @@ def read_here(run_dir: str) -> list[dict[str, int]] | None:
     return parse(text) if text else None
 
 
-def parse(text: str) -> list[dict[str, int]] | None:
+def parse(text: str) -> list[Gpu] | None:
     """`index, util, used MiB, total MiB` lines (or `;`-separated) as dicts; malformed lines are skipped."""
-    gpus = []
+    gpus: list[Gpu] = []
     for line in text.replace(";", "\n").splitlines()[:MAX_GPUS]:
         fields = [field.strip() for field in line.split(",")]
         if len(fields) != 4 or not all(field.isdigit() and len(field) <= 9 for field in fields):
@@ -65,8 +66,11 @@ def parse(text: str) -> list[dict[str, int]] | None:
     return gpus or None
 
 
-def summary(gpus: list[dict[str, Any]] | None) -> str:
-    """`87% 10.0/24.0 GiB`, or `2 GPUs 45% 10.1/48.0 GiB` (mean utilisation, summed memory)."""
+def summary(listed: list[Gpu] | list[str] | None) -> str:
+    """`87% 10.0/24.0 GiB`, or `2 GPUs 45% 10.1/48.0 GiB` (mean utilisation, summed memory).
+
+    Names alone (what the ssh provider's first look at a machine found) measure nothing: `-`."""
+    gpus = [gpu for gpu in listed or [] if isinstance(gpu, dict)]
     if not gpus:
         return "-"
     util = sum(int(g.get("util_pct", 0)) for g in gpus) / len(gpus)

@@ -1,6 +1,8 @@
 """Run records: one JSON file per run under the state directory, plus run.json in the store.
 
-Records are plain dicts so that `status` reads them without pydantic or boto3.
+A record is a `models.RunRecord`: a plain dict with a typed schema, so that `status`
+reads it without pydantic or boto3. Every record read back, from this computer or
+from a store, goes through `store.documents.read` (size, depth, types) first.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import threading
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from gpurun import paths
-from gpurun.errors import BadInput, GpurunError, InvalidDocument, UnknownRun
+from gpurun.errors import BadInput, GpurunError, InvalidDocument, NewerSchema, UnknownRun
+from gpurun.models import SCHEMA_VERSION, CheckpointSummary, Job, Launcher, RunDocument, RunRecord
 from gpurun.states import JobState, RunState
 
 # A record is a few kB; one far larger is not read whole (salvage reads its start).
@@ -38,7 +41,7 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def this_process() -> dict[str, Any]:
+def this_process() -> Launcher:
     """Which process this is, to be recognised later even after its pid is reused."""
     return {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid())}
 
@@ -55,7 +58,7 @@ def _process_start(pid: int) -> str | None:
     return fields[19]
 
 
-def launcher_gone(record: dict[str, Any]) -> bool:
+def launcher_gone(record: RunRecord) -> bool:
     """A `launching` record whose launching process, on this computer, no longer runs."""
     info = record.get("launcher")
     if record.get("state") != "launching" or not isinstance(info, dict):
@@ -139,7 +142,7 @@ def _progress(record: Any) -> tuple[bool, int, int]:
     return (state == RunState.ENDED, count, _STATE_ORDER.get(state, 0) if isinstance(state, str) else 0)
 
 
-def save(record: dict[str, Any]) -> bool:
+def save(record: RunRecord) -> bool:
     """Write the record atomically; False (nothing written) when it would move the run back.
 
     A writer holding an older copy, such as `status` reading a run while `teardown`
@@ -154,8 +157,21 @@ def save(record: dict[str, Any]) -> bool:
         current = None
     if _progress(current) > _progress(record):
         return False
+    record["version"] = SCHEMA_VERSION
+    _check_writable(record)
     paths.atomic_write(path, json.dumps(record, indent=1, sort_keys=True).encode())
     return True
+
+
+def copy_keys(target: RunRecord, source: RunRecord, keys: tuple[str, ...]) -> None:
+    """Set `keys` of `target` to `source`'s, where `source` has them (a writer keeps its own part)."""
+    into = cast(dict[str, Any], target)
+    into.update((key, value) for key, value in source.items() if key in keys)
+
+
+def checkpoint_summary(snapshot: dict[str, Any]) -> CheckpointSummary:
+    """A snapshot (LATEST, a sync's result) as a run's `last_checkpoint`."""
+    return {"seq": snapshot["seq"], "at": snapshot.get("at"), "bytes": snapshot.get("bytes")}
 
 
 def shown_name(run: str) -> str:
@@ -172,7 +188,7 @@ def check_name(run: str, what: str = "run") -> str:
     return run
 
 
-def load(run: str) -> dict[str, Any]:
+def load(run: str) -> RunRecord:
     check_name(run)
     path = record_path(run)
     try:
@@ -182,9 +198,11 @@ def load(run: str) -> dict[str, Any]:
         hint = f"; known runs: {', '.join(sorted(known)[:8])}" if known else "; `gpurun status` lists runs"
         raise UnknownRun(f"unknown run {run!r}{hint}") from None
     try:
-        return _checked(json.loads(data), run)
-    except ValueError as error:
-        why = str(error) if isinstance(error, _Malformed) else "not valid JSON"
+        return _read_record(data, run, str(path))
+    except NewerSchema as error:
+        raise GpurunError(f"run record {path} was {error.reason}") from None
+    except (InvalidDocument, _Malformed) as error:
+        why = error.reason if isinstance(error, InvalidDocument) else str(error)
         raise GpurunError(
             f"run record {path} is corrupt ({why}); `gpurun teardown {run} --force` ends the run from what survives"
         ) from None
@@ -221,7 +239,7 @@ def set_aside(run: str) -> Path:
     return aside
 
 
-def check_reachable_from_here(record: dict[str, Any], what: str) -> None:
+def check_reachable_from_here(record: RunRecord, what: str) -> None:
     """A run adopted from a store (`teardown RUN --store`) is ended from here, never entered:
     its machines, keys and paths are what the store said, and the store may lie."""
     if record.get("adopted_from"):
@@ -231,7 +249,7 @@ def check_reachable_from_here(record: dict[str, Any], what: str) -> None:
         )
 
 
-def load_from_store(run: str, store_url: str, profile: str | None = None) -> dict[str, Any]:
+def load_from_store(run: str, store_url: str, profile: str | None = None) -> RunRecord:
     """The run.json that the computer which launched `run` keeps in its checkpoint store.
 
     Marked `"source": "store"`: its key and paths belong to that computer. An
@@ -245,6 +263,8 @@ def load_from_store(run: str, store_url: str, profile: str | None = None) -> dic
     try:
         options = {"profile": profile} if profile and store_url.startswith("s3://") else {}
         record = get_run_record(open_store(store_url, **options), run)
+    except NewerSchema as error:
+        raise NewerSchema(f"{error.name} was {error.reason}", name=error.name, reason=error.reason) from None
     except InvalidDocument as error:
         raise InvalidDocument(
             f"{error.name} is not a run record ({error.reason}); move it away to continue",
@@ -254,25 +274,27 @@ def load_from_store(run: str, store_url: str, profile: str | None = None) -> dic
     if record is None:
         raise UnknownRun(f"unknown run {run!r}: not recorded here, and {store_url} has no {run}/run.json")
     try:
-        record = {**_checked(record, run), "source": "store"}
-    except ValueError as error:
-        raise GpurunError(f"{store_url}/{run}/run.json is not a run record ({error})") from None
-    if profile and record["provider"] == "aws":
+        checked = _from_store(record, run, f"{store_url}/{run}/run.json")
+    except (InvalidDocument, _Malformed) as error:
+        why = error.reason if isinstance(error, InvalidDocument) else str(error)
+        raise GpurunError(f"{store_url}/{run}/run.json is not a run record ({why})") from None
+    if profile and checked["provider"] == "aws":
         # Both places: AWS calls read the first, the checkpoint store the second.
-        record["aws"] = {**(record.get("aws") or {}), "profile": profile}
-        spec = dict(record.get("spec") or {})
+        checked["aws"] = {**(checked.get("aws") or {}), "profile": profile}
+        spec = dict(checked.get("spec") or {})
         spec["aws"] = {**(spec.get("aws") or {}), "profile": profile}
-        record["spec"] = spec
-    return record
+        checked["spec"] = spec
+    return checked
 
 
-def load_all_from_store(store_url: str) -> tuple[list[dict[str, Any]], list[str]]:
+def load_all_from_store(store_url: str) -> tuple[list[RunRecord], list[str]]:
     """Every readable run.json in the store (marked `"source": "store"`), and a line for each unreadable one."""
     from gpurun.store import open_store
     from gpurun.store.snapshots import get_run_record
 
     store = open_store(store_url)
-    records, problems = [], []
+    records: list[RunRecord] = []
+    problems: list[str] = []
     for run in store.list_runs():
         if not RUN_NAME.fullmatch(run):
             if store.size_of(f"{run}/run.json") is not None:
@@ -281,7 +303,9 @@ def load_all_from_store(store_url: str) -> tuple[list[dict[str, Any]], list[str]
         try:
             record = get_run_record(store, run)
             if record is not None:
-                records.append({**_checked(record, run), "source": "store"})
+                records.append(_from_store(record, run, f"{store_url}/{run}/run.json"))
+        except NewerSchema as error:
+            problems.append(f"{error.name} was {error.reason}; skipped")
         except InvalidDocument as error:
             problems.append(f"{error.name} is not a run record ({error.reason}); skipped")
         except _Malformed as error:
@@ -289,7 +313,7 @@ def load_all_from_store(store_url: str) -> tuple[list[dict[str, Any]], list[str]
     return records, problems
 
 
-def load_here_or_from_store(run: str, store_url: str | None, profile: str | None = None) -> dict[str, Any]:
+def load_here_or_from_store(run: str, store_url: str | None, profile: str | None = None) -> RunRecord:
     """This computer's record of `run`, or else the one in `store_url` (read with `profile`)."""
     try:
         return load(run)
@@ -299,28 +323,26 @@ def load_here_or_from_store(run: str, store_url: str | None, profile: str | None
     return load_from_store(run, store_url, profile)
 
 
-def update(run: str, **changes: Any) -> dict[str, Any]:
-    with locked(run):
-        record = load(run)
-        record.update(changes)
-        save(record)
-        return record
-
-
-def load_all() -> tuple[list[dict[str, Any]], list[str]]:
+def load_all() -> tuple[list[RunRecord], list[str]]:
     """Every readable record, newest first, and a line for each unreadable one."""
     directory = paths.runs_dir()
     if not directory.exists():
         return [], []
-    records, problems = [], []
+    records: list[RunRecord] = []
+    problems: list[str] = []
     for entry in os.scandir(directory):
         if not entry.name.endswith(".json") or entry.name.startswith("."):
             continue
         try:
             with open(entry.path, "rb") as handle:
-                records.append(_checked(json.loads(handle.read()), entry.name[: -len(".json")]))
-        except (ValueError, OSError) as error:
-            what = f"corrupt ({error})" if isinstance(error, _Malformed) else "corrupt or truncated"
+                records.append(_read_record(handle.read(MAX_RECORD_BYTES + 1), entry.name[: -len(".json")], entry.path))
+        except NewerSchema as error:
+            problems.append(f"run record {entry.path} was {error.reason}")
+        except (InvalidDocument, _Malformed, OSError) as error:
+            if isinstance(error, InvalidDocument):
+                what = "corrupt or truncated" if error.reason == "not valid JSON" else f"corrupt ({error.reason})"
+            else:
+                what = f"corrupt ({error})" if isinstance(error, _Malformed) else "unreadable"
             problems.append(f"run record {entry.path} is {what}; move it away to clear this")
     records.sort(key=lambda r: r.get("created_at", ""), reverse=True)
     return records, problems
@@ -330,32 +352,47 @@ class _Malformed(ValueError):
     """Valid JSON, but not a run record gpurun wrote."""
 
 
-_REQUIRED = {"run": str, "provider": str, "state": str, "created_at": str, "store": str}
+def _read_record(data: bytes, run: str, name: str) -> RunRecord:
+    """A record file's bytes as a RunRecord of `run`; InvalidDocument or _Malformed says what is wrong."""
+    from gpurun.store import documents
+
+    record = cast(RunRecord, documents.read(data, RunRecord, name=name, limit=MAX_RECORD_BYTES))
+    return _named(record, run)
 
 
-def _checked(record: Any, run: str) -> dict[str, Any]:
-    """The record, if it has the shape status and teardown rely on; else _Malformed (a ValueError)."""
-    if not isinstance(record, dict):
-        raise _Malformed(f"a JSON {type(record).__name__}, not a run record")
-    missing = [key for key, kind in _REQUIRED.items() if not isinstance(record.get(key), kind)]
-    if missing:
-        raise _Malformed(f"no valid {', '.join(missing)}")
+def _from_store(document: RunDocument, run: str, name: str) -> RunRecord:
+    """A store's run.json (already read as a RunDocument) as a RunRecord, marked `"source": "store"`."""
+    from gpurun.store import documents
+
+    record = cast(RunRecord, documents.check(dict(document), RunRecord, name=name))
+    return {**_named(record, run), "source": "store"}
+
+
+def _check_writable(record: RunRecord) -> None:
+    """A record that `load` would refuse is never written: that would lose the run (a gpurun bug)."""
+    from gpurun.store import documents
+
+    try:
+        documents.check(cast(dict[str, Any], record), RunRecord, name=f"run record of {record['run']}")
+    except InvalidDocument as error:
+        raise GpurunError(f"{error}; not saved (a bug in gpurun: please report it)") from None
+
+
+def _named(record: RunRecord, run: str) -> RunRecord:
     if record["run"] != run:
         raise _Malformed(f"it describes run {record['run'][:60]!r}")
-    if not isinstance(record.get("machines", []), list):
-        raise _Malformed("machines is not a list")
     return record
 
 
 _JOB_KEYS = ("number", "command", "code", "setup_hash", "setup_ran", "started_at", "ended_at", "exit_code", "ended_by")
 
 
-def jobs_of(record: dict[str, Any]) -> list[dict[str, Any]]:
+def jobs_of(record: RunRecord | RunDocument) -> list[Job]:
     """The run's jobs, oldest first. A record written before runs held jobs has its one job made up from it."""
     listed = record.get("jobs")
     if isinstance(listed, list):
-        return [job for job in listed if isinstance(job, dict) and isinstance(job.get("number"), int)]
-    spec: dict[str, Any] = record["spec"] if isinstance(record.get("spec"), dict) else {}
+        return listed
+    spec: dict[str, Any] = record.get("spec") or {}
     terminal = record.get("state") in ("succeeded", "failed", "interrupted", "ended")
     ended_by = None
     if terminal:
@@ -377,17 +414,15 @@ def jobs_of(record: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def current_job(record: dict[str, Any]) -> dict[str, Any] | None:
+def current_job(record: RunRecord) -> Job | None:
     listed = jobs_of(record)
     return listed[-1] if listed else None
 
 
-def add_job(
-    record: dict[str, Any], *, command: str, code: str | None, setup_hash: str | None, setup_ran: bool
-) -> dict[str, Any]:
+def add_job(record: RunRecord, *, command: str, code: str | None, setup_hash: str | None, setup_ran: bool) -> Job:
     """Append the next job (number, command, code hash, start) and make it the run's current one."""
     listed = jobs_of(record)
-    job = {
+    job: Job = {
         # A reused name goes on from the jobs of the run it replaced: their logs in the store stay apart.
         "number": (listed[-1]["number"] + 1) if listed else _jobs_before(record) + 1,
         "command": command,
@@ -405,8 +440,8 @@ def add_job(
 
 
 def end_job(
-    record: dict[str, Any], ended_by: JobState | str, exit_code: int | None = None, ended_at: str | None = None
-) -> dict[str, Any] | None:
+    record: RunRecord, ended_by: JobState | str, exit_code: int | None = None, ended_at: str | None = None
+) -> Job | None:
     """Mark the current job ended (first ending wins: a later reading must not rewrite it)."""
     ending = JobState(ended_by)  # ValueError for a string that names no ending
     listed = jobs_of(record)
@@ -421,14 +456,14 @@ def end_job(
     return job
 
 
-def job_view(job: dict[str, Any]) -> dict[str, Any]:
+def job_view(job: Job) -> dict[str, Any]:
     """The documented JSON shape of one job."""
     return {key: job.get(key) for key in _JOB_KEYS}
 
 
-def _jobs_before(record: dict[str, Any]) -> int:
+def _jobs_before(record: RunRecord) -> int:
     value = record.get("jobs_before")
-    return value if isinstance(value, int) and value > 0 else 0
+    return value if value is not None and value > 0 else 0
 
 
 def delete(run: str) -> None:
@@ -440,7 +475,7 @@ def archive_dir() -> Path:
     return paths.runs_dir() / "archive"
 
 
-def archive(record: dict[str, Any]) -> Path:
+def archive(record: RunRecord) -> Path:
     """Move an ended run's record out of the list (runs/archive/<run>.<when>.json), so its name can be used again."""
     directory = paths.ensure_private(archive_dir())
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
@@ -449,12 +484,12 @@ def archive(record: dict[str, Any]) -> Path:
     return target
 
 
-def last_job_number(record: dict[str, Any]) -> int:
+def last_job_number(record: RunRecord) -> int:
     listed = jobs_of(record)
     return int(listed[-1]["number"]) if listed else _jobs_before(record)
 
 
-def public_view(record: dict[str, Any]) -> dict[str, Any]:
+def public_view(record: RunRecord) -> dict[str, Any]:
     """The documented JSON shape of a run (see the design's list of fields)."""
     return {
         "run": record["run"],
@@ -487,17 +522,17 @@ def public_view(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _gpus_view(record: dict[str, Any]) -> list[dict[str, Any]] | None:
+def _gpus_view(record: RunRecord) -> list[dict[str, Any]] | None:
     """Per node, the GPUs as status last saw them; None when no node reported any."""
-    nodes = [
-        {"node": machine.get("rank", 0), "gpus": machine["gpus"]}
+    nodes: list[dict[str, Any]] = [
+        {"node": machine.get("rank", 0), "gpus": gpus}
         for machine in record.get("machines", [])
-        if isinstance(machine, dict) and isinstance(machine.get("gpus"), list)
+        if (gpus := machine.get("gpus")) is not None
     ]
     return nodes or None
 
 
-def restarts_view(record: dict[str, Any]) -> dict[str, int] | None:
+def restarts_view(record: RunRecord) -> dict[str, int] | None:
     """Restarts used of the budget; None when recovery is off."""
     budget = record.get("spec", {}).get("recovery", {}).get("max_restarts")
     if not isinstance(budget, int) or budget <= 0:

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpurun import jobs
+from gpurun import jobs, paths, runs
 from gpurun.app import image_prep, images
 from gpurun.app.metrics import parse_metrics
 from gpurun.errors import GpurunError, InvalidDocument
@@ -26,7 +26,7 @@ from gpurun.store import documents, open_store
 from gpurun.store import snapshots as snaps
 from gpurun.store.snapshots import StagedFile
 from gpurun.transport.local import LocalTransport
-from tests.helpers import gpurun
+from tests.helpers import gpurun, wait_until
 
 DEEP = ('{"a":' * 100_000 + "1" + "}" * 100_000).encode()
 
@@ -158,6 +158,78 @@ def test_resume_auto_skips_a_malformed_run_json_and_resumes_from_the_good_run(st
     assert "unrelated-dddddd" not in planned.stderr  # another spec's runs are not this launch's business
 
 
+# -- schema versions --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_status_skips_a_run_json_of_a_newer_gpurun_with_one_line(store_url: str, json_flag: list[str]) -> None:
+    snaps.put_run_record(open_store(store_url), "good-abc123", record("good-abc123", store_url))
+    newer = record("newer-abc123", store_url, version=99, machines=[{"rank": 0, "shape": "unknown to this gpurun"}])
+    plant(store_url, "newer-abc123/run.json", json.dumps(newer).encode())
+    shown = gpurun("status", "--store", store_url, *json_flag, check=False)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stderr.strip().splitlines() == [
+        f"warning: {store_url}/newer-abc123/run.json was written by a newer gpurun "
+        "(schema version 99; this one reads up to 1): upgrade gpurun; skipped"
+    ]
+    if json_flag:
+        assert [r["run"] for r in json.loads(shown.stdout)] == ["good-abc123"]
+    else:
+        assert "good-abc123" in shown.stdout and "newer-abc123" not in shown.stdout
+
+
+def test_a_local_record_of_a_newer_gpurun_is_refused_and_left_as_it_is(gpurun_home: Path) -> None:
+    runs_dir = gpurun_home / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    good = {**record("good-abc123", "file:///x"), "version": 1}
+    (runs_dir / "good-abc123.json").write_text(json.dumps(good))
+    newer = json.dumps({**record("newer-abc123", "file:///x"), "version": 2, "state": {"phase": "new"}})
+    (runs_dir / "newer-abc123.json").write_text(newer)
+    listed = gpurun("status", "--json", check=False)
+    assert listed.returncode == 0, listed.stderr
+    assert [r["run"] for r in json.loads(listed.stdout)] == ["good-abc123"]
+    assert listed.stderr.strip().splitlines() == [
+        f"warning: run record {runs_dir / 'newer-abc123.json'} was written by a newer gpurun "
+        "(schema version 2; this one reads up to 1): upgrade gpurun"
+    ]
+    for command in (["status", "newer-abc123"], ["teardown", "newer-abc123", "--yes"]):
+        refused = gpurun(*command, check=False)
+        assert refused.returncode == 1, refused.stderr
+        assert refused.stderr.strip().splitlines() == [
+            f"error: run record {runs_dir / 'newer-abc123.json'} was written by a newer gpurun "
+            "(schema version 2; this one reads up to 1): upgrade gpurun"
+        ]
+    assert (runs_dir / "newer-abc123.json").read_text() == newer  # never rewritten by an older gpurun
+
+
+@pytest.mark.slow
+def test_launch_writes_the_schema_version_into_what_it_keeps(tmp_path: Path, store_url: str, gpurun_home: Path) -> None:
+    (tmp_path / "code").mkdir()
+    spec = tmp_path / "experiment.yaml"
+    spec.write_text(
+        "name: versioned\nprovider: local\nworkdir: code\nrun: sleep 60\n"
+        f"checkpoint: {{dir: ckpt, store: '{store_url}', every: 1s}}\n"
+    )
+    run = json.loads(gpurun("launch", str(spec), "--json").stdout)["run"]
+    try:
+        assert "version" not in json.loads(gpurun("status", run, "--json").stdout)[0]  # --json is unchanged
+        assert json.loads((gpurun_home / "runs" / f"{run}.json").read_text())["version"] == 1
+        assert json.loads(open_store(store_url).get_bytes(f"{run}/run.json") or b"")["version"] == 1
+        status_file = gpurun_home / "local" / run / documents.AGENT_STATUS_FILE
+        agent_status = wait_until(lambda: status_file.exists() and json.loads(status_file.read_text()), what="agent")
+        assert agent_status["version"] == 1
+    finally:
+        gpurun("teardown", run, "--yes")
+    assert json.loads(open_store(store_url).get_bytes(f"{run}/run.json") or b"")["version"] == 1
+
+
+def test_the_machines_write_the_restart_ledger_in_gpurun_s_schema_version() -> None:
+    from gpurun import bootstrap
+
+    # bootstrap.py runs on a bare machine and imports nothing of gpurun: its constant must follow.
+    assert bootstrap.ATTEMPTS_VERSION == documents.SCHEMA_VERSION
+
+
 # -- the readers themselves -------------------------------------------------------------------------
 
 
@@ -193,7 +265,10 @@ def test_what_gpurun_writes_reads_back(store_url: str, tmp_path: Path) -> None:
     assert snaps.latest(store, "good-abc123") == snaps.summary(written["manifest"])
     assert snaps.read_manifest(store, "good-abc123", 1) == written["manifest"]
     snaps.put_run_record(store, "good-abc123", record("good-abc123", store_url))
-    assert snaps.get_run_record(store, "good-abc123") == record("good-abc123", store_url)
+    # Each document carries the schema version it was written in (docs/json.md, "Schema versions").
+    assert snaps.get_run_record(store, "good-abc123") == {**record("good-abc123", store_url), "version": 1}
+    assert written["manifest"]["version"] == 1
+    assert json.loads(store.get_bytes("good-abc123/LATEST") or b"")["version"] == 1
 
 
 def test_agent_status_from_a_machine_is_checked(tmp_path: Path) -> None:
@@ -290,6 +365,9 @@ def test_every_reader_gives_a_document_or_gpurun_s_own_error(data: bytes, tmp_pa
     store = open_store(store_url)
     for key in ("r-abc123/LATEST", "r-abc123/run.json", "r-abc123/snapshots/000001.manifest.json"):
         store.put_bytes(key, data)
+    records = paths.runs_dir()
+    records.mkdir(parents=True, exist_ok=True)
+    (records / "r-abc123.json").write_bytes(data)
     readers = [
         lambda: snaps.latest(store, "r-abc123"),
         lambda: snaps.read_manifest(store, "r-abc123", 1),
@@ -300,6 +378,9 @@ def test_every_reader_gives_a_document_or_gpurun_s_own_error(data: bytes, tmp_pa
         lambda: documents.read(data, documents.AgentStatus, name="agent.status.json", limit=1 << 20),
         lambda: parse_metrics(data),
         lambda: images._last_json(data),
+        lambda: runs.load_all_from_store(store_url),
+        lambda: runs.load("r-abc123"),
+        lambda: runs.load_all(),
     ]
     for reader in readers:
         try:

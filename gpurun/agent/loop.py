@@ -22,6 +22,7 @@ from gpurun import gpu, paths
 from gpurun.agent.logship import SHIP_EVERY, LogShipper
 from gpurun.agent.staging import HeldFileChanged, Stager
 from gpurun.errors import GpurunError, InvalidDocument
+from gpurun.models import CheckpointSummary
 from gpurun.store import documents, open_store
 from gpurun.store import snapshots as snaps
 from gpurun.store.base import ObjectStore
@@ -72,6 +73,7 @@ class Agent:
         self.stop_reason: str | None = None
         self.failures = 0
         self.status: dict[str, Any] = {
+            "version": documents.SCHEMA_VERSION,
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "state": "running",
@@ -260,7 +262,7 @@ class Agent:
         except Exception as error:  # the record is a convenience; the snapshot is what matters
             log(f"could not update run.json in the store: {error}")
 
-    def last_checkpoint(self) -> dict[str, Any] | None:
+    def last_checkpoint(self) -> CheckpointSummary | None:
         if self.status["last_seq"] is None:
             return None
         return {"seq": self.status["last_seq"], "at": self.status["last_at"], "bytes": self.status["last_bytes"]}

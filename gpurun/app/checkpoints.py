@@ -13,6 +13,7 @@ from gpurun import jobs, runs
 from gpurun.app import common, connections
 from gpurun.app.reporter import Reporter
 from gpurun.errors import BadInput, GpurunError, InvalidDocument
+from gpurun.models import RunRecord
 from gpurun.store import open_store
 from gpurun.store import snapshots as snaps
 from gpurun.store.base import ObjectStore
@@ -20,7 +21,7 @@ from gpurun.store.base import ObjectStore
 SYNC_TIMEOUT = 900.0
 
 
-def record_and_store(run: str, store_url: str | None) -> tuple[dict[str, Any] | None, ObjectStore]:
+def record_and_store(run: str, store_url: str | None) -> tuple[RunRecord | None, ObjectStore]:
     try:
         record = runs.load(run)
     except BadInput:

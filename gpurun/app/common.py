@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpurun import jobs, paths
 from gpurun.errors import BadInput
+from gpurun.models import Machine, RunRecord
 from gpurun.providers.capabilities import capabilities
 from gpurun.store import open_store
 from gpurun.store.base import ObjectStore
@@ -48,19 +49,19 @@ def store_options(record_or_spec: Any) -> dict[str, Any]:
     return {}
 
 
-def open_run_store(record: dict[str, Any]) -> ObjectStore:
+def open_run_store(record: RunRecord) -> ObjectStore:
     return open_store(record["store"], **store_options(record))
 
 
-def work_dir(machine: dict[str, Any]) -> str:
+def work_dir(machine: Machine) -> str:
     return f"{machine['run_dir']}/work"
 
 
-def checkpoint_dir(record: dict[str, Any], machine: dict[str, Any]) -> str:
+def checkpoint_dir(record: RunRecord, machine: Machine) -> str:
     return f"{work_dir(machine)}/{record['spec']['checkpoint']['dir']}"
 
 
-def agent_arguments(record: dict[str, Any], machine: dict[str, Any], *, once: bool = False) -> list[str]:
+def agent_arguments(record: RunRecord, machine: Machine, *, once: bool = False) -> list[str]:
     spec = record["spec"]
     arguments = [
         "--watch",
@@ -93,13 +94,13 @@ def agent_arguments(record: dict[str, Any], machine: dict[str, Any], *, once: bo
     return arguments
 
 
-def max_restarts(record: dict[str, Any]) -> int:
+def max_restarts(record: RunRecord) -> int:
     """The run's restart budget (0: recovery off; a record from before recovery has none)."""
     value = record.get("spec", {}).get("recovery", {}).get("max_restarts")
     return value if isinstance(value, int) and value > 0 else 0
 
 
-def job_restarts(record: dict[str, Any], machine: dict[str, Any], python: str | None) -> jobs.Restarts | None:
+def job_restarts(record: RunRecord, machine: Machine, python: str | None) -> jobs.Restarts | None:
     """How the job's wrapper restarts a lost job on this machine; None with recovery off."""
     if not python or max_restarts(record) <= 0:
         return None
@@ -111,7 +112,7 @@ def job_restarts(record: dict[str, Any], machine: dict[str, Any], python: str | 
     )
 
 
-def restore_arguments(record: dict[str, Any], machine: dict[str, Any]) -> list[str]:
+def restore_arguments(record: RunRecord, machine: Machine) -> list[str]:
     """The agent's arguments that put this run's LATEST into the machine's checkpoint directory."""
     arguments = ["--to", record["store"], "--restore-from", agent_run_name(record, machine)]
     # --force: the dead job's files are replaced by the snapshot's (kept beside the directory).
@@ -127,18 +128,18 @@ def rank_run_name(run: str, rank: int | None) -> str:
     return run if not rank else f"{run}/rank-{rank}"
 
 
-def agent_run_name(record: dict[str, Any], machine: dict[str, Any]) -> str:
+def agent_run_name(record: RunRecord, machine: Machine) -> str:
     return rank_run_name(str(record["run"]), machine.get("rank", 0))
 
 
-def agent_machines(record: dict[str, Any]) -> list[dict[str, Any]]:
-    machines: list[dict[str, Any]] = record.get("machines", [])
+def agent_machines(record: RunRecord) -> list[Machine]:
+    machines: list[Machine] = record.get("machines", [])
     if record["spec"]["checkpoint"].get("nodes") == "all":
         return machines
     return machines[:1]
 
 
-def job_environment(record: dict[str, Any], machine: dict[str, Any], resume_from: str | None) -> dict[str, str]:
+def job_environment(record: RunRecord, machine: Machine, resume_from: str | None) -> dict[str, str]:
     spec = record["spec"]
     machines = record.get("machines", [])
     ips = [m.get("private_ip") or m.get("host") for m in machines]

@@ -17,8 +17,9 @@ import shlex
 import sys
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from gpurun.models import Machine, RunRecord
 from gpurun.providers.capabilities import ConnectInfo, capabilities, connect_info
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 
 def open_transport(
-    record: dict[str, Any], machine: dict[str, Any], *, on_warning: Callable[[str], None] | None = None
+    record: RunRecord, machine: Machine, *, on_warning: Callable[[str], None] | None = None
 ) -> Transport:
     """A new transport to one machine of the run; nothing is dialled until its first command."""
     from gpurun import runs
@@ -60,7 +61,7 @@ def _ssh_transport(info: ConnectInfo, on_warning: Callable[[str], None] | None) 
     )
 
 
-def agent_python(record: dict[str, Any], transport: Transport, say: Callable[[str], None]) -> str:
+def agent_python(record: RunRecord, transport: Transport, say: Callable[[str], None]) -> str:
     """A Python on the machine that can run `python -m gpurun`, shell-quoted (shipping gpurun if needed)."""
     if capabilities(record["provider"]).run_dir_here:
         return shlex.quote(sys.executable)  # this very gpurun
@@ -78,7 +79,7 @@ class Connections:
         self._lock = threading.Lock()
 
     def connect(
-        self, record: dict[str, Any], machine: dict[str, Any], on_warning: Callable[[str], None] | None = None
+        self, record: RunRecord, machine: Machine, on_warning: Callable[[str], None] | None = None
     ) -> Transport:
         info = connect_info(record, machine)
         if info is None or not capabilities(record["provider"]).keeps_connections:

@@ -27,6 +27,7 @@ from gpurun.app.reporter import Reporter
 from gpurun.app.status import reconcile
 from gpurun.app.teardown import JOB_GRACE, wait_for_final_snapshot
 from gpurun.errors import BadInput, GpurunError, TransportError
+from gpurun.models import Machine, RunRecord
 from gpurun.providers.capabilities import capabilities_of
 from gpurun.sizes import human_bytes
 from gpurun.spec import Spec, apply_override, label, spec_from_record, validate_spec
@@ -61,7 +62,7 @@ def _exclusive(run: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def next_spec(record: dict[str, Any], overrides: Sequence[str], spec: Spec | None) -> Spec:
+def next_spec(record: RunRecord, overrides: Sequence[str], spec: Spec | None) -> Spec:
     """The spec of the next job: the run's own with `--set` applied, or the one given to `launch --on`."""
     if spec is None:
         data = {key: copy.deepcopy(value) for key, value in record["spec"].items() if key != "spec_dir"}
@@ -102,7 +103,7 @@ def command_text(words: Sequence[str]) -> str | None:
     return text
 
 
-def _each_node(machines: list[dict[str, Any]], work: Callable[[dict[str, Any]], T]) -> list[T]:
+def _each_node(machines: list[Machine], work: Callable[[Machine], T]) -> list[T]:
     if len(machines) == 1:
         return [work(machines[0])]
     with ThreadPoolExecutor(max_workers=min(16, len(machines))) as pool:
@@ -147,7 +148,7 @@ def exec_job(
         return _exec(record, spec, ui, command=command, replace=replace)
 
 
-def _check_live(record: dict[str, Any]) -> None:
+def _check_live(record: RunRecord) -> None:
     run = record["run"]
     if record["state"] == "ended":
         raise BadInput(f"run {run} has ended; its machines are gone: `gpurun launch` starts a new run")
@@ -163,9 +164,9 @@ def _check_live(record: dict[str, Any]) -> None:
         )
 
 
-def _exec(record: dict[str, Any], spec: Spec, ui: Reporter, *, command: str | None, replace: bool) -> dict[str, Any]:
+def _exec(record: RunRecord, spec: Spec, ui: Reporter, *, command: str | None, replace: bool) -> dict[str, Any]:
     run = record["run"]
-    machines: list[dict[str, Any]] = record["machines"]
+    machines: list[Machine] = record["machines"]
     lost = [m for m in machines if m.get("state") in MACHINE_NOT_RUNNING]
     if lost:
         raise GpurunError(
@@ -176,7 +177,7 @@ def _exec(record: dict[str, Any], spec: Spec, ui: Reporter, *, command: str | No
     previous = runs.current_job(record)
     number = previous["number"] if previous else 0
 
-    def state_of(machine: dict[str, Any]) -> dict[str, Any]:
+    def state_of(machine: Machine) -> dict[str, Any]:
         try:
             return jobs.read_state(conns.connect(record, machine), machine["run_dir"])
         except TransportError as error:
@@ -215,7 +216,7 @@ def _exec(record: dict[str, Any], spec: Spec, ui: Reporter, *, command: str | No
     job_command = command or spec.run
     record["spec"] = {**spec.to_record(), **{k: record["spec"][k] for k in record["spec"] if k not in CHANGEABLE}}
 
-    def prepare(machine: dict[str, Any]) -> tuple[int, int]:
+    def prepare(machine: Machine) -> tuple[int, int]:
         transport = conns.connect(record, machine)
         prefix = f"[node {machine['rank']}] " if len(machines) > 1 else ""
         result = sync_tree(
@@ -246,7 +247,7 @@ def _exec(record: dict[str, Any], spec: Spec, ui: Reporter, *, command: str | No
     _save(record)
     agents = {id(m) for m in common.agent_machines(record)}
 
-    def start(machine: dict[str, Any]) -> None:
+    def start(machine: Machine) -> None:
         transport = conns.connect(record, machine)
         python = None
         if id(machine) in agents:
@@ -295,7 +296,7 @@ def _exec(record: dict[str, Any], spec: Spec, ui: Reporter, *, command: str | No
     return runs.public_view(record)
 
 
-def _save(record: dict[str, Any]) -> None:
+def _save(record: RunRecord) -> None:
     with runs.locked(record["run"]):
         runs.save(record)
 
@@ -311,12 +312,12 @@ def _set_aside(transport: Transport, run_dir: str, number: int) -> None:
     )
 
 
-def _stop_jobs(record: dict[str, Any], conns: connections.Connections, ui: Reporter, number: int) -> None:
+def _stop_jobs(record: RunRecord, conns: connections.Connections, ui: Reporter, number: int) -> None:
     """--replace: SIGTERM every node's job (KILL after the grace), then wait for the final snapshot."""
     run = record["run"]
     agents = {id(m) for m in common.agent_machines(record)}
 
-    def stop(machine: dict[str, Any]) -> dict[str, Any] | None:
+    def stop(machine: Machine) -> dict[str, Any] | None:
         transport = conns.connect(record, machine)
         state = jobs.read_state(transport, machine["run_dir"])
         before = (state.get("agent") or {}).get("last_seq")
@@ -332,13 +333,13 @@ def _stop_jobs(record: dict[str, Any], conns: connections.Connections, ui: Repor
     runs.end_job(record, JobState.KILLED, state["exit_code"], state.get("ended_at"))
     final = finals[0]
     if final:
-        record["last_checkpoint"] = {key: final[key] for key in ("seq", "at", "bytes")}
+        record["last_checkpoint"] = runs.checkpoint_summary(final)
 
 
-def _wait_for_agents(record: dict[str, Any], conns: connections.Connections, ui: Reporter) -> None:
+def _wait_for_agents(record: RunRecord, conns: connections.Connections, ui: Reporter) -> None:
     """The agent takes a final snapshot when a job ends: let it finish before the next one starts."""
 
-    def wait(machine: dict[str, Any]) -> None:
+    def wait(machine: Machine) -> None:
         transport = conns.connect(record, machine)
         state = jobs.read_state(transport, machine["run_dir"])
         if state["agent_alive"]:

@@ -23,6 +23,7 @@ from gpurun import jobs, paths, runs
 from gpurun.app import common, connections
 from gpurun.app.reporter import Reporter
 from gpurun.errors import BadInput, GpurunError, Interrupted, InvalidDocument, TransportError
+from gpurun.models import Machine, RunRecord
 from gpurun.providers.capabilities import capabilities_of
 from gpurun.setup_hash import MAX_FILE_BYTES, setup_hash
 from gpurun.store import documents
@@ -65,7 +66,7 @@ def _session(provider: AwsProvider, region: str | None, profile: str | None) -> 
     return provider.session(region or default_region(profile), profile)
 
 
-def _aws_record(run: str) -> dict[str, Any]:
+def _aws_record(run: str) -> RunRecord:
     record = runs.load(run)
     if not capabilities_of(record).bakes_images:
         raise BadInput(f"run {run} runs on provider {record['provider']}: only aws runs can be baked into an image")
@@ -90,7 +91,7 @@ def _remote_reader(transport: Transport, work_dir: str) -> Any:
     return read
 
 
-def _key_blob(machine: dict[str, Any]) -> str | None:
+def _key_blob(machine: Machine) -> str | None:
     """The run's public key (base64 part), as cloud-init put it into ~/.ssh/authorized_keys."""
     key_path = machine.get("key_path")
     if not key_path:
@@ -126,14 +127,16 @@ def create(run: str, ui: Reporter, *, name: str | None = None) -> dict[str, Any]
 
     if not machine.get("host"):
         # A recovering run's replacement machine: its address is known to EC2, not yet to the record.
-        machine = {**machine, "host": (described or {}).get("PublicIpAddress")}
+        machine = machine.copy()
+        machine["host"] = (described or {}).get("PublicIpAddress")
         if not machine["host"]:
             raise BadInput(f"run {run}: its machine {instance_id} has no public address; nothing was created")
     transport = connections.open_transport(record, machine)
     try:
         home = transport.check('printf %s "$HOME"', what="finding the home directory").strip()
         # The machines of a recovering run set themselves up: the record may not name the directory.
-        machine = {**machine, "run_dir": machine.get("run_dir") or f"{home}/{paths.machine_run_dir(run)}"}
+        machine = machine.copy()
+        machine["run_dir"] = machine.get("run_dir") or f"{home}/{paths.machine_run_dir(run)}"
         job_state = jobs.read_state(transport, machine["run_dir"])
         setup = record["spec"].get("setup")
         if setup and job_state["phase"] != "run":

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 from gpurun import jobs
 from gpurun.errors import BadInput, GpurunError, TransportError
+from gpurun.models import RunRecord
 from gpurun.spec import SECRET_LIKE_NAME, Spec, label
 from gpurun.transport.base import Transport
 
@@ -69,7 +69,7 @@ def secret_like_env(spec: Spec) -> list[str]:
 def install(
     transport: Transport,
     run_dir: str,
-    record: dict[str, Any],
+    record: RunRecord,
     values: dict[str, str],
     python: str | None,
 ) -> None:

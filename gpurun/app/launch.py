@@ -25,6 +25,7 @@ from gpurun.errors import (
     NoCredentials,
     StillWaiting,
 )
+from gpurun.models import Machine, RunRecord
 from gpurun.providers import get_provider
 from gpurun.providers.capabilities import capabilities_of
 from gpurun.sizes import human_bytes
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from gpurun.transport.base import Transport
 
 #: (transport, machine) of each node where the launch has started to work, for rollback.
-Started = list[tuple["Transport", dict[str, Any]]]
+Started = list[tuple["Transport", Machine]]
 
 
 def find_resume_source(
@@ -118,7 +119,7 @@ def _choose_name(spec: Spec, name: str | None) -> str:
     return name
 
 
-def _check_name_free(name: str) -> dict[str, Any] | None:
+def _check_name_free(name: str) -> RunRecord | None:
     """The ended run whose name a launch takes over (its record is archived then), or None; BadInput while it lives."""
     if not runs.record_path(name).exists():
         return None
@@ -223,7 +224,7 @@ def launch(
             )
     store = open_store(store_url, **common.store_options(spec))
     store.check_writable()
-    record: dict[str, Any] = {
+    record: RunRecord = {
         "run": run,
         "provider": spec.provider,
         "state": "launching",
@@ -243,12 +244,12 @@ def launch(
     }
     lock = threading.Lock()
 
-    def on_change(updated: dict[str, Any]) -> None:
+    def on_change(updated: RunRecord) -> None:
         with lock, runs.locked(run):
             runs.save(updated)
 
     step = "acquiring machines"
-    started: list[tuple[Any, dict[str, Any]]] = []
+    started: list[tuple[Any, Machine]] = []
     with runs.locked(run):
         # Checked again under the lock: two launches of one --name at once must not share a record.
         replaced = _check_name_free(run)
@@ -325,7 +326,7 @@ def _owner() -> str:
 def _prepare_all(
     provider: Provider,
     conns: Connections,
-    record: dict[str, Any],
+    record: RunRecord,
     files: list[WalkedFile],
     source: dict[str, Any] | None,
     ui: Reporter,
@@ -363,8 +364,8 @@ def _prepare_all(
 def _prepare(
     provider: Provider,
     conns: Connections,
-    record: dict[str, Any],
-    machine: dict[str, Any],
+    record: RunRecord,
+    machine: Machine,
     files: list[WalkedFile],
     source: dict[str, Any] | None,
     ui: Reporter,
@@ -443,7 +444,7 @@ def _prepare(
     machine["job_pid"] = jobs.start_job(transport, run_dir, common.work_dir(machine), env, setup, spec["run"], restarts)
 
 
-def wait_for_setup(record: dict[str, Any], started: Started, ui: Reporter, poll: float = 0.5) -> None:
+def wait_for_setup(record: RunRecord, started: Started, ui: Reporter, poll: float = 0.5) -> None:
     """Wait until every node is past `setup`; one node failing fails the whole launch."""
     import time
 
@@ -468,9 +469,7 @@ def wait_for_setup(record: dict[str, Any], started: Started, ui: Reporter, poll:
 SETUP_TAIL_LINES = 20
 
 
-def _setup_failed(
-    record: dict[str, Any], transport: Transport, machine: dict[str, Any], state: dict[str, Any]
-) -> GpurunError:
+def _setup_failed(record: RunRecord, transport: Transport, machine: Machine, state: dict[str, Any]) -> GpurunError:
     """The error for a failed setup: its last lines under it, its whole output kept in the store first."""
     import time
 
@@ -529,10 +528,10 @@ def rolled_back(
     error: BaseException,
     provider: Provider,
     conns: Connections,
-    record: dict[str, Any],
+    record: RunRecord,
     started: Started,
     ui: Reporter,
-    on_change: Callable[[dict[str, Any]], None],
+    on_change: Callable[[RunRecord], None],
     step: str,
 ) -> BaseException:
     """Remove what the launch made (the one rollback); the error to raise, saying what happened.
@@ -567,10 +566,10 @@ def rolled_back(
 def roll_back(
     provider: Provider,
     conns: Connections,
-    record: dict[str, Any],
+    record: RunRecord,
     started: Started,
     ui: Reporter,
-    on_change: Callable[[dict[str, Any]], None],
+    on_change: Callable[[RunRecord], None],
 ) -> tuple[bool, list[str]]:
     """Remove what the launch made: (complete, what was removed). When something is left, the
     record stays (state failed) for `gpurun teardown`; else it is deleted."""

@@ -31,6 +31,7 @@ from typing import Any
 
 from gpurun import paths
 from gpurun.errors import GpurunError
+from gpurun.models import RunRecord
 
 SETUP_STAMP = ".gpurun-setup-hash"
 
@@ -45,7 +46,7 @@ def _base_python() -> str:
     return getattr(sys, "_base_executable", None) or sys.executable
 
 
-def prepare(record: dict[str, Any], say: Any) -> dict[str, str]:
+def prepare(record: RunRecord, say: Any) -> dict[str, str]:
     """The job's environment additions for a local run (a venv when it has setup); records which Python runs it."""
     spec = record["spec"]
     if not spec.get("setup"):
@@ -100,7 +101,7 @@ def _create(venv: Path) -> None:
             shim.chmod(0o755)
 
 
-def setup_done_before(record: dict[str, Any], setup_hash: str | None) -> bool:
+def setup_done_before(record: RunRecord, setup_hash: str | None) -> bool:
     """True when this project's venv already went through a setup with this hash."""
     venv = record.get("venv")
     if not venv or not setup_hash:
@@ -111,7 +112,7 @@ def setup_done_before(record: dict[str, Any], setup_hash: str | None) -> bool:
         return False
 
 
-def note_setup_done(record: dict[str, Any], setup_hash: str | None) -> None:
+def note_setup_done(record: RunRecord, setup_hash: str | None) -> None:
     venv = record.get("venv")
     if venv and setup_hash:
         paths.atomic_write(Path(venv) / SETUP_STAMP, setup_hash.encode())

@@ -13,6 +13,7 @@ from typing import Any
 from gpurun import jobs, runs
 from gpurun.app import common, connections
 from gpurun.errors import BadInput, GpurunError, TransportError, UnknownRun
+from gpurun.models import Job, Machine, RunDocument, RunRecord
 from gpurun.providers.capabilities import capabilities_of
 from gpurun.states import MACHINE_GONE, MACHINE_NOT_RUNNING
 from gpurun.text import escape_controls, escape_log
@@ -66,7 +67,7 @@ def show_logs(
     if store_url is not None:
         runs.check_name(run)
         try:
-            record: dict[str, Any] | None = runs.load(run)
+            record: RunRecord | None = runs.load(run)
         except BadInput:
             record = None
         return _from_store(run, record, store_url, job=job, node=node, tail=tail, follow=follow, write=write)
@@ -100,7 +101,7 @@ def show_logs(
     return _show_node(run, record, node or 0, follow=follow, tail=tail, write=write)
 
 
-def _all_machines_gone(record: dict[str, Any]) -> bool:
+def _all_machines_gone(record: RunRecord) -> bool:
     machines = record.get("machines") or []
     return bool(machines) and all(m.get("state") in MACHINE_GONE for m in machines)
 
@@ -110,7 +111,7 @@ def _store_run(run: str, node: int | None) -> str:
     return common.rank_run_name(run, node)
 
 
-def _store_of(record: dict[str, Any] | None, store_url: str, node: int | None) -> Any:
+def _store_of(record: RunRecord | None, store_url: str, node: int | None) -> Any:
     from gpurun.store import open_store
 
     options = common.store_options(record) if record is not None and record.get("store") == store_url else {}
@@ -119,7 +120,7 @@ def _store_of(record: dict[str, Any] | None, store_url: str, node: int | None) -
 
 def _from_store(
     run: str,
-    record: dict[str, Any] | None,
+    record: RunRecord | None,
     store_url: str,
     *,
     job: int | None,
@@ -165,7 +166,7 @@ def _from_store(
     return outcome
 
 
-def _recorded_outcome(record: dict[str, Any] | None, store: Any, run: str, number: int) -> dict[str, Any]:
+def _recorded_outcome(record: RunRecord | RunDocument | None, store: Any, run: str, number: int) -> dict[str, Any]:
     """How job `number` ended, from this computer's record, else the store's run.json."""
     if record is None:
         from gpurun.store.snapshots import get_run_record
@@ -357,9 +358,9 @@ def _escaping(write: Callable[[bytes], None]) -> Callable[[bytes], None]:
 
 
 def _earlier_job(
-    record: dict[str, Any],
+    record: RunRecord,
     job: int,
-    current: dict[str, Any] | None,
+    current: Job | None,
     *,
     node: int | None,
     follow: bool,
@@ -395,7 +396,7 @@ def _earlier_job(
     return {"run": run}
 
 
-def _check_logs_outlived_teardown(record: dict[str, Any]) -> None:
+def _check_logs_outlived_teardown(record: RunRecord) -> None:
     """An ended run's logs exist only where teardown kept its run directory."""
     run, machines = record["run"], record["machines"]
     if capabilities_of(record).machines_disposable:
@@ -411,8 +412,8 @@ def _check_logs_outlived_teardown(record: dict[str, Any]) -> None:
 
 def _merged(
     run: str,
-    record: dict[str, Any],
-    machines: list[dict[str, Any]],
+    record: RunRecord,
+    machines: list[Machine],
     *,
     follow: bool,
     tail: int | None,
@@ -455,7 +456,7 @@ def _merged(
 
 def _show_node(
     run: str,
-    record: dict[str, Any],
+    record: RunRecord,
     rank: int,
     *,
     follow: bool,
@@ -501,7 +502,7 @@ def _show_node(
             time.sleep(min(2.0 * failures, 10.0))
 
 
-def _machine_gone(record: dict[str, Any], machine: dict[str, Any]) -> bool:
+def _machine_gone(record: RunRecord, machine: Machine) -> bool:
     """A cloud machine that the provider reports ended (a spot reclaim, a guard) will not answer again."""
     if not capabilities_of(record).machines_disposable:
         return False

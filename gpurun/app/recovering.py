@@ -15,12 +15,13 @@ import io
 import tarfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from gpurun import bootstrap, jobs
 from gpurun.app import common, job_secrets
 from gpurun.app.reporter import Reporter
 from gpurun.errors import BadInput, GpurunError, InvalidDocument
+from gpurun.models import Generation, Machine, RunRecord
 from gpurun.providers.aws.connect import DEFAULT_USER
 from gpurun.providers.capabilities import capabilities
 from gpurun.spec import Spec
@@ -62,7 +63,7 @@ def code_archive(root: Path, files: list[WalkedFile]) -> tuple[str, bytes]:
 
 def stage(
     spec: Spec,
-    record: dict[str, Any],
+    record: RunRecord,
     store: ObjectStore,
     files: list[WalkedFile],
     source: dict[str, Any] | None,
@@ -84,7 +85,7 @@ def stage(
     store.put_bytes(f"{run}/CODE", digest.encode())
     ui.say(f"staged code ({len(archive)} bytes, {digest[:12]}) and gpurun {tag} in {record['store']}/{run}")
     mark = bootstrap.RUN_DIR_MARK
-    machine = {"rank": 0, "run_dir": mark}
+    machine: Machine = {"rank": 0, "run_dir": mark}
     env = common.job_environment(record, machine, None)
     env["GPURUN_MASTER_ADDR"] = env["GPURUN_NODE_IPS"] = "127.0.0.1"
     work = common.work_dir(machine)
@@ -153,7 +154,7 @@ def wait_for_first_job(
 _GENERATION_TEXT = ("instance_id", "type", "zone", "started_at", "ended_at", "why", "job_started_at")
 
 
-def generations(document: dict[str, Any]) -> list[dict[str, Any]]:
+def generations(document: dict[str, Any]) -> list[Generation]:
     """The machines of attempts.json, each field checked (the store is untrusted input)."""
     from gpurun.text import escape_controls
 
@@ -161,18 +162,18 @@ def generations(document: dict[str, Any]) -> list[dict[str, Any]]:
     for index, entry in enumerate(document.get("machines", [])[:1000]):
         if not isinstance(entry, dict):
             continue
-        item: dict[str, Any] = {"generation": index + 1}
+        fields: dict[str, Any] = {"generation": index + 1}
         for key in _GENERATION_TEXT:
             value = entry.get(key)
-            item[key] = escape_controls(str(value))[:100] if isinstance(value, str) else None
+            fields[key] = escape_controls(str(value))[:100] if isinstance(value, str) else None
         for key in ("restarts", "exit_code"):
             value = entry.get(key)
-            item[key] = value if isinstance(value, int) and not isinstance(value, bool) else None
-        found.append(item)
+            fields[key] = value if isinstance(value, int) and not isinstance(value, bool) else None
+        found.append(cast(Generation, fields))
     return found
 
 
-def apply_attempts(record: dict[str, Any], document: dict[str, Any]) -> None:
+def apply_attempts(record: RunRecord, document: dict[str, Any]) -> None:
     """Generations, restarts used and the run's outcome from attempts.json; point the record at the
     group's current machine (so `ssh`, `logs` and the cost follow it)."""
     from gpurun import runs
@@ -194,7 +195,7 @@ def apply_attempts(record: dict[str, Any], document: dict[str, Any]) -> None:
         # run.json said how one machine's job ended; the group has restarted it since.
         record["state"], record["exit_code"] = "running", None
     if record.get("state") == "running" and state in ("succeeded", "failed", "budget_spent"):
-        last = listed[-1] if listed else {}
+        last: Generation = listed[-1] if listed else {}
         code = 0 if state == "succeeded" else last.get("exit_code")
         record["state"] = "succeeded" if state == "succeeded" else "failed"
         record["exit_code"] = code
@@ -207,27 +208,36 @@ def apply_attempts(record: dict[str, Any], document: dict[str, Any]) -> None:
     machines = record.get("machines") or []
     reported_dir = _reported_run_dir(document, current, str(record.get("run")))
     if current and machines and current.get("instance_id") and machines[0].get("instance_id") != current["instance_id"]:
-        previous = dict(machines[0])
+        previous = machines[0].copy()
         previous.setdefault("ended_at", runs.now_iso())
         record.setdefault("past_machines", []).append(previous)
-        machines[0] = {
-            **previous,
-            "instance_id": current["instance_id"],
-            "instance_type": current.get("type") or previous.get("instance_type"),
-            "zone": current.get("zone"),
-            "generation": current["generation"],
-            "state": "pending",
-            "host": None,
-            "public_ip": None,
-            "launch_time": current.get("started_at"),
-            "ended_at": None,
-            "cost_usd": None,
-        }
+        replacement = previous.copy()
+        replacement.update(
+            {
+                "instance_id": current["instance_id"],
+                "zone": current.get("zone"),
+                "generation": current["generation"],
+                "state": "pending",
+                "host": None,
+                "public_ip": None,
+                "ended_at": None,
+                "cost_usd": None,
+            }
+        )
+        instance_type = current.get("type") or previous.get("instance_type")
+        if instance_type:
+            replacement["instance_type"] = instance_type
+        launched = current.get("started_at")
+        if launched:
+            replacement["launch_time"] = launched
+        else:
+            replacement.pop("launch_time", None)
+        machines[0] = replacement
     if reported_dir and machines and current and machines[0].get("instance_id") == current.get("instance_id"):
         machines[0]["run_dir"] = reported_dir
 
 
-def _reported_run_dir(document: dict[str, Any], current: dict[str, Any] | None, run: str) -> str | None:
+def _reported_run_dir(document: dict[str, Any], current: Generation | None, run: str) -> str | None:
     """The run directory the current machine reported in attempts.json, when it has the expected shape
     (an absolute path ending in gpurun/<run>, the characters job.sh allows): a machine wrote it."""
     if current is None:
@@ -242,7 +252,7 @@ def _reported_run_dir(document: dict[str, Any], current: dict[str, Any] | None, 
     return value
 
 
-def reconcile_from_store(record: dict[str, Any], problems: list[str]) -> bool:
+def reconcile_from_store(record: RunRecord, problems: list[str]) -> bool:
     """A recovering AWS run's state from its store; False when attempts.json cannot be read."""
     from gpurun.app import common
 

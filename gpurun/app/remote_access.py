@@ -18,10 +18,10 @@ from __future__ import annotations
 import re
 import shlex
 from pathlib import Path
-from typing import Any
 
 from gpurun import paths, runs
 from gpurun.errors import BadInput, GpurunError
+from gpurun.models import Machine, RunRecord
 from gpurun.providers.capabilities import capabilities_of
 
 _BEGIN = "# >>> gpurun run {run}"
@@ -41,7 +41,7 @@ def host_alias(run: str, rank: int = 0) -> str:
     return f"gpurun-{run}" if rank == 0 else f"gpurun-{run}-{rank}"
 
 
-def _machines(record: dict[str, Any]) -> list[dict[str, Any]]:
+def _machines(record: RunRecord) -> list[Machine]:
     if capabilities_of(record).run_dir_here:
         raise BadInput(f"run {record['run']} runs on this computer; its files are under {paths.local_runs_dir()}")
     machines = [m for m in record.get("machines") or [] if m.get("host")]
@@ -50,7 +50,7 @@ def _machines(record: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(machines, key=lambda m: int(m.get("rank", 0)))
 
 
-def _machine(record: dict[str, Any], rank: int) -> dict[str, Any]:
+def _machine(record: RunRecord, rank: int) -> Machine:
     runs.check_reachable_from_here(record, "ssh or a tunnel")
     machines = _machines(record)
     for machine in machines:
@@ -63,11 +63,11 @@ def _host_key_name(host: str, port: int) -> str:
     return host if port == 22 else f"[{host}]:{port}"
 
 
-def pinned_known_hosts(record: dict[str, Any]) -> Path | None:
+def pinned_known_hosts(record: RunRecord) -> Path | None:
     """Write the run's recorded host keys as a known_hosts file; None when none are recorded."""
     lines: list[str] = []
     for machine in _machines(record):
-        name = _host_key_name(machine["host"], int(machine.get("port") or 22))
+        name = _host_key_name(machine.get("host") or "", int(machine.get("port") or 22))
         lines.extend(f"{name} {' '.join(key.split()[:2])}" for key in machine.get("host_keys") or [])
     if not lines:
         return None
@@ -77,7 +77,7 @@ def pinned_known_hosts(record: dict[str, Any]) -> Path | None:
     return path
 
 
-def _known_hosts_files(record: dict[str, Any]) -> list[str]:
+def _known_hosts_files(record: RunRecord) -> list[str]:
     pinned = pinned_known_hosts(record)
     if pinned is not None:
         return [str(pinned)]
@@ -94,7 +94,7 @@ def _config_quote(value: str) -> str:
     return f'"{value}"' if re.search(r"\s", value) else value
 
 
-def _options(record: dict[str, Any], machine: dict[str, Any]) -> list[str]:
+def _options(record: RunRecord, machine: Machine) -> list[str]:
     """`-o` options shared by ssh and tunnel (also the lines of the ssh_config entry)."""
     known = " ".join(_config_quote(path) for path in _known_hosts_files(record))
     # A machine its group started (a recovering run) was never dialled by gpurun: nothing pinned or
@@ -108,14 +108,15 @@ def _options(record: dict[str, Any], machine: dict[str, Any]) -> list[str]:
         "ServerAliveInterval=15",
         "ServerAliveCountMax=8",
     ]
-    if machine.get("key_path"):
-        options += [f"IdentityFile={_config_quote(machine['key_path'])}", "IdentitiesOnly=yes"]
+    key_path = machine.get("key_path")
+    if key_path:
+        options += [f"IdentityFile={_config_quote(key_path)}", "IdentitiesOnly=yes"]
     if machine.get("proxy_jump"):
         options.append(f"ProxyJump={machine['proxy_jump']}")
     return options
 
 
-def _base_argv(record: dict[str, Any], machine: dict[str, Any]) -> list[str]:
+def _base_argv(record: RunRecord, machine: Machine) -> list[str]:
     argv = ["ssh"]
     for option in _options(record, machine):
         argv += ["-o", option]
@@ -125,7 +126,7 @@ def _base_argv(record: dict[str, Any], machine: dict[str, Any]) -> list[str]:
     return argv
 
 
-def ssh_argv(record: dict[str, Any], command: list[str] | None = None, *, rank: int = 0) -> list[str]:
+def ssh_argv(record: RunRecord, command: list[str] | None = None, *, rank: int = 0) -> list[str]:
     """argv for `gpurun ssh RUN [-- CMD]`: a login shell, or CMD, in the run's work directory.
 
     The CLI hands it to os.execvp. CMD words are joined with spaces and run by
@@ -137,12 +138,13 @@ def ssh_argv(record: dict[str, Any], command: list[str] | None = None, *, rank: 
     enter = (
         f"cd {shlex.quote(run_dir + '/work')} 2>/dev/null || cd {shlex.quote(run_dir)} 2>/dev/null; " if run_dir else ""
     )
+    host = machine.get("host") or ""  # _machines keeps only machines with a host
     if command:
-        return [*argv, "--", machine["host"], enter + " ".join(command)]
-    return [*argv, "-t", "--", machine["host"], enter + 'exec "$SHELL" -l']
+        return [*argv, "--", host, enter + " ".join(command)]
+    return [*argv, "-t", "--", host, enter + 'exec "$SHELL" -l']
 
 
-def tunnel_argv(record: dict[str, Any], port: int, local_port: int | None = None, *, rank: int = 0) -> list[str]:
+def tunnel_argv(record: RunRecord, port: int, local_port: int | None = None, *, rank: int = 0) -> list[str]:
     """argv for `gpurun tunnel RUN PORT`: forward 127.0.0.1:LOCAL_PORT here to 127.0.0.1:PORT there."""
     for value in (port, local_port or port):
         if not 1 <= int(value) <= 65535:
@@ -150,10 +152,10 @@ def tunnel_argv(record: dict[str, Any], port: int, local_port: int | None = None
     machine = _machine(record, rank)
     argv = _base_argv(record, machine)
     forward = f"127.0.0.1:{int(local_port or port)}:127.0.0.1:{int(port)}"
-    return [*argv, "-N", "-o", "ExitOnForwardFailure=yes", "-L", forward, "--", machine["host"]]
+    return [*argv, "-N", "-o", "ExitOnForwardFailure=yes", "-L", forward, "--", machine.get("host") or ""]
 
 
-def ssh_config_entries(record: dict[str, Any]) -> str:
+def ssh_config_entries(record: RunRecord) -> str:
     """The run's block for the ssh_config file (one Host per node)."""
     run = record["run"]
     lines = [_BEGIN.format(run=run)]
@@ -184,7 +186,7 @@ def _without_run(text: str, run: str) -> str:
     return "\n".join(kept).strip("\n") + ("\n" if kept and any(kept) else "")
 
 
-def write_ssh_config(record: dict[str, Any]) -> Path:
+def write_ssh_config(record: RunRecord) -> Path:
     """Add or refresh the run's Host entries in `<state>/ssh_config`; returns that file."""
     path = ssh_config_file()
     paths.ensure_private(path.parent)

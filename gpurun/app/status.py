@@ -14,12 +14,13 @@ from gpurun import jobs, runs
 from gpurun.app import connections
 from gpurun.app.reporter import Reporter
 from gpurun.errors import GpurunError
+from gpurun.models import RunRecord
 from gpurun.providers import get_provider
 from gpurun.providers.capabilities import capabilities_of
 from gpurun.states import ACTIVE, MACHINE_GONE, MACHINE_NOT_RUNNING, JobState, RunState
 
 
-def _job_outcome(record: dict[str, Any], state: dict[str, Any]) -> None:
+def _job_outcome(record: RunRecord, state: dict[str, Any]) -> None:
     record["job"] = {"phase": state["phase"], "alive": state["job_alive"]}
     if state.get("restarts"):
         record["restarts_used"] = state["restarts"]
@@ -55,11 +56,15 @@ def _job_outcome(record: dict[str, Any], state: dict[str, Any]) -> None:
         )
     elif state["job_started"] and not state["job_alive"]:
         record["state"] = RunState.INTERRUPTED if state["interrupted"] else RunState.FAILED
-        record["job"]["note"] = "the job ended without recording its exit status (killed?)"
+        record["job"] = {
+            "phase": state["phase"],
+            "alive": state["job_alive"],
+            "note": "the job ended without recording its exit status (killed?)",
+        }
         runs.end_job(record, JobState.INTERRUPTED if state["interrupted"] else JobState.KILLED)
 
 
-def reconcile(record: dict[str, Any], loaded: str | None = None, problems: list[str] | None = None) -> dict[str, Any]:
+def reconcile(record: RunRecord, loaded: str | None = None, problems: list[str] | None = None) -> RunRecord:
     """Ask the machine how the job is doing, save what changed; returns the updated record.
 
     `loaded` is the record as read from disk (before an AWS refresh changed it):
@@ -93,7 +98,7 @@ def reconcile(record: dict[str, Any], loaded: str | None = None, problems: list[
     return record
 
 
-def _ask_machines(record: dict[str, Any], problems: list[str]) -> None:
+def _ask_machines(record: RunRecord, problems: list[str]) -> None:
     conns = connections.Connections()
     answered = False
     for machine in record["machines"]:
@@ -123,7 +128,7 @@ def _ask_machines(record: dict[str, Any], problems: list[str]) -> None:
 RECENT_SECONDS = 24 * 3600
 
 
-def is_recent(record: dict[str, Any], now: datetime | None = None) -> bool:
+def is_recent(record: RunRecord, now: datetime | None = None) -> bool:
     """Not ended, or ended (else created) within RECENT_SECONDS."""
     if record.get("state") != "ended":
         return True
@@ -143,7 +148,7 @@ def collect(
     ui: Reporter | None = None,
     store_url: str | None = None,
     hidden: list[int] | None = None,
-) -> tuple[list[dict[str, Any]], list[str]]:
+) -> tuple[list[RunRecord], list[str]]:
     """Runs with their state brought up to date; with `hidden` (a list to fill), old ended runs are left out."""
     problems: list[str] = []
     if run is not None:
@@ -186,18 +191,18 @@ def collect(
             record["launcher_gone"] = True
             problems.append(
                 f"{record['run']} is still `launching` but the process that launched it "
-                f"(pid {record['launcher']['pid']}) is gone: `gpurun teardown {record['run']}` removes what it created"
+                f"(pid {(record.get('launcher') or {}).get('pid')}) is gone: `gpurun teardown {record['run']}` removes what it created"
             )
     return records, problems
 
 
-def _recovering(record: dict[str, Any]) -> bool:
+def _recovering(record: RunRecord) -> bool:
     return bool(
         capabilities_of(record).replaces_lost_machines and record.get("bootstrap") and record["state"] != "ended"
     )
 
 
-def with_current_machine(record: dict[str, Any]) -> dict[str, Any]:
+def with_current_machine(record: RunRecord) -> RunRecord:
     """A recovering run's record pointing at its group's current machine, with that machine's address
     (what `ssh`, `tunnel` and `checkpoint-sync` need); any other record as it is."""
     if not _recovering(record):
@@ -206,7 +211,7 @@ def with_current_machine(record: dict[str, Any]) -> dict[str, Any]:
     return records[0]
 
 
-def _latest_from_store(record: dict[str, Any], store_url: str, problems: list[str]) -> None:
+def _latest_from_store(record: RunRecord, store_url: str, problems: list[str]) -> None:
     """The store's run.json changes only at launch, job end and teardown; LATEST moves with every snapshot."""
     from gpurun.store import open_store
     from gpurun.store.snapshots import latest
@@ -217,7 +222,7 @@ def _latest_from_store(record: dict[str, Any], store_url: str, problems: list[st
         problems.append(f"{record['run']}: cannot read its snapshots in {store_url}: {error}")
         return
     if pointer is not None:
-        newest = {key: pointer[key] for key in ("seq", "at", "bytes")}
+        newest = runs.checkpoint_summary(pointer)
         known = record.get("last_checkpoint")
         if not isinstance(known, dict) or not isinstance(known.get("seq"), int) or known["seq"] <= newest["seq"]:
             record["last_checkpoint"] = newest

@@ -13,8 +13,9 @@ from gpurun import jobs, paths, runs
 from gpurun.app import common, connections
 from gpurun.app.reporter import Reporter
 from gpurun.errors import BadInput, GpurunError, Interrupted, TransportError, UnknownRun
+from gpurun.models import Machine, RunRecord
 from gpurun.providers import get_provider
-from gpurun.providers.capabilities import capabilities, capabilities_of
+from gpurun.providers.capabilities import capabilities
 from gpurun.states import MACHINE_NOT_RUNNING, JobState, RunState
 from gpurun.store import snapshots as snaps
 
@@ -27,7 +28,7 @@ JOB_GRACE = 20.0
 AGENT_FINAL_SYNC_TIMEOUT = 600.0
 
 
-def check_can_end_here(record: dict[str, Any]) -> None:
+def check_can_end_here(record: RunRecord) -> None:
     """A run known only from its store can be ended here only where the cloud API reaches it,
     with credentials for the account it runs in; checked before anything is written here."""
     if record.get("source") != "store":
@@ -58,12 +59,14 @@ def recover_damaged(run: str, ui: Reporter) -> None:
         pass
     salvaged = runs.salvage(run)
     store_url = salvaged.get("store") or paths.default_store_url()
-    record: dict[str, Any] | None = None
+    record: RunRecord | None = None
     lost: list[str] = []
     try:
-        record = {key: value for key, value in runs.load_from_store(run, store_url).items() if key != "source"}
-        _check_store_copy(record, salvaged)
-        record["store"] = store_url
+        copy = runs.load_from_store(run, store_url)
+        copy.pop("source", None)
+        _check_store_copy(copy, salvaged)
+        copy["store"] = store_url
+        record = copy
         lost = ["changes since launch (jobs started with exec, machine states)"]
         found = f"its copy in {store_url}/{run}/run.json"
     except GpurunError as error:
@@ -71,7 +74,7 @@ def recover_damaged(run: str, ui: Reporter) -> None:
             ui.warn(str(error))
         record = None
         local_dir = paths.local_runs_dir() / run
-        if capabilities_of({"provider": salvaged.get("provider", "local")}).run_dir_here and local_dir.is_dir():
+        if capabilities(salvaged.get("provider", "local")).run_dir_here and local_dir.is_dir():
             record = _local_record_from(run, local_dir, salvaged, store_url)
             lost = ["the spec", "the job history", "the last checkpoint"]
             found = f"its run directory {local_dir}"
@@ -98,7 +101,7 @@ class UntrustedCopy(GpurunError):
     """The store's copy of a run does not look like what gpurun wrote for it."""
 
 
-def _check_store_copy(record: dict[str, Any], salvaged: dict[str, str]) -> None:
+def _check_store_copy(record: RunRecord, salvaged: dict[str, str]) -> None:
     """The store is untrusted: its copy may steer teardown only where gpurun itself would go.
 
     Teardown removes each machine's run directory, so a copy naming any other directory
@@ -127,7 +130,7 @@ def _check_store_copy(record: dict[str, Any], salvaged: dict[str, str]) -> None:
             raise UntrustedCopy(f"{where} names run directory {run_dir!r}, not one gpurun makes for it; not used")
 
 
-def _local_record_from(run: str, local_dir: Path, salvaged: dict[str, str], store_url: str) -> dict[str, Any]:
+def _local_record_from(run: str, local_dir: Path, salvaged: dict[str, str], store_url: str) -> RunRecord:
     """A local run as its directory shows it: enough to stop its job and agent and remove it."""
     return {
         "run": run,
@@ -148,7 +151,7 @@ def _local_record_from(run: str, local_dir: Path, salvaged: dict[str, str], stor
     }
 
 
-def _adopt(record: dict[str, Any], store_url: str) -> dict[str, Any]:
+def _adopt(record: RunRecord, store_url: str) -> RunRecord:
     """Keep a record of the store's run here, so an interrupted teardown can be run again.
 
     The record's own `store` is whatever the store holds: it is replaced by the
@@ -156,15 +159,16 @@ def _adopt(record: dict[str, Any], store_url: str) -> dict[str, Any]:
     command reads or writes where a planted record points.
     """
     check_can_end_here(record)
-    record = {key: value for key, value in record.items() if key != "source"}
+    record = record.copy()
+    record.pop("source", None)
     record["adopted_from"] = store_url
     record["store"] = store_url
     # Paths on the launching computer mean nothing here, and a planted one would say where to write.
-    record["machines"] = [
-        {key: value for key, value in machine.items() if key not in ("key_path", "known_hosts")}
-        for machine in record.get("machines", [])
-        if isinstance(machine, dict)
-    ]
+    machines = [machine.copy() for machine in record.get("machines", [])]
+    for machine in machines:
+        machine.pop("key_path", None)
+        machine.pop("known_hosts", None)
+    record["machines"] = machines
     runs.save(record)
     return record
 
@@ -227,7 +231,7 @@ def teardown(
         remove_ssh_config(run)
     with runs.locked(run):
         current = runs.load(run)
-        current.update({k: record[k] for k in ("machines", "resources", "exit_code", "job", "jobs") if k in record})
+        runs.copy_keys(current, record, ("machines", "resources", "exit_code", "job", "jobs"))
         job = runs.current_job(current)
         if job is not None and job.get("ended_by") is None and record.get("state") != "launching":
             # Not stopped here: its machine was gone (or unreachable) before teardown came.
@@ -236,7 +240,7 @@ def teardown(
         current["ended_at"] = current.get("ended_at") or runs.now_iso()
         current["state"] = RunState.ENDED
         if final_checkpoint:
-            current["last_checkpoint"] = {k: final_checkpoint[k] for k in ("seq", "at", "bytes")}
+            current["last_checkpoint"] = runs.checkpoint_summary(final_checkpoint)
         runs.save(current)
     try:
         snaps.put_run_record(common.open_run_store(_home_store(current)), run, current)
@@ -245,13 +249,15 @@ def teardown(
     return {"run": run, "removed": removed, "final_checkpoint": final_checkpoint}
 
 
-def _home_store(record: dict[str, Any]) -> dict[str, Any]:
+def _home_store(record: RunRecord) -> RunRecord:
     """The record as far as its store goes: an adopted run's record goes back where it was read from
     (records adopted before `store` was replaced at adoption still name the planted one)."""
-    return {**record, "store": record.get("adopted_from") or record["store"]}
+    home = record.copy()
+    home["store"] = record.get("adopted_from") or record["store"]
+    return home
 
 
-def _refresh_machine_states(provider: Provider, record: dict[str, Any], ui: Reporter) -> None:
+def _refresh_machine_states(provider: Provider, record: RunRecord, ui: Reporter) -> None:
     """A machine the cloud already ended (spot reclaim, console) is not waited for over SSH."""
     try:
         provider.refresh([record])
@@ -259,7 +265,7 @@ def _refresh_machine_states(provider: Provider, record: dict[str, Any], ui: Repo
         ui.warn(f"could not read the machines' states ({error}); trying each one")
 
 
-def _unreachable(record: dict[str, Any], machine: dict[str, Any], error: GpurunError, ui: Reporter) -> None:
+def _unreachable(record: RunRecord, machine: Machine, error: GpurunError, ui: Reporter) -> None:
     """A cloud machine is terminated anyway; on the user's own box the job would keep running."""
     rank, run = machine.get("rank", 0), record["run"]
     if capabilities(record["provider"]).machines_disposable:
@@ -274,8 +280,8 @@ def _unreachable(record: dict[str, Any], machine: dict[str, Any], error: GpurunE
 
 def _stop_machine(
     conns: Connections,
-    record: dict[str, Any],
-    machine: dict[str, Any],
+    record: RunRecord,
+    machine: Machine,
     ui: Reporter,
     final_sync: bool,
     keep_files: bool,
@@ -326,7 +332,7 @@ def _stop_machine(
     return final
 
 
-def _store_latest(record: dict[str, Any], ui: Reporter) -> dict[str, Any] | None:
+def _store_latest(record: RunRecord, ui: Reporter) -> dict[str, Any] | None:
     try:
         return snaps.latest(common.open_run_store(_home_store(record)), record["run"])
     except GpurunError as error:
@@ -334,7 +340,7 @@ def _store_latest(record: dict[str, Any], ui: Reporter) -> dict[str, Any] | None
         return None
 
 
-def _store_final_checkpoint(record: dict[str, Any], before: int | None, ui: Reporter) -> dict[str, Any] | None:
+def _store_final_checkpoint(record: RunRecord, before: int | None, ui: Reporter) -> dict[str, Any] | None:
     """After the machines are gone: the newest snapshot in the store, and whether it is new."""
     pointer = _store_latest(record, ui)
     if pointer is None:
@@ -346,19 +352,19 @@ def _store_final_checkpoint(record: dict[str, Any], before: int | None, ui: Repo
     return info
 
 
-def _save_progress(record: dict[str, Any]) -> None:
+def _save_progress(record: RunRecord) -> None:
     """Record what teardown has done (machines, resources) without undoing other writers' changes."""
     with runs.locked(record["run"]):
         try:
             current = runs.load(record["run"])
         except GpurunError:
             current = record
-        current.update({key: record[key] for key in ("machines", "resources") if key in record})
+        runs.copy_keys(current, record, ("machines", "resources"))
         runs.save(current)
 
 
 def wait_for_final_snapshot(
-    record: dict[str, Any], machine: dict[str, Any], transport: Transport, ui: Reporter, before: int | None
+    record: RunRecord, machine: Machine, transport: Transport, ui: Reporter, before: int | None
 ) -> dict[str, Any] | None:
     """The agent sees the job exit and takes the final snapshot; wait for it, or take it ourselves."""
     run_dir = machine["run_dir"]

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from gpurun.models import Machine, RunRecord
 from gpurun.providers.capabilities import Capabilities, ConnectInfo, capabilities, connect_info
 
 if TYPE_CHECKING:
     from gpurun.spec import Spec
 
-Record = dict[str, Any]
+Record = RunRecord
 OnChange = Callable[[Record], None]
 Say = Callable[[str], None]
 
@@ -37,7 +38,7 @@ class Shell(Protocol):
 
 
 #: connect(record, machine, say): a shell on one machine of the run; `say` hears its warnings.
-Connect = Callable[[Record, dict[str, Any], Say], Shell]
+Connect = Callable[[Record, Machine, Say], Shell]
 
 
 class Provider(ABC):
@@ -48,7 +49,7 @@ class Provider(ABC):
         """What this provider can do (`providers.capabilities`: app/ decides from these, never from `name`)."""
         return capabilities(self.name)
 
-    def connect_info(self, record: Record, machine: dict[str, Any]) -> ConnectInfo | None:
+    def connect_info(self, record: Record, machine: Machine) -> ConnectInfo | None:
         """How to reach one of the run's machines; None when it is this computer."""
         return connect_info(record, machine)
 
@@ -62,7 +63,7 @@ class Provider(ABC):
     @abstractmethod
     def acquire(
         self, spec: Spec, record: Record, on_change: OnChange, say: Say, *, connect: Connect | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> list[Machine]:
         """Create or reach the machines; returns one dict per node, rank order.
 
         Each machine dict holds at least `rank`, `host` and, once connected,
@@ -91,6 +92,6 @@ class Provider(ABC):
     def check_access(self, record: Record) -> None:
         """Raise BadInput when these credentials cannot reach what the run created (before touching it)."""
 
-    def machine_env(self, record: Record, machine: dict[str, Any]) -> dict[str, str]:
+    def machine_env(self, record: Record, machine: Machine) -> dict[str, str]:
         """Extra environment for the job on this machine (credentials are never among it)."""
         return {}

@@ -8,9 +8,9 @@ every run, and the AWS provider's boto3 stays unloaded until AWS is called.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from gpurun.errors import BadInput
+from gpurun.models import Machine, RunRecord
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def capabilities(provider: str) -> Capabilities:
         raise BadInput(f"unknown provider {provider!r}; use aws, ssh or local") from None
 
 
-def capabilities_of(record: dict[str, Any]) -> Capabilities:
+def capabilities_of(record: RunRecord) -> Capabilities:
     """The capabilities of a record's provider, NOTHING for an unknown one (listings never fail on it)."""
     return CAPABILITIES.get(str(record.get("provider")), NOTHING)
 
@@ -112,7 +112,7 @@ class ConnectInfo:
     connect_retry_for: float = 0.0
 
 
-def connect_info(record: dict[str, Any], machine: dict[str, Any]) -> ConnectInfo | None:
+def connect_info(record: RunRecord, machine: Machine) -> ConnectInfo | None:
     """How to reach `machine` of the run, as its provider describes it; None when it is this computer."""
     provider = record["provider"]
     if capabilities(provider).run_dir_here:

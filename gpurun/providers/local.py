@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from gpurun import paths
+from gpurun.models import Machine
 from gpurun.providers.base import Connect, OnChange, Provider, Record, Say
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ class LocalProvider(Provider):
 
     def acquire(
         self, spec: Spec, record: Record, on_change: OnChange, say: Say, *, connect: Connect | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> list[Machine]:
         run_dir = paths.local_runs_dir() / record["run"]
         run_dir.mkdir(parents=True, exist_ok=True)
         return [

@@ -15,10 +15,11 @@ import getpass
 import os
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from gpurun import paths
 from gpurun.errors import BadInput, GpurunError, TransportError
+from gpurun.models import Machine
 from gpurun.providers.base import Connect, OnChange, Provider, Record, Say
 from gpurun.providers.capabilities import ConnectInfo
 
@@ -41,12 +42,12 @@ def tofu_known_hosts(run: str) -> Path:
     return paths.home() / "known_hosts" / run
 
 
-def connect_info(record: Record, machine: dict[str, Any]) -> ConnectInfo:
+def connect_info(record: Record, machine: Machine) -> ConnectInfo:
     """The user's own host: its SSH config's user, key and ProxyJump, keys trusted on first use
     into the run's own file."""
     return ConnectInfo(
-        host=machine["host"],
-        port=int(machine["port"]),
+        host=machine.get("host") or "",
+        port=machine["port"],
         user=machine.get("user"),
         key_path=machine.get("key_path"),
         host_keys=machine.get("host_keys") or None,
@@ -88,8 +89,8 @@ def describe_gpus(lines: list[str]) -> str:
     return ", ".join(f"{count} × {name}" for name, count in Counter(names).items())
 
 
-def _destination(machine: dict[str, Any]) -> tuple[str, int, str]:
-    return (machine["host"], int(machine["port"]), machine["user"])
+def _destination(machine: Machine) -> tuple[str, int, str]:
+    return (machine.get("host") or "", machine["port"], machine["user"])
 
 
 class SshProvider(Provider):
@@ -117,12 +118,12 @@ class SshProvider(Provider):
 
     def acquire(
         self, spec: Spec, record: Record, on_change: OnChange, say: Say, *, connect: Connect | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> list[Machine]:
         if connect is None:
             raise TypeError("SshProvider.acquire needs connect: it looks at each host while acquiring it")
         run = record["run"]
         hosts = targets(spec)
-        machines = [
+        machines: list[Machine] = [
             {
                 "rank": rank,
                 "host": target.host,
@@ -139,7 +140,7 @@ class SshProvider(Provider):
 
         destinations = [_destination(machine) for machine in machines]
 
-        def reach(machine: dict[str, Any]) -> dict[str, Any]:
+        def reach(machine: Machine) -> Machine:
             transport = connect(record, machine, say)
             values: dict[str, list[str]] = {}
             for line in transport.check(_PROBE, what="checking the machine", timeout=60).splitlines():
@@ -154,10 +155,11 @@ class SshProvider(Provider):
             if machine["rank"] > 0 and destinations.count(_destination(machine)) > 1:
                 # The same login listed twice (several GPUs' worth of nodes on one box): keep nodes apart.
                 machine["run_dir"] += f"-node{machine['rank']}"
-            if machine["host"] in ("localhost", "::1") or machine["host"].startswith("127."):
-                machine["private_ip"] = machine["host"]  # nodes on this very machine talk over loopback
+            host = machine.get("host") or ""
+            if host in ("localhost", "::1") or host.startswith("127."):
+                machine["private_ip"] = host  # nodes on this very machine talk over loopback
             else:
-                machine["private_ip"] = (values.get("ip") or [""])[0] or machine["host"]
+                machine["private_ip"] = (values.get("ip") or [""])[0] or host
             machine["gpus"] = gpus
             machine["host_keys"] = [transport.server_key_line] if transport.server_key_line else []
             machine["state"] = "running"
@@ -183,5 +185,5 @@ class SshProvider(Provider):
     def release(self, record: Record, on_change: OnChange, say: Say) -> list[str]:
         return []  # nothing was created; the app closes its connections
 
-    def machine_env(self, record: Record, machine: dict[str, Any]) -> dict[str, str]:
+    def machine_env(self, record: Record, machine: Machine) -> dict[str, str]:
         return {}

@@ -27,10 +27,19 @@ import types
 import typing
 from typing import Annotated, Any, TypedDict, Union
 
-from gpurun.errors import InvalidDocument
+from gpurun.errors import InvalidDocument, NewerSchema
+from gpurun.models import SCHEMA_VERSION, Count, Minimum, RunDocument, RunRecord, Seq, Versioned
 
-#: The schema version this gpurun writes and the newest it reads.
-SCHEMA_VERSION = 1
+__all__ = [
+    "SCHEMA_VERSION",
+    "Count",
+    "Minimum",
+    "RunDocument",
+    "RunRecord",
+    "Seq",
+    "Versioned",
+]
+
 #: Deeper than any document gpurun writes (a run record's spec is about 5 levels).
 MAX_DEPTH = 32
 
@@ -47,21 +56,6 @@ AGENT_STATUS_FILE = "agent.status.json"
 METRICS_LINE_LIMIT = 64 * KiB
 #: image_prep.py's answer line: counts, a path and a list of problems (one per file at most).
 PREP_ANSWER_LIMIT = 1 * MiB
-
-
-class Minimum:
-    """`Annotated[int, Minimum(1)]`: the smallest number accepted."""
-
-    def __init__(self, value: int) -> None:
-        self.value = value
-
-
-Count = Annotated[int, Minimum(0)]
-Seq = Annotated[int, Minimum(1)]
-
-
-class Versioned(TypedDict, total=False):
-    version: Seq
 
 
 class Pointer(Versioned):
@@ -111,41 +105,6 @@ class Manifest(_ManifestOptional):
     at: str
     files: list[ManifestEntry]
     bytes: Count
-
-
-class MachineDocument(TypedDict, total=False):
-    """One machine of a run as a run record describes it."""
-
-    rank: Count
-    host: str | None
-    port: Annotated[int, Minimum(1)] | None
-    user: str | None
-    run_dir: str | None
-    state: str | None
-    key_path: str | None
-    host_keys: list[str] | None
-
-
-class _RunOptional(Versioned, total=False):
-    # Always written; optional here because a record is useful without them (resume reads only
-    # the name). What shows or ends a run checks for them (runs._checked).
-    provider: str
-    state: str
-    created_at: str
-    store: str
-    machines: list[MachineDocument]
-    spec: dict[str, Any]
-    job: dict[str, Any] | None
-    jobs: list[dict[str, Any]] | None
-    exit_code: int | None
-    last_checkpoint: dict[str, Any] | None
-    resources: dict[str, Any] | None
-
-
-class RunDocument(_RunOptional):
-    """`<run>/run.json`: the run record the launching computer keeps in the store."""
-
-    run: str
 
 
 class AgentStatus(Versioned, total=False):
@@ -199,6 +158,7 @@ _KINDS: dict[type, str] = {
     Latest: "LATEST pointer",
     Manifest: "snapshot manifest",
     RunDocument: "run record",
+    RunRecord: "run record",
     AgentStatus: "agent status",
     MetricsRecord: "metrics record",
     PrepAnswer: "image preparation answer",
@@ -230,16 +190,30 @@ def read(data: bytes, schema: type, *, name: str, limit: int, non_finite: bool =
     if not isinstance(parsed, dict):
         kind = f"a JSON {_json_type(parsed)}"
         raise _invalid(name, kind, f"is {kind}, not a {what}")
+    # The version first: a newer schema may have reshaped any field, so it is named as newer, not
+    # as malformed. Only a versioned schema has one; in a metrics line it is the job's own field.
+    version = parsed.get("version") if "version" in _fields(schema) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        reason = f"written by a newer gpurun (schema version {version}; this one reads up to {SCHEMA_VERSION}): upgrade gpurun"
+        raise NewerSchema(f"{name} was {reason}", name=name, reason=reason)
     try:
         _check(parsed, schema, "")
     except _Mismatch as mismatch:
         raise _invalid(name, str(mismatch), f"is not a valid {what} ({mismatch})") from None
-    # Only a versioned schema has checked its `version`; in a metrics line it is the job's own field.
-    version = parsed.get("version", 1) if "version" in _fields(schema) else 1
-    if version > SCHEMA_VERSION:
-        reason = f"schema version {version}"
-        raise _invalid(name, reason, f"has {reason}; this gpurun reads up to {SCHEMA_VERSION} (upgrade gpurun)")
     return parsed
+
+
+def check(document: dict[str, Any], schema: type, *, name: str) -> dict[str, Any]:
+    """`document`, already parsed (and read through one schema), once it also fits `schema`;
+    else InvalidDocument naming it. A store's run.json is read as a RunDocument, then, to be
+    shown or ended, checked as a RunRecord."""
+    try:
+        _check(document, schema, "")
+    except _Mismatch as mismatch:
+        raise _invalid(
+            name, str(mismatch), f"is not a valid {_KINDS.get(schema, schema.__name__)} ({mismatch})"
+        ) from None
+    return document
 
 
 class _Mismatch(Exception):
@@ -300,6 +274,15 @@ def _check(value: Any, hint: Any, where: str) -> None:
         # bool is an int to Python, never to a document
         if not isinstance(value, int) or isinstance(value, bool):
             raise _Mismatch(f"{where}: should be a whole number")
+        return
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise _Mismatch(f"{where}: should be true or false")
+        return
+    if hint is float:
+        # JSON has one kind of number: 2 is as good a price as 2.0 (never true, never NaN from a store)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise _Mismatch(f"{where}: should be a number")
         return
     if hint is str:
         if not isinstance(value, str):

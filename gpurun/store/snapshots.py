@@ -20,9 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from gpurun.errors import BadInput, InvalidDocument, SnapshotConflict, StoreError
+from gpurun.errors import BadInput, InvalidDocument, NewerSchema, SnapshotConflict, StoreError
+from gpurun.models import SCHEMA_VERSION, RunDocument, RunRecord
 from gpurun.store.base import ObjectStore, Progress
 
 _MANIFEST = re.compile(r"^snapshots/(\d{6,})\.manifest\.json$")
@@ -70,8 +71,8 @@ class InvalidLatest(InvalidDocument):
 
 
 def latest(store: ObjectStore, run: str, *, seq_only: bool = False) -> dict[str, Any] | None:
-    """LATEST as stored, validated (`documents.Latest`, or with `seq_only` just `documents.Pointer`);
-    None when there is none. Raises InvalidLatest."""
+    """LATEST as stored, validated (`documents.Latest`, or with `seq_only` just `documents.Pointer`),
+    less its schema `version`; None when there is none. Raises InvalidLatest."""
     from gpurun.store import documents
 
     data = store.get_bytes(f"{run}/LATEST", limit=documents.LATEST_LIMIT)
@@ -79,9 +80,11 @@ def latest(store: ObjectStore, run: str, *, seq_only: bool = False) -> dict[str,
         return None
     model = documents.Pointer if seq_only else documents.Latest
     try:
-        return documents.read(data, model, name=f"{store.url}/{run}/LATEST", limit=documents.LATEST_LIMIT)
+        pointer = documents.read(data, model, name=f"{store.url}/{run}/LATEST", limit=documents.LATEST_LIMIT)
     except InvalidDocument as error:
         raise InvalidLatest(str(error), name=error.name, reason=error.reason) from None
+    pointer.pop("version", None)  # how it is stored, not what it says
+    return pointer
 
 
 def repair_latest(store: ObjectStore, run: str) -> dict[str, Any] | None:
@@ -102,7 +105,7 @@ def repair_latest(store: ObjectStore, run: str) -> dict[str, Any] | None:
             continue
         if isinstance(manifest, dict) and _complete(manifest, run, seq, sizes):
             pointer = summary(manifest)
-            store.put_bytes(f"{run}/LATEST", json.dumps(pointer).encode())
+            store.put_bytes(f"{run}/LATEST", latest_bytes(pointer))
             return pointer
     return None
 
@@ -173,6 +176,11 @@ def list_snapshots(store: ObjectStore, run: str, warn: Callable[[str], None] | N
             if manifest:
                 result.append(summary(manifest))
     return sorted(result, key=lambda item: item["seq"])
+
+
+def latest_bytes(pointer: dict[str, Any]) -> bytes:
+    """LATEST as written: the snapshot's summary and the schema version."""
+    return json.dumps({"version": SCHEMA_VERSION, **pointer}).encode()
 
 
 def summary(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -287,6 +295,7 @@ def write_snapshot(
     if before_commit is not None:
         before_commit()  # the stager checks that nothing it held was written while it was read
     manifest = {
+        "version": SCHEMA_VERSION,
         "seq": seq,
         "run": run,
         "at": now_iso(),
@@ -306,7 +315,7 @@ def write_snapshot(
     except InvalidLatest:
         current = None  # this snapshot is complete and confirmed: it is a sound LATEST
     if current is None or current["seq"] < seq:
-        store.put_bytes(f"{run}/LATEST", json.dumps(summary(manifest)).encode())
+        store.put_bytes(f"{run}/LATEST", latest_bytes(summary(manifest)))
     return {**summary(manifest), "sent_bytes": sent, "manifest": manifest}
 
 
@@ -422,25 +431,27 @@ def download_snapshot(
     return {**summary(manifest), **moved}
 
 
-def put_run_record(store: ObjectStore, run: str, record: dict[str, Any]) -> None:
-    store.put_bytes(f"{run}/run.json", json.dumps(record, indent=1, sort_keys=True).encode())
+def put_run_record(store: ObjectStore, run: str, record: RunRecord | RunDocument) -> None:
+    document = {**record, "version": SCHEMA_VERSION}
+    store.put_bytes(f"{run}/run.json", json.dumps(document, indent=1, sort_keys=True).encode())
 
 
-def get_run_record(store: ObjectStore, run: str) -> dict[str, Any] | None:
+def get_run_record(store: ObjectStore, run: str) -> RunDocument | None:
     """run.json as stored, validated (`documents.RunDocument`); None when there is none. Raises InvalidDocument."""
     from gpurun.store import documents
 
     data = store.get_bytes(f"{run}/run.json", limit=documents.RUN_RECORD_LIMIT)
     if data is None:
         return None
-    return documents.read(
+    document = documents.read(
         data, documents.RunDocument, name=f"{store.url}/{run}/run.json", limit=documents.RUN_RECORD_LIMIT
     )
+    return cast(RunDocument, document)
 
 
-def list_run_records(store: ObjectStore, warn: Callable[[str, str], None] | None = None) -> list[dict[str, Any]]:
+def list_run_records(store: ObjectStore, warn: Callable[[str, str], None] | None = None) -> list[RunDocument]:
     """The readable run records; one that is invalid (`warn(run, line)` hears why) or names another run is left out."""
-    records = []
+    records: list[RunDocument] = []
     for run in store.list_runs():
         if not _RUN_KEY.fullmatch(run):
             continue
@@ -448,7 +459,10 @@ def list_run_records(store: ObjectStore, warn: Callable[[str, str], None] | None
             record = get_run_record(store, run)
         except InvalidDocument as error:
             if warn is not None:
-                warn(run, f"{error.name} is not a run record ({error.reason}); skipped")
+                said = (
+                    f"was {error.reason}" if isinstance(error, NewerSchema) else f"is not a run record ({error.reason})"
+                )
+                warn(run, f"{error.name} {said}; skipped")
             continue
         if record is not None and record.get("run") == run:
             records.append(record)

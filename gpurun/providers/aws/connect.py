@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from gpurun import paths
+from gpurun.errors import GpurunError
+from gpurun.models import Machine, RunRecord
 from gpurun.providers.capabilities import ConnectInfo
 
 #: sshd may answer before cloud-init has installed the run's key.
@@ -18,8 +18,14 @@ def known_hosts_file(run: str) -> str:
     return str(paths.keys_dir() / run / "known_hosts")
 
 
-def connect_info(record: dict[str, Any], machine: dict[str, Any]) -> ConnectInfo:
-    host = machine["host"]
+def connect_info(record: RunRecord, machine: Machine) -> ConnectInfo:
+    host = machine.get("host")
+    if not host:
+        # A machine without a public address yet (still pending, or replaced by its group).
+        raise GpurunError(
+            f"machine {machine.get('instance_id', '?')} of {record['run']} has no public address yet; "
+            "`gpurun status` shows when it has one"
+        )
     port = int(machine.get("port") or 22)
     user = machine.get("user") or DEFAULT_USER
     pinned = machine.get("host_keys") or None

@@ -20,6 +20,7 @@ import botocore.exceptions
 from gpurun import paths
 from gpurun.durations import format_duration
 from gpurun.errors import GpurunError, NoCapacity
+from gpurun.models import Machine, RunRecord
 from gpurun.providers.aws import requests
 from gpurun.providers.aws.connect import DEFAULT_USER, known_hosts_file
 from gpurun.providers.aws.pricing import hourly_price
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from gpurun.spec import Spec
 
 Say = Callable[[str], None]
-OnChange = Callable[[dict[str, Any]], None]
+OnChange = Callable[[RunRecord], None]
 
 
 #: How often one RunInstances is sent again after throttling or a dropped connection.
@@ -50,7 +51,7 @@ class Launcher:
         self,
         prepared: Prepared,
         spec: Spec,
-        record: dict[str, Any],
+        record: RunRecord,
         on_change: OnChange,
         say: Say,
         *,
@@ -368,7 +369,7 @@ class Launcher:
 
     def machines(
         self, described: Sequence[Mapping[str, Any]], key_path: str, type_name: str, zone: str
-    ) -> list[dict[str, Any]]:
+    ) -> list[Machine]:
         settings = self.spec.aws
         user = self.spec.ssh.user or DEFAULT_USER
         spot_price = self.prepared.spot.get(type_name, {}).get(zone) if settings.spot else None
@@ -377,7 +378,7 @@ class Launcher:
         known_hosts = known_hosts_file(self.run)
         # The login's home on Ubuntu, Amazon Linux and Debian images: /home/<user> (root: /root).
         home = "/root" if user == "root" else f"/home/{user}"
-        machines = []
+        machines: list[Machine] = []
         for rank, item in enumerate(ordered):
             launch = item.get("LaunchTime")
             machines.append(
@@ -404,7 +405,7 @@ class Launcher:
         return machines
 
     def pin_host_keys(
-        self, machines: list[dict[str, Any]], *, timeout: float, interval: float, trust_on_first_use: bool = True
+        self, machines: list[Machine], *, timeout: float, interval: float, trust_on_first_use: bool = True
     ) -> None:
         """Host keys from the console output where cloud-init prints them; else trust on first use.
 
@@ -416,7 +417,7 @@ class Launcher:
             machine["trust_on_first_use"] = trust_on_first_use
         legacy: set[str] = set()
 
-        def fetch(machine: dict[str, Any]) -> list[str]:
+        def fetch(machine: Machine) -> list[str]:
             ec2 = self.aws.ec2
             instance_id = machine["instance_id"]
             try:

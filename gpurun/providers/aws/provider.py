@@ -22,6 +22,7 @@ import botocore.exceptions
 
 from gpurun.durations import format_duration
 from gpurun.errors import BadInput, GpurunError, Interrupted
+from gpurun.models import Machine
 from gpurun.providers.aws import requests
 from gpurun.providers.aws.images import delete_snapshot, image_entries, orphan_snapshots
 from gpurun.providers.aws.launch import Launcher
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
     from gpurun.spec import Spec
 
 #: (machines, ssh_cidr, say) -> None; raises when SSH does not answer in time.
-WaitSsh = Callable[[list[dict[str, Any]], str, Say], None]
+WaitSsh = Callable[[list[Machine], str, Say], None]
 
 _BILLED_STATES = {"pending", "running", "stopping", "shutting-down"}
 _ENDED_STATES = {"terminated", "shutting-down", "stopped", "gone"}
@@ -120,7 +121,7 @@ class AwsProvider(Provider):
 
     def acquire(
         self, spec: Spec, record: Record, on_change: OnChange, say: Say, *, connect: Connect | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> list[Machine]:
         run = record["run"]
         prepared = self._prepare(spec, run)  # every BadInput is raised here, before anything exists
         aws = prepared.aws
@@ -182,7 +183,7 @@ class AwsProvider(Provider):
 
     def _acquire_group(
         self, prepared: Prepared, spec: Spec, record: Record, launcher: Launcher, say: Say
-    ) -> list[dict[str, Any]]:
+    ) -> list[Machine]:
         """A recovering run: key pair, security group, role, then a launch template and an Auto Scaling
         group whose machines bootstrap themselves from the store (record["bootstrap"], set by the app)."""
         from gpurun.bootstrap import user_data
@@ -211,7 +212,7 @@ class AwsProvider(Provider):
         first = types[0]
         ami = prepared.amis[first.arch]
         subnets = [subnet for info in types for subnet in prepared.subnets[info.name]]
-        config = {**record.get("bootstrap", {}), "group": recovery.group_name(run), "region": aws.region}
+        config = {**(record.get("bootstrap") or {}), "group": recovery.group_name(run), "region": aws.region}
         data = recovery.launch_template_data(
             run=run,
             owner=prepared.owner,
@@ -275,7 +276,7 @@ class AwsProvider(Provider):
             fresh=record.get("state") == "launching",
         )
 
-    def _wait_ssh(self, machines: list[dict[str, Any]], ssh_cidr: str, say: Say) -> None:
+    def _wait_ssh(self, machines: list[Machine], ssh_cidr: str, say: Say) -> None:
         if not machines:
             return
         say(f"waiting for SSH on {len(machines)} machine(s) (at most {format_duration(self.ssh_timeout)})")
@@ -283,8 +284,8 @@ class AwsProvider(Provider):
 
         stop = threading.Event()
 
-        def probe(machine: dict[str, Any]) -> bool:
-            return wait_ssh_answer(machine["host"], int(machine["port"]), deadline, self.ssh_poll_interval, stop)
+        def probe(machine: Machine) -> bool:
+            return wait_ssh_answer(machine.get("host") or "", machine["port"], deadline, self.ssh_poll_interval, stop)
 
         # Not `with`: leaving it waits for every probe to reach its deadline, and Ctrl-C must answer now.
         pool = ThreadPoolExecutor(max_workers=min(32, len(machines)))
@@ -304,7 +305,7 @@ class AwsProvider(Provider):
 
     # -- using the machines ------------------------------------------------------------------------
 
-    def machine_env(self, record: Record, machine: dict[str, Any]) -> dict[str, str]:
+    def machine_env(self, record: Record, machine: Machine) -> dict[str, str]:
         region, _ = _location(record)
         return {"AWS_DEFAULT_REGION": region, "AWS_REGION": region}
 
@@ -509,18 +510,20 @@ def _update_machines(record: Record, found: Mapping[str, Mapping[str, Any]], reg
         cost = _machine_cost(machine, region, now)
         if cost is not None:
             machine["cost_usd"] = cost
-        if machine.get("cost_usd") is not None:
-            total += float(machine["cost_usd"])
+        cost = machine.get("cost_usd")
+        if cost is not None:
+            total += cost
             known = True
     # A recovering run's earlier machines (replaced by its group) cost what they cost until they ended.
     for machine in record.get("past_machines") or []:
-        if isinstance(machine, dict) and isinstance(machine.get("cost_usd"), (int, float)):
-            total += float(machine["cost_usd"])
+        past_cost = machine.get("cost_usd")
+        if past_cost is not None:
+            total += past_cost
             known = True
     record["cost_usd"] = round(total, 4) if known else None
 
 
-def _machine_cost(machine: dict[str, Any], region: str, now: datetime) -> float | None:
+def _machine_cost(machine: Machine, region: str, now: datetime) -> float | None:
     price = machine.get("price_per_hour")
     if price is None:
         price = hourly_price(machine.get("instance_type", ""), region, None)
