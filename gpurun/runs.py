@@ -323,6 +323,15 @@ def load_here_or_from_store(run: str, store_url: str | None, profile: str | None
     return load_from_store(run, store_url, profile)
 
 
+def update(run: str, **changes: Any) -> RunRecord:
+    """Change fields of `run`'s record under the lock (the new values must fit RunRecord: save checks)."""
+    with locked(run):
+        record = load(run)
+        cast(dict[str, Any], record).update(changes)
+        save(record)
+        return record
+
+
 def load_all() -> tuple[list[RunRecord], list[str]]:
     """Every readable record, newest first, and a line for each unreadable one."""
     directory = paths.runs_dir()
