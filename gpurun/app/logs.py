@@ -13,7 +13,7 @@ from typing import Any
 from gpurun import jobs, runs
 from gpurun.app import common, connections
 from gpurun.errors import BadInput, GpurunError, TransportError, UnknownRun
-from gpurun.models import Job, Machine, RunDocument, RunRecord
+from gpurun.models import Generation, Job, Machine, RunDocument, RunRecord
 from gpurun.providers.capabilities import capabilities_of
 from gpurun.states import MACHINE_GONE, MACHINE_NOT_RUNNING
 from gpurun.text import escape_controls, escape_log
@@ -207,7 +207,7 @@ GUARD_SLACK_SECONDS = 300.0
 
 def _follow_recovering(
     run: str,
-    record: dict[str, Any] | None,
+    record: RunRecord | None,
     store: Any,
     where: str,
     attempts: dict[str, Any],
@@ -270,7 +270,7 @@ def _follow_recovering(
         time.sleep(poll)
 
 
-def _took_over_line(attempts: dict[str, Any], successor: dict[str, Any]) -> str:
+def _took_over_line(attempts: dict[str, Any], successor: Generation) -> str:
     """`--- machine 2 (i-..., g5.xlarge, us-east-1b) took over: resumed from LATEST ---` (fields escaped)."""
     number = successor["generation"]
     raw = attempts.get("machines", [])[number - 1]
@@ -280,7 +280,7 @@ def _took_over_line(attempts: dict[str, Any], successor: dict[str, Any]) -> str:
     return f"--- machine {number} ({names}) took over: {how} ---\n"
 
 
-def _recovering_outcome(attempts: dict[str, Any], listed: list[dict[str, Any]]) -> dict[str, Any]:
+def _recovering_outcome(attempts: dict[str, Any], listed: list[Generation]) -> dict[str, Any]:
     """How a recovering run ended, from attempts.json (its last machine says why)."""
     state = attempts.get("state")
     used, most = attempts.get("restarts_used"), attempts.get("max_restarts")
@@ -301,7 +301,7 @@ def _recovering_outcome(attempts: dict[str, Any], listed: list[dict[str, Any]]) 
     return {"exit_code": code, "note": budget}
 
 
-def _torn_down(run: str, record: dict[str, Any] | None, store: Any) -> bool:
+def _torn_down(run: str, record: RunRecord | None, store: Any) -> bool:
     """Teardown marks the record here, and run.json in the store for every other computer, ended."""
     if record is not None:
         try:
@@ -318,7 +318,7 @@ def _torn_down(run: str, record: dict[str, Any] | None, store: Any) -> bool:
     return isinstance(stored, dict) and stored.get("state") == "ended"
 
 
-def _guard_deadline(record: dict[str, Any] | None, store: Any, run: str) -> float | None:
+def _guard_deadline(record: RunRecord | RunDocument | None, store: Any, run: str) -> float | None:
     """When the group's max_runtime guard ends it at the latest (epoch seconds): created_at + max_runtime."""
     from datetime import datetime
 

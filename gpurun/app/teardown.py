@@ -15,7 +15,7 @@ from gpurun.app.reporter import Reporter
 from gpurun.errors import BadInput, GpurunError, Interrupted, TransportError, UnknownRun
 from gpurun.models import Machine, RunRecord
 from gpurun.providers import get_provider
-from gpurun.providers.capabilities import capabilities
+from gpurun.providers.capabilities import capabilities, capabilities_of
 from gpurun.states import MACHINE_NOT_RUNNING, JobState, RunState
 from gpurun.store import snapshots as snaps
 
@@ -74,7 +74,7 @@ def recover_damaged(run: str, ui: Reporter) -> None:
             ui.warn(str(error))
         record = None
         local_dir = paths.local_runs_dir() / run
-        if capabilities(salvaged.get("provider", "local")).run_dir_here and local_dir.is_dir():
+        if capabilities_of({"provider": salvaged.get("provider", "local")}).run_dir_here and local_dir.is_dir():
             record = _local_record_from(run, local_dir, salvaged, store_url)
             lost = ["the spec", "the job history", "the last checkpoint"]
             found = f"its run directory {local_dir}"

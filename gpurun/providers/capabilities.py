@@ -7,6 +7,7 @@ every run, and the AWS provider's boto3 stays unloaded until AWS is called.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gpurun.errors import BadInput
@@ -87,8 +88,9 @@ def capabilities(provider: str) -> Capabilities:
         raise BadInput(f"unknown provider {provider!r}; use aws, ssh or local") from None
 
 
-def capabilities_of(record: RunRecord) -> Capabilities:
-    """The capabilities of a record's provider, NOTHING for an unknown one (listings never fail on it)."""
+def capabilities_of(record: Mapping[str, object]) -> Capabilities:
+    """The capabilities of a record's provider (a RunRecord, or just `{"provider": name}`), NOTHING
+    for an unknown one (listings never fail on it)."""
     return CAPABILITIES.get(str(record.get("provider")), NOTHING)
 
 
