@@ -146,57 +146,100 @@ def bucket_latest(s3, bucket: str, run: str) -> dict | None:
         return None
 
 
+@pytest.fixture(scope="class")
+def aws_lifecycle(moto_server: str, sshd, bundled_amis: str, tmp_path_factory: pytest.TempPathFactory):
+    """launch, a checkpoint in the bucket, status, teardown, logs: the story runs once and keeps what
+    each step printed and what AWS, the bucket and the machine held after it, for the tests to check."""
+    with wide_aws_world(moto_server, sshd, bundled_amis, tmp_path_factory) as (aws_world, _monkeypatch):
+        seen: dict[str, Any] = {"sshd port": sshd.port}
+        code, out, err = seen["launch"] = cli_captured("launch", str(aws_world["spec"]), "--json")
+        assert code == 0, err
+        run = seen["run"] = json.loads(out)["run"]
+        seen["held after launch"] = gpurun_resources(aws_world["endpoint"])
+        run_dir = sshd.home / "gpurun" / run
+        seen["train.py synced"] = (run_dir / "work/train.py").exists()
+        job_pid = int((run_dir / "job.pid").read_text())
+        seen["job alive after launch"] = process_alive(job_pid)
+
+        s3 = boto3.client("s3", endpoint_url=aws_world["endpoint"], region_name="us-east-1")
+        seen["first snapshot"] = wait_until(
+            lambda: bucket_latest(s3, aws_world["bucket"], run), timeout=60, what="a snapshot in the bucket"
+        )
+        seen[".aws in work"] = (run_dir / "work" / ".aws").exists()
+        seen["files holding credentials"] = [
+            str(path)
+            for path in run_dir.rglob("*")
+            if path.is_file() and path.stat().st_size < 1_000_000 and b"aws_secret_access_key" in path.read_bytes()
+        ]
+        seen["status"] = cli_captured("status", run, "--json")
+        seen["teardown"] = cli_captured("teardown", run, "--yes", "--json")
+        seen["job stopped"] = _became(lambda: not process_alive(job_pid), timeout=20, what="the job to stop")
+        seen["held after teardown"] = gpurun_resources(aws_world["endpoint"])
+        seen["bucket keys"] = [
+            k["Key"] for k in s3.list_objects_v2(Bucket=aws_world["bucket"], Prefix=f"runs/{run}/")["Contents"]
+        ]
+        seen["logs"] = cli_captured("logs", run)
+        return seen
+
+
+def _became(condition, *, timeout: float, what: str) -> bool:
+    """wait_until, as an observation a test asserts on later."""
+    try:
+        wait_until(condition, timeout=timeout, what=what)
+    except AssertionError:
+        return False
+    return True
+
+
 @pytest.mark.slow
-def test_aws_launch_ssh_sync_job_checkpoint_teardown(aws_world, sshd, capsys) -> None:
-    code, out, err = cli(capsys, "launch", str(aws_world["spec"]), "--json")
-    assert code == 0, err
-    launched = json.loads(out)
-    run = launched["run"]
-    assert launched["provider"] == "aws" and launched["state"] == "running"
-    instance = launched["instances"][0]
-    assert instance["type"] == "t3.micro" and instance["public_ip"] == "127.0.0.1"
+@pytest.mark.xdist_group("aws-e2e-lifecycle")  # one worker runs the story once for the whole class
+class TestAwsLaunchSshSyncJobCheckpointTeardown:
+    def test_launch_reports_a_running_instance_reached_on_loopback(self, aws_lifecycle) -> None:
+        code, out, err = aws_lifecycle["launch"]
+        assert code == 0, err
+        launched = json.loads(out)
+        assert launched["provider"] == "aws" and launched["state"] == "running"
+        instance = launched["instances"][0]
+        assert instance["type"] == "t3.micro" and instance["public_ip"] == "127.0.0.1"
 
-    held = gpurun_resources(aws_world["endpoint"])
-    assert len(held["instances"]) == 1 and len(held["security_groups"]) == 1 and len(held["key_pairs"]) == 1
-    described = held["instances"][0]
-    assert described["MetadataOptions"]["HttpTokens"] == "required"
-    tags = {t["Key"]: t["Value"] for t in described["Tags"]}
-    assert tags["gpurun:run"] == run and tags["gpurun:managed"] == "true" and tags["Name"] == f"gpurun-{run}"
-    rules = held["security_groups"][0]["IpPermissions"]
-    assert [(r["FromPort"], [ip["CidrIp"] for ip in r["IpRanges"]]) for r in rules] == [(sshd.port, ["127.0.0.1/32"])]
+    def test_aws_holds_one_tagged_imdsv2_instance_reachable_only_from_the_caller(self, aws_lifecycle) -> None:
+        run, held = aws_lifecycle["run"], aws_lifecycle["held after launch"]
+        assert len(held["instances"]) == 1 and len(held["security_groups"]) == 1 and len(held["key_pairs"]) == 1
+        described = held["instances"][0]
+        assert described["MetadataOptions"]["HttpTokens"] == "required"
+        tags = {t["Key"]: t["Value"] for t in described["Tags"]}
+        assert tags["gpurun:run"] == run and tags["gpurun:managed"] == "true" and tags["Name"] == f"gpurun-{run}"
+        rules = held["security_groups"][0]["IpPermissions"]
+        assert [(r["FromPort"], [ip["CidrIp"] for ip in r["IpRanges"]]) for r in rules] == [
+            (aws_lifecycle["sshd port"], ["127.0.0.1/32"])
+        ]
 
-    run_dir = sshd.home / "gpurun" / run
-    assert (run_dir / "work/train.py").exists()
-    job_pid = int((run_dir / "job.pid").read_text())
-    assert process_alive(job_pid)
+    def test_the_code_is_synced_and_the_job_runs(self, aws_lifecycle) -> None:
+        assert aws_lifecycle["train.py synced"]
+        assert aws_lifecycle["job alive after launch"]
 
-    s3 = boto3.client("s3", endpoint_url=aws_world["endpoint"], region_name="us-east-1")
+    def test_checkpoints_reach_the_bucket_and_no_credentials_reach_the_machine(self, aws_lifecycle) -> None:
+        assert aws_lifecycle["first snapshot"]["seq"] >= 1
+        assert not aws_lifecycle[".aws in work"]
+        assert aws_lifecycle["files holding credentials"] == [], "credentials copied to the machine"
+        code, out, err = aws_lifecycle["status"]
+        assert code == 0 and json.loads(out)[0]["last_checkpoint"]["seq"] >= 1
 
-    def latest():
-        return bucket_latest(s3, aws_world["bucket"], run)
+    def test_teardown_takes_a_final_snapshot_stops_the_job_and_removes_everything(self, aws_lifecycle) -> None:
+        code, out, err = aws_lifecycle["teardown"]
+        assert code == 0, err
+        down = json.loads(out)["runs"][0]
+        assert down["final_checkpoint"]["seq"] >= aws_lifecycle["first snapshot"]["seq"]
+        assert any("instance" in item for item in down["removed"])
+        assert aws_lifecycle["job stopped"], "the job stopped"
+        assert aws_lifecycle["held after teardown"] == {"instances": [], "security_groups": [], "key_pairs": []}
 
-    first = wait_until(latest, timeout=60, what="a snapshot in the bucket")
-    assert first["seq"] >= 1
-    assert not (sshd.home / "gpurun" / run / "work" / ".aws").exists()
-    for path in run_dir.rglob("*"):
-        if path.is_file() and path.stat().st_size < 1_000_000:
-            assert b"aws_secret_access_key" not in path.read_bytes(), f"credentials copied into {path}"
-
-    code, out, err = cli(capsys, "status", run, "--json")
-    assert code == 0 and json.loads(out)[0]["last_checkpoint"]["seq"] >= 1
-
-    code, out, err = cli(capsys, "teardown", run, "--yes", "--json")
-    assert code == 0, err
-    down = json.loads(out)["runs"][0]
-    assert down["final_checkpoint"]["seq"] >= first["seq"]
-    assert any("instance" in item for item in down["removed"])
-    wait_until(lambda: not process_alive(job_pid), timeout=20, what="the job to stop")
-    assert gpurun_resources(aws_world["endpoint"]) == {"instances": [], "security_groups": [], "key_pairs": []}
-    keys = s3.list_objects_v2(Bucket=aws_world["bucket"], Prefix=f"runs/{run}/")["Contents"]
-    assert any(k["Key"].endswith("weights.json") for k in keys), "teardown never deletes snapshots"
-    code, out, err = cli(capsys, "logs", run)
-    assert code == 0 and "epoch 1\n" in out, "the job's output outlives its machine, in the bucket"
-    assert any("/logs/job-0001/" in k["Key"] for k in keys)
+    def test_snapshots_and_the_jobs_output_outlive_the_machine(self, aws_lifecycle) -> None:
+        keys = aws_lifecycle["bucket keys"]
+        assert any(key.endswith("weights.json") for key in keys), "teardown never deletes snapshots"
+        code, out, err = aws_lifecycle["logs"]
+        assert code == 0 and "epoch 1\n" in out, "the job's output outlives its machine, in the bucket"
+        assert any("/logs/job-0001/" in key for key in keys)
 
 
 @pytest.fixture(scope="class")
