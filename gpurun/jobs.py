@@ -18,10 +18,11 @@ import os
 import shlex
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from gpurun import gpu
 from gpurun.errors import InvalidDocument, TransportError
+from gpurun.models import Gpu
 from gpurun.store import documents
 from gpurun.transport.base import Transport
 
@@ -219,9 +220,25 @@ echo "last_line=$(tail -c 2048 "$d/job.log" 2>/dev/null | tr -d '\r' | grep -v '
 """
 
 
-def _parse_state(text: str) -> dict[str, Any]:
+class JobReading(TypedDict):
+    """How a job and its agent are doing on a machine (read_state): read fresh, never stored."""
+
+    job_alive: bool
+    job_started: bool
+    agent_alive: bool
+    exit_code: int | None
+    phase: str | None
+    restarts: int
+    interrupted: bool
+    ended_at: str | None
+    last_line: str | None
+    gpus: list[Gpu] | None
+    agent: dict[str, Any] | None  # agent.status.json, checked against store.documents.AgentStatus
+
+
+def _parse_state(text: str) -> JobReading:
     values = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-    state: dict[str, Any] = {
+    state: JobReading = {
         "job_alive": values.get("job_pid", "none") not in ("none", "dead", ""),
         "job_started": values.get("job_pid", "none") != "none",
         "agent_alive": values.get("agent_pid", "none") not in ("none", "dead", ""),
@@ -266,7 +283,7 @@ def _count(text: str) -> int:
     return int(text) if text.isdigit() and len(text) < 10 else 0
 
 
-def read_state(transport: Transport, run_dir: str) -> dict[str, Any]:
+def read_state(transport: Transport, run_dir: str) -> JobReading:
     """How the job and the agent in `run_dir` are doing: one round trip, or none when the
     transport runs here (the files are read directly, which keeps `status` fast)."""
     if transport.runs_here:
@@ -296,7 +313,7 @@ def _pid_alive_here(pid_file: str) -> tuple[bool, bool]:
     return True, False
 
 
-def _read_state_here(run_dir: str) -> dict[str, Any]:
+def _read_state_here(run_dir: str) -> JobReading:
     """The same answer as read_state, read directly (the local provider; fast for status)."""
 
     def read(name: str, limit: int = 4096) -> str:
@@ -349,16 +366,18 @@ def signal_group(transport: Transport, run_dir: str, name: str, signal: str) -> 
 
 def stop(transport: Transport, run_dir: str, name: str, *, grace: float = 10.0) -> bool:
     """TERM the group, then KILL after `grace` seconds. True when it had to be killed."""
-    state = read_state(transport, run_dir)
-    key = "job_alive" if name == "job" else "agent_alive"
-    if not state[key]:
+
+    def alive() -> bool:
+        state = read_state(transport, run_dir)
+        return state["job_alive"] if name == "job" else state["agent_alive"]
+
+    if not alive():
         return False
     signal_group(transport, run_dir, name, "TERM")
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         time.sleep(0.2)
-        state = read_state(transport, run_dir)
-        if not state[key]:
+        if not alive():
             return False
     signal_group(transport, run_dir, name, "KILL")
     return True

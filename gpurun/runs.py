@@ -19,7 +19,7 @@ import threading
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 from gpurun import paths
 from gpurun.errors import BadInput, GpurunError, InvalidDocument, NewerSchema, UnknownRun
@@ -192,7 +192,8 @@ def load(run: str) -> RunRecord:
     check_name(run)
     path = record_path(run)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as handle:
+            data = _read_limited(handle)
     except FileNotFoundError:
         known = [p.stem for p in paths.runs_dir().glob("*.json")] if paths.runs_dir().exists() else []
         hint = f"; known runs: {', '.join(sorted(known)[:8])}" if known else "; `gpurun status` lists runs"
@@ -344,7 +345,8 @@ def load_all() -> tuple[list[RunRecord], list[str]]:
             continue
         try:
             with open(entry.path, "rb") as handle:
-                records.append(_read_record(handle.read(MAX_RECORD_BYTES + 1), entry.name[: -len(".json")], entry.path))
+                data = _read_limited(handle)
+            records.append(_read_record(data, entry.name[: -len(".json")], entry.path))
         except NewerSchema as error:
             problems.append(f"run record {entry.path} was {error.reason}")
         except (InvalidDocument, _Malformed, OSError) as error:
@@ -359,6 +361,13 @@ def load_all() -> tuple[list[RunRecord], list[str]]:
 
 class _Malformed(ValueError):
     """Valid JSON, but not a run record gpurun wrote."""
+
+
+def _read_limited(handle: BinaryIO) -> bytes:
+    """A record file's bytes, at most one past the limit (the reader then names it too big)."""
+    if os.fstat(handle.fileno()).st_size > MAX_RECORD_BYTES:
+        return handle.read(MAX_RECORD_BYTES + 1)
+    return handle.read()  # a buffer of the file's size, not of the limit: status reads hundreds
 
 
 def _read_record(data: bytes, run: str, name: str) -> RunRecord:

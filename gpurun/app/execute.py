@@ -177,7 +177,7 @@ def _exec(record: RunRecord, spec: Spec, ui: Reporter, *, command: str | None, r
     previous = runs.current_job(record)
     number = previous["number"] if previous else 0
 
-    def state_of(machine: Machine) -> dict[str, Any]:
+    def state_of(machine: Machine) -> jobs.JobReading:
         try:
             return jobs.read_state(conns.connect(record, machine), machine["run_dir"])
         except TransportError as error:

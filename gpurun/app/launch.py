@@ -469,7 +469,7 @@ def wait_for_setup(record: RunRecord, started: Started, ui: Reporter, poll: floa
 SETUP_TAIL_LINES = 20
 
 
-def _setup_failed(record: RunRecord, transport: Transport, machine: Machine, state: dict[str, Any]) -> GpurunError:
+def _setup_failed(record: RunRecord, transport: Transport, machine: Machine, state: jobs.JobReading) -> GpurunError:
     """The error for a failed setup: its last lines under it, its whole output kept in the store first."""
     import time
 

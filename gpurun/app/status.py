@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from typing import Any
 
 from gpurun import jobs, runs
 from gpurun.app import connections
@@ -20,7 +19,7 @@ from gpurun.providers.capabilities import capabilities_of
 from gpurun.states import ACTIVE, MACHINE_GONE, MACHINE_NOT_RUNNING, JobState, RunState
 
 
-def _job_outcome(record: RunRecord, state: dict[str, Any]) -> None:
+def _job_outcome(record: RunRecord, state: jobs.JobReading) -> None:
     record["job"] = {"phase": state["phase"], "alive": state["job_alive"]}
     if state.get("restarts"):
         record["restarts_used"] = state["restarts"]

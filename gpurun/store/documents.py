@@ -9,7 +9,7 @@ strict types (`{"seq": true}` is not snapshot 1, `"5"` is not a number). What fa
 raises `InvalidDocument`, a StoreError that names the object; listings skip it with
 one line and go on with the others.
 
-The schemas are TypedDicts, checked by `_check` below rather than by pydantic: the
+The schemas are TypedDicts, checked by `_checker` below rather than by pydantic: the
 checkpoint agent reads these documents on the machine, from a virtual environment
 that holds gpurun and at most boto3, and `gpurun status` reads agent.status.json on
 its fast path, where importing pydantic doubled its time (bench/cli_startup.py:
@@ -25,6 +25,7 @@ import functools
 import json
 import types
 import typing
+from collections.abc import Callable
 from typing import Annotated, Any, TypedDict, Union
 
 from gpurun.errors import InvalidDocument, NewerSchema
@@ -197,7 +198,7 @@ def read(data: bytes, schema: type, *, name: str, limit: int, non_finite: bool =
         reason = f"written by a newer gpurun (schema version {version}; this one reads up to {SCHEMA_VERSION}): upgrade gpurun"
         raise NewerSchema(f"{name} was {reason}", name=name, reason=reason)
     try:
-        _check(parsed, schema, "")
+        _checker(schema)(parsed)
     except _Mismatch as mismatch:
         raise _invalid(name, str(mismatch), f"is not a valid {what} ({mismatch})") from None
     return parsed
@@ -208,7 +209,7 @@ def check(document: dict[str, Any], schema: type, *, name: str) -> dict[str, Any
     else InvalidDocument naming it. A store's run.json is read as a RunDocument, then, to be
     shown or ended, checked as a RunRecord."""
     try:
-        _check(document, schema, "")
+        _checker(schema)(document)
     except _Mismatch as mismatch:
         raise _invalid(
             name, str(mismatch), f"is not a valid {_KINDS.get(schema, schema.__name__)} ({mismatch})"
@@ -217,88 +218,156 @@ def check(document: dict[str, Any], schema: type, *, name: str) -> dict[str, Any
 
 
 class _Mismatch(Exception):
-    """Where a document leaves its schema: `field.path: what was expected`."""
+    """Where a document leaves its schema: `field.path: what was expected`.
+
+    Raised with what was expected; each enclosing object or array adds its key on the way out,
+    so a document that fits (the usual case) builds no path at all."""
+
+    def __init__(self, expected: str) -> None:
+        super().__init__(expected)
+        self.expected = expected
+        self.path: list[str] = []  # innermost key first
+
+    def __str__(self) -> str:
+        keys = [key if len(key) <= 40 else key[:37] + "..." for key in reversed(self.path)]
+        return f"{'.'.join(keys) or 'document'}: {self.expected}"
 
 
-def _check(value: Any, hint: Any, where: str) -> None:
+Checker = Callable[[Any], None]
+
+
+@functools.cache
+def _checker(hint: Any) -> Checker:
+    """A function that checks a value against `hint`, built once per type: status checks every
+    record it lists, and walking the typing machinery for each value cost ten times the reading."""
     origin = typing.get_origin(hint)
     if hint is Any:
-        return
+        return _anything
     if origin is Annotated:
         base, *extras = typing.get_args(hint)
-        _check(value, base, where)
-        for extra in extras:
-            if isinstance(extra, Minimum) and value is not None and value < extra.value:
-                raise _Mismatch(f"{where or 'document'}: should be {extra.value} or more")
-        return
+        inner = _checker(base)
+        least = max((extra.value for extra in extras if isinstance(extra, Minimum)), default=None)
+        if least is None:
+            return inner
+
+        def at_least(value: Any) -> None:
+            inner(value)
+            if value is not None and value < least:
+                raise _Mismatch(f"should be {least} or more")
+
+        return at_least
     if origin in (Union, types.UnionType):
         options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return
-        problems = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                _check(value, option, where)
+        nullable = type(None) in options
+        checkers = [_checker(option) for option in options if option is not type(None)]
+
+        def one_of(value: Any) -> None:
+            if value is None and nullable:
                 return
-            except _Mismatch as mismatch:
-                problems.append(mismatch)
-        raise problems[0]
+            first = None
+            for check in checkers:
+                try:
+                    check(value)
+                    return
+                except _Mismatch as mismatch:
+                    first = first or mismatch
+            assert first is not None
+            raise first
+
+        return one_of
     if typing.is_typeddict(hint):
-        if not isinstance(value, dict):
-            raise _Mismatch(f"{where or 'document'}: should be a JSON object")
-        fields = _fields(hint)
-        for key in sorted(hint.__required_keys__):
-            if key not in value:
-                raise _Mismatch(f"{_at(where, key)}: missing")
-        for key, field_hint in fields.items():
-            if key in value:
-                _check(value[key], field_hint, _at(where, key))
-        return
+        required = sorted(hint.__required_keys__)
+        fields = [(key, _checker(field_hint)) for key, field_hint in _fields(hint).items()]
+
+        def an_object(value: Any) -> None:
+            if not isinstance(value, dict):
+                raise _Mismatch("should be a JSON object")
+            for key in required:
+                if key not in value:
+                    mismatch = _Mismatch("missing")
+                    mismatch.path.append(key)
+                    raise mismatch
+            for key, check in fields:
+                if key in value:
+                    try:
+                        check(value[key])
+                    except _Mismatch as mismatch:
+                        mismatch.path.append(key)
+                        raise
+
+        return an_object
     if origin is list:
-        if not isinstance(value, list):
-            raise _Mismatch(f"{where}: should be a JSON array")
         (item,) = typing.get_args(hint)
-        for index, element in enumerate(value):
-            _check(element, item, _at(where, str(index)))
-        return
+        check_item = _checker(item)
+
+        def an_array(value: Any) -> None:
+            if not isinstance(value, list):
+                raise _Mismatch("should be a JSON array")
+            for index, element in enumerate(value):
+                try:
+                    check_item(element)
+                except _Mismatch as mismatch:
+                    mismatch.path.append(str(index))
+                    raise
+
+        return an_array
     if origin is dict:
-        if not isinstance(value, dict):
-            raise _Mismatch(f"{where}: should be a JSON object")
         _key, item = typing.get_args(hint)
-        for key, element in value.items():
-            _check(element, item, _at(where, key))
-        return
+        check_value = _checker(item)
+
+        def a_mapping(value: Any) -> None:
+            if not isinstance(value, dict):
+                raise _Mismatch("should be a JSON object")
+            if check_value is _anything:
+                return
+            for key, element in value.items():
+                try:
+                    check_value(element)
+                except _Mismatch as mismatch:
+                    mismatch.path.append(key)
+                    raise
+
+        return a_mapping
     if hint is int:
-        # bool is an int to Python, never to a document
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise _Mismatch(f"{where}: should be a whole number")
-        return
+        return _whole_number
     if hint is bool:
-        if not isinstance(value, bool):
-            raise _Mismatch(f"{where}: should be true or false")
-        return
+        return _true_or_false
     if hint is float:
-        # JSON has one kind of number: 2 is as good a price as 2.0 (never true, never NaN from a store)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise _Mismatch(f"{where}: should be a number")
-        return
+        return _number
     if hint is str:
-        if not isinstance(value, str):
-            raise _Mismatch(f"{where}: should be a string")
-        return
-    raise TypeError(f"documents: no check for {hint!r}")  # a schema above uses a type _check lacks
+        return _string
+    raise TypeError(f"documents: no check for {hint!r}")  # a schema above uses a type _checker lacks
+
+
+def _anything(value: Any) -> None:
+    return
+
+
+def _whole_number(value: Any) -> None:
+    # bool is an int to Python, never to a document
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _Mismatch("should be a whole number")
+
+
+def _true_or_false(value: Any) -> None:
+    if not isinstance(value, bool):
+        raise _Mismatch("should be true or false")
+
+
+def _number(value: Any) -> None:
+    # JSON has one kind of number: 2 is as good a price as 2.0 (never true, never NaN from a store)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise _Mismatch("should be a number")
+
+
+def _string(value: Any) -> None:
+    if not isinstance(value, str):
+        raise _Mismatch("should be a string")
 
 
 @functools.cache
 def _fields(schema: type) -> dict[str, Any]:
     return typing.get_type_hints(schema, include_extras=True)
-
-
-def _at(where: str, key: str) -> str:
-    key = key if len(key) <= 40 else key[:37] + "..."
-    return f"{where}.{key}" if where else key
 
 
 def _invalid(name: str, reason: str, says: str) -> InvalidDocument:
