@@ -10,7 +10,10 @@ store/documents.py for why: the agent's environment has no pydantic, and
 `status` reads up to hundreds of records on its fast path). A key a schema does
 not name is kept as read, so an older gpurun keeps what a newer one added.
 
-Only typing here: every layer (providers included) may import it.
+Only typing here: every layer (providers included) may import it. The keys every
+record has live in total TypedDict bases (`_RunRequired`), not `typing.Required`,
+and annotations are not postponed: the reader takes required keys from
+`__required_keys__` at run time, on the machines' Python 3.10 too.
 """
 
 from typing import Annotated, Any, TypedDict
