@@ -17,11 +17,17 @@ from botocore.config import Config
 from gpurun.aws_files import check_shared_files
 from gpurun.errors import BadInput, GpurunError, NoCredentials, UnknownRegion
 
-if TYPE_CHECKING:  # the boto3-stubs of the test extras: types only, nothing imported at run time
+# The boto3-stubs of the test extras: types only, nothing imported at run time. The pricing,
+# service-quotas and sts stubs joined the extras later than some environments were installed:
+# where one is missing its client is Any (hence the ignores), never an error.
+if TYPE_CHECKING:
     from mypy_boto3_autoscaling import AutoScalingClient
     from mypy_boto3_ec2 import EC2Client
     from mypy_boto3_iam import IAMClient
+    from mypy_boto3_pricing import PricingClient  # type: ignore[import-not-found, unused-ignore]
+    from mypy_boto3_service_quotas import ServiceQuotasClient  # type: ignore[import-not-found, unused-ignore]
     from mypy_boto3_ssm import SSMClient
+    from mypy_boto3_sts import STSClient  # type: ignore[import-not-found, unused-ignore]
 
 #: The AWS services gpurun calls (boto3's client() is typed per service name).
 ServiceName = Literal["ec2", "iam", "ssm", "sts", "autoscaling", "service-quotas", "pricing"]
@@ -82,7 +88,11 @@ class Aws:
     @overload
     def client(self, name: Literal["autoscaling"]) -> AutoScalingClient: ...
     @overload
-    def client(self, name: Literal["sts", "service-quotas", "pricing"]) -> Any: ...
+    def client(self, name: Literal["sts"]) -> STSClient: ...
+    @overload
+    def client(self, name: Literal["service-quotas"]) -> ServiceQuotasClient: ...
+    @overload
+    def client(self, name: Literal["pricing"]) -> PricingClient: ...
     def client(self, name: ServiceName) -> Any:
         client = self._clients.get(name)
         if client is None:
@@ -117,7 +127,7 @@ class Aws:
         return self.client("ssm")
 
     @property
-    def sts(self) -> Any:
+    def sts(self) -> STSClient:
         return self.client("sts")
 
     @property
