@@ -11,7 +11,11 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from mypy_boto3_ec2 import EC2Client
+    from mypy_boto3_ec2.literals import InstanceTypeType
 
 TABLE_REGION = "us-east-1"
 
@@ -42,11 +46,12 @@ def ondemand_price(instance_type: str, region: str) -> OnDemandPrice | None:
     return None
 
 
-def spot_prices(ec2: Any, instance_type: str) -> dict[str, float]:
+def spot_prices(ec2: EC2Client, instance_type: str) -> dict[str, float]:
     """The latest spot price per zone for Linux; {} when unknown or not allowed."""
     try:
         answer = ec2.describe_spot_price_history(
-            InstanceTypes=[instance_type],
+            # The spec's name as the stubs' literal: AWS, not the stubs' list of its day, says which exist.
+            InstanceTypes=[cast("InstanceTypeType", instance_type)],
             ProductDescriptions=["Linux/UNIX", "Linux/UNIX (Amazon VPC)"],
             StartTime=datetime.now(timezone.utc),
             MaxResults=100,
