@@ -202,6 +202,39 @@ def test_a_local_record_of_a_newer_gpurun_is_refused_and_left_as_it_is(gpurun_ho
     assert (runs_dir / "newer-abc123.json").read_text() == newer  # never rewritten by an older gpurun
 
 
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"machines": [{"rank": 0, "port": "22"}]}, "machines.0.port: should be a whole number"),
+        ({"jobs": [{"number": True, "command": "x"}]}, "jobs.0.number: should be a whole number"),
+        ({"last_checkpoint": {"seq": 0}}, "last_checkpoint.seq: should be 1 or more"),
+        ({"provider": None}, "provider: should be a string"),
+    ],
+    ids=["port-text", "job-number-bool", "seq-zero", "provider-null"],
+)
+def test_a_malformed_record_here_is_one_line_and_the_other_runs_list(
+    gpurun_home: Path, changes: dict[str, Any], reason: str
+) -> None:
+    """Records on this computer are read through the same schema as a store's run.json."""
+    runs_dir = gpurun_home / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    (runs_dir / "good-abc123.json").write_text(json.dumps(record("good-abc123", "file:///x")))
+    path = runs_dir / "bad-abc123.json"
+    path.write_text(json.dumps(record("bad-abc123", "file:///x", **changes)))
+    listed = gpurun("status", "--json", check=False)
+    assert listed.returncode == 0, listed.stderr
+    assert [r["run"] for r in json.loads(listed.stdout)] == ["good-abc123"]
+    assert listed.stderr.strip().splitlines() == [
+        f"warning: run record {path} is corrupt ({reason}); move it away to clear this"
+    ]
+    named = gpurun("status", "bad-abc123", check=False)
+    assert named.returncode == 1 and "Traceback" not in named.stderr
+    assert named.stderr.strip().splitlines() == [
+        f"error: run record {path} is corrupt ({reason}); "
+        "`gpurun teardown bad-abc123 --force` ends the run from what survives"
+    ]
+
+
 @pytest.mark.slow
 def test_launch_writes_the_schema_version_into_what_it_keeps(tmp_path: Path, store_url: str, gpurun_home: Path) -> None:
     (tmp_path / "code").mkdir()
