@@ -155,6 +155,25 @@ class Launcher(TypedDict, total=False):
     started: str | None
 
 
+class ResumeSource(TypedDict, total=False):
+    """The snapshot a run started from (`--resume RUN`, or `resume: auto`)."""
+
+    run: str
+    seq: Seq
+    store: str
+    bytes: Count | None
+
+
+class AwsLocation(TypedDict, total=False):
+    """Where an AWS run's resources are: what teardown and status use before the spec's defaults."""
+
+    region: str | None
+    profile: str | None
+    account: str | None
+    owner: str | None
+    nodes: int | None
+
+
 class Replaced(TypedDict, total=False):
     """The ended run whose name this one took over."""
 
@@ -170,7 +189,7 @@ class _RunFields(Versioned, total=False):
     resources: dict[str, Any]
     exit_code: int | None
     ended_at: str | None
-    resumed_from: dict[str, Any] | None  # {"store", "run", "seq"} of the snapshot it resumed
+    resumed_from: ResumeSource | None
     last_checkpoint: CheckpointSummary | None
     cost_usd: float | None
     job: JobPhase | None
@@ -190,7 +209,7 @@ class _RunFields(Versioned, total=False):
     checkpoint_warning: str | None
     refresh_error: str | None
     recovered: str | None  # "partial": rebuilt by `teardown --force` from what survived
-    aws: dict[str, Any] | None
+    aws: AwsLocation | None
     image: dict[str, Any] | None
     venv: str | None
     python: str | None

@@ -25,7 +25,7 @@ from gpurun.errors import (
     NoCredentials,
     StillWaiting,
 )
-from gpurun.models import Machine, RunRecord
+from gpurun.models import Machine, ResumeSource, RunRecord
 from gpurun.providers import get_provider
 from gpurun.providers.capabilities import capabilities_of
 from gpurun.sizes import human_bytes
@@ -46,7 +46,7 @@ Started = list[tuple["Transport", Machine]]
 
 def find_resume_source(
     spec: Spec, store_url: str, resume: str | None, warn: Callable[[str], None] | None = None
-) -> dict[str, Any] | None:
+) -> ResumeSource | None:
     """Which run and snapshot to restore from, or None. Raises BadInput for a bad --resume.
 
     With `resume: auto`, the newest of this spec's runs in the store wins, judged by
@@ -328,7 +328,7 @@ def _prepare_all(
     conns: Connections,
     record: RunRecord,
     files: list[WalkedFile],
-    source: dict[str, Any] | None,
+    source: ResumeSource | None,
     ui: Reporter,
     started: Started,
     secret_values: dict[str, str],
@@ -367,7 +367,7 @@ def _prepare(
     record: RunRecord,
     machine: Machine,
     files: list[WalkedFile],
-    source: dict[str, Any] | None,
+    source: ResumeSource | None,
     ui: Reporter,
     started: Started,
     with_agent: bool,

@@ -21,7 +21,7 @@ from gpurun import bootstrap, jobs
 from gpurun.app import common, job_secrets
 from gpurun.app.reporter import Reporter
 from gpurun.errors import BadInput, GpurunError, InvalidDocument
-from gpurun.models import Generation, Machine, RunRecord
+from gpurun.models import Generation, Machine, ResumeSource, RunRecord
 from gpurun.providers.aws.connect import DEFAULT_USER
 from gpurun.providers.capabilities import capabilities
 from gpurun.spec import Spec
@@ -66,7 +66,7 @@ def stage(
     record: RunRecord,
     store: ObjectStore,
     files: list[WalkedFile],
-    source: dict[str, Any] | None,
+    source: ResumeSource | None,
     ui: Reporter,
     *,
     setup_skipped: str | None = None,
