@@ -7,11 +7,16 @@ Against moto's server over real HTTP, and an endpoint onto the same backend that
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 from pathlib import Path
+from unittest import mock
 
 import boto3
 import pytest
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 
 from gpurun.errors import NoSuchBucket, StoreError
 from gpurun.store import snapshots
@@ -169,3 +174,23 @@ def test_an_expired_token_is_sent_again_through_the_client(
     snapshots.write_snapshot(store, "run", stage(tmp_path / "staged", data), previous=None)
     assert bucket_objects(s3_bucket, "run/snapshots/000001/", moto_server) == data
     assert "w-expired-1x.bin" in through_client
+
+
+def test_the_lean_signature_is_botocores(s3_bucket: str, tmp_path: Path) -> None:
+    """moto checks no signature: botocore's own signer, on the same request at the same instant, must agree."""
+    store = S3Store(s3_bucket)
+    sent: list = []
+    store.client.meta.events.register("before-send.s3.PutObject", lambda request, **_: sent.append(request))
+    files = stage(tmp_path, NAMES)
+    store.put_files([(f"run/{f.path}", str(f.local_path)) for f in files], if_absent=True)
+    assert len(sent) == len(NAMES)
+    frozen = store._core.get_credentials().get_frozen_credentials()
+    for request in sent:
+        headers = dict(request.headers)
+        ours = headers.pop("authorization")
+        when = datetime.datetime.strptime(headers["x-amz-date"], "%Y%m%dT%H%M%SZ")
+        theirs = AWSRequest(method="PUT", url=request.url, data=request.body or b"", headers=headers)
+        signer = S3SigV4Auth(Credentials(frozen.access_key, frozen.secret_key, frozen.token), "s3", "us-east-1")
+        with mock.patch("botocore.auth.get_current_datetime", return_value=when):
+            signer.add_auth(theirs)
+        assert ours == theirs.headers["Authorization"], request.url
