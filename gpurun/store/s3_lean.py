@@ -328,7 +328,8 @@ class LeanS3:
                     reply = connection.getresponse()
                 except _NETWORK_ERRORS as error:
                     connection.close()
-                    if attempt + 1 == ATTEMPTS:
+                    # A certificate that does not verify fails the same way every time: boto3's turn.
+                    if attempt + 1 == ATTEMPTS or isinstance(error, ssl.SSLError):
                         raise Unreachable(f"{type(error).__name__}: {error}") from error
                     # A kept-alive connection that the server had closed: again at once, on a new one.
                     self._pause(attempt, stop, at_once=reused and attempt == 0)
