@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import socket
+import threading
 from pathlib import Path
 from unittest import mock
 
@@ -194,3 +196,64 @@ def test_the_lean_signature_is_botocores(s3_bucket: str, tmp_path: Path) -> None
         with mock.patch("botocore.auth.get_current_datetime", return_value=when):
             signer.add_auth(theirs)
         assert ours == theirs.headers["Authorization"], request.url
+
+
+class KeepAliveServer:
+    """An HTTP/1.1 server on loopback that answers every request 200 and keeps the connection,
+    or, with `close_after_answer`, closes it silently after each answer (as S3 closes an idle one)."""
+
+    def __init__(self, close_after_answer: bool) -> None:
+        self.close_after_answer = close_after_answer
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.connections = 0
+        self.requests: list[str] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}/bucket/"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _address = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection: socket.socket) -> None:
+        reader = connection.makefile("rb")
+        with connection, reader:
+            while line := reader.readline():
+                length = 0
+                while (header := reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = header.decode().partition(":")
+                    length = int(value) if name.lower() == "content-length" else length
+                reader.read(length)
+                self.requests.append(line.decode().split()[1])
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                if self.close_after_answer:
+                    return
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("close_after_answer", [False, True])
+def test_kept_alive_connections_are_reused_and_a_closed_one_is_replaced(close_after_answer: bool) -> None:
+    from botocore.hooks import HierarchicalEmitter
+
+    from gpurun.store.s3_lean import LeanS3, _Connections
+
+    server = KeepAliveServer(close_after_answer)
+    try:
+        pool = _Connections("http", "127.0.0.1", int(server.url.split(":")[2].split("/")[0]), None, 5, 5, 4)
+        lean = LeanS3(server.url, "us-east-1", "s3", Credentials("k", "s"), HierarchicalEmitter(), pool)
+        for index in range(3):
+            lean.put(f"key-{index}", b"x", hashlib.sha256(b"x").hexdigest(), {})
+        # A kept-alive connection that the server has closed is replaced by a new one, and the PUT goes through.
+        assert server.requests == ["/bucket/key-0", "/bucket/key-1", "/bucket/key-2"]
+        assert server.connections == (3 if close_after_answer else 1)
+    finally:
+        server.close()
