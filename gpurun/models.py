@@ -181,9 +181,27 @@ class Replaced(TypedDict, total=False):
     ended_at: str | None
 
 
+class SpecDocument(TypedDict, total=False):
+    """The experiment spec as a record keeps it (spec.Spec.to_record): its sections stay plain
+    dicts, validated where the spec is loaded (gpurun.spec), not again on every read."""
+
+    name: str
+    provider: str
+    workdir: str
+    run: str
+    setup: str | None
+    env: dict[str, str]
+    secrets: dict[str, str]
+    sync: dict[str, Any]
+    checkpoint: dict[str, Any]
+    aws: dict[str, Any]
+    ssh: dict[str, Any]
+    recovery: dict[str, Any]
+
+
 class _RunFields(Versioned, total=False):
     owner: str | None
-    spec: dict[str, Any]
+    spec: SpecDocument
     machines: list[Machine]
     past_machines: list[Machine]
     resources: dict[str, Any]

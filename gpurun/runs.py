@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, cast
 
 from gpurun import paths
 from gpurun.errors import BadInput, GpurunError, InvalidDocument, NewerSchema, UnknownRun
-from gpurun.models import SCHEMA_VERSION, CheckpointSummary, Job, Launcher, RunDocument, RunRecord
+from gpurun.models import SCHEMA_VERSION, CheckpointSummary, Job, Launcher, RunDocument, RunRecord, SpecDocument
 from gpurun.states import JobState, RunState
 
 # A record is a few kB; one far larger is not read whole (salvage reads its start).
@@ -282,7 +282,7 @@ def load_from_store(run: str, store_url: str, profile: str | None = None) -> Run
     if profile and checked["provider"] == "aws":
         # Both places: AWS calls read the first, the checkpoint store the second.
         checked["aws"] = {**(checked.get("aws") or {}), "profile": profile}
-        spec = dict(checked.get("spec") or {})
+        spec: SpecDocument = (checked.get("spec") or {}).copy()
         spec["aws"] = {**(spec.get("aws") or {}), "profile": profile}
         checked["spec"] = spec
     return checked
@@ -410,7 +410,7 @@ def jobs_of(record: RunRecord | RunDocument) -> list[Job]:
     listed = record.get("jobs")
     if isinstance(listed, list):
         return listed
-    spec: dict[str, Any] = record.get("spec") or {}
+    spec: SpecDocument = record.get("spec") or {}
     terminal = record.get("state") in ("succeeded", "failed", "interrupted", "ended")
     ended_by = None
     if terminal:

@@ -8,9 +8,9 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 from pydantic import (
@@ -25,6 +25,7 @@ from pydantic import (
 
 from gpurun.durations import parse_duration
 from gpurun.errors import SpecError
+from gpurun.models import SpecDocument
 
 # \Z, not $: "$" also matches before a trailing newline.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}\Z")
@@ -448,11 +449,11 @@ class Spec(_Section):
             return len(self.ssh.hosts)
         return 1
 
-    def to_record(self) -> dict[str, Any]:
+    def to_record(self) -> SpecDocument:
         """Plain data for run records: readable without pydantic."""
         data = self.model_dump(mode="json")
         data["workdir"] = str(self.workdir_path)
-        return data
+        return cast(SpecDocument, data)
 
 
 _MODELS: dict[str, type[BaseModel]] = {
@@ -790,7 +791,7 @@ def _validate(data: dict[str, Any], source: str, spec_dir: Path | str, blame: Ca
     return spec
 
 
-def spec_from_record(data: dict[str, Any]) -> Spec:
+def spec_from_record(data: Mapping[str, Any]) -> Spec:
     """Rebuild the spec stored in a run record (its workdir is already absolute)."""
     try:
         return Spec.model_validate({**data, "spec_dir": "/"})

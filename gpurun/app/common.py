@@ -35,7 +35,7 @@ def store_url_for(spec: Spec) -> str:
     return url or paths.default_store_url()
 
 
-def store_options(record_or_spec: Any) -> dict[str, Any]:
+def store_options(record_or_spec: RunRecord | Spec) -> dict[str, Any]:
     if isinstance(record_or_spec, dict):
         spec = record_or_spec.get("spec", {})
         aws = spec.get("aws", {})
@@ -143,7 +143,7 @@ def job_environment(record: RunRecord, machine: Machine, resume_from: str | None
     spec = record["spec"]
     machines = record.get("machines", [])
     ips = [m.get("private_ip") or m.get("host") for m in machines]
-    env = dict(spec.get("env", {}))
+    env: dict[str, Any] = dict(spec.get("env", {}))  # the master's address as before, even when unknown
     env.update(
         {
             "GPURUN_RUN": record["run"],

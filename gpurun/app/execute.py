@@ -19,7 +19,7 @@ import json
 import shlex
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from gpurun import jobs, paths, runs
 from gpurun.app import common, connections, fingerprints
@@ -214,7 +214,9 @@ def _exec(record: RunRecord, spec: Spec, ui: Reporter, *, command: str | None, r
         if run_setup and local_python.setup_done_before(record, setup_hash):
             run_setup = False
     job_command = command or spec.run
-    record["spec"] = {**spec.to_record(), **{k: record["spec"][k] for k in record["spec"] if k not in CHANGEABLE}}
+    merged = spec.to_record()
+    cast(dict[str, Any], merged).update((k, v) for k, v in record["spec"].items() if k not in CHANGEABLE)
+    record["spec"] = merged
 
     def prepare(machine: Machine) -> tuple[int, int]:
         transport = conns.connect(record, machine)

@@ -32,9 +32,8 @@ def teardown_orphans(
     # A run torn down here is "known" only while it still runs; leftovers of ended runs are leaks.
     known = {r["run"] for r in records if r["state"] != "ended"}
     provider = AwsProvider()
-    regions = regions or sorted(
-        {r.get("spec", {}).get("aws", {}).get("region") for r in records if r["provider"] == provider.name} - {None}
-    )
+    recorded = {(r.get("spec") or {}).get("aws", {}).get("region") for r in records if r["provider"] == provider.name}
+    regions = regions or sorted(str(region) for region in recorded if region is not None)
     with ui.spinner("looking for gpurun-tagged resources"):
         orphans = provider.find_orphans(known, regions=regions or None, profile=profile)
     if not orphans:
