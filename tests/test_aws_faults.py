@@ -540,3 +540,64 @@ def test_teardown_does_not_claim_an_instance_aws_had_already_ended(session, reco
     assert not any(item.startswith("instance i-") for item in removed), removed
     assert "key pair gpurun-exp-abc123" in removed
     assert leftovers(session, recorder) == []
+
+
+def test_teardown_of_a_machine_without_an_address_terminates_it_anyway(
+    session, recorder, tmp_path, capsys, monkeypatch
+):
+    """A recovering run's replacement is recorded without an address until AWS gives it one; when
+    AWS cannot be asked either (denied), teardown must still end the run, not stop at that machine."""
+    from gpurun import runs
+    from gpurun.app import teardown as teardown_module
+    from tests.plugins.aws_fake import launch
+
+    provider = make_provider(recorder)
+    monkeypatch.setattr(teardown_module, "get_provider", lambda name: provider)
+    record, machines, _ = launch(provider, make_spec(tmp_path))
+    record["state"] = "running"
+    record["machines"][0].update(host=None, public_ip=None, state="pending")  # as apply_attempts leaves it
+    runs.save(record)
+    # Not a throttling code: botocore would retry that one itself.
+    recorder.fail_once["DescribeInstances"] = (
+        "UnauthorizedOperation",
+        "You are not authorized to perform this operation.",
+    )
+    code, out, err = cli(capsys, "teardown", record["run"], "--yes", "--json")
+    assert code == 0, err
+    assert "DescribeInstances" not in recorder.fail_once, "the state refresh was not the call that failed"
+    assert "no public address yet" in err
+    assert f"instance {machines[0]['instance_id']}" in json.loads(out)["runs"][0]["removed"]
+    assert leftovers(session, recorder) == []
+
+
+def test_teardown_says_how_long_it_tries_a_machine_that_does_not_answer(
+    session, recorder, tmp_path, capsys, monkeypatch
+):
+    """A security group closed to this computer: teardown names the bound before it waits, then terminates."""
+    from gpurun import runs
+    from gpurun.app import teardown as teardown_module
+    from gpurun.providers.aws import connect as connect_module
+    from tests.plugins.aws_fake import launch
+
+    provider = make_provider(recorder)
+    monkeypatch.setattr(teardown_module, "get_provider", lambda name: provider)
+    monkeypatch.setattr(connect_module, "AWS_CONNECT_RETRY_FOR", 1.0)  # 2 minutes on AWS
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: every attempt is refused
+    record, machines, _ = launch(provider, make_spec(tmp_path))
+    record["state"] = "running"
+    record["machines"][0].update(host="127.0.0.1", port=port)
+    runs.save(record)
+    # AWS's state unread: the address stays the one above (moto's public ones may route nowhere, slowly).
+    recorder.fail_once["DescribeInstances"] = (
+        "UnauthorizedOperation",
+        "You are not authorized to perform this operation.",
+    )
+    code, out, err = cli(capsys, "teardown", record["run"], "--yes", "--json")
+    assert code == 0, err
+    assert "tried for up to 1s; if it does not answer, it is terminated without a final sync" in err
+    assert "is unreachable" in err
+    assert f"instance {machines[0]['instance_id']}" in json.loads(out)["runs"][0]["removed"]
+    assert leftovers(session, recorder) == []

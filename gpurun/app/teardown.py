@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from gpurun import jobs, paths, runs
 from gpurun.app import common, connections
 from gpurun.app.reporter import Reporter
+from gpurun.durations import format_duration
 from gpurun.errors import BadInput, GpurunError, Interrupted, TransportError, UnknownRun
 from gpurun.models import Machine, RunRecord
 from gpurun.providers import get_provider
@@ -293,6 +294,17 @@ def _stop_machine(
     final = None
     partial = record.get("recovered") == "partial"
     with transport:
+        if transport.connect_retry_for:
+            # An address that answers nothing (a security group closed to this computer) is tried until the
+            # bound: say so, rather than sit silent for minutes.
+            bound = format_duration(transport.connect_retry_for)
+            unanswered = (
+                "; if it does not answer, it is terminated without a final sync"
+                if capabilities(record["provider"]).machines_disposable
+                else ""
+            )
+            with ui.spinner(f"connecting to {transport.label} to stop its job (tried for up to {bound}{unanswered})"):
+                transport.connect()
         if not final_sync and not partial:
             jobs.signal_group(transport, run_dir, "agent", "KILL")
         state = jobs.read_state(transport, run_dir)

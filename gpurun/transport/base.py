@@ -33,6 +33,8 @@ class Transport(ABC):
     label: str = "machine"
     #: Commands run on this computer: a reader may open the machine's files directly (no round trip).
     runs_here: bool = False
+    #: Seconds the first connection keeps being tried (a machine still booting); 0: nothing is dialled.
+    connect_retry_for: float = 0.0
 
     @abstractmethod
     def run(self, command: str, *, input: bytes | None = None, timeout: float | None = None) -> CommandResult:
@@ -59,6 +61,9 @@ class Transport(ABC):
     def server_key_line(self) -> str | None:
         """The host key the machine showed ("type base64"); None where no key is exchanged."""
         return None
+
+    def connect(self) -> None:
+        """Open the connection now, where there is one (otherwise the first command opens it)."""
 
     def close(self) -> None:
         """Release the connection; a closed transport may reconnect on next use."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gpurun import paths
-from gpurun.errors import GpurunError
+from gpurun.errors import TransportError
 from gpurun.models import Machine, RunRecord
 from gpurun.providers.capabilities import ConnectInfo
 
@@ -21,8 +21,9 @@ def known_hosts_file(run: str) -> str:
 def connect_info(record: RunRecord, machine: Machine) -> ConnectInfo:
     host = machine.get("host")
     if not host:
-        # A machine without a public address yet (still pending, or replaced by its group).
-        raise GpurunError(
+        # A machine without a public address yet (still pending, or replaced by its group): unreachable
+        # like one that does not answer, so teardown still terminates it and releases the rest.
+        raise TransportError(
             f"machine {machine.get('instance_id', '?')} of {record['run']} has no public address yet; "
             "`gpurun status` shows when it has one"
         )
