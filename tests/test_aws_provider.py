@@ -892,3 +892,21 @@ def test_without_trust_on_first_use_keys_that_never_reach_the_console_fail_the_l
         launch(provider, spec)
     assert "trust_on_first_use is false" in str(raised.value)
     assert leftovers(session, fake) == [], "the launch rolled back everything it made"
+
+
+@pytest.mark.parametrize("trust", [True, False])
+def test_a_recovering_runs_machine_trusts_a_first_key_only_as_the_spec_allows(provider, tmp_path, trust):
+    """Its keys are never pinned (nothing reads a group machine's console): `ssh.trust_on_first_use: false`
+    must still mean an unknown host key is refused, for `gpurun ssh` and for gpurun's own connections."""
+    from gpurun.app import remote_access
+    from gpurun.providers.aws.connect import connect_info
+
+    spec = make_spec(tmp_path, recovery={"max_restarts": 1})
+    spec.ssh.trust_on_first_use = trust
+    record = new_record()
+    record["bootstrap"] = {"run": record["run"]}
+    [machine] = acquire(provider, spec, record, Saves(), [])
+    record["machines"] = [machine]
+    assert connect_info(record, machine).trust_on_first_use is trust
+    expected = "StrictHostKeyChecking=accept-new" if trust else "StrictHostKeyChecking=yes"
+    assert expected in remote_access.ssh_argv(record)

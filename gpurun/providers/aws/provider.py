@@ -259,8 +259,9 @@ class AwsProvider(Provider):
         zone = first_instance.get("Placement", {}).get("AvailabilityZone", "")
         machines = launcher.machines([first_instance], key_path, first_instance.get("InstanceType", first.name), zone)
         for machine in machines:
-            # Each machine of the group has its own host key; SSH to it is only for looking.
-            machine["trust_on_first_use"] = True
+            # Each machine of the group has its own host key, never pinned (nothing reads its console):
+            # its first key is trusted only where the spec allows trust on first use.
+            machine["trust_on_first_use"] = spec.ssh.trust_on_first_use
             machine["generation"] = 1
         return machines
 
