@@ -222,11 +222,21 @@ def apply_attempts(record: RunRecord, document: dict[str, Any]) -> None:
                 "public_ip": None,
                 "ended_at": None,
                 "cost_usd": None,
+                # Another machine: its own address and keys, learned when AWS or SSH shows them.
+                "private_ip": None,
+                "host_keys": None,
             }
         )
+        replacement.pop("cleaned", None)
+        replacement.pop("files_kept", None)
+        replacement.pop("seen_at", None)
         instance_type = current.get("type") or previous.get("instance_type")
         if instance_type:
             replacement["instance_type"] = instance_type
+        if instance_type != previous.get("instance_type") or current.get("zone") != previous.get("zone"):
+            # The first machine's price (a spot price in its zone) is not this one's: cost-so-far uses the
+            # type's own price.
+            replacement.pop("price_per_hour", None)
         launched = current.get("started_at")
         if launched:
             replacement["launch_time"] = launched
