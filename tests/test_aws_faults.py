@@ -601,3 +601,51 @@ def test_teardown_says_how_long_it_tries_a_machine_that_does_not_answer(
     assert "is unreachable" in err
     assert f"instance {machines[0]['instance_id']}" in json.loads(out)["runs"][0]["removed"]
     assert leftovers(session, recorder) == []
+
+
+def test_status_asks_a_machine_that_does_not_answer_once_instead_of_waiting_out_the_boot_window(
+    session, recorder, tmp_path, capsys, monkeypatch
+):
+    """`status` is a look: a machine that drops every connection (sshd not up yet on a group's replacement,
+    a security group closed to this computer) is shown unreachable after one try, not after AWS's 2-minute
+    boot window per machine."""
+    from gpurun import runs
+    from gpurun.app import status as status_module
+    from gpurun.providers.aws import connect as connect_module
+    from tests.plugins.aws_fake import launch
+
+    provider = make_provider(recorder)
+    monkeypatch.setattr(status_module, "get_provider", lambda name: provider)
+    monkeypatch.setattr(connect_module, "AWS_CONNECT_RETRY_FOR", 4.0)  # enough for several tries before the fix
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted: list[int] = []
+
+    def drop_each_connection() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            connection.close()
+
+    threading.Thread(target=drop_each_connection, daemon=True).start()
+    record, _machines, _ = launch(provider, make_spec(tmp_path))
+    record["state"] = "running"
+    record["machines"][0].update(host="127.0.0.1", port=listener.getsockname()[1])
+    runs.save(record)
+    # AWS's state unread: the address stays the one above.
+    recorder.fail_once["DescribeInstances"] = (
+        "UnauthorizedOperation",
+        "You are not authorized to perform this operation.",
+    )
+    try:
+        code, out, err = cli(capsys, "status", record["run"], "--json")
+    finally:
+        listener.close()
+    assert code == 0, err
+    [shown] = json.loads(out)
+    assert shown["state"] == "running"
+    assert len(accepted) == 1, f"{len(accepted)} connection attempts"

@@ -105,6 +105,9 @@ def _ask_machines(record: RunRecord, problems: list[str]) -> None:
             continue
         try:
             with conns.connect(record, machine) as transport:
+                # A look, not a wait: one try (connect timeout), not the boot window a launch allows,
+                # or a machine that does not answer holds `status` for minutes.
+                transport.connect_retry_for = 0.0
                 state = jobs.read_state(transport, machine["run_dir"])
             machine.pop("unreachable", None)
             machine["gpus"] = state.get("gpus")
