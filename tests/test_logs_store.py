@@ -216,3 +216,34 @@ def test_follow_of_a_recovering_run_torn_down_ends_with_5(tmp_path: Path) -> Non
     done = gpurun("logs", RECOVERING, "-f", "--store", store_url, check=False)
     assert done.returncode == 5 and "torn down while following" in done.stderr, done.stderr
     assert done.stdout == "first machine\n"
+
+
+@pytest.mark.parametrize("following", [False, True])
+def test_a_chunk_that_grows_after_the_listing_is_read_no_further_than_a_chunk(tmp_path: Path, following: bool) -> None:
+    """The store is untrusted and may change between the listing and the GET: a chunk replaced by a
+    giant after it was listed small costs one chunk's worth of memory, not the giant's."""
+    from gpurun.store.file import FileStore
+    from gpurun.store.logs import CHUNK_BYTES, chunk_key, read_job_log_from
+
+    class GrowsAfterListing(FileStore):
+        def __init__(self, url: str) -> None:
+            super().__init__(url)
+            self.largest_read = 0
+
+        def list(self, prefix: str):  # type: ignore[no-untyped-def]
+            listed = super().list(prefix)
+            (self.root / chunk_key("r", 1, 0)).write_bytes(b"x" * (8 * CHUNK_BYTES))  # planted meanwhile
+            return listed
+
+        def get_bytes(self, key: str, *, limit: int | None = None) -> bytes | None:
+            data = super().get_bytes(key, limit=limit)
+            self.largest_read = max(self.largest_read, len(data or b""))
+            return data
+
+    root = tmp_path / "store"
+    (root / "r" / "logs" / "job-0001").mkdir(parents=True)
+    (root / chunk_key("r", 1, 0)).write_bytes(b"epoch 1\n")
+    store = GrowsAfterListing(f"file://{root}")
+    data = read_job_log_from(store, "r", 1, 0)[0] if following else read_job_log(store, "r", 1)[0]
+    assert len(data) <= CHUNK_BYTES
+    assert store.largest_read <= CHUNK_BYTES + 1, f"read {store.largest_read} bytes of a planted chunk"

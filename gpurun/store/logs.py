@@ -59,7 +59,7 @@ def read_job_log(store: ObjectStore, run: str, job: int) -> tuple[bytes, list[st
         if size > CHUNK_BYTES:
             problems.append(f"{store.url}/{key} is {size} bytes, more than a chunk holds; skipped")
             break
-        data = store.get_bytes(key)
+        data = store.get_bytes(key, limit=CHUNK_BYTES)  # listed sizes may have changed since
         if data is None:
             problems.append(f"{store.url}/{key} vanished while reading")
             break
@@ -101,7 +101,7 @@ def read_job_log_from(store: ObjectStore, run: str, job: int, offset: int) -> tu
             break
         if index * CHUNK_BYTES + size <= position:
             continue
-        data = store.get_bytes(key)
+        data = store.get_bytes(key, limit=CHUNK_BYTES)  # listed sizes may have changed since
         if data is None:
             break
         data = data[:CHUNK_BYTES]
