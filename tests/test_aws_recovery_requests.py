@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from gpurun.providers.aws import recovery as rc
 from gpurun.providers.aws import requests as rq
@@ -235,3 +235,48 @@ def test_scaling_activities_are_shown_once_and_failures_say_what_was_tried() -> 
     assert seen.feed([quota, spot, started]) == []
     assert seen.tried() == "2 failed launches tried type not named in eu-west-1b"
     assert ScalingActivities(["g5.xlarge"]).tried() == ""
+
+
+def test_a_group_that_cannot_be_deleted_keeps_its_max_runtime_guard(session) -> None:
+    """Teardown fails to delete the group (a scaling activity in progress, throttling, a denied call):
+    the scheduled action must still be there, or the group's machine runs with no time limit at all
+    (idle_timeout null) until someone runs teardown again."""
+    from botocore.exceptions import ClientError
+
+    from gpurun.providers.aws.session import Aws
+    from gpurun.providers.aws.teardown import Timing, remove_run
+
+    ec2, autoscaling = session.client("ec2"), session.client("autoscaling")
+    subnets = [subnet["SubnetId"] for subnet in ec2.describe_subnets()["Subnets"]]
+    image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    group_id = ec2.create_security_group(GroupName=f"gpurun-{RUN}", Description="x")["GroupId"]
+    data = _template(ami_id=image, security_group_id=group_id, instance_profile=None)
+    data.pop("KeyName")
+    ec2.create_launch_template(**rc.create_launch_template_kwargs(RUN, "alice", data))
+    autoscaling.create_auto_scaling_group(
+        **rc.auto_scaling_group_kwargs(
+            run=RUN, owner="alice", instance_types=["t3.micro"], subnet_ids=subnets, nodes=1, spot=False
+        )
+    )
+    later = datetime.now(timezone.utc) + timedelta(hours=12)
+    autoscaling.put_scheduled_update_group_action(**rc.scheduled_guard_kwargs(RUN, later))
+
+    def busy(**_: object) -> None:
+        raise ClientError(
+            {"Error": {"Code": "ScalingActivityInProgress", "Message": "Scaling activity is in progress"}},
+            "DeleteAutoScalingGroup",
+        )
+
+    session.events.register("before-call.autoscaling.DeleteAutoScalingGroup", busy)  # gpurun's clients, made next
+    aws = Aws(session=session, region="us-east-1", profile=None)
+    aws.ec2.meta.events.register("before-call.ec2.DescribePlacementGroups", lambda **_: (None, {"PlacementGroups": []}))
+    outcome = remove_run(
+        aws, RUN, lambda _line: None, Timing(poll_interval=0.05), key_files=False, placement_groups=False
+    )
+
+    assert any("ScalingActivityInProgress" in line or "in progress" in line for line in outcome.failed), outcome.failed
+    [group] = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[f"gpurun-{RUN}"])["AutoScalingGroups"]
+    actions = autoscaling.describe_scheduled_actions(AutoScalingGroupName=f"gpurun-{RUN}")[
+        "ScheduledUpdateGroupActions"
+    ]
+    assert [action["ScheduledActionName"] for action in actions] == [rc.GUARD_ACTION], "the guard went first"

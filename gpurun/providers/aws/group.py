@@ -7,6 +7,7 @@ every one that teardown terminates.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -241,12 +242,8 @@ def remove(aws: Aws, run: str, timing: Timing, say: Say, outcome: Outcome) -> bo
     for group in groups:
         name = group["AutoScalingGroupName"]
         try:
-            actions = autoscaling.describe_scheduled_actions(AutoScalingGroupName=name)
-            for action in actions.get("ScheduledUpdateGroupActions", []):
-                autoscaling.delete_scheduled_action(
-                    AutoScalingGroupName=name, ScheduledActionName=action["ScheduledActionName"]
-                )
-                outcome.removed.append(f"scheduled action {action['ScheduledActionName']}")
+            listed = autoscaling.describe_scheduled_actions(AutoScalingGroupName=name)
+            actions = [action["ScheduledActionName"] for action in listed.get("ScheduledUpdateGroupActions", [])]
             say(f"deleting Auto Scaling group {name} and its machines")
             autoscaling.delete_auto_scaling_group(AutoScalingGroupName=name, ForceDelete=True)
         except botocore.exceptions.ClientError as error:
@@ -254,7 +251,14 @@ def remove(aws: Aws, run: str, timing: Timing, say: Say, outcome: Outcome) -> bo
                 outcome.failed.append(f"deleting Auto Scaling group {name}: {client_error_message(error)}")
                 outcome.left["auto_scaling_group"] = name
                 return False
+            actions = []
         outcome.removed.append(f"auto scaling group {name}")
+        # Only once the group is going: a group left behind keeps its max_runtime guard. Deleting the
+        # group deletes its scheduled actions; asking again costs nothing where it already has.
+        for action in actions:
+            with contextlib.suppress(botocore.exceptions.ClientError):
+                autoscaling.delete_scheduled_action(AutoScalingGroupName=name, ScheduledActionName=action)
+            outcome.removed.append(f"scheduled action {action}")
     deadline = time.monotonic() + timing.terminate_timeout
     while groups_of(aws, run):
         if time.monotonic() >= deadline:
