@@ -352,6 +352,33 @@ def test_an_unchanged_snapshot_costs_a_few_requests_not_one_per_file(s3_bucket: 
     assert len(list((tmp_path / "out").rglob("*.bin"))) == 300
 
 
+def test_a_new_snapshot_costs_one_request_per_file_and_no_listing_of_what_it_sent(
+    s3_bucket: str, tmp_path: Path
+) -> None:
+    store = S3Store(s3_bucket)
+    data = contents(4, [f"shard-{i % 5}/t-{i:04d}.bin" for i in range(200)], size=(10, 300))
+    recorder = Recorder(store)
+    snapshots.write_snapshot(store, "run", stage(tmp_path / "a", data), previous=None)
+    ops = recorder.ops()
+    assert ops.count("PutObject") == 200 + 3, ops  # the files, the claim, the manifest, LATEST
+    # The one listing finds the free snapshot number; every PUT's answer confirmed its file.
+    assert ops.count("ListObjectsV2") == 1, ops
+    snapshots.download_snapshot(store, "run", tmp_path / "out")
+    out = tmp_path / "out"
+    assert {path.relative_to(out).as_posix(): path.read_bytes() for path in out.rglob("*.bin")} == data
+
+
+def test_a_file_that_grew_after_staging_is_refused_before_the_manifest(s3_bucket: str, tmp_path: Path) -> None:
+    store = S3Store(s3_bucket)
+    staged = stage(tmp_path / "a", {"w.bin": b"x" * 100})
+    Path(staged[0].local_path).write_bytes(b"x" * 150)  # the training process wrote more after staging
+    stale = [StagedFile(staged[0].path, staged[0].size, None, staged[0].local_path)]
+    with pytest.raises(StoreError, match="w.bin"):
+        snapshots.write_snapshot(store, "run", stale, previous=None)
+    assert snapshots.latest(store, "run") is None
+    assert store.get_bytes("run/snapshots/000001.manifest.json") is None
+
+
 # -- runs listing -------------------------------------------------------------------
 
 

@@ -34,6 +34,16 @@ def size_mismatch(url: str, key: str, actual: int | str, expected: int) -> str:
 
 
 @dataclass(frozen=True)
+class Sent:
+    """A file `put_files` stored from one buffer it read, hashed and sent whole: the store
+    acknowledged exactly these bytes (S3 never keeps part of an object, and a lean PUT is
+    signed with this sha256), so it need not be listed again to be confirmed."""
+
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
 class StoredObject:
     key: str
     size: int
@@ -48,7 +58,8 @@ class ObjectStore(ABC):
 
     def hashed_while_sending(self) -> int:
         """`put_files` hashes (sha256) every file up to this size that it sends, and returns the
-        digests: the caller need not read those files again. 0: it hashes none."""
+        digests and sizes it stored: the caller need not read those files again, nor list
+        them to confirm them. 0: it hashes none."""
         return 0
 
     @abstractmethod
@@ -86,9 +97,9 @@ class ObjectStore(ABC):
 
     def put_files(
         self, items: builtins.list[tuple[str, str]], *, if_absent: bool = False, progress: Progress | None = None
-    ) -> dict[str, str]:
-        """Upload many files; returns the sha256 of those it hashed while sending (by key, see
-        `hashed_while_sending`). Stores that can do it concurrently override this."""
+    ) -> dict[str, Sent]:
+        """Upload many files; returns what it knows it stored of those it hashed while sending
+        (by key, see `hashed_while_sending`). Stores that can do it concurrently override this."""
         for key, path in items:
             self.put_file(key, path, if_absent=if_absent, progress=progress)
         return {}

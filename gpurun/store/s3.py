@@ -56,7 +56,7 @@ from s3transfer.subscribers import BaseSubscriber
 from gpurun.aws_files import check_shared_files
 from gpurun.errors import BadInput, NoSuchBucket, SnapshotConflict, StoreError
 from gpurun.store import s3_lean
-from gpurun.store.base import Digests, Fetch, Fetches, ObjectStore, Progress, StoredObject, size_mismatch
+from gpurun.store.base import Digests, Fetch, Fetches, ObjectStore, Progress, Sent, StoredObject, size_mismatch
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -351,8 +351,9 @@ class S3Store(ObjectStore):
 
     def put_files(
         self, items: list[tuple[str, str]], *, if_absent: bool = False, progress: Progress | None = None
-    ) -> dict[str, str]:
-        """Upload every file at once; wait for all. Returns the sha256 of each file sent through the lean path.
+    ) -> dict[str, Sent]:
+        """Upload every file at once; wait for all. Returns the sha256 and size of each file sent
+        from one buffer (the lean path, or its fallback through the client).
 
         Small files go through the lean path in a pool of their own; bigger ones
         through one transfer manager at the same time.
@@ -436,19 +437,19 @@ class S3Store(ObjectStore):
 
     def _put_small(
         self, jobs: list[tuple[str, str, str]], nonce: str | None, report: Progress | None, workers: int
-    ) -> dict[str, str]:
+    ) -> dict[str, Sent]:
         """(key, full key, path) each in one PutObject, `workers` at once; the first failure stops the rest."""
         headers = {"if-none-match": "*", f"x-amz-meta-{_NONCE}": nonce} if nonce else {}
         stop = threading.Event()
 
-        def send(full_key: str, path: str) -> str:
+        def send(full_key: str, path: str) -> Sent:
             try:
                 return self._put_one(full_key, path, headers, nonce, report, stop)
             except BaseException:
                 stop.set()
                 raise
 
-        digests: dict[str, str] = {}
+        digests: dict[str, Sent] = {}
         failure: tuple[str, Exception] | None = None
         pool = ThreadPoolExecutor(max_workers=min(workers, len(jobs)), thread_name_prefix="gpurun-put")
         try:
@@ -479,8 +480,8 @@ class S3Store(ObjectStore):
         nonce: str | None,
         report: Progress | None,
         stop: threading.Event,
-    ) -> str:
-        """One small file, read once: hashed, signed with its hash, sent. Returns its sha256."""
+    ) -> Sent:
+        """One small file, read once: hashed, signed with its hash, sent. Returns its sha256 and size."""
         with open(path, "rb") as handle:
             data = handle.read()
         digest = hashlib.sha256(data).hexdigest()
@@ -503,7 +504,7 @@ class S3Store(ObjectStore):
                 raise
         if report is not None:
             report(len(data))
-        return digest
+        return Sent(digest, len(data))
 
     def _put_through_client(self, full_key: str, data: bytes, nonce: str | None) -> None:
         # A create-only key is marked: `_add_if_none_match` adds If-None-Match.

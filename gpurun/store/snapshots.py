@@ -271,12 +271,12 @@ def write_snapshot(
             for item in unhashed
             if item.path not in hashes and item.local_path is not None and item.size > hashed_by_store
         }
-        sent_digests = store.put_files(uploads, if_absent=True, progress=progress)
+        sent_whole = store.put_files(uploads, if_absent=True, progress=progress)
         hashes.update({path: future.result() for path, future in pending.items()})
         for item in unhashed:
             if item.path not in hashes and item.local_path is not None:
-                digest = sent_digests.get(prefix + item.path)
-                hashes[item.path] = digest if digest is not None else sha256_file(item.local_path, abandon)
+                whole = sent_whole.get(prefix + item.path)
+                hashes[item.path] = whole.sha256 if whole is not None else sha256_file(item.local_path, abandon)
     finally:
         # After a failed upload, a big file's hash stops at its next chunk: the
         # agent's final sync and its exit do not wait for it.
@@ -284,8 +284,12 @@ def write_snapshot(
         pool.shutdown(wait=False, cancel_futures=True)
 
     # Confirm every object before the manifest makes the snapshot visible, the
-    # referenced ones too (one listing per folder, not a request per file).
-    stored = {obj.key: obj.size for obj in store.list(prefix)} if uploads else {}
+    # referenced ones too (one listing per folder, not a request per file). What
+    # the store acknowledged from one buffer it hashed and sent is confirmed by that
+    # answer: listing 2,000 of them again cost 0.4-0.7 s of a small-file snapshot.
+    stored = {key: whole.size for key, whole in sent_whole.items()}
+    if any(key not in stored for key, _path in uploads):
+        stored = {obj.key: obj.size for obj in store.list(prefix)} | stored
     for source in sorted(set(references.values())):
         stored.update((obj.key, obj.size) for obj in store.list(f"{run}/{seq_dir(source)}/"))
     for item in files:
