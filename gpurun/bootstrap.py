@@ -49,6 +49,8 @@ ATTEMPTS = "attempts.json"
 #: Where job.sh (rendered by gpurun at launch, before the machine's home is known) names the run directory.
 RUN_DIR_MARK = "@GPURUN_RUN_DIR@"
 RUN_DIR_SAFE = re.compile(r"/[A-Za-z0-9_./-]+")
+#: Left in the run directory by `gpurun teardown` before it stops the job: the monitor restarts nothing.
+TEARDOWN_MARK = "torn-down"
 ATTEMPTS_VERSION = 1  # gpurun.models.SCHEMA_VERSION: this file imports nothing of gpurun (a test keeps them equal)
 MAX_DOCUMENT_BYTES = 1_000_000
 POLL_SECONDS = 2.0
@@ -663,6 +665,11 @@ def monitor(config: dict[str, Any]) -> int:
         deadline = time.monotonic() + AGENT_EXIT_WAIT
         while _alive(os.path.join(run_dir, "agent.pid")) and time.monotonic() < deadline:
             time.sleep(POLL_SECONDS)  # the agent's final snapshot comes first
+        if not os.path.isdir(run_dir) or os.path.exists(os.path.join(run_dir, TEARDOWN_MARK)):
+            # Not a lost job: teardown stopped it (and removes the run directory, then the group). A restart
+            # here would spend the budget and start the job again on a machine that is being deleted.
+            log("gpurun teardown stopped the job; nothing is restarted")
+            return 0
         try:
             code: int | None = int(open(exit_path).read().strip())
         except (OSError, ValueError):

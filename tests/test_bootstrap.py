@@ -236,3 +236,41 @@ def test_a_machine_that_cannot_set_itself_up_ends_the_run_instead_of_idling(
     finally:
         autoscaling.delete_auto_scaling_group(AutoScalingGroupName=name, ForceDelete=True)
         ec2.delete_launch_template(LaunchTemplateName=name)
+
+
+@pytest.mark.parametrize("files_kept", [False, True])
+def test_a_job_stopped_by_teardown_is_not_restarted(
+    machine_aws: bs.Aws, bucket: str, fake_imds: FakeImds, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files_kept
+) -> None:
+    """`gpurun teardown` stops the job over SSH, then removes the run directory (unless --keep-files) and
+    deletes the group. The machine's monitor must not take that for a lost job: no restart is spent
+    and no job starts again on a machine that is being deleted."""
+    monkeypatch.setenv("GPURUN_BOOT_HOME", str(tmp_path / "home"))
+    config = {
+        "run": "run-1",
+        "store": f"s3://{bucket}/ckpt",
+        "group": "gpurun-run-1",
+        "region": "us-east-1",
+        "max_restarts": 2,
+        "agent_tag": "missing",
+        "code": "0" * 64,
+        "checkpoint_dir": "ckpt",
+        "idle_timeout": None,
+    }
+    budget = _budget(machine_aws, bucket, 2)
+    assert budget.take_machine({"instance_id": fake_imds.identity["instanceId"]}) is not None
+    run_dir = tmp_path / "home" / "gpurun" / "run-1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "job.pid").write_text("999999999\n")  # the job teardown killed: no such process
+    if files_kept:
+        (run_dir / "job.exit").write_text("143\n")
+        (run_dir / bs.TEARDOWN_MARK).write_text("")  # what teardown leaves before it stops the job
+    else:
+        (run_dir / bs.TEARDOWN_MARK).write_text("")
+        import shutil
+
+        shutil.rmtree(run_dir)  # teardown removed the run directory
+    assert bs.monitor(config) == 0
+    document, _etag = budget.read()
+    assert document is not None and document["restarts_used"] == 0, document
+    assert document["state"] == "running"

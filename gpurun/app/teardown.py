@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpurun import jobs, paths, runs
+from gpurun import bootstrap, jobs, paths, runs
 from gpurun.app import common, connections
 from gpurun.app.reporter import Reporter
 from gpurun.durations import format_duration
@@ -305,6 +305,9 @@ def _stop_machine(
             )
             with ui.spinner(f"connecting to {transport.label} to stop its job (tried for up to {bound}{unanswered})"):
                 transport.connect()
+        if record.get("bootstrap"):
+            # A group machine's monitor restarts a job that ends without an exit status: not this one.
+            transport.run(f"touch {shlex.quote(run_dir + '/' + bootstrap.TEARDOWN_MARK)}", timeout=30)
         if not final_sync and not partial:
             jobs.signal_group(transport, run_dir, "agent", "KILL")
         state = jobs.read_state(transport, run_dir)
