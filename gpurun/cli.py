@@ -391,8 +391,10 @@ def _follow_logs(
         raise SystemExit(130) from None
     if not follow:
         return 0
+    from gpurun.text import printable
+
     code, message = follow_outcome(outcome)
-    click.echo(f"[gpurun] {message}", err=True)
+    click.echo(f"[gpurun] {printable(message, one_line=True)}", err=True)  # parts of it come from a store
     return code
 
 

@@ -247,3 +247,17 @@ def test_a_chunk_that_grows_after_the_listing_is_read_no_further_than_a_chunk(tm
     data = read_job_log_from(store, "r", 1, 0)[0] if following else read_job_log(store, "r", 1)[0]
     assert len(data) <= CHUNK_BYTES
     assert store.largest_read <= CHUNK_BYTES + 1, f"read {store.largest_read} bytes of a planted chunk"
+
+
+def test_follow_of_a_recovering_run_escapes_and_bounds_the_state_its_store_names(tmp_path: Path) -> None:
+    """attempts.json is written by machines (untrusted): a state gpurun does not know is not printed raw."""
+    store_url = f"file://{tmp_path / 'store'}"
+    store = open_store(store_url)
+    planted = "\x1b]0;owned\x07\x1b[2J" + "x" * 5000
+    never_started = _machine(1, "i-first", job_started_at=None)
+    store.put_bytes(f"{RECOVERING}/attempts.json", _attempts(planted, [never_started]))
+    done = gpurun("logs", RECOVERING, "-f", "--store", store_url, check=False)
+    assert done.returncode == 1, done.stderr
+    assert "the run ended before its job started" in done.stderr
+    assert "\x1b" not in done.stderr and "\x07" not in done.stderr
+    assert len(done.stderr) < 1000, f"{len(done.stderr)} characters of the store's text"

@@ -291,7 +291,9 @@ def _recovering_outcome(attempts: dict[str, Any], listed: list[Generation]) -> d
         return {"exit_code": 0, "note": restarts if counted and used else None}
     budget = f"no restart left: {restarts}" if state == "budget_spent" and restarts else None
     if not final.get("job_started_at"):
-        return {"exit_code": None, "failed_to_start": final.get("why") or f"the run ended ({state})"}
+        from gpurun.app.recovering import state_text
+
+        return {"exit_code": None, "failed_to_start": final.get("why") or f"the run ended ({state_text(attempts)})"}
     why, code = final.get("why"), final.get("exit_code")
     if why == "spot interruption":
         return {"exit_code": code, "interrupted": True, "note": budget}

@@ -141,7 +141,7 @@ def wait_for_first_job(
                 if any(m.get("job_started_at") for m in machines):
                     return document
                 if document.get("state") != "running":
-                    raise GpurunError(f"the run ended ({document.get('state')}) before its first job started")
+                    raise GpurunError(f"the run ended ({state_text(document)}) before its first job started")
                 if machines:
                     update(f"machine {machines[-1].get('instance_id')} is bootstrapping")
             if time.monotonic() >= deadline:
@@ -150,6 +150,18 @@ def wait_for_first_job(
 
 
 # -- status: what any computer can read back ------------------------------------------------------
+
+#: The states a machine writes into attempts.json.
+RUN_STATES = ("running", "succeeded", "failed", "budget_spent")
+
+
+def state_text(document: dict[str, Any]) -> str:
+    """attempts.json's `state` for a message: a known one as is, anything else escaped and cut short."""
+    from gpurun.text import escape_controls
+
+    state = document.get("state")
+    return state if state in RUN_STATES else escape_controls(str(state))[:40]
+
 
 _GENERATION_TEXT = ("instance_id", "type", "zone", "started_at", "ended_at", "why", "job_started_at")
 
