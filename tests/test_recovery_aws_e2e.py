@@ -425,6 +425,35 @@ def test_with_idle_timeout_null_a_failed_run_keeps_its_machine_until_teardown(
 
 
 @pytest.mark.slow
+def test_teardown_right_after_a_reclaim_stops_the_job_on_the_replacement_machine(
+    world: dict[str, Any],
+    boot_emulator: BootEmulator,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = _spec(world, str(world["tmp"] / "finish"), "{max_restarts: 2}")
+    code, out, err = cli(capsys, "launch", str(spec), "--json")
+    assert code == 0, err
+    run = json.loads(out)["run"]
+    [first] = boot_emulator.live()
+    wait_until(lambda: "job started" in _log(boot_emulator, first, run), timeout=60, what="the first job")
+    autoscaling = boto3.client("autoscaling", endpoint_url=world["endpoint"], region_name="us-east-1")
+    autoscaling.terminate_instance_in_auto_scaling_group(InstanceId=first, ShouldDecrementDesiredCapacity=False)
+    second = wait_until(lambda: [i for i in boot_emulator.live() if i != first], timeout=60, what="a new machine")[0]
+    wait_until(lambda: "job started" in _log(boot_emulator, second, run), timeout=120, what="the second job")
+    # No `status` ran since the reclaim: the record still names the first machine.
+    assert [m["instance_id"] for m in runs.load(run)["machines"]] == [first]
+    monkeypatch.setattr("gpurun.providers.aws.connect.AWS_CONNECT_RETRY_FOR", 0.0)
+    code, _out, err = cli(capsys, "teardown", run, "--yes")
+    assert code == 0, err
+    # Teardown went to the machine that runs the job now (moto's address for it does not answer here).
+    assert "node 0 is unreachable" in err, err
+    assert [m["instance_id"] for m in runs.load(run)["machines"]] == [second]
+    assert not _leftovers(world, run)["groups"] and not _leftovers(world, run)["instances"]
+    wait_until(lambda: not boot_emulator.live(), timeout=30, what="the machines to go")
+
+
+@pytest.mark.slow
 def test_a_job_failing_every_time_stops_after_the_budget_with_the_group_at_zero(
     world: dict[str, Any], boot_emulator: BootEmulator, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -204,6 +204,7 @@ def teardown(
                 "final snapshot while the machine shuts down"
             )
         if not adopted:
+            record = _follow_the_group(record, ui)
             _refresh_machine_states(provider, record, ui)
         for machine in record.get("machines", []):
             if adopted or machine.get("state") in gone_states or machine.get("cleaned"):
@@ -256,6 +257,18 @@ def _home_store(record: RunRecord) -> RunRecord:
     home = record.copy()
     home["store"] = record.get("adopted_from") or record["store"]
     return home
+
+
+def _follow_the_group(record: RunRecord, ui: Reporter) -> RunRecord:
+    """A recovering run's record may still name a machine its group has replaced (no `status` ran
+    since the reclaim): the final sync must reach the machine that runs the job now."""
+    from gpurun.app.status import with_current_machine
+
+    try:
+        return with_current_machine(record)
+    except GpurunError as error:
+        ui.warn(f"could not find the group's current machine ({error}); ending the machines the record names")
+        return record
 
 
 def _refresh_machine_states(provider: Provider, record: RunRecord, ui: Reporter) -> None:
