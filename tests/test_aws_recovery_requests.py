@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from gpurun.providers.aws import recovery as rc
 from gpurun.providers.aws import requests as rq
@@ -168,10 +169,8 @@ def test_moto_accepts_the_template_group_and_guard(session) -> None:
     assert stored["BlockDeviceMappings"][0]["Ebs"]["Encrypted"] is True
 
 
-def test_teardown_removes_group_template_and_guard_and_orphans_finds_them(session) -> None:
-    from gpurun.providers.aws.session import Aws
-    from gpurun.providers.aws.teardown import Timing, find_orphans, remove_run
-
+def _group_with_template(session) -> tuple[Any, Any, str]:
+    """What a recovering launch leaves on AWS: the run's security group, launch template and group."""
     ec2, autoscaling = session.client("ec2"), session.client("autoscaling")
     subnets = [subnet["SubnetId"] for subnet in ec2.describe_subnets()["Subnets"]]
     image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
@@ -184,6 +183,14 @@ def test_teardown_removes_group_template_and_guard_and_orphans_finds_them(sessio
             run=RUN, owner="alice", instance_types=["t3.micro"], subnet_ids=subnets, nodes=1, spot=False
         )
     )
+    return ec2, autoscaling, group_id
+
+
+def test_teardown_removes_group_template_and_guard_and_orphans_finds_them(session) -> None:
+    from gpurun.providers.aws.session import Aws
+    from gpurun.providers.aws.teardown import Timing, find_orphans, remove_run
+
+    ec2, autoscaling, group_id = _group_with_template(session)
     autoscaling.put_scheduled_update_group_action(**rc.scheduled_guard_kwargs(RUN, datetime.now(timezone.utc)))
     aws = Aws(session=session, region="us-east-1", profile=None)
 
@@ -246,18 +253,7 @@ def test_a_group_that_cannot_be_deleted_keeps_its_max_runtime_guard(session) -> 
     from gpurun.providers.aws.session import Aws
     from gpurun.providers.aws.teardown import Timing, remove_run
 
-    ec2, autoscaling = session.client("ec2"), session.client("autoscaling")
-    subnets = [subnet["SubnetId"] for subnet in ec2.describe_subnets()["Subnets"]]
-    image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-    group_id = ec2.create_security_group(GroupName=f"gpurun-{RUN}", Description="x")["GroupId"]
-    data = _template(ami_id=image, security_group_id=group_id, instance_profile=None)
-    data.pop("KeyName")
-    ec2.create_launch_template(**rc.create_launch_template_kwargs(RUN, "alice", data))
-    autoscaling.create_auto_scaling_group(
-        **rc.auto_scaling_group_kwargs(
-            run=RUN, owner="alice", instance_types=["t3.micro"], subnet_ids=subnets, nodes=1, spot=False
-        )
-    )
+    ec2, autoscaling, group_id = _group_with_template(session)
     later = datetime.now(timezone.utc) + timedelta(hours=12)
     autoscaling.put_scheduled_update_group_action(**rc.scheduled_guard_kwargs(RUN, later))
 

@@ -131,6 +131,12 @@ def _log(emulator: BootEmulator, instance_id: str, run: str) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
+#: What `_leftovers` finds once a run is gone: every kind of resource it looks for, none left.
+NOTHING_LEFT: dict[str, list[Any]] = {
+    kind: [] for kind in ("groups", "templates", "instances", "security_groups", "key_pairs", "roles", "profiles")
+}
+
+
 def _leftovers(world: dict[str, Any], run: str) -> dict[str, list[Any]]:
     endpoint = world["endpoint"]
     ec2 = boto3.client("ec2", endpoint_url=endpoint, region_name="us-east-1")
@@ -314,15 +320,7 @@ class TestReclaimedMachineIsReplacedAndTheJobResumesFromLatest:
     def test_teardown_leaves_nothing(self, reclaim_story) -> None:
         code, out, err = reclaim_story["teardown"]
         assert code == 0, err
-        assert reclaim_story["leftovers"] == {
-            "groups": [],
-            "templates": [],
-            "instances": [],
-            "security_groups": [],
-            "key_pairs": [],
-            "roles": [],
-            "profiles": [],
-        }
+        assert reclaim_story["leftovers"] == NOTHING_LEFT
 
 
 @pytest.mark.slow
@@ -586,15 +584,7 @@ def test_no_capacity_within_capacity_wait_exits_3_and_removes_everything(
     # Exit 3 says what was tried, from the activities.
     assert "started no machine in 6s" in err and "sufficient t3.small capacity" in err, err
     assert "3 failed launches tried t3.micro in us-east-1a, us-east-1b; t3.small in us-east-1a" in err, err
-    assert _leftovers(world, run) == {
-        "groups": [],
-        "templates": [],
-        "instances": [],
-        "security_groups": [],
-        "key_pairs": [],
-        "roles": [],
-        "profiles": [],
-    }
+    assert _leftovers(world, run) == NOTHING_LEFT
 
 
 @pytest.mark.slow
