@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpurun import jobs, paths, runs
-from gpurun.app import image_prep, images
+from gpurun import image_prep, jobs, paths, runs
+from gpurun.app import images
 from gpurun.app.metrics import parse_metrics
 from gpurun.errors import GpurunError, InvalidDocument
 from gpurun.store import documents, open_store

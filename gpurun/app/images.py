@@ -50,7 +50,9 @@ HISTORY_FILES = (
     ".psql_history",
     ".mysql_history",
 )
-_PREP_SCRIPT = Path(__file__).with_name("image_prep.py")
+# A lone stdlib script the machine runs (beside bootstrap.py, outside app/: it parses what the
+# laptop sends with its own copy of the documents' strictness, since gpurun is not on the machine).
+_PREP_SCRIPT = Path(__file__).parent.parent / "image_prep.py"
 STASH_PATH = re.compile(r"/[A-Za-z0-9._/-]{1,200}/gpurun-image-[A-Za-z0-9_]{1,40}")
 
 
