@@ -10,6 +10,7 @@ import datetime
 import json
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -156,7 +157,9 @@ def test_two_machines_cannot_both_take_the_last_restart(machine_aws: bs.Aws, buc
     assert [m["instance_id"] for m in document["machines"]] == ["i-1", granted[0]]
 
 
-def test_a_machine_scales_its_own_group_to_zero(machine_aws: bs.Aws, moto_server: str) -> None:
+@pytest.fixture
+def one_machine_group(moto_server: str) -> Iterator[tuple[str, Any]]:
+    """A group of one machine on moto (its name and an Auto Scaling client), removed afterwards."""
     ec2 = boto3.client("ec2", endpoint_url=moto_server, region_name="us-east-1")
     autoscaling = boto3.client("autoscaling", endpoint_url=moto_server, region_name="us-east-1")
     name = f"gpurun-boot-{uuid.uuid4().hex[:8]}"
@@ -174,14 +177,19 @@ def test_a_machine_scales_its_own_group_to_zero(machine_aws: bs.Aws, moto_server
         LaunchTemplate={"LaunchTemplateName": name, "Version": "$Latest"},
     )
     try:
-        machine_aws.autoscaling(
-            "SetDesiredCapacity", {"AutoScalingGroupName": name, "DesiredCapacity": "0", "HonorCooldown": "false"}
-        )
-        [group] = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"]
-        assert group["DesiredCapacity"] == 0 and group["Instances"] == []
+        yield name, autoscaling
     finally:
         autoscaling.delete_auto_scaling_group(AutoScalingGroupName=name, ForceDelete=True)
         ec2.delete_launch_template(LaunchTemplateName=name)
+
+
+def test_a_machine_scales_its_own_group_to_zero(machine_aws: bs.Aws, one_machine_group: tuple[str, Any]) -> None:
+    name, autoscaling = one_machine_group
+    machine_aws.autoscaling(
+        "SetDesiredCapacity", {"AutoScalingGroupName": name, "DesiredCapacity": "0", "HonorCooldown": "false"}
+    )
+    [group] = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"]
+    assert group["DesiredCapacity"] == 0 and group["Instances"] == []
 
 
 def test_user_data_holds_no_credentials_and_fits(fake_imds: FakeImds) -> None:
@@ -197,24 +205,13 @@ def test_user_data_holds_no_credentials_and_fits(fake_imds: FakeImds) -> None:
 
 
 def test_a_machine_that_cannot_set_itself_up_ends_the_run_instead_of_idling(
-    machine_aws: bs.Aws, bucket: str, moto_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    machine_aws: bs.Aws,
+    bucket: str,
+    one_machine_group: tuple[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    ec2 = boto3.client("ec2", endpoint_url=moto_server, region_name="us-east-1")
-    autoscaling = boto3.client("autoscaling", endpoint_url=moto_server, region_name="us-east-1")
-    name = f"gpurun-boot-{uuid.uuid4().hex[:8]}"
-    image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
-    ec2.create_launch_template(
-        LaunchTemplateName=name, LaunchTemplateData={"ImageId": image, "InstanceType": "t3.micro"}
-    )
-    subnets = [subnet["SubnetId"] for subnet in ec2.describe_subnets()["Subnets"]]
-    autoscaling.create_auto_scaling_group(
-        AutoScalingGroupName=name,
-        MinSize=0,
-        MaxSize=1,
-        DesiredCapacity=1,
-        VPCZoneIdentifier=",".join(subnets),
-        LaunchTemplate={"LaunchTemplateName": name, "Version": "$Latest"},
-    )
+    name, autoscaling = one_machine_group
     monkeypatch.setenv("GPURUN_BOOT_HOME", str(tmp_path / "home"))
     config = {
         "run": "run-1",
@@ -226,16 +223,12 @@ def test_a_machine_that_cannot_set_itself_up_ends_the_run_instead_of_idling(
         "code": "0" * 64,
         "checkpoint_dir": "ckpt",
     }
-    try:
-        assert bs.boot(config) == 1
-        document, _etag = _budget(machine_aws, bucket, 1).read()
-        assert document is not None and document["state"] == "failed"
-        assert document["machines"][0]["why"].startswith("bootstrap failed: RuntimeError: s3://")
-        [group] = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"]
-        assert group["DesiredCapacity"] == 0
-    finally:
-        autoscaling.delete_auto_scaling_group(AutoScalingGroupName=name, ForceDelete=True)
-        ec2.delete_launch_template(LaunchTemplateName=name)
+    assert bs.boot(config) == 1
+    document, _etag = _budget(machine_aws, bucket, 1).read()
+    assert document is not None and document["state"] == "failed"
+    assert document["machines"][0]["why"].startswith("bootstrap failed: RuntimeError: s3://")
+    [group] = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"]
+    assert group["DesiredCapacity"] == 0
 
 
 @pytest.mark.parametrize("files_kept", [False, True])
