@@ -204,7 +204,7 @@ def teardown(
                 "final snapshot while the machine shuts down"
             )
         if not adopted:
-            record = _follow_the_group(record, ui)
+            _follow_the_group(record, ui)
             _refresh_machine_states(provider, record, ui)
         for machine in record.get("machines", []):
             if adopted or machine.get("state") in gone_states or machine.get("cleaned"):
@@ -259,16 +259,17 @@ def _home_store(record: RunRecord) -> RunRecord:
     return home
 
 
-def _follow_the_group(record: RunRecord, ui: Reporter) -> RunRecord:
+def _follow_the_group(record: RunRecord, ui: Reporter) -> None:
     """A recovering run's record may still name a machine its group has replaced (no `status` ran
-    since the reclaim): the final sync must reach the machine that runs the job now."""
-    from gpurun.app.status import with_current_machine
+    since the reclaim): point it at the machine that runs the job now, so the final sync reaches it."""
+    if not (capabilities_of(record).replaces_lost_machines and record.get("bootstrap")):
+        return
+    from gpurun.app import recovering
 
-    try:
-        return with_current_machine(record)
-    except GpurunError as error:
-        ui.warn(f"could not find the group's current machine ({error}); ending the machines the record names")
-        return record
+    problems: list[str] = []
+    recovering.reconcile_from_store(record, problems)
+    for problem in problems:
+        ui.warn(f"{problem}; ending the machines the record names")
 
 
 def _refresh_machine_states(provider: Provider, record: RunRecord, ui: Reporter) -> None:
