@@ -347,6 +347,9 @@ def test_an_unchanged_snapshot_costs_a_few_requests_not_one_per_file(s3_bucket: 
     second = snapshots.write_snapshot(store, "run", unchanged, previous=first["manifest"])
     # list used numbers, claim, list snapshot 1's folder, manifest, read LATEST, write LATEST
     assert len(recorder.calls) <= 7, recorder.ops()
+    # The used numbers come from one level of snapshots/, not from every file in its folders.
+    numbers = [params for name, key, params in recorder.calls if name == "ListObjectsV2" and "delimiter" in params]
+    assert [params["prefix"] for params in numbers] == [store.prefix + "run/snapshots/"], recorder.calls
     assert second["sent_bytes"] == 0
     snapshots.download_snapshot(store, "run", tmp_path / "out")
     assert len(list((tmp_path / "out").rglob("*.bin"))) == 300
@@ -368,15 +371,53 @@ def test_a_new_snapshot_costs_one_request_per_file_and_no_listing_of_what_it_sen
     assert {path.relative_to(out).as_posix(): path.read_bytes() for path in out.rglob("*.bin")} == data
 
 
-def test_a_file_that_grew_after_staging_is_refused_before_the_manifest(s3_bucket: str, tmp_path: Path) -> None:
-    store = S3Store(s3_bucket)
-    staged = stage(tmp_path / "a", {"w.bin": b"x" * 100})
-    Path(staged[0].local_path).write_bytes(b"x" * 150)  # the training process wrote more after staging
+@pytest.mark.parametrize("size", [100, 6 * MiB], ids=["lean PUT", "multipart"])
+def test_a_file_that_grew_after_staging_is_refused_before_the_manifest(
+    s3_bucket: str, tmp_path: Path, size: int
+) -> None:
+    store = small_store(s3_bucket)
+    staged = stage(tmp_path / "a", {"w.bin": b"x" * size})
+    Path(staged[0].local_path).write_bytes(b"x" * (size + 50))  # the training process wrote more after staging
     stale = [StagedFile(staged[0].path, staged[0].size, None, staged[0].local_path)]
     with pytest.raises(StoreError, match="w.bin"):
         snapshots.write_snapshot(store, "run", stale, previous=None)
     assert snapshots.latest(store, "run") is None
     assert store.get_bytes("run/snapshots/000001.manifest.json") is None
+
+
+def test_a_multipart_file_is_confirmed_by_its_upload_not_listed_again(s3_bucket: str, tmp_path: Path) -> None:
+    store = small_store(s3_bucket)
+    data = {"model.bin": random.Random(3).randbytes(11 * MiB), "step.txt": b"7"}
+    recorder = Recorder(store)
+    snapshots.write_snapshot(store, "run", stage(tmp_path / "a", data), previous=None)
+    ops = recorder.ops()
+    assert ops.count("UploadPart") == 3 and ops.count("CompleteMultipartUpload") == 1, ops
+    # The one listing finds the free snapshot number; the parts' answers confirmed the big file.
+    assert ops.count("ListObjectsV2") == 1, ops
+    snapshots.download_snapshot(store, "run", tmp_path / "out")
+    assert (tmp_path / "out/model.bin").read_bytes() == data["model.bin"]
+
+
+def test_the_number_after_the_previous_snapshot_is_claimed_only_when_no_higher_one_is_in_use(
+    s3_bucket: str, tmp_path: Path
+) -> None:
+    store = S3Store(s3_bucket)
+    manifests = []
+    for index in range(3):
+        staged = stage(tmp_path / f"v{index}", {"w.bin": bytes([index]) * 10})
+        manifests.append(snapshots.write_snapshot(store, "run", staged, previous=None)["manifest"])
+    assert [m["seq"] for m in manifests] == [1, 2, 3]
+    # A writer whose previous snapshot is 1 (another writer made 2 and 3) tries 2: held, so 4.
+    fourth = snapshots.write_snapshot(store, "run", stage(tmp_path / "d", {"w.bin": b"d"}), previous=manifests[0])
+    assert fourth["seq"] == 4
+    # Snapshot 1's claim is gone (pruned), its manifest is not: the free-looking guess 1 is
+    # given back once the listing shows 1 to 4 in use, and 5 is taken.
+    store.delete(["run/snapshots/000001.claim"])
+    fifth = snapshots.write_snapshot(store, "run", stage(tmp_path / "e", {"w.bin": b"e"}), previous=None)
+    assert fifth["seq"] == 5
+    assert store.size_of("run/snapshots/000001.claim") is None
+    assert snapshots.latest(store, "run")["seq"] == 5
+    assert [s["seq"] for s in snapshots.list_snapshots(store, "run")] == [1, 2, 3, 4, 5]
 
 
 # -- runs listing -------------------------------------------------------------------

@@ -35,11 +35,13 @@ def size_mismatch(url: str, key: str, actual: int | str, expected: int) -> str:
 
 @dataclass(frozen=True)
 class Sent:
-    """A file `put_files` stored from one buffer it read, hashed and sent whole: the store
-    acknowledged exactly these bytes (S3 never keeps part of an object, and a lean PUT is
-    signed with this sha256), so it need not be listed again to be confirmed."""
+    """A file `put_files` knows it stored, from the store's own answers: exactly `size` bytes
+    (S3 never keeps part of an object; each request said its length and was checked against
+    the hash it was signed or sent with), so it need not be listed again to be confirmed.
+    `sha256` when it was read, hashed and sent from one buffer (a lean PUT is signed with it);
+    None for a multipart upload, whose parts the transfer read."""
 
-    sha256: str
+    sha256: str | None
     size: int
 
 
@@ -98,8 +100,9 @@ class ObjectStore(ABC):
     def put_files(
         self, items: builtins.list[tuple[str, str]], *, if_absent: bool = False, progress: Progress | None = None
     ) -> dict[str, Sent]:
-        """Upload many files; returns what it knows it stored of those it hashed while sending
-        (by key, see `hashed_while_sending`). Stores that can do it concurrently override this."""
+        """Upload many files; returns, by key, those it knows it stored (see `Sent`; with the
+        sha256 of those it hashed while sending, `hashed_while_sending`). Stores that can do it
+        concurrently override this."""
         for key, path in items:
             self.put_file(key, path, if_absent=if_absent, progress=progress)
         return {}
@@ -124,9 +127,19 @@ class ObjectStore(ABC):
         """
         raise NotImplementedError
 
+    def list_names(self, folder: str) -> builtins.list[str]:
+        """What lies directly in `folder` ("" or ending in "/"), sorted: object names, and sub-folder
+        names with a trailing "/". Stores that can list one level override this: a folder of
+        snapshots then costs one request, not one per 1,000 of the files inside them."""
+        names = set()
+        for obj in self.list(folder):
+            name, below, _rest = obj.key[len(folder) :].partition("/")
+            names.add(name + below)
+        return sorted(names)
+
     def list_runs(self) -> builtins.list[str]:
-        """Names of the top-level folders (each may hold a run); stores that can list one level override this."""
-        return sorted({obj.key.split("/", 1)[0] for obj in self.list("") if "/" in obj.key})
+        """Names of the top-level folders (each may hold a run)."""
+        return [name.rstrip("/") for name in self.list_names("") if name.endswith("/")]
 
     def check_writable(self) -> None:
         """Raise StoreError with a clear line when the store cannot be written."""

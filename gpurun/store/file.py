@@ -180,13 +180,15 @@ class FileStore(ObjectStore):
                         continue
         return found
 
-    def list_runs(self) -> builtins.list[str]:
+    def list_names(self, folder: str) -> builtins.list[str]:
+        base = self._path(folder) if folder else self.root
         try:
-            return sorted(
-                entry.name for entry in os.scandir(self.root) if entry.is_dir() and not entry.name.startswith(".")
-            )
-        except FileNotFoundError:
+            entries = list(os.scandir(base))
+        except (FileNotFoundError, NotADirectoryError):
             return []
+        return sorted(
+            entry.name + ("/" if entry.is_dir() else "") for entry in entries if not entry.name.startswith(".")
+        )
 
     def delete(self, keys: Iterable[str]) -> None:
         parents = set()

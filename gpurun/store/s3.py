@@ -407,6 +407,9 @@ class S3Store(ObjectStore):
                         if if_absent and _is_conflict(error) and self._written_by_us(full_keys[index], nonce):
                             continue
                         raise self._error(error, "uploading", items[index][0]) from None
+                    # Every request said its length (the transfer's size, taken when it started) and S3
+                    # checked each body against its checksum: the object is exactly that long.
+                    digests[items[index][0]] = Sent(None, future.meta.size)
                 return digests
         finally:
             if if_absent:
@@ -713,19 +716,18 @@ class S3Store(ObjectStore):
             raise self._error(error, "listing", prefix) from None
         return found
 
-    def list_runs(self) -> builtins.list[str]:
-        """Top-level folders under the prefix, with one LIST per 1,000 runs (not per object)."""
-        names = []
+    def list_names(self, folder: str) -> builtins.list[str]:
+        """One level (`Delimiter="/"`): one LIST per 1,000 names, whatever the folders hold."""
+        names: builtins.list[str] = []
+        start = len(self.prefix) + len(folder)
         try:
             paginator = self.client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix, Delimiter="/"):
-                for common in page.get("CommonPrefixes", ()):
-                    name = common["Prefix"][len(self.prefix) :].rstrip("/")
-                    if name:
-                        names.append(name)
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + folder, Delimiter="/"):
+                names.extend(common["Prefix"][start:] for common in page.get("CommonPrefixes", ()))
+                names.extend(item["Key"][start:] for item in page.get("Contents", ()))
         except Exception as error:
-            raise self._error(error, "listing") from None
-        return sorted(names)
+            raise self._error(error, "listing", folder) from None
+        return sorted(name for name in names if name not in ("", "/"))
 
     def delete(self, keys: Iterable[str]) -> None:
         full_keys = [self._key(key) for key in keys]

@@ -192,13 +192,49 @@ def summary(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _used_seqs(store: ObjectStore, run: str) -> set[int]:
+def _used_seqs(store: ObjectStore, run: str, *, but: str = "") -> set[int]:
+    """Every number a claim, a manifest or a folder holds (one level of `snapshots/`), but for the name `but`."""
     seqs = set()
-    for obj in store.list(f"{run}/snapshots/"):
-        match = _SEQ_ANY.match(obj.key[len(run) + 1 :])
-        if match:
+    for name in store.list_names(f"{run}/snapshots/"):
+        match = _SEQ_ANY.match("snapshots/" + name)
+        if match and name != but:
             seqs.add(int(match.group(1)))
     return seqs
+
+
+def _claim(store: ObjectStore, run: str, writer: str, guess: int) -> int:
+    """Take a snapshot number no writer has used: create-only `000N.claim`, higher than any in use.
+
+    The number after the writer's previous snapshot is almost always the one: it is claimed
+    while the listing that shows it is the highest runs, so the claim costs no round trip of
+    its own. A guess that turns out lower than a number in use is given back (deleted: it is
+    ours) and the next free number above them all is claimed instead.
+    """
+    claim = json.dumps({"writer": writer}).encode()
+
+    def claimed(seq: int) -> bool:
+        try:
+            store.put_bytes(f"{run}/{seq_dir(seq)}.claim", claim, if_absent=True)
+        except SnapshotConflict:
+            return False  # another writer holds it
+        return True
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpurun-list") as pool:
+        # The listing may or may not see the guess's claim; anything else under that number
+        # (a folder or manifest left by a writer cut short before its claim) makes it used.
+        listing = pool.submit(_used_seqs, store, run, but=f"{guess:06d}.claim")
+        got = claimed(guess)
+        used = listing.result()
+    if got and max(used, default=0) < guess:
+        return guess
+    if got:
+        store.delete([f"{run}/{seq_dir(guess)}.claim"])
+    for _attempt in range(20):
+        seq = max(used | {guess}, default=0) + 1
+        if claimed(seq):
+            return seq
+        used = _used_seqs(store, run)
+    raise StoreError(f"{store.url}/{run}: could not claim a snapshot number (too many concurrent writers)")
 
 
 def write_snapshot(
@@ -234,16 +270,8 @@ def write_snapshot(
     # before deciding, and the rest while they upload.
     maybe_same = [item for item in unhashed if previous_files.get(item.path, {}).get("size") == item.size]
     hashes.update(_hash_files(maybe_same))
-    for _attempt in range(20):
-        seq = max(_used_seqs(store, run), default=0) + 1
-        try:
-            # The claim makes the number ours: a second agent gets a conflict and moves on.
-            store.put_bytes(f"{run}/{seq_dir(seq)}.claim", json.dumps({"writer": writer}).encode(), if_absent=True)
-            break
-        except SnapshotConflict:
-            continue
-    else:
-        raise StoreError(f"{store.url}/{run}: could not claim a snapshot number (too many concurrent writers)")
+    # The claim makes the number ours: a second agent gets a conflict and moves on.
+    seq = _claim(store, run, writer, previous["seq"] + 1 if previous else 1)
 
     prefix = f"{run}/{seq_dir(seq)}/"
     uploads: list[tuple[str, str]] = []
@@ -276,7 +304,8 @@ def write_snapshot(
         for item in unhashed:
             if item.path not in hashes and item.local_path is not None:
                 whole = sent_whole.get(prefix + item.path)
-                hashes[item.path] = whole.sha256 if whole is not None else sha256_file(item.local_path, abandon)
+                digest = whole.sha256 if whole is not None else None
+                hashes[item.path] = digest or sha256_file(item.local_path, abandon)
     finally:
         # After a failed upload, a big file's hash stops at its next chunk: the
         # agent's final sync and its exit do not wait for it.
@@ -313,11 +342,14 @@ def write_snapshot(
     }
     if links:
         manifest["links"] = [{"path": path, "target": links[path]} for path in sorted(links)]
-    store.put_bytes(f"{run}/{seq_dir(seq)}.manifest.json", json.dumps(manifest, indent=1).encode(), if_absent=True)
-    try:
-        current = latest(store, run)
-    except InvalidLatest:
-        current = None  # this snapshot is complete and confirmed: it is a sound LATEST
+    # LATEST is read while the manifest goes up: one round trip for both.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpurun-latest") as pool:
+        reading = pool.submit(latest, store, run)
+        store.put_bytes(f"{run}/{seq_dir(seq)}.manifest.json", json.dumps(manifest, indent=1).encode(), if_absent=True)
+        try:
+            current = reading.result()
+        except InvalidLatest:
+            current = None  # this snapshot is complete and confirmed: it is a sound LATEST
     if current is None or current["seq"] < seq:
         store.put_bytes(f"{run}/LATEST", latest_bytes(summary(manifest)))
     return {**summary(manifest), "sent_bytes": sent, "manifest": manifest}
