@@ -392,6 +392,9 @@ def test_a_multipart_file_is_confirmed_by_its_upload_not_listed_again(s3_bucket:
     snapshots.write_snapshot(store, "run", stage(tmp_path / "a", data), previous=None)
     ops = recorder.ops()
     assert ops.count("UploadPart") == 3 and ops.count("CompleteMultipartUpload") == 1, ops
+    # What S3 checks every part's bytes against before it answers.
+    parts = [params for name, _key, params in recorder.calls if name == "UploadPart"]
+    assert all(params.get("x-amz-checksum-crc32") for params in parts), parts
     # The one listing finds the free snapshot number; the parts' answers confirmed the big file.
     assert ops.count("ListObjectsV2") == 1, ops
     snapshots.download_snapshot(store, "run", tmp_path / "out")
