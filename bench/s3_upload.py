@@ -24,6 +24,10 @@ Down (restore), from one snapshot gpurun uploaded before (untimed):
 - `aws s3 cp --recursive s3://.../snapshots/000001/ DIR` and
   `s5cmd cp 's3://.../snapshots/000001/*' DIR/`: neither verifies a sha256.
 
+Before any tool runs, one untimed multipart upload (32 parts in flight), PUT
+and GET warm the server up: its first wide upload costs it up to a second
+more CPU, and the first tool would pay for that.
+
 `--latency-ms` holds every request that long in the server before moto answers
 it (the thread sleeps, so requests overlap), the round trip a real S3 endpoint
 adds; moto alone answers in its own CPU time, about 4 ms a request here.
@@ -203,6 +207,22 @@ def delete_prefix(client, prefix: str) -> None:
             client.delete_objects(Bucket=BUCKET, Delete={"Objects": keys, "Quiet": True})
 
 
+def warm_up(client) -> None:
+    """Untimed: a multipart upload with 32 parts in flight, a PUT and a GET, deleted after. The
+    server's first wide upload costs it up to a second more CPU than the next ones (its allocator
+    grows to hold that many 8 MiB bodies at once), which fell on whichever tool ran first."""
+    from boto3.s3.transfer import TransferConfig
+
+    with tempfile.NamedTemporaryFile() as handle:
+        handle.write(os.urandom(256 << 20))
+        handle.flush()
+        config = TransferConfig(multipart_threshold=8 << 20, multipart_chunksize=8 << 20, max_concurrency=32)
+        client.upload_file(handle.name, BUCKET, "warm/big", Config=config)
+    client.put_object(Bucket=BUCKET, Key="warm/small", Body=b"x" * 1000)
+    client.get_object(Bucket=BUCKET, Key="warm/small")["Body"].read()
+    delete_prefix(client, "warm")
+
+
 def measure(tool: str, directory: Path, endpoint: str, env: dict, tag: str, resync: bool = True) -> dict:
     """Upload `directory` with `tool`, then sync it again unchanged; returns timings and bytes."""
     url = f"s3://{BUCKET}/{tag}"
@@ -316,6 +336,7 @@ def main() -> None:
 
             client = boto3.client("s3", endpoint_url=endpoint)
             client.create_bucket(Bucket=BUCKET)
+            warm_up(client)
             try:
                 for case, directory in cases.items():
                     key = f"{case} @ {latency:g} ms"
