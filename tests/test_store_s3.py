@@ -401,6 +401,15 @@ def test_a_multipart_file_is_confirmed_by_its_upload_not_listed_again(s3_bucket:
     assert (tmp_path / "out/model.bin").read_bytes() == data["model.bin"]
 
 
+def claim_requests(recorder: Recorder) -> list[tuple[str, str]]:
+    """(operation, snapshot number) of every request on a claim, in order."""
+    return [
+        (name, key.rsplit("/", 1)[-1][:6])
+        for name, key, _params in recorder.calls
+        if key.endswith(".claim") or (name == "DeleteObjects")
+    ]
+
+
 def test_the_number_after_the_previous_snapshot_is_claimed_only_when_no_higher_one_is_in_use(
     s3_bucket: str, tmp_path: Path
 ) -> None:
@@ -408,19 +417,62 @@ def test_the_number_after_the_previous_snapshot_is_claimed_only_when_no_higher_o
     manifests = []
     for index in range(3):
         staged = stage(tmp_path / f"v{index}", {"w.bin": bytes([index]) * 10})
-        manifests.append(snapshots.write_snapshot(store, "run", staged, previous=None)["manifest"])
+        manifests.append(
+            snapshots.write_snapshot(store, "run", staged, previous=manifests[-1] if manifests else None)["manifest"]
+        )
     assert [m["seq"] for m in manifests] == [1, 2, 3]
-    # A writer whose previous snapshot is 1 (another writer made 2 and 3) tries 2: held, so 4.
-    fourth = snapshots.write_snapshot(store, "run", stage(tmp_path / "d", {"w.bin": b"d"}), previous=manifests[0])
+    # The usual case: the number after the previous snapshot, claimed beside the one listing.
+    recorder = Recorder(store)
+    fourth = snapshots.write_snapshot(store, "run", stage(tmp_path / "d", {"w.bin": b"d"}), previous=manifests[-1])
     assert fourth["seq"] == 4
-    # Snapshot 1's claim is gone (pruned), its manifest is not: the free-looking guess 1 is
-    # given back once the listing shows 1 to 4 in use, and 5 is taken.
-    store.delete(["run/snapshots/000001.claim"])
-    fifth = snapshots.write_snapshot(store, "run", stage(tmp_path / "e", {"w.bin": b"e"}), previous=None)
+    assert claim_requests(recorder) == [("PutObject", "000004")], recorder.calls
+    # A writer whose previous snapshot is 1 (another writer made 2 to 4) tries 2: held, so 5.
+    recorder.calls.clear()
+    fifth = snapshots.write_snapshot(store, "run", stage(tmp_path / "e", {"w.bin": b"e"}), previous=manifests[0])
     assert fifth["seq"] == 5
+    # (The HEAD asks whether the claim that refused ours is our own earlier attempt.)
+    assert claim_requests(recorder) == [("PutObject", "000002"), ("HeadObject", "000002"), ("PutObject", "000005")]
+    # Snapshot 1's claim is gone (pruned), its manifest is not: the free-looking guess 1 is
+    # given back once the listing shows 1 to 5 in use, and 6 is taken.
+    store.delete(["run/snapshots/000001.claim"])
+    recorder.calls.clear()
+    sixth = snapshots.write_snapshot(store, "run", stage(tmp_path / "f", {"w.bin": b"f"}), previous=None)
+    assert sixth["seq"] == 6
+    assert [op for op, _seq in claim_requests(recorder)] == ["PutObject", "DeleteObjects", "PutObject"], recorder.calls
     assert store.size_of("run/snapshots/000001.claim") is None
-    assert snapshots.latest(store, "run")["seq"] == 5
-    assert [s["seq"] for s in snapshots.list_snapshots(store, "run")] == [1, 2, 3, 4, 5]
+    assert snapshots.latest(store, "run")["seq"] == 6
+    assert [s["seq"] for s in snapshots.list_snapshots(store, "run")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_claim_another_writer_overwrote_is_not_taken_for_ours(s3_bucket: str, tmp_path: Path) -> None:
+    """On a store that ignores create-only writes, two writers can both "claim" a number: the
+    listing shows whose claim is there now, by its tag, and the number is left to that one."""
+    store = S3Store(s3_bucket)
+    first = snapshots.write_snapshot(store, "run", stage(tmp_path / "a", {"w.bin": b"a"}), previous=None)
+    other = boto3.client("s3")
+    bucket, prefix = parse_url(s3_bucket)
+
+    ours_written = threading.Event()
+
+    def ignore_create_only(request, **kwargs) -> None:
+        request.headers.pop("If-None-Match", None)
+
+    def claim_written(http_response, **kwargs) -> None:
+        ours_written.set()
+
+    def other_writer_claims_after_us(request, **kwargs) -> None:
+        # Between our claim and our listing, the other writer's claim replaces ours.
+        if "delimiter=" in request.url:
+            assert ours_written.wait(timeout=60)
+            other.put_object(Bucket=bucket, Key=f"{prefix}run/snapshots/000002.claim", Body=b'{"writer": "other"}')
+
+    store.client.meta.events.register("before-send.s3.PutObject", ignore_create_only)
+    store.client.meta.events.register("after-call.s3.PutObject", claim_written)
+    store.client.meta.events.register("before-send.s3.ListObjectsV2", other_writer_claims_after_us)
+    second = snapshots.write_snapshot(store, "run", stage(tmp_path / "b", {"w.bin": b"b"}), previous=first["manifest"])
+    assert second["seq"] == 3
+    assert store.get_bytes("run/snapshots/000002.claim") == b'{"writer": "other"}'  # theirs, left alone
+    assert store.size_of("run/snapshots/000002.manifest.json") is None
 
 
 # -- runs listing -------------------------------------------------------------------

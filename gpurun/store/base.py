@@ -69,7 +69,9 @@ class ObjectStore(ABC):
         """Upload a file; with `if_absent`, refuse (SnapshotConflict) when the key exists."""
 
     @abstractmethod
-    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None: ...
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> str:
+        """Write an object; with `if_absent`, refuse (SnapshotConflict) when the key exists. Returns
+        the store's tag of what it wrote (S3's ETag), which `list_level` shows beside its name."""
 
     @abstractmethod
     def get_bytes(self, key: str, *, limit: int | None = None) -> bytes | None:
@@ -127,19 +129,20 @@ class ObjectStore(ABC):
         """
         raise NotImplementedError
 
-    def list_names(self, folder: str) -> builtins.list[str]:
-        """What lies directly in `folder` ("" or ending in "/"), sorted: object names, and sub-folder
-        names with a trailing "/". Stores that can list one level override this: a folder of
+    def list_level(self, folder: str) -> dict[str, str]:
+        """What lies directly in `folder` ("" or ending in "/"): each object's name with its tag
+        (as `put_bytes` returned it; "" where the store has none), and each sub-folder's name
+        with a trailing "/" and "". Stores that can list one level override this: a folder of
         snapshots then costs one request, not one per 1,000 of the files inside them."""
-        names = set()
+        level: dict[str, str] = {}
         for obj in self.list(folder):
             name, below, _rest = obj.key[len(folder) :].partition("/")
-            names.add(name + below)
-        return sorted(names)
+            level[name + below] = ""
+        return level
 
     def list_runs(self) -> builtins.list[str]:
         """Names of the top-level folders (each may hold a run)."""
-        return [name.rstrip("/") for name in self.list_names("") if name.endswith("/")]
+        return sorted(name.rstrip("/") for name in self.list_level("") if name.endswith("/"))
 
     def check_writable(self) -> None:
         """Raise StoreError with a clear line when the store cannot be written."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import errno
 import hashlib
 import os
@@ -31,7 +30,9 @@ class FileStore(ObjectStore):
             raise StoreError(f"{self.url}: refusing key {key!r} outside the store")
         return path
 
-    def _install(self, temp: str, target: Path, if_absent: bool) -> None:
+    def _install(self, temp: str, target: Path, if_absent: bool) -> str:
+        """Put `temp` in place; returns its tag (the inode: `list_level` reads the same)."""
+        tag = str(os.stat(temp).st_ino)
         try:
             if if_absent:
                 # link() fails when the target exists: an atomic "create only".
@@ -44,8 +45,9 @@ class FileStore(ObjectStore):
         finally:
             if os.path.exists(temp):
                 os.unlink(temp)
+        return tag
 
-    def _write(self, key: str, writer: Callable[[BinaryIO], object], if_absent: bool) -> None:
+    def _write(self, key: str, writer: Callable[[BinaryIO], object], if_absent: bool) -> str:
         target = self._path(key)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +62,7 @@ class FileStore(ObjectStore):
         except BaseException:
             os.unlink(temp)
             raise
-        self._install(temp, target, if_absent)
+        return self._install(temp, target, if_absent)
 
     def put_file(self, key: str, path: str, *, if_absent: bool = False, progress: Progress | None = None) -> None:
         def writer(handle: BinaryIO) -> None:
@@ -72,8 +74,8 @@ class FileStore(ObjectStore):
 
         self._write(key, writer, if_absent)
 
-    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        self._write(key, lambda handle: handle.write(data), if_absent)
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> str:
+        return self._write(key, lambda handle: handle.write(data), if_absent)
 
     def get_bytes(self, key: str, *, limit: int | None = None) -> bytes | None:
         try:
@@ -180,15 +182,17 @@ class FileStore(ObjectStore):
                         continue
         return found
 
-    def list_names(self, folder: str) -> builtins.list[str]:
+    def list_level(self, folder: str) -> dict[str, str]:
         base = self._path(folder) if folder else self.root
         try:
             entries = list(os.scandir(base))
         except (FileNotFoundError, NotADirectoryError):
-            return []
-        return sorted(
-            entry.name + ("/" if entry.is_dir() else "") for entry in entries if not entry.name.startswith(".")
-        )
+            return {}
+        return {
+            entry.name + "/" if entry.is_dir() else entry.name: "" if entry.is_dir() else str(entry.inode())
+            for entry in entries
+            if not entry.name.startswith(".")
+        }
 
     def delete(self, keys: Iterable[str]) -> None:
         parents = set()

@@ -307,11 +307,15 @@ class S3Store(ObjectStore):
 
     def _written_by_us(self, full_key: str, nonce: str) -> bool:
         """After a 412: was the object there our own earlier attempt (a retry after a lost response)?"""
+        return self._our_etag(full_key, nonce) is not None
+
+    def _our_etag(self, full_key: str, nonce: str) -> str | None:
+        """The ETag of the object at `full_key` if it is our own earlier attempt; None if not."""
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=full_key)
         except botocore.exceptions.ClientError:
-            return False
-        return head.get("Metadata", {}).get(_NONCE) == nonce
+            return None
+        return _etag(head) if head.get("Metadata", {}).get(_NONCE) == nonce else None
 
     def _locked(self, progress: Progress | None) -> Progress | None:
         """s3transfer reports from many threads; callers get one call at a time."""
@@ -532,7 +536,7 @@ class S3Store(ObjectStore):
         """Requests that uploading `path` can keep in flight: one, or one per part."""
         return self._requests_for(_file_size(path))
 
-    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> str:
         full_key = self._key(key)
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": full_key, "Body": data}
         if if_absent:
@@ -540,12 +544,15 @@ class S3Store(ObjectStore):
             args.update(IfNoneMatch="*", Metadata={_NONCE: nonce})
         started = time.monotonic()
         try:
-            self.client.put_object(**args)
+            answer = self.client.put_object(**args)
         except Exception as error:
-            if if_absent and _is_conflict(error) and self._written_by_us(full_key, nonce):
-                return
+            if if_absent and _is_conflict(error):
+                ours = self._our_etag(full_key, nonce)
+                if ours is not None:
+                    return ours
             raise self._error(error, "writing", key) from None
         self._timed(started)
+        return _etag(answer)
 
     def get_bytes(self, key: str, *, limit: int | None = None) -> bytes | None:
         started = time.monotonic()
@@ -722,18 +729,18 @@ class S3Store(ObjectStore):
             raise self._error(error, "listing", prefix) from None
         return found
 
-    def list_names(self, folder: str) -> builtins.list[str]:
+    def list_level(self, folder: str) -> dict[str, str]:
         """One level (`Delimiter="/"`): one LIST per 1,000 names, whatever the folders hold."""
-        names: builtins.list[str] = []
+        level: dict[str, str] = {}
         start = len(self.prefix) + len(folder)
         try:
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + folder, Delimiter="/"):
-                names.extend(common["Prefix"][start:] for common in page.get("CommonPrefixes", ()))
-                names.extend(item["Key"][start:] for item in page.get("Contents", ()))
+                level.update((common["Prefix"][start:], "") for common in page.get("CommonPrefixes", ()))
+                level.update((item["Key"][start:], _etag(item)) for item in page.get("Contents", ()))
         except Exception as error:
             raise self._error(error, "listing", folder) from None
-        return sorted(name for name in names if name not in ("", "/"))
+        return {name: tag for name, tag in level.items() if name not in ("", "/")}
 
     def delete(self, keys: Iterable[str]) -> None:
         full_keys = [self._key(key) for key in keys]
@@ -940,6 +947,11 @@ class _RangedFetch:
             if self.hashed != self.parts:
                 raise StoreError(f"{self.store.url}/{self.item.key}: download incomplete")
             return self.digest.hexdigest()
+
+
+def _etag(answer: Any) -> str:
+    """An ETag as S3 gives it in an answer or a listing, without its quotes ("" when absent)."""
+    return str(answer.get("ETag") or "").strip('"')
 
 
 def _parse_timestamp(value: str) -> datetime.datetime:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 import threading
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -192,12 +193,13 @@ def summary(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _used_seqs(store: ObjectStore, run: str, *, but: str = "") -> set[int]:
-    """Every number a claim, a manifest or a folder holds (one level of `snapshots/`), but for the name `but`."""
+def _used_seqs(level: dict[str, str], *, but: tuple[str, str] | None = None) -> set[int]:
+    """Every number a claim, a manifest or a folder holds in one level of `snapshots/`, but for
+    the object `but` (name, tag): our own claim, recognised by the tag its write returned."""
     seqs = set()
-    for name in store.list_names(f"{run}/snapshots/"):
+    for name, tag in level.items():
         match = _SEQ_ANY.match("snapshots/" + name)
-        if match and name != but:
+        if match and (name, tag) != but:
             seqs.add(int(match.group(1)))
     return seqs
 
@@ -207,33 +209,43 @@ def _claim(store: ObjectStore, run: str, writer: str, guess: int) -> int:
 
     The number after the writer's previous snapshot is almost always the one: it is claimed
     while the listing that shows it is the highest runs, so the claim costs no round trip of
-    its own. A guess that turns out lower than a number in use is given back (deleted: it is
-    ours) and the next free number above them all is claimed instead.
+    its own. The listing may or may not show that claim; shown with another tag than our write
+    returned, it is another writer's (a store that ignores create-only writes let both write
+    it), and anything else under that number (a folder or manifest of a writer cut short
+    before its claim) also makes it used. Then our claim is given back (deleted, where the
+    listing gave no sign that it is anyone else's) and the next free number above them all
+    is claimed instead.
     """
-    claim = json.dumps({"writer": writer}).encode()
+    folder = f"{run}/snapshots/"
+    claim = json.dumps({"writer": writer, "nonce": uuid.uuid4().hex}).encode()
 
-    def claimed(seq: int) -> bool:
+    def claimed(seq: int) -> str | None:
+        """Our claim's tag, or None when another writer holds the number."""
         try:
-            store.put_bytes(f"{run}/{seq_dir(seq)}.claim", claim, if_absent=True)
+            return store.put_bytes(f"{run}/{seq_dir(seq)}.claim", claim, if_absent=True)
         except SnapshotConflict:
-            return False  # another writer holds it
-        return True
+            return None
 
+    name = f"{guess:06d}.claim"
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpurun-list") as pool:
-        # The listing may or may not see the guess's claim; anything else under that number
-        # (a folder or manifest left by a writer cut short before its claim) makes it used.
-        listing = pool.submit(_used_seqs, store, run, but=f"{guess:06d}.claim")
-        got = claimed(guess)
-        used = listing.result()
-    if got and max(used, default=0) < guess:
+        listing = pool.submit(store.list_level, folder)
+        tag = claimed(guess)
+        try:
+            level = listing.result()
+        except BaseException:
+            if tag is not None:
+                store.delete([folder + name])  # no number is left claimed for nothing
+            raise
+    used = _used_seqs(level, but=None if tag is None else (name, tag))
+    if tag is not None and max(used, default=0) < guess:
         return guess
-    if got:
-        store.delete([f"{run}/{seq_dir(guess)}.claim"])
+    if tag is not None and level.get(name, tag) == tag:
+        store.delete([folder + name])
     for _attempt in range(20):
         seq = max(used | {guess}, default=0) + 1
-        if claimed(seq):
+        if claimed(seq) is not None:
             return seq
-        used = _used_seqs(store, run)
+        used = _used_seqs(store.list_level(folder))
     raise StoreError(f"{store.url}/{run}: could not claim a snapshot number (too many concurrent writers)")
 
 
