@@ -10,6 +10,7 @@ import pytest
 from gpurun.errors import BadInput, SnapshotConflict, StoreError
 from gpurun.store import open_store
 from gpurun.store import snapshots as snaps
+from gpurun.store.file import FileStore
 from gpurun.store.snapshots import StagedFile, sha256_file
 
 
@@ -150,3 +151,22 @@ def test_unwritable_store_says_so(tmp_path: Path) -> None:
     blocked.write_text("a file where the store should be")
     with pytest.raises(StoreError, match="cannot write"):
         open_store(f"file://{blocked}/store").check_writable()
+
+
+def test_latest_never_goes_back_to_an_older_snapshot(tmp_path: Path) -> None:
+    """Another writer points LATEST at a newer snapshot between this writer's read of LATEST
+    and its write: the write is refused, LATEST read again, and left at the newer one."""
+    newer = snaps.latest_bytes({"seq": 9, "at": snaps.now_iso(), "files": 1, "bytes": 1})
+
+    class AnotherWriterFirst(FileStore):
+        def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> str:
+            if key.endswith("/LATEST") and if_match is not None and data != newer:
+                super().put_bytes(key, newer)
+            return super().put_bytes(key, data, if_absent=if_absent, if_match=if_match)
+
+    store = AnotherWriterFirst(f"file://{tmp_path / 'store'}")
+    first = snaps.write_snapshot(store, "r", stage(tmp_path / "a", {"w": b"1"}), previous=None)
+    second = snaps.write_snapshot(store, "r", stage(tmp_path / "b", {"w": b"2"}), previous=first["manifest"])
+    assert second["seq"] == 2
+    assert snaps.latest(store, "r")["seq"] == 9
+    assert snaps.read_manifest(store, "r", 2) is not None  # the snapshot itself is complete

@@ -475,6 +475,33 @@ def test_a_claim_another_writer_overwrote_is_not_taken_for_ours(s3_bucket: str, 
     assert store.size_of("run/snapshots/000002.manifest.json") is None
 
 
+def test_latest_never_goes_back_to_an_older_snapshot(s3_bucket: str, tmp_path: Path) -> None:
+    """Another writer points LATEST at a newer snapshot between this writer's read of LATEST
+    and its write: S3 refuses the write (If-Match), LATEST is read again and left at the newer one."""
+    store = S3Store(s3_bucket)
+    first = snapshots.write_snapshot(store, "run", stage(tmp_path / "a", {"w.bin": b"1"}), previous=None)
+    bucket, prefix = parse_url(s3_bucket)
+    other = boto3.client("s3")
+    newer = snapshots.latest_bytes({"seq": 9, "at": snapshots.now_iso(), "files": 1, "bytes": 1})
+
+    def another_writer_first(request, **kwargs) -> None:
+        if request.url.endswith("/LATEST") and request.method == "PUT" and "If-Match" in request.headers:
+            other.put_object(Bucket=bucket, Key=f"{prefix}run/LATEST", Body=newer)
+
+    store.client.meta.events.register("before-send.s3.PutObject", another_writer_first)
+    recorder = Recorder(store)
+    second = snapshots.write_snapshot(store, "run", stage(tmp_path / "b", {"w.bin": b"2"}), previous=first["manifest"])
+    assert second["seq"] == 2
+    # Read beside the manifest, refused once, read again; not written a second time.
+    assert [name for name, key, _p in recorder.calls if key.endswith("LATEST")] == [
+        "GetObject",
+        "PutObject",
+        "GetObject",
+    ]
+    assert snapshots.latest(store, "run")["seq"] == 9
+    assert store.get_bytes("run/snapshots/000002.manifest.json") is not None  # the snapshot itself is complete
+
+
 # -- runs listing -------------------------------------------------------------------
 
 

@@ -69,9 +69,11 @@ class ObjectStore(ABC):
         """Upload a file; with `if_absent`, refuse (SnapshotConflict) when the key exists."""
 
     @abstractmethod
-    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> str:
-        """Write an object; with `if_absent`, refuse (SnapshotConflict) when the key exists. Returns
-        the store's tag of what it wrote (S3's ETag), which `list_level` shows beside its name."""
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> str:
+        """Write an object; with `if_absent`, refuse (SnapshotConflict) when the key exists; with
+        `if_match`, refuse unless the object there still has that tag (one atomic step where the
+        store supports it). Returns the store's tag of what it wrote (S3's ETag), which
+        `list_level` and `get_tagged` show."""
 
     @abstractmethod
     def get_bytes(self, key: str, *, limit: int | None = None) -> bytes | None:
@@ -80,6 +82,11 @@ class ObjectStore(ABC):
         With `limit`, at most `limit + 1` bytes are read: enough for the caller to tell
         that a document is too large without fetching all of a planted giant.
         """
+
+    def get_tagged(self, key: str, *, limit: int | None = None) -> tuple[bytes, str] | None:
+        """`get_bytes`, with the object's tag for a later `put_bytes(..., if_match=tag)`."""
+        data = self.get_bytes(key, limit=limit)
+        return None if data is None else (data, "")
 
     @abstractmethod
     def get_file(self, key: str, path: str, *, progress: Progress | None = None) -> None: ...

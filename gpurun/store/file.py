@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import shutil
@@ -19,6 +20,13 @@ from gpurun.store.base import Digests, Fetch, Fetches, ObjectStore, Progress, St
 _CHUNK = 1 << 20
 
 
+def _inode(path: Path) -> str | None:
+    try:
+        return str(os.stat(path).st_ino)
+    except FileNotFoundError:
+        return None
+
+
 class FileStore(ObjectStore):
     def __init__(self, url: str) -> None:
         self.url = url
@@ -30,7 +38,7 @@ class FileStore(ObjectStore):
             raise StoreError(f"{self.url}: refusing key {key!r} outside the store")
         return path
 
-    def _install(self, temp: str, target: Path, if_absent: bool) -> str:
+    def _install(self, temp: str, target: Path, if_absent: bool, if_match: str | None = None) -> str:
         """Put `temp` in place; returns its tag (the inode: `list_level` reads the same)."""
         tag = str(os.stat(temp).st_ino)
         try:
@@ -40,6 +48,17 @@ class FileStore(ObjectStore):
                     os.link(temp, target)
                 except FileExistsError:
                     raise SnapshotConflict(f"{self.url}/{target.relative_to(self.root)} already exists") from None
+            elif if_match is not None:
+                # Writers that compare first hold the folder's lock: the check and the
+                # replace are one step for them.
+                folder = os.open(target.parent, os.O_RDONLY)
+                try:
+                    fcntl.flock(folder, fcntl.LOCK_EX)
+                    if _inode(target) != if_match:
+                        raise SnapshotConflict(f"{self.url}/{target.relative_to(self.root)} changed meanwhile")
+                    os.replace(temp, target)
+                finally:
+                    os.close(folder)  # releases the lock
             else:
                 os.replace(temp, target)
         finally:
@@ -47,7 +66,9 @@ class FileStore(ObjectStore):
                 os.unlink(temp)
         return tag
 
-    def _write(self, key: str, writer: Callable[[BinaryIO], object], if_absent: bool) -> str:
+    def _write(
+        self, key: str, writer: Callable[[BinaryIO], object], if_absent: bool, if_match: str | None = None
+    ) -> str:
         target = self._path(key)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +83,7 @@ class FileStore(ObjectStore):
         except BaseException:
             os.unlink(temp)
             raise
-        return self._install(temp, target, if_absent)
+        return self._install(temp, target, if_absent, if_match)
 
     def put_file(self, key: str, path: str, *, if_absent: bool = False, progress: Progress | None = None) -> None:
         def writer(handle: BinaryIO) -> None:
@@ -74,8 +95,18 @@ class FileStore(ObjectStore):
 
         self._write(key, writer, if_absent)
 
-    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> str:
-        return self._write(key, lambda handle: handle.write(data), if_absent)
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> str:
+        return self._write(key, lambda handle: handle.write(data), if_absent, if_match)
+
+    def get_tagged(self, key: str, *, limit: int | None = None) -> tuple[bytes, str] | None:
+        try:
+            with open(self._path(key), "rb") as handle:
+                tag = str(os.fstat(handle.fileno()).st_ino)
+                return (handle.read() if limit is None else handle.read(limit + 1)), tag
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise StoreError(f"{self.url}: cannot read {key}: {error.strerror}") from None
 
     def get_bytes(self, key: str, *, limit: int | None = None) -> bytes | None:
         try:

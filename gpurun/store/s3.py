@@ -536,12 +536,14 @@ class S3Store(ObjectStore):
         """Requests that uploading `path` can keep in flight: one, or one per part."""
         return self._requests_for(_file_size(path))
 
-    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> str:
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> str:
         full_key = self._key(key)
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": full_key, "Body": data}
         if if_absent:
             nonce = uuid.uuid4().hex
             args.update(IfNoneMatch="*", Metadata={_NONCE: nonce})
+        elif if_match is not None:
+            args.update(IfMatch=if_match)
         started = time.monotonic()
         try:
             answer = self.client.put_object(**args)
@@ -550,11 +552,17 @@ class S3Store(ObjectStore):
                 ours = self._our_etag(full_key, nonce)
                 if ours is not None:
                     return ours
+            if if_match is not None and (_is_conflict(error) or _is_not_found(error)):
+                raise SnapshotConflict(f"{self.url}/{key} changed meanwhile") from None
             raise self._error(error, "writing", key) from None
         self._timed(started)
         return _etag(answer)
 
     def get_bytes(self, key: str, *, limit: int | None = None) -> bytes | None:
+        found = self.get_tagged(key, limit=limit)
+        return None if found is None else found[0]
+
+    def get_tagged(self, key: str, *, limit: int | None = None) -> tuple[bytes, str] | None:
         started = time.monotonic()
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
@@ -569,7 +577,7 @@ class S3Store(ObjectStore):
                 return None
             raise self._error(error, "reading", key) from None
         self._timed(started)
-        return data
+        return data, _etag(response)
 
     def get_file(self, key: str, path: str, *, progress: Progress | None = None) -> None:
         self.get_files([(key, path)], progress=progress)

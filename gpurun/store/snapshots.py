@@ -79,6 +79,12 @@ def latest(store: ObjectStore, run: str, *, seq_only: bool = False) -> dict[str,
     data = store.get_bytes(f"{run}/LATEST", limit=documents.LATEST_LIMIT)
     if data is None:
         return None
+    return _parse_latest(store, run, data, seq_only=seq_only)
+
+
+def _parse_latest(store: ObjectStore, run: str, data: bytes, *, seq_only: bool = False) -> dict[str, Any]:
+    from gpurun.store import documents
+
     model = documents.Pointer if seq_only else documents.Latest
     try:
         pointer = documents.read(data, model, name=f"{store.url}/{run}/LATEST", limit=documents.LATEST_LIMIT)
@@ -202,6 +208,43 @@ def _used_seqs(level: dict[str, str], *, but: tuple[str, str] | None = None) -> 
         if match and (name, tag) != but:
             seqs.add(int(match.group(1)))
     return seqs
+
+
+def _read_latest_tagged(store: ObjectStore, run: str) -> tuple[bytes, str] | None:
+    from gpurun.store import documents
+
+    return store.get_tagged(f"{run}/LATEST", limit=documents.LATEST_LIMIT)
+
+
+def _advance_latest(store: ObjectStore, run: str, manifest: dict[str, Any], found: tuple[bytes, str] | None) -> None:
+    """Point LATEST at `manifest` unless it points at a newer snapshot already.
+
+    `found` is LATEST as read (with its tag) while the manifest went up. The write is a
+    compare-and-swap on that tag (`If-Match`; create-only when there was none): if another
+    writer moved LATEST in between (an old machine's final sync beside its replacement's
+    snapshot), it is read again and compared again, so LATEST never goes back to an older
+    snapshot. A store that ignores `If-Match` makes it a plain write after the read.
+    """
+    key, data = f"{run}/LATEST", latest_bytes(summary(manifest))
+    for _attempt in range(10):
+        current, tag = None, None
+        if found is not None:
+            raw, tag = found
+            try:
+                current = _parse_latest(store, run, raw)
+            except InvalidLatest:
+                pass  # this snapshot is complete and confirmed: it is a sound LATEST
+        if current is not None and current["seq"] >= manifest["seq"]:
+            return
+        try:
+            if found is None:
+                store.put_bytes(key, data, if_absent=True)
+            else:
+                store.put_bytes(key, data, if_match=tag or None)
+            return
+        except SnapshotConflict:
+            found = _read_latest_tagged(store, run)
+    raise StoreError(f"{store.url}/{key}: other writers kept moving it; snapshot {manifest['seq']} is complete")
 
 
 def _claim(store: ObjectStore, run: str, writer: str, guess: int) -> int:
@@ -356,14 +399,10 @@ def write_snapshot(
         manifest["links"] = [{"path": path, "target": links[path]} for path in sorted(links)]
     # LATEST is read while the manifest goes up: one round trip for both.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpurun-latest") as pool:
-        reading = pool.submit(latest, store, run)
+        reading = pool.submit(_read_latest_tagged, store, run)
         store.put_bytes(f"{run}/{seq_dir(seq)}.manifest.json", json.dumps(manifest, indent=1).encode(), if_absent=True)
-        try:
-            current = reading.result()
-        except InvalidLatest:
-            current = None  # this snapshot is complete and confirmed: it is a sound LATEST
-    if current is None or current["seq"] < seq:
-        store.put_bytes(f"{run}/LATEST", latest_bytes(summary(manifest)))
+        found = reading.result()
+    _advance_latest(store, run, manifest, found)
     return {**summary(manifest), "sent_bytes": sent, "manifest": manifest}
 
 
