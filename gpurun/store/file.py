@@ -20,9 +20,15 @@ from gpurun.store.base import Digests, Fetch, Fetches, ObjectStore, Progress, St
 _CHUNK = 1 << 20
 
 
-def _inode(path: Path) -> str | None:
+def _tag(stat: os.stat_result) -> str:
+    """A file's tag: a rename or a link keeps it; a rewrite gets a new one (an inode alone could
+    be reused by the next file written)."""
+    return f"{stat.st_ino}-{stat.st_mtime_ns}-{stat.st_size}"
+
+
+def _tag_of(path: Path) -> str | None:
     try:
-        return str(os.stat(path).st_ino)
+        return _tag(os.stat(path))
     except FileNotFoundError:
         return None
 
@@ -39,8 +45,8 @@ class FileStore(ObjectStore):
         return path
 
     def _install(self, temp: str, target: Path, if_absent: bool, if_match: str | None = None) -> str:
-        """Put `temp` in place; returns its tag (the inode: `list_level` reads the same)."""
-        tag = str(os.stat(temp).st_ino)
+        """Put `temp` in place; returns its tag (`list_level` and `get_tagged` read the same)."""
+        tag = _tag(os.stat(temp))
         try:
             if if_absent:
                 # link() fails when the target exists: an atomic "create only".
@@ -54,7 +60,7 @@ class FileStore(ObjectStore):
                 folder = os.open(target.parent, os.O_RDONLY)
                 try:
                     fcntl.flock(folder, fcntl.LOCK_EX)
-                    if _inode(target) != if_match:
+                    if _tag_of(target) != if_match:
                         raise SnapshotConflict(f"{self.url}/{target.relative_to(self.root)} changed meanwhile")
                     os.replace(temp, target)
                 finally:
@@ -101,7 +107,7 @@ class FileStore(ObjectStore):
     def get_tagged(self, key: str, *, limit: int | None = None) -> tuple[bytes, str] | None:
         try:
             with open(self._path(key), "rb") as handle:
-                tag = str(os.fstat(handle.fileno()).st_ino)
+                tag = _tag(os.fstat(handle.fileno()))
                 return (handle.read() if limit is None else handle.read(limit + 1)), tag
         except FileNotFoundError:
             return None
@@ -220,7 +226,7 @@ class FileStore(ObjectStore):
         except (FileNotFoundError, NotADirectoryError):
             return {}
         return {
-            entry.name + "/" if entry.is_dir() else entry.name: "" if entry.is_dir() else str(entry.inode())
+            entry.name + "/" if entry.is_dir() else entry.name: "" if entry.is_dir() else _tag(entry.stat())
             for entry in entries
             if not entry.name.startswith(".")
         }
