@@ -264,8 +264,8 @@ def load_from_store(run: str, store_url: str, profile: str | None = None) -> Run
     try:
         options = {"profile": profile} if profile and store_url.startswith("s3://") else {}
         record = get_run_record(open_store(store_url, **options), run)
-    except NewerSchema as error:
-        raise NewerSchema(f"{error.name} was {error.reason}", name=error.name, reason=error.reason) from None
+    except NewerSchema:
+        raise
     except InvalidDocument as error:
         raise InvalidDocument(
             f"{error.name} is not a run record ({error.reason}); move it away to continue",
@@ -306,7 +306,7 @@ def load_all_from_store(store_url: str) -> tuple[list[RunRecord], list[str]]:
             if record is not None:
                 records.append(_from_store(record, run, f"{store_url}/{run}/run.json"))
         except NewerSchema as error:
-            problems.append(f"{error.name} was {error.reason}; skipped")
+            problems.append(f"{error}; skipped")
         except InvalidDocument as error:
             problems.append(f"{error.name} is not a run record ({error.reason}); skipped")
         except _Malformed as error:

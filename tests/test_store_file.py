@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gpurun.errors import BadInput, SnapshotConflict, StoreError
+from gpurun.errors import BadInput, NewerSchema, SnapshotConflict, StoreError
 from gpurun.store import open_store
 from gpurun.store import snapshots as snaps
 from gpurun.store.file import FileStore
@@ -170,3 +170,12 @@ def test_latest_never_goes_back_to_an_older_snapshot(tmp_path: Path) -> None:
     assert second["seq"] == 2
     assert snaps.latest(store, "r")["seq"] == 9
     assert snaps.read_manifest(store, "r", 2) is not None  # the snapshot itself is complete
+
+
+def test_a_latest_written_by_a_newer_gpurun_is_never_overwritten(store, tmp_path: Path) -> None:
+    first = snaps.write_snapshot(store, "r", stage(tmp_path / "a", {"w": b"1"}), previous=None)
+    newer = json.dumps({"version": 99, "seq": 1, "layout": "reshaped"}).encode()
+    store.put_bytes("r/LATEST", newer)
+    with pytest.raises(NewerSchema, match="upgrade gpurun"):
+        snaps.write_snapshot(store, "r", stage(tmp_path / "b", {"w": b"2"}), previous=first["manifest"])
+    assert store.get_bytes("r/LATEST") == newer

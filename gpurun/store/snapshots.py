@@ -88,6 +88,8 @@ def _parse_latest(store: ObjectStore, run: str, data: bytes, *, seq_only: bool =
     model = documents.Pointer if seq_only else documents.Latest
     try:
         pointer = documents.read(data, model, name=f"{store.url}/{run}/LATEST", limit=documents.LATEST_LIMIT)
+    except NewerSchema:
+        raise  # not broken: written by a newer gpurun, which this one must not repair or overwrite
     except InvalidDocument as error:
         raise InvalidLatest(str(error), name=error.name, reason=error.reason) from None
     pointer.pop("version", None)  # how it is stored, not what it says
@@ -544,12 +546,13 @@ def list_run_records(store: ObjectStore, warn: Callable[[str, str], None] | None
             continue
         try:
             record = get_run_record(store, run)
+        except NewerSchema as error:
+            if warn is not None:
+                warn(run, f"{error}; skipped")
+            continue
         except InvalidDocument as error:
             if warn is not None:
-                said = (
-                    f"was {error.reason}" if isinstance(error, NewerSchema) else f"is not a run record ({error.reason})"
-                )
-                warn(run, f"{error.name} {said}; skipped")
+                warn(run, f"{error.name} is not a run record ({error.reason}); skipped")
             continue
         if record is not None and record.get("run") == run:
             records.append(record)
