@@ -163,6 +163,11 @@ def state_text(document: dict[str, Any]) -> str:
     return state if state in RUN_STATES else escape_controls(str(state))[:40]
 
 
+#: What a replacement machine takes over from the one it replaces: how to reach it and where the run lives.
+_CARRIED_TO_A_REPLACEMENT = frozenset(
+    ("rank", "port", "user", "key_path", "proxy_jump", "known_hosts", "trust_on_first_use", "run_dir", "spot")
+    + ("instance_type", "price_per_hour")  # unless the group chose another type or zone (below)
+)
 _GENERATION_TEXT = ("instance_id", "type", "zone", "started_at", "ended_at", "why", "job_started_at")
 
 
@@ -223,7 +228,9 @@ def apply_attempts(record: RunRecord, document: dict[str, Any]) -> None:
         previous = machines[0].copy()
         previous.setdefault("ended_at", runs.now_iso())
         record.setdefault("past_machines", []).append(previous)
-        replacement = previous.copy()
+        # Another machine: how to reach it carries over; its address, keys, state and what status
+        # saw on it are its own, learned when AWS or SSH shows them.
+        replacement = cast(Machine, {key: value for key, value in previous.items() if key in _CARRIED_TO_A_REPLACEMENT})
         replacement.update(
             {
                 "instance_id": current["instance_id"],
@@ -232,16 +239,10 @@ def apply_attempts(record: RunRecord, document: dict[str, Any]) -> None:
                 "state": "pending",
                 "host": None,
                 "public_ip": None,
-                "ended_at": None,
-                "cost_usd": None,
-                # Another machine: its own address and keys, learned when AWS or SSH shows them.
                 "private_ip": None,
                 "host_keys": None,
             }
         )
-        replacement.pop("cleaned", None)
-        replacement.pop("files_kept", None)
-        replacement.pop("seen_at", None)
         instance_type = current.get("type") or previous.get("instance_type")
         if instance_type:
             replacement["instance_type"] = instance_type
