@@ -15,9 +15,9 @@ import click
 
 from gpurun import __version__
 from gpurun.errors import BadInput, GpurunError
-from gpurun.models import Job, RunRecord
 
 if TYPE_CHECKING:
+    from gpurun.models import Job, RunRecord
     from gpurun.ui import Ui
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

@@ -191,6 +191,15 @@ def run_resources(endpoint: str, run: str) -> list[str]:
     return found
 
 
+def _describe_instances_refused_once(recorder) -> None:
+    """The next DescribeInstances is refused: AWS's state stays unread, the record's address stands.
+    Not a throttling code, which botocore would retry itself."""
+    recorder.fail_once["DescribeInstances"] = (
+        "UnauthorizedOperation",
+        "You are not authorized to perform this operation.",
+    )
+
+
 def test_capacity_errors_are_sent_once_per_type_and_zone_and_the_cli_prints_the_table(server_world, capsys):
     faults: SendFaults = server_world["faults"]
     faults.run_instances = "InsufficientInstanceCapacity"
@@ -557,11 +566,7 @@ def test_teardown_of_a_machine_without_an_address_terminates_it_anyway(
     record["state"] = "running"
     record["machines"][0].update(host=None, public_ip=None, state="pending")  # as apply_attempts leaves it
     runs.save(record)
-    # Not a throttling code: botocore would retry that one itself.
-    recorder.fail_once["DescribeInstances"] = (
-        "UnauthorizedOperation",
-        "You are not authorized to perform this operation.",
-    )
+    _describe_instances_refused_once(recorder)
     code, out, err = cli(capsys, "teardown", record["run"], "--yes", "--json")
     assert code == 0, err
     assert "DescribeInstances" not in recorder.fail_once, "the state refresh was not the call that failed"
@@ -591,10 +596,7 @@ def test_teardown_says_how_long_it_tries_a_machine_that_does_not_answer(
     record["machines"][0].update(host="127.0.0.1", port=port)
     runs.save(record)
     # AWS's state unread: the address stays the one above (moto's public ones may route nowhere, slowly).
-    recorder.fail_once["DescribeInstances"] = (
-        "UnauthorizedOperation",
-        "You are not authorized to perform this operation.",
-    )
+    _describe_instances_refused_once(recorder)
     code, out, err = cli(capsys, "teardown", record["run"], "--yes", "--json")
     assert code == 0, err
     assert "tried for up to 1s; if it does not answer, it is terminated without a final sync" in err
@@ -637,10 +639,7 @@ def test_status_asks_a_machine_that_does_not_answer_once_instead_of_waiting_out_
     record["machines"][0].update(host="127.0.0.1", port=listener.getsockname()[1])
     runs.save(record)
     # AWS's state unread: the address stays the one above.
-    recorder.fail_once["DescribeInstances"] = (
-        "UnauthorizedOperation",
-        "You are not authorized to perform this operation.",
-    )
+    _describe_instances_refused_once(recorder)
     try:
         code, out, err = cli(capsys, "status", record["run"], "--json")
     finally:

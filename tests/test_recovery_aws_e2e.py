@@ -186,6 +186,16 @@ def reclaim_story(
             boot_emulator.close()
 
 
+def _reclaim_and_replace(world: dict[str, Any], boot_emulator: BootEmulator, instance_id: str, timeout: float) -> str:
+    """AWS takes `instance_id` (a spot reclaim: the group keeps its size) and the group starts
+    another machine; returns the new machine's instance id."""
+    autoscaling = boto3.client("autoscaling", endpoint_url=world["endpoint"], region_name="us-east-1")
+    autoscaling.terminate_instance_in_auto_scaling_group(InstanceId=instance_id, ShouldDecrementDesiredCapacity=False)
+    return wait_until(
+        lambda: [i for i in boot_emulator.live() if i != instance_id], timeout=timeout, what="a new machine"
+    )[0]
+
+
 def _reclaim(world: dict[str, Any], boot_emulator: BootEmulator) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     finish = world["tmp"] / "finish"
@@ -223,8 +233,7 @@ def _reclaim(world: dict[str, Any], boot_emulator: BootEmulator) -> dict[str, An
     seen["saved seq"] = (_latest(world, run) or final)["seq"]
 
     # AWS takes the machine; the group starts another, which bootstraps itself.
-    autoscaling.terminate_instance_in_auto_scaling_group(InstanceId=first, ShouldDecrementDesiredCapacity=False)
-    second = wait_until(lambda: [i for i in boot_emulator.live() if i != first], timeout=30, what="a new machine")[0]
+    second = _reclaim_and_replace(world, boot_emulator, first, timeout=30)
     seen["second"] = second
     seen["resumed"] = wait_until(
         lambda: [line for line in _log(boot_emulator, second, run).splitlines() if line.startswith("resumed at step")],
@@ -339,9 +348,7 @@ def test_after_success_the_machine_stays_for_idle_timeout_then_scales_its_group_
     [first] = boot_emulator.live()
     wait_until(lambda: "step 1" in _log(boot_emulator, first, run), timeout=60, what="the first job's first step")
     # A reclaim first (no gpurun command runs meanwhile): the machine that idles is the replacement.
-    autoscaling = boto3.client("autoscaling", endpoint_url=world["endpoint"], region_name="us-east-1")
-    autoscaling.terminate_instance_in_auto_scaling_group(InstanceId=first, ShouldDecrementDesiredCapacity=False)
-    machine = wait_until(lambda: [i for i in boot_emulator.live() if i != first], timeout=30, what="a new machine")[0]
+    machine = _reclaim_and_replace(world, boot_emulator, first, timeout=30)
     wait_until(lambda: "step 1" in _log(boot_emulator, machine, run), timeout=120, what="the new job's first step")
     finish.touch()
     wait_until(lambda: (_attempts(world, run) or {}).get("state") == "succeeded", timeout=60, what="success")
@@ -435,9 +442,7 @@ def test_teardown_right_after_a_reclaim_stops_the_job_on_the_replacement_machine
     run = json.loads(out)["run"]
     [first] = boot_emulator.live()
     wait_until(lambda: "job started" in _log(boot_emulator, first, run), timeout=60, what="the first job")
-    autoscaling = boto3.client("autoscaling", endpoint_url=world["endpoint"], region_name="us-east-1")
-    autoscaling.terminate_instance_in_auto_scaling_group(InstanceId=first, ShouldDecrementDesiredCapacity=False)
-    second = wait_until(lambda: [i for i in boot_emulator.live() if i != first], timeout=60, what="a new machine")[0]
+    second = _reclaim_and_replace(world, boot_emulator, first, timeout=60)
     wait_until(lambda: "job started" in _log(boot_emulator, second, run), timeout=120, what="the second job")
     # No `status` ran since the reclaim: the record still names the first machine.
     assert [m["instance_id"] for m in runs.load(run)["machines"]] == [first]

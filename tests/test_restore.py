@@ -310,5 +310,5 @@ def test_one_big_upload_keeps_its_parts_in_flight(s3_bucket: str, tmp_path: Path
     store.multipart_threshold = store.multipart_chunksize = 5 * MiB
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(16 * MiB))
-    assert store._upload_requests(str(big)) == 4
-    assert store.concurrency(store._upload_requests(str(big))) == 4, "one file, four parts at once"
+    assert store._requests_for(big.stat().st_size) == 4
+    assert store.concurrency(store._requests_for(big.stat().st_size)) == 4, "one file, four parts at once"

@@ -63,13 +63,21 @@ def _job_outcome(record: RunRecord, state: jobs.JobReading) -> None:
         runs.end_job(record, JobState.INTERRUPTED if state["interrupted"] else JobState.KILLED)
 
 
-def reconcile(record: RunRecord, loaded: str | None = None, problems: list[str] | None = None) -> RunRecord:
+def reconcile(
+    record: RunRecord,
+    loaded: str | None = None,
+    problems: list[str] | None = None,
+    *,
+    attempts_read: bool | None = None,
+) -> RunRecord:
     """Ask the machine how the job is doing, save what changed; returns the updated record.
 
     `loaded` is the record as read from disk (before an AWS refresh changed it):
     the record is saved only over that copy, so a teardown or launch that wrote
     since wins. When no machine answers, the last checkpoint comes from the
-    store's LATEST, which outlives every machine.
+    store's LATEST, which outlives every machine. `attempts_read` is what
+    `recovering.reconcile_from_store` returned when the caller already applied
+    a recovering run's attempts.json (it is not read again).
     """
     before = loaded if loaded is not None else json.dumps(record, sort_keys=True)
     # A run adopted from a store is not dialled: its machines are what the store said.
@@ -78,7 +86,9 @@ def reconcile(record: RunRecord, loaded: str | None = None, problems: list[str] 
         # A recovering run: its machines come and go; the store says what happened, to any computer.
         from gpurun.app import recovering
 
-        if recovering.reconcile_from_store(record, problems) and record.get("store"):
+        if attempts_read is None:
+            attempts_read = recovering.reconcile_from_store(record, problems)
+        if attempts_read and record.get("store"):
             _latest_from_store(record, record["store"], problems)
     elif record["state"] in ACTIVE and record.get("machines") and not record.get("adopted_from"):
         _ask_machines(record, problems)
@@ -167,12 +177,13 @@ def collect(
         records += [record for record in remote if record["run"] not in known]
         problems += unreadable
     loaded = {record["run"]: json.dumps(record, sort_keys=True) for record in records}
+    attempts_read: dict[str, bool] = {}
     for record in records:
         if _recovering(record) and record.get("source") != "store":
             # The group's current machine first, so that the cloud is asked about it (its address, state).
             from gpurun.app import recovering
 
-            recovering.reconcile_from_store(record, problems)
+            attempts_read[record["run"]] = recovering.reconcile_from_store(record, problems)
     # The cloud says what became of disposable machines (a spot reclaim, a guard), in one call per provider.
     cloud = [r for r in records if capabilities_of(r).machines_disposable and r["state"] != "ended"]
     for name in sorted({r["provider"] for r in cloud}):
@@ -188,7 +199,7 @@ def collect(
                 recovering.reconcile_from_store(record, problems)
             _latest_from_store(record, store_url or record["store"], problems)
             continue
-        reconcile(record, loaded[record["run"]], problems)
+        reconcile(record, loaded[record["run"]], problems, attempts_read=attempts_read.get(record["run"]))
         if runs.launcher_gone(record):
             record["launcher_gone"] = True
             problems.append(

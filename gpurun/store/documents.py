@@ -197,11 +197,7 @@ def read(data: bytes, schema: type, *, name: str, limit: int, non_finite: bool =
     if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
         reason = f"written by a newer gpurun (schema version {version}; this one reads up to {SCHEMA_VERSION}): upgrade gpurun"
         raise NewerSchema(f"{name} was {reason}", name=name, reason=reason)
-    try:
-        _checker(schema)(parsed)
-    except _Mismatch as mismatch:
-        raise _invalid(name, str(mismatch), f"is not a valid {what} ({mismatch})") from None
-    return parsed
+    return check(parsed, schema, name=name)
 
 
 def check(document: dict[str, Any], schema: type, *, name: str) -> dict[str, Any]:

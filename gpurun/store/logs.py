@@ -11,7 +11,8 @@ import re
 
 from gpurun.store.base import ObjectStore
 
-CHUNK_BYTES = 1024 * 1024
+_MiB = 1024 * 1024
+CHUNK_BYTES = _MiB
 MAX_READ_BYTES = 32 * 1024 * 1024
 _CHUNK = re.compile(r"job-(\d{4,9})/(\d{6,9})\.log")
 
@@ -51,24 +52,16 @@ def read_job_log(store: ObjectStore, run: str, job: int) -> tuple[bytes, list[st
     first = max(0, last - MAX_READ_BYTES // CHUNK_BYTES)
     parts: list[bytes] = []
     for index in range(first, last + 1):
-        size = chunks.get(index)
-        key = chunk_key(run, job, index)
-        if size is None:
-            problems.append(f"{store.url}/{key} is missing; the output shown stops before it")
-            break
-        if size > CHUNK_BYTES:
-            problems.append(f"{store.url}/{key} is {size} bytes, more than a chunk holds; skipped")
-            break
-        data = store.get_bytes(key, limit=CHUNK_BYTES)  # listed sizes may have changed since
+        data = _read_chunk(store, run, job, index, chunks.get(index), problems, report_missing=True)
         if data is None:
-            problems.append(f"{store.url}/{key} vanished while reading")
             break
-        parts.append(data[:CHUNK_BYTES])
+        parts.append(data)
         if len(data) < CHUNK_BYTES and index != last:
+            key = chunk_key(run, job, index)
             problems.append(f"{store.url}/{key} is short; the output after it may be missing a piece")
     data = b"".join(parts)
     if first > 0:
-        problems.append(f"only the last {MAX_READ_BYTES // (1024 * 1024)} MiB of job {job}'s output are shown")
+        problems.append(f"only the last {MAX_READ_BYTES // _MiB} MiB of job {job}'s output are shown")
     return data[-MAX_READ_BYTES:], problems
 
 
@@ -87,24 +80,19 @@ def read_job_log_from(store: ObjectStore, run: str, job: int, offset: int) -> tu
     end = last * CHUNK_BYTES + min(chunks[last], CHUNK_BYTES)
     if end - offset > MAX_READ_BYTES:
         problems.append(
-            f"{end - MAX_READ_BYTES - offset} bytes of job {job}'s output skipped (more than the last 32 MiB)"
+            f"{end - MAX_READ_BYTES - offset} bytes of job {job}'s output skipped (more than the last {MAX_READ_BYTES // _MiB} MiB)"
         )
         offset = end - MAX_READ_BYTES
     parts: list[bytes] = []
     position = offset
     for index in range(position // CHUNK_BYTES, last + 1):
         size = chunks.get(index)
-        key = chunk_key(run, job, index)
-        if size is None or size > CHUNK_BYTES:
-            if size is not None:
-                problems.append(f"{store.url}/{key} is {size} bytes, more than a chunk holds; skipped")
-            break
-        if index * CHUNK_BYTES + size <= position:
-            continue
-        data = store.get_bytes(key, limit=CHUNK_BYTES)  # listed sizes may have changed since
+        if size is not None and size <= CHUNK_BYTES and index * CHUNK_BYTES + size <= position:
+            continue  # all of it shown already
+        # A missing chunk may still be on its way: the read stops there without a word.
+        data = _read_chunk(store, run, job, index, size, problems, report_missing=False)
         if data is None:
             break
-        data = data[:CHUNK_BYTES]
         start = position - index * CHUNK_BYTES
         if len(data) > start:
             parts.append(data[start:])
@@ -112,3 +100,19 @@ def read_job_log_from(store: ObjectStore, run: str, job: int, offset: int) -> tu
         if len(data) < CHUNK_BYTES:
             break  # the rest of this chunk (and the ones after it) is still to come
     return b"".join(parts), position, problems
+
+
+def _read_chunk(
+    store: ObjectStore, run: str, job: int, index: int, size: int | None, problems: list[str], *, report_missing: bool
+) -> bytes | None:
+    """Chunk `index` of job `job` (listed at `size` bytes), at most CHUNK_BYTES of it; None ends the
+    read, with the reason among `problems` (a missing chunk only with `report_missing`)."""
+    key = chunk_key(run, job, index)
+    if size is not None and size > CHUNK_BYTES:
+        problems.append(f"{store.url}/{key} is {size} bytes, more than a chunk holds; skipped")
+        return None
+    data = None if size is None else store.get_bytes(key, limit=CHUNK_BYTES)  # listed sizes may have changed since
+    if data is None and report_missing:
+        gone = "is missing; the output shown stops before it" if size is None else "vanished while reading"
+        problems.append(f"{store.url}/{key} {gone}")
+    return None if data is None else data[:CHUNK_BYTES]

@@ -532,10 +532,6 @@ class S3Store(ObjectStore):
             return 1
         return -(-size // self.multipart_chunksize)
 
-    def _upload_requests(self, path: str) -> int:
-        """Requests that uploading `path` can keep in flight: one, or one per part."""
-        return self._requests_for(_file_size(path))
-
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> str:
         full_key = self._key(key)
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": full_key, "Body": data}
