@@ -78,11 +78,19 @@ def checked_entries(manifest: dict[str, Any]) -> list[Entry]:
         entries.append(Entry(path, size, digest, source))
     # A path cannot be a file and a folder of other files in the same snapshot.
     for entry in entries:
-        parents = PurePosixPath(entry.path).parents
-        clash = next((str(parent) for parent in parents if str(parent) in seen), None)
+        clash = next((folder for folder in _folders_of(entry.path) if folder in seen), None)
         if clash is not None:
             raise StoreError(f"snapshot {seq}: {clash!r} is both a file and the folder of {entry.path!r}")
     return entries
+
+
+def _folders_of(path: str) -> Iterator[str]:
+    """The folders `path` is in, innermost first ("a/b/c" -> "a/b", "a"); `path` is already checked
+    (`_safe_path`). String work: PurePosixPath's parents cost 20 ms per 2,000 files of a restore."""
+    end = path.rfind("/")
+    while end > 0:
+        yield path[:end]
+        end = path.rfind("/", 0, end)
 
 
 def checked_links(manifest: dict[str, Any], entries: list[Entry]) -> list[tuple[str, str]]:
@@ -93,9 +101,12 @@ def checked_links(manifest: dict[str, Any], entries: list[Entry]) -> list[tuple[
     raw_links = manifest.get("links", [])
     if not isinstance(raw_links, list):
         raise StoreError(f"snapshot {seq}: the manifest's links are not a list")
+    if not raw_links:
+        return []
     files = {entry.path for entry in entries}
-    folders = {str(parent) for entry in entries for parent in PurePosixPath(entry.path).parents}
+    folders = {folder for entry in entries for folder in _folders_of(entry.path)}
     links: list[tuple[str, str]] = []
+    linked: set[str] = set()
     for raw in raw_links:
         path = raw.get("path") if isinstance(raw, dict) else None
         target = raw.get("target") if isinstance(raw, dict) else None
@@ -103,14 +114,15 @@ def checked_links(manifest: dict[str, Any], entries: list[Entry]) -> list[tuple[
             raise StoreError(f"snapshot {seq}: refusing link {path!r} outside the target")
         if not isinstance(target, str) or not _inside(path, target):
             raise StoreError(f"snapshot {seq}: refusing link {path!r} -> {target!r}, which leads outside the target")
-        if path in files or path in folders or path in dict(links):
+        if path in files or path in folders or path in linked:
             raise StoreError(f"snapshot {seq}: {path!r} is both a link and a file or folder")
-        if any(str(parent) in files for parent in PurePosixPath(path).parents):
+        if any(folder in files for folder in _folders_of(path)):
             raise StoreError(f"snapshot {seq}: link {path!r} is inside what is a file")
         links.append((path, target))
+        linked.add(path)
     paths = dict(links)
     for path, _target in links:
-        under = next((str(p) for p in PurePosixPath(path).parents if str(p) in paths), None)
+        under = next((folder for folder in _folders_of(path) if folder in paths), None)
         if under is not None:
             raise StoreError(f"snapshot {seq}: link {path!r} would be written through link {under!r}")
     return links
@@ -163,7 +175,7 @@ def download(
             raise StoreError(
                 f"snapshot {manifest['seq']} needs {total:,} bytes; {temp.parent} has {free:,} free (or the manifest is wrong)"
             )
-        for directory in sorted({str(PurePosixPath(entry.path).parent) for entry in entries} - {"."}):
+        for directory in sorted({entry.path.rpartition("/")[0] for entry in entries} - {""}):
             (temp / directory).mkdir(parents=True, exist_ok=True)
         items = [
             Fetch(f"{run}/snapshots/{entry.seq:06d}/{entry.path}", str(temp / entry.path), entry.size)
