@@ -121,6 +121,36 @@ def test_write_restore_verify(s3_bucket: str, tmp_path: Path) -> None:
     ]
 
 
+RESTORE_IN_A_FRESH_PROCESS = r"""
+import json, sys
+from gpurun.store import snapshots
+from gpurun.store.s3 import S3Store
+info = snapshots.download_snapshot(S3Store(sys.argv[1]), "run-a", sys.argv[2])
+print(json.dumps({"seq": info["seq"], "loaded": sorted(m for m in ("boto3", "s3transfer") if m in sys.modules)}))
+"""
+
+
+def test_a_restore_starts_without_boto3_or_s3transfer(s3_bucket: str, tmp_path: Path) -> None:
+    """Importing them costs a restore 0.05 s before its first request (docs/benchmarks.md);
+    botocore and the lean path are all it needs."""
+    data = contents(3, ["model.pt", "optim/state.bin"])
+    snapshots.write_snapshot(S3Store(s3_bucket), "run-a", stage(tmp_path / "staged", data), previous=None)
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    restored = tmp_path / "restored"
+
+    done = subprocess.run(
+        [sys.executable, "-c", RESTORE_IN_A_FRESH_PROCESS, s3_bucket, str(restored)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"seq": 1, "loaded": []}
+    assert {name: (restored / name).read_bytes() for name in data} == data
+
+
 def test_open_store_passes_options(s3_bucket: str, moto_server: str) -> None:
     store = open_store(s3_bucket + "/", region="us-east-1", endpoint_url=moto_server)
     assert isinstance(store, S3Store)
