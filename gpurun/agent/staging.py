@@ -71,11 +71,14 @@ def scan_checkpoint_dir(directory: Path) -> CheckpointScan:
     root = os.path.realpath(directory)
     for current, dirs, files in os.walk(directory):
         dirs[:] = [d for d in dirs if not d.startswith(".gpurun")]
+        # One relpath per folder, not per file: a checkpoint of 2,000 files spent 10 ms on them.
+        folder = os.path.relpath(current, directory).replace(os.sep, "/")
+        prefix = "" if folder == "." else folder + "/"
         for name in sorted(dirs + files):
             if name.endswith(TEMPORARY_SUFFIXES) or name.startswith(TEMPORARY_PREFIXES):
                 continue
             full = os.path.join(current, name)
-            relative = os.path.relpath(full, directory).replace(os.sep, "/")
+            relative = prefix + name
             try:
                 stat = os.stat(full, follow_symlinks=False)
             except FileNotFoundError:
@@ -182,17 +185,18 @@ class Stager:
     def _take(self, paths: list[str], staged: list[StagedFile]) -> list[str]:
         """Stage what is stable now; returns the paths to try again."""
         links_dir = self.staging_dir / ".links"
+        if paths:
+            links_dir.mkdir(parents=True, exist_ok=True)
         held: dict[str, tuple[str, FileIdentity, bool]] = {}
         for path in paths:
-            source = str(self.watch_dir / path)
+            source = os.path.join(self.watch_dir, path)
             # A hard link holds on to this inode: a writer that saves to a new
             # file and renames it can no longer change what we upload.
             self._links += 1
-            link = links_dir / str(self._links)
-            link.parent.mkdir(parents=True, exist_ok=True)
+            link = os.path.join(links_dir, str(self._links))
             try:
                 os.link(source, link)
-                held_path, linked = str(link), True
+                held_path, linked = link, True
             except FileNotFoundError:
                 continue  # removed while we looked: simply not in this snapshot
             except OSError:
@@ -200,8 +204,7 @@ class Stager:
             try:
                 held[path] = (held_path, _identity(os.stat(held_path)), linked)
                 # A file the agent may link but not read would fail the upload under the link's name.
-                with open(held_path, "rb"):
-                    pass
+                os.close(os.open(held_path, os.O_RDONLY))
             except FileNotFoundError:
                 continue
             except PermissionError as error:
@@ -211,7 +214,7 @@ class Stager:
                     error.errno, f"cannot read {self.watch_dir / path} ({error.strerror}); no snapshot until it can be"
                 ) from None
             if linked:
-                self._link_names[held_path] = str(self.watch_dir / path)
+                self._link_names[held_path] = source
         if held:
             now = time.time()
             wait = max(
