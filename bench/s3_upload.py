@@ -124,6 +124,8 @@ result.pop("manifest")
 import shutil
 shutil.rmtree(staging, ignore_errors=True)
 print(json.dumps({"setup_s": staged - start, "write_snapshot_s": done - staged, "result": result}))
+import gc
+gc.freeze()  # as `gpurun`'s entry point (cli.main) ends every command
 """
 
 RESTORE = r"""
@@ -136,6 +138,8 @@ store = S3Store(url)
 ready = time.perf_counter()
 info = snapshots.download_snapshot(store, run, target)
 print(json.dumps({"setup_s": ready - start, "download_s": time.perf_counter() - ready, "files": info["files"]}))
+import gc
+gc.freeze()  # as `gpurun`'s entry point (cli.main) ends every command
 """
 
 
