@@ -2,6 +2,7 @@
 
     python bench/s3_upload.py [--big-mb 500] [--small 2000] [--repeat 3] [--cases big small]
                               [--latency-ms 0,20,50,100] [--direction up down] [--no-resync]
+                              [--tools gpurun,aws,s5cmd]
 
 For every latency, one ThreadedMotoServer runs in its own process (so no
 client shares its interpreter lock), wrapped to count the requests and body
@@ -315,10 +316,17 @@ def main() -> None:
     parser.add_argument("--no-resync", action="store_true", help="skip the re-sync of the unchanged checkpoint")
     parser.add_argument("--ceiling", action="store_true", help="also time bare put_object calls (the server's ceiling)")
     parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument(
+        "--tools",
+        default="gpurun,aws,s5cmd",
+        help="comma-separated, of gpurun, aws, s5cmd (fewer tools leave time for more repeats)",
+    )
     args = parser.parse_args()
     latencies = [float(value) for value in args.latency_ms.split(",")]
 
-    tools = ["gpurun", "aws"] + (["s5cmd"] if shutil.which("s5cmd") else [])
+    tools = [tool for tool in args.tools.split(",") if tool != "s5cmd" or shutil.which("s5cmd")]
+    if not tools or set(tools) - {"gpurun", "aws", "s5cmd"}:
+        parser.error(f"--tools {args.tools!r}: name some of gpurun, aws, s5cmd")
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "gpurun")], check=True)
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="gpurun-bench-") as root:
@@ -417,6 +425,17 @@ def report(results: dict[str, list[dict]], tools: list[str], args: argparse.Name
             up_inner = f"{inner[0]:.2f}" if inner[0] else ""
             down_inner = f"{inner[1]:.2f}" if inner[1] else ""
             print(f"| {key} | gpurun, inside the call (no start-up) | {up_inner} |  |  | {down_inner} |  |  |")
+    print()
+    print("Single runs, fastest to slowest (s):\n")
+    print("| case | tool | up | down |")
+    print("|---|---|---|---|")
+    for key in results:
+        for tool in tools:
+            spans = []
+            for field in ("upload_s", "down_s"):
+                values = [r[field] for r in results[key] if r["tool"] == tool and field in r]
+                spans.append(f"{min(values):.2f}–{max(values):.2f}" if values else "")
+            print(f"| {key} | {names[tool]} | " + " | ".join(spans) + " |")
     resynced = [key for key in results if any("resync_s" in r for r in results[key])]
     if not resynced:
         return
