@@ -13,9 +13,9 @@ botocore, not boto3, and imports s3transfer only for a batch that uses it: a res
 - Small files (up to `lean_max_size`) of a snapshot go up, and the files of
   a restore come down, through `s3_lean`: SigV4-signed requests on kept-alive
   connections, without botocore's per-request machinery (a quarter of its
-  CPU per request), to the endpoint and with the credentials of the boto3
-  client. Where that path cannot go the way boto3 would (a proxy, a redirect,
-  no credentials), the boto3 client does the work.
+  CPU per request), to the endpoint and with the credentials of the botocore
+  client. Where that path cannot go the way the client would (a proxy, a redirect,
+  no credentials), the client does the work.
 - Bigger uploads go through one s3transfer `TransferManager` per batch: every
   file is submitted at once and runs `max_concurrency` wide; big files go
   multipart in `multipart_chunksize` parts.
@@ -202,7 +202,7 @@ class S3Store(ObjectStore):
     #: Files up to this size go up through the lean path (`s3_lean`), read whole into memory:
     #: with `max_small_concurrency` in flight, at most that many MiB are held at once.
     lean_max_size = 1 * MiB
-    #: False: every request through the boto3 client (as before the lean path; for comparison).
+    #: False: every request through the botocore client (as before the lean path; for comparison).
     use_lean = True
 
     def __init__(

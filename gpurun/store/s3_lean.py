@@ -9,7 +9,7 @@ is signed with SigV4 (`bootstrap.sign`, which the tests hold to botocore's own
 signer) and sent with `http.client` over kept-alive connections, for about a
 quarter of that CPU (docs/benchmarks.md).
 
-What it takes from the store's boto3 client, so both reach the same place the same way:
+What it takes from the store's botocore client, so both reach the same place the same way:
 
 - where to send, and what to sign for: the client builds and signs one HeadObject
   that is never sent (a before-send handler of ours answers it), and its URL and
@@ -21,7 +21,7 @@ What it takes from the store's boto3 client, so both reach the same place the sa
 - the client's before-send handlers see every request, and one may answer it
   (moto's in-process mock, a test's injected fault), as for the client's own.
 
-Not used (`LeanS3.for_client` returns None, the store stays on boto3) when the
+Not used (`LeanS3.for_client` returns None, the store stays on its botocore client) when the
 client would go through a proxy or present a client certificate, or does not
 sign with plain SigV4 (an S3 Express session, no credentials).
 
@@ -200,7 +200,7 @@ class _Connections:
 
 
 class LeanS3:
-    """Signed GETs and PUTs of objects in one bucket, the way the store's boto3 client would send them."""
+    """Signed GETs and PUTs of objects in one bucket, the way the store's botocore client would send them."""
 
     def __init__(
         self,
