@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import random
 import socket
 import threading
 from pathlib import Path
@@ -23,7 +24,7 @@ from botocore.credentials import Credentials
 from gpurun.errors import NoSuchBucket, StoreError
 from gpurun.store import snapshots
 from gpurun.store.base import Fetch
-from gpurun.store.s3 import S3Store, parse_url
+from gpurun.store.s3 import MiB, S3Store, parse_url
 from tests.plugins.moto_server import REJECTED_ACCESS_KEY, FaultyS3
 from tests.test_store_s3 import Recorder, stage
 
@@ -125,6 +126,31 @@ def test_slow_down_is_retried_and_the_snapshot_completes(
     }
     assert refused_gets == {"w-slowdown-2x.bin": 2, "o-slowdown-3x.bin": 3}
     assert sorted(set(through_client)) == ["000001.claim", "000001.manifest.json", "LATEST"]
+
+
+def test_a_part_whose_body_breaks_off_is_fetched_again(
+    s3_bucket: str, faulty_moto_server: FaultyS3, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    data = {"w-cutbody-2x.bin": random.Random(5).randbytes(3 * MiB + 777), "s-cutbody-1x.bin": b"small" * 999}
+    snapshots.write_snapshot(S3Store(s3_bucket), "run", stage(tmp_path / "staged", data), previous=None)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faulty_moto_server.endpoint)
+    store = S3Store(s3_bucket)
+    store.ranged_threshold, store.ranged_chunksize = MiB, MiB  # four ranged GETs for the big file
+    through_client = client_calls(store)
+    progress: list[int] = []
+
+    snapshots.download_snapshot(store, "run", tmp_path / "restored", progress=progress.append)
+
+    assert {path.name: path.read_bytes() for path in (tmp_path / "restored").iterdir()} == data
+    bucket, _prefix = parse_url(s3_bucket)
+    cut = {
+        path.rsplit("/", 1)[-1]: count
+        for (method, path), count in faulty_moto_server.refused.items()
+        if method == "GET" and "cutbody" in path and f"/{bucket}/" in path
+    }
+    assert cut == {"w-cutbody-2x.bin": 2, "s-cutbody-1x.bin": 1}
+    assert sum(progress) == sum(map(len, data.values())), "the bytes of a broken answer are taken back"
+    assert set(through_client) == {"LATEST", "000001.manifest.json"}, "every file, every range, through the lean path"
 
 
 def test_a_rejected_credential_fails_clearly(

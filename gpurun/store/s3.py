@@ -670,14 +670,15 @@ class S3Store(ObjectStore):
             return StoreError(f"{self.url}/{key}: the stored object is shorter than the manifest says")
         return self._error(error, "downloading", key)
 
-    def _open(self, key: str, stop: threading.Event) -> tuple[int | None, Any]:
-        """A whole object to read: (its Content-Length, a body with read(n) and close())."""
+    def _open(self, key: str, stop: threading.Event, byte_range: str | None = None) -> tuple[str | None, Any]:
+        """An object, or the `byte_range` of it ("bytes=A-B"), to read: (its Content-Length, or
+        with a range its Content-Range; a body with read(n) and close())."""
         lean = self._lean_path()
+        answered = "Content-Range" if byte_range else "Content-Length"
         if lean is not None:
             try:
-                response = lean.get(self._key(key), stop)
-                length = response.header("Content-Length")
-                return (int(length) if length and length.isdigit() else None), response
+                response = lean.get(self._key(key), stop, headers={"range": byte_range} if byte_range else None)
+                return response.header(answered), response
             except s3_lean.Abandoned:
                 raise StoreError(f"{self.url}/{key}: download abandoned") from None
             except s3_lean.Refused as refused:
@@ -686,8 +687,9 @@ class S3Store(ObjectStore):
                 self._lean = None  # the client's way from now on (it follows a redirect, refreshes credentials)
             except s3_lean.Unreachable:
                 pass  # the client tries again, and says what is wrong if it cannot
-        answer = self._get(key)
-        return int(answer.get("ContentLength", -1)), answer["Body"]
+        answer = self._get(key, **({"Range": byte_range} if byte_range else {}))
+        value = answer.get(answered.replace("-", ""))
+        return (None if value is None else str(value)), answer["Body"]
 
     def copy(self, source_key: str, dest_key: str) -> None:
         self.copy_many([(source_key, dest_key)])
@@ -845,7 +847,7 @@ class _WholeFetch:
             received = 0
             length, body = self.store._open(item.key, self.stop)
             try:
-                if length != item.size:
+                if length != str(item.size):
                     raise StoreError(size_mismatch(self.store.url, item.key, str(length), item.size))
                 with open(item.path, "wb" if attempt else "xb") as handle:
                     while chunk := body.read(_READ_CHUNK):
@@ -860,7 +862,9 @@ class _WholeFetch:
                         handle.write(chunk)
                         self.report(len(chunk))
                 if received != item.size:
-                    raise StoreError(size_mismatch(self.store.url, item.key, received, item.size))
+                    # The answer said the right length and its body ended early: the connection
+                    # broke (http.client reports that as a short read), so the GET is made again.
+                    raise http.client.IncompleteRead(b"", item.size - received)
                 self.digest = digest.hexdigest()
                 return
             except _STREAM_ERRORS as error:
@@ -892,7 +896,7 @@ class _RangedFetch:
         self.parts = -(-item.size // part_size)
         self.digest = hashlib.sha256()
         self.hashed = 0  # parts hashed so far
-        self.waiting: dict[int, bytes] = {}
+        self.waiting: dict[int, bytearray] = {}
         self.turn = threading.Condition()
         self.fd = os.open(item.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         self.closed = False
@@ -906,38 +910,44 @@ class _RangedFetch:
                 self.turn.wait(0.2)
         start = index * self.part_size
         end = min(self.item.size, start + self.part_size) - 1
+        # The part's bytes land in one buffer, read into where they go (no chunks joined
+        # afterwards): it is written, then hashed, from there.
+        data = bytearray(end - start + 1)
+        view = memoryview(data)
         for attempt in range(_STREAM_ATTEMPTS):
             if self.stop.is_set():
                 raise StoreError(f"{self.store.url}/{self.item.key}: download abandoned")
-            response = self.store._get(self.item.key, Range=f"bytes={start}-{end}")
-            body = response["Body"]
-            chunks: list[bytes] = []
+            content_range, body = self.store._open(self.item.key, self.stop, f"bytes={start}-{end}")
+            received = 0
             try:
-                match = _CONTENT_RANGE.match(str(response.get("ContentRange", "")))
+                match = _CONTENT_RANGE.match(content_range or "")
                 if not match or int(match.group(3)) != self.item.size:
-                    total = match.group(3) if match else response.get("ContentLength")
+                    total = match.group(3) if match else "no range"
                     raise StoreError(size_mismatch(self.store.url, self.item.key, str(total), self.item.size))
                 if (int(match.group(1)), int(match.group(2))) != (start, end):
                     raise StoreError(f"{self.store.url}/{self.item.key}: the server sent another range than asked")
-                while chunk := body.read(_READ_CHUNK):
+                while received < len(data):
                     if self.stop.is_set():
                         raise StoreError(f"{self.store.url}/{self.item.key}: download abandoned")
-                    chunks.append(chunk)
-                    self.report(len(chunk))
+                    amount = _read_into(body, view[received : received + _READ_CHUNK])
+                    if not amount:
+                        raise http.client.IncompleteRead(b"", len(data) - received)  # broke off: again
+                    received += amount
+                    self.report(amount)
+                if _read_into(body, bytearray(1)):
+                    raise StoreError(
+                        f"{self.store.url}/{self.item.key}: part {index} is longer than the range asked for"
+                    )
                 break
             except _STREAM_ERRORS as error:
                 body.close()
-                self.report(-sum(map(len, chunks)))
+                self.report(-received)
                 if attempt + 1 == _STREAM_ATTEMPTS:
                     raise self.store._error(error, "downloading", self.item.key) from None
             except BaseException:
                 # Closing drops the connection; a body read to its end goes back to the pool instead.
                 body.close()
                 raise
-        data = b"".join(chunks)
-        if len(data) != end - start + 1:
-            raise StoreError(size_mismatch(self.store.url, self.item.key, f"short of part {index}", self.item.size))
-        view = memoryview(data)
         while view:
             view = view[os.pwrite(self.fd, view, end + 1 - len(view)) :]
         with self.turn:
@@ -958,6 +968,16 @@ class _RangedFetch:
             if self.hashed != self.parts:
                 raise StoreError(f"{self.store.url}/{self.item.key}: download incomplete")
             return self.digest.hexdigest()
+
+
+def _read_into(body: Any, buffer: memoryview | bytearray) -> int:
+    """Fill as much of `buffer` as one read gives: in place where the body can (the lean path's
+    http.client answer), else through a read of that many bytes (botocore's StreamingBody)."""
+    if hasattr(body, "readinto"):
+        return int(body.readinto(buffer))
+    chunk = body.read(len(buffer))
+    buffer[: len(chunk)] = chunk
+    return len(chunk)
 
 
 def _etag(answer: Any) -> str:

@@ -109,6 +109,13 @@ class Response:
             self.close()  # read to its end: the connection serves the next request
         return data
 
+    def readinto(self, buffer: memoryview | bytearray) -> int:
+        """As `read`, into `buffer` (no bytes object made); 0 at the end of the body."""
+        count = int(self._reply.readinto(buffer))
+        if self._connection is not None and self._reply.isclosed():
+            self.close()
+        return count
+
     def close(self) -> None:
         connection, self._connection = self._connection, None
         if connection is None:
@@ -133,6 +140,9 @@ class _Canned:
 
     def read(self, amount: int | None = None) -> bytes:
         return self._body.read(-1 if amount is None else amount)
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:
+        return self._body.readinto(buffer)
 
     def isclosed(self) -> bool:
         return True
@@ -291,9 +301,9 @@ class LeanS3:
         finally:
             response.close()
 
-    def get(self, key: str, stop: threading.Event | None = None) -> Response:
-        """GetObject; the caller reads the body and closes the response."""
-        return self.send("GET", key, operation="GetObject", stop=stop)
+    def get(self, key: str, stop: threading.Event | None = None, headers: dict[str, str] | None = None) -> Response:
+        """GetObject (`headers` may ask for a range); the caller reads the body and closes the response."""
+        return self.send("GET", key, headers=headers, operation="GetObject", stop=stop)
 
     def send(
         self,

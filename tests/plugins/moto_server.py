@@ -117,6 +117,7 @@ def _serving(wrap: Callable[[Any], Any]) -> Iterator[str]:
 
 _SLOWDOWN = re.compile(r"slowdown-(\d+)x")
 _EXPIRED = re.compile(r"expired-(\d+)x")
+_CUT = re.compile(r"cutbody-(\d+)x")
 #: Requests signed with this access key are refused as S3 refuses an unknown one.
 REJECTED_ACCESS_KEY = "AKIDREJECTEDBYSERVER"
 
@@ -135,12 +136,23 @@ def _s3_error(start_response: Any, status: str, code: str, message: str) -> list
     return [body.encode()]
 
 
+def _cut_short(app: Any, environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """moto's answer with its Content-Length as it is and half its body: the reader sees the
+    body break off (the server closes every connection after its answer)."""
+    answer: list[Any] = []
+    body = b"".join(app(environ, lambda status, headers, *_: answer.extend((status, headers))))
+    start_response(*answer)
+    return [body[: len(body) // 2]]
+
+
 @pytest.fixture(scope="session")
 def faulty_moto_server(moto_server: str) -> Iterator[FaultyS3]:
     """An endpoint onto the same moto backend that answers as S3 does when it is unhappy:
 
     - a key named `...slowdown-<N>x...` gets 503 SlowDown for its first N requests of each
       method (PUT, GET), then moto's answer; `...expired-<N>x...` gets 400 ExpiredToken;
+    - a GET of a key named `...cutbody-<N>x...` gets moto's status and headers but only half
+      the body, then the connection closes, for its first N GETs (ranged or not);
     - a request signed with REJECTED_ACCESS_KEY gets 403 InvalidAccessKeyId.
     """
     refused: Counter[tuple[str, str]] = Counter()
@@ -173,6 +185,15 @@ def faulty_moto_server(moto_server: str) -> Iterator[FaultyS3]:
                             refused[slot] += 1
                     if fault:
                         return _s3_error(start_response, status, code, message)
+            cut = _CUT.search(path)
+            if cut and environ["REQUEST_METHOD"] == "GET":
+                slot = ("GET", path)
+                with lock:
+                    fault = refused[slot] < int(cut.group(1))
+                    if fault:
+                        refused[slot] += 1
+                if fault:
+                    return _cut_short(app, environ, start_response)
             return app(environ, start_response)
 
         return wrapped
