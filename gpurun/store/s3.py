@@ -40,6 +40,7 @@ import http.client
 import math
 import os
 import re
+import ssl
 import threading
 import time
 import uuid
@@ -143,6 +144,10 @@ def _client_error(refused: s3_lean.Refused, operation: str) -> botocore.exceptio
 
 def _needs_boto3(refused: s3_lean.Refused) -> bool:
     return refused.status in (301, 302, 307, 308) or refused.code in _BOTO3_KNOWS_BETTER
+
+
+def _certificate_refused(unreachable: s3_lean.Unreachable) -> bool:
+    return isinstance(unreachable.__cause__, ssl.SSLError)
 
 
 def _file_size(path: str) -> int | None:
@@ -268,7 +273,7 @@ class S3Store(ObjectStore):
                 f"{action} {where}: no AWS credentials found; set AWS_PROFILE, run `aws configure`, or use an instance role"
             )
         if isinstance(error, botocore.exceptions.EndpointConnectionError):
-            return StoreError(f"{action} {where}: cannot reach S3 ({error}); check the network or the endpoint URL")
+            return self._unreachable(error, action, key)
         if isinstance(error, botocore.exceptions.ClientError):
             code, message = _code(error), error.response.get("Error", {}).get("Message", "")
             if code == "NoSuchBucket":
@@ -292,6 +297,12 @@ class S3Store(ObjectStore):
         if isinstance(error, OSError):
             return StoreError(f"{action} {where}: {error.strerror or error} ({error.filename or 'local file'})")
         return StoreError(f"{action} {where} failed: {error!r}")
+
+    def _unreachable(self, error: BaseException, action: str, key: str) -> StoreError:
+        """No answer after every attempt. The lean path's attempts are not made again through the
+        client: with both, an endpoint that refuses connections took 45 s to fail, not 20."""
+        where = f"s3://{self.bucket}/{self.prefix}{key}".rstrip("/")
+        return StoreError(f"{action} {where}: cannot reach S3 ({error}); check the network or the endpoint URL")
 
     # -- create-only writes ------------------------------------------------------
 
@@ -517,8 +528,10 @@ class S3Store(ObjectStore):
                         raise _client_error(refused, "PutObject") from None
                     self._put_through_client(full_key, data, nonce)
                     self._lean = None  # the client found the way where the lean path did not: stay on it
-                except s3_lean.Unreachable:
-                    self._put_through_client(full_key, data, nonce)  # its own retries, and its own words if it fails
+                except s3_lean.Unreachable as unreachable:
+                    if not _certificate_refused(unreachable):
+                        raise self._unreachable(unreachable, "uploading", full_key[len(self.prefix) :]) from None
+                    self._put_through_client(full_key, data, nonce)  # the client's own words for a certificate
         except botocore.exceptions.ClientError as error:
             if not (nonce and _is_conflict(error) and self._written_by_us(full_key, nonce)):
                 raise
@@ -685,8 +698,10 @@ class S3Store(ObjectStore):
                 if not _needs_boto3(refused):
                     raise self._get_error(_client_error(refused, "GetObject"), key) from None
                 self._lean = None  # the client's way from now on (it follows a redirect, refreshes credentials)
-            except s3_lean.Unreachable:
-                pass  # the client tries again, and says what is wrong if it cannot
+            except s3_lean.Unreachable as unreachable:
+                if not _certificate_refused(unreachable):
+                    raise self._unreachable(unreachable, "downloading", key) from None
+                # A certificate that does not verify: the client says what is wrong with it.
         answer = self._get(key, **({"Range": byte_range} if byte_range else {}))
         value = answer.get(answered.replace("-", ""))
         return (None if value is None else str(value)), answer["Body"]
