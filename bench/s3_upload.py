@@ -126,7 +126,7 @@ import shutil
 shutil.rmtree(staging, ignore_errors=True)
 print(json.dumps({"setup_s": staged - start, "write_snapshot_s": done - staged, "result": result}))
 import gc
-gc.freeze()  # as `gpurun`'s entry point (cli.main) ends every command
+gc.freeze()  # as `gpurun`'s entry point (cli.entry) ends every command
 """
 
 RESTORE = r"""
@@ -140,7 +140,7 @@ ready = time.perf_counter()
 info = snapshots.download_snapshot(store, run, target)
 print(json.dumps({"setup_s": ready - start, "download_s": time.perf_counter() - ready, "files": info["files"]}))
 import gc
-gc.freeze()  # as `gpurun`'s entry point (cli.main) ends every command
+gc.freeze()  # as `gpurun`'s entry point (cli.entry) ends every command
 """
 
 

@@ -1,4 +1,4 @@
-from gpurun.cli import main
+from gpurun.cli import entry
 
 if __name__ == "__main__":
-    main()
+    entry()

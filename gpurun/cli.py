@@ -893,18 +893,22 @@ def _confirm(question: str) -> bool:
     return click.confirm(question, default=False, err=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; every GpurunError ends here as one line and its exit status."""
+def entry() -> None:
+    """The `gpurun` command: `main`, then out of the process at once.
+
+    On its way out Python collects every object it tracks, and botocore's service models
+    are tens of thousands: 0.05 s after any command that reached AWS. Frozen, they are
+    simply left to the exit (docs/benchmarks.md). Only here, not in `main`, which tests
+    call in their own process.
+    """
     try:
-        _run(argv)
+        main()
     finally:
-        # On its way out Python collects every object it tracks, and botocore's service models
-        # are tens of thousands: 0.05 s after any command that reached AWS. Frozen, they are
-        # simply left to the exit (docs/benchmarks.md).
         gc.freeze()
 
 
-def _run(argv: list[str] | None) -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; every GpurunError ends here as one line and its exit status."""
     args, debug_flag = _take_debug(list(sys.argv[1:] if argv is None else argv))
     debug = debug_flag or os.environ.get("GPURUN_DEBUG") == "1"
     if debug_flag:
