@@ -18,7 +18,7 @@ from unittest import mock
 import boto3
 import pytest
 from botocore.auth import S3SigV4Auth
-from botocore.awsrequest import AWSRequest
+from botocore.awsrequest import AWSRequest, AWSResponse
 from botocore.credentials import Credentials
 
 from gpurun.errors import NoSuchBucket, StoreError
@@ -179,6 +179,51 @@ def test_a_part_whose_body_breaks_off_is_fetched_again(
     assert cut == {"w-cutbody-2x.bin": 2, "s-cutbody-1x.bin": 1}
     assert sum(progress) == sum(map(len, data.values())), "the bytes of a broken answer are taken back"
     assert set(through_client) == {"LATEST", "000001.manifest.json"}, "every file, every range, through the lean path"
+
+
+def test_a_body_that_keeps_breaking_off_fails_in_one_line_and_restores_nothing(
+    s3_bucket: str, faulty_moto_server: FaultyS3, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    data = {"w-cutbody-99x.bin": b"w" * 5000}
+    snapshots.write_snapshot(S3Store(s3_bucket), "run", stage(tmp_path / "staged", data), previous=None)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", faulty_moto_server.endpoint)
+
+    with pytest.raises(StoreError) as raised:
+        snapshots.download_snapshot(S3Store(s3_bucket), "run", tmp_path / "restored")
+
+    message = str(raised.value)
+    assert message.startswith("downloading s3://") and message.count("\n") == 0
+    assert "w-cutbody-99x.bin: the connection broke off before the end of the object, 3 times" in message
+    assert not (tmp_path / "restored").exists()
+
+
+def test_a_server_that_ignores_range_is_named(s3_bucket: str, tmp_path: Path) -> None:
+    """Some S3-compatible servers answer a ranged GET with the whole object (200, no Content-Range)."""
+    data = {"big.bin": random.Random(7).randbytes(2 * MiB + 5)}
+    snapshots.write_snapshot(S3Store(s3_bucket), "run", stage(tmp_path / "staged", data), previous=None)
+    store = S3Store(s3_bucket)
+    store.ranged_threshold, store.ranged_chunksize = MiB, MiB
+
+    def whole_object(request, **_kwargs):
+        if not any(str(name).lower() == "range" for name in request.headers):
+            return None
+        body = data["big.bin"]
+        return AWSResponse(request.url, 200, {"Content-Length": str(len(body))}, _Raw(body))
+
+    store.client.meta.events.register_first("before-send.s3.GetObject", whole_object)
+    with pytest.raises(StoreError, match="answered a ranged GET without a Content-Range \\(it ignores Range\\)"):
+        snapshots.download_snapshot(store, "run", tmp_path / "restored")
+    assert not (tmp_path / "restored").exists()
+
+
+class _Raw:
+    """A body for a canned botocore answer."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def stream(self, **_kwargs):
+        yield self._data
 
 
 def test_a_rejected_credential_fails_clearly(

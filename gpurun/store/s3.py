@@ -274,6 +274,11 @@ class S3Store(ObjectStore):
             )
         if isinstance(error, botocore.exceptions.EndpointConnectionError):
             return self._unreachable(error, action, key)
+        if isinstance(error, (http.client.IncompleteRead, botocore.exceptions.IncompleteReadError)):
+            return StoreError(
+                f"{action} {where}: the connection broke off before the end of the object, "
+                f"{_STREAM_ATTEMPTS} times; check the network and try again"
+            )
         if isinstance(error, botocore.exceptions.ClientError):
             code, message = _code(error), error.response.get("Error", {}).get("Message", "")
             if code == "NoSuchBucket":
@@ -935,9 +940,15 @@ class _RangedFetch:
             content_range, body = self.store._open(self.item.key, self.stop, f"bytes={start}-{end}")
             received = 0
             try:
-                match = _CONTENT_RANGE.match(content_range or "")
+                if content_range is None:
+                    raise StoreError(
+                        f"{self.store.url}/{self.item.key}: the server answered a ranged GET without a "
+                        "Content-Range (it ignores Range); this store cannot restore files from "
+                        f"{self.store.ranged_threshold:,} bytes up"
+                    )
+                match = _CONTENT_RANGE.match(content_range)
                 if not match or int(match.group(3)) != self.item.size:
-                    total = match.group(3) if match else "no range"
+                    total = match.group(3) if match else repr(content_range)
                     raise StoreError(size_mismatch(self.store.url, self.item.key, str(total), self.item.size))
                 if (int(match.group(1)), int(match.group(2))) != (start, end):
                     raise StoreError(f"{self.store.url}/{self.item.key}: the server sent another range than asked")
@@ -987,7 +998,7 @@ class _RangedFetch:
 
 def _read_into(body: Any, buffer: memoryview | bytearray) -> int:
     """Fill as much of `buffer` as one read gives: in place where the body can (the lean path's
-    http.client answer), else through a read of that many bytes (botocore's StreamingBody)."""
+    answer, and botocore's StreamingBody from 1.31 on), else through a read of that many bytes."""
     if hasattr(body, "readinto"):
         return int(body.readinto(buffer))
     chunk = body.read(len(buffer))

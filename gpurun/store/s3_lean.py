@@ -120,7 +120,9 @@ class Response:
         connection, self._connection = self._connection, None
         if connection is None:
             return
-        if self._reply.isclosed():
+        # Read to its end: http.client closes the answer with no bytes left. A body that broke off
+        # is closed too, with bytes still owed: its connection is the server's closed one.
+        if self._reply.isclosed() and not getattr(self._reply, "length", None):
             self._pool.give(connection)
         else:
             self._reply.close()
