@@ -55,14 +55,18 @@ def snapshot(store, run: str, tmp: Path, data: dict[str, bytes], tag: str) -> di
 
 
 def rewrite_manifest(store, run: str, seq: int, change) -> None:
-    """Tamper with a manifest the way a damaged store would (the file store lets a test write anywhere)."""
+    """Tamper with a manifest the way a damaged store would (the file store lets a test write anywhere),
+    and with its copy beside LATEST where that names the same snapshot: a reader finds the change in either."""
     key = f"{run}/snapshots/{seq:06d}.manifest.json"
     manifest = json.loads(store.get_bytes(key))
     change(manifest)
-    if isinstance(store, S3Store):
-        store.client.put_object(Bucket=store.bucket, Key=store.prefix + key, Body=json.dumps(manifest).encode())
-    else:
-        (store.root / key).write_text(json.dumps(manifest))
+    copy = store.get_bytes(f"{run}/{snapshots.LATEST_MANIFEST}")
+    keys = [key] + ([f"{run}/{snapshots.LATEST_MANIFEST}"] if copy and json.loads(copy)["seq"] == seq else [])
+    for each in keys:
+        if isinstance(store, S3Store):
+            store.client.put_object(Bucket=store.bucket, Key=store.prefix + each, Body=json.dumps(manifest).encode())
+        else:
+            (store.root / each).write_text(json.dumps(manifest))
 
 
 OLD = {"a": b"old a" * 10, "b": b"old b", "c/d": b"old d"}
@@ -138,6 +142,49 @@ def test_extra_files_in_dir_need_force(tmp_path: Path) -> None:
     assert "previous content" in done.stdout + done.stderr
     asides = [p for p in tmp_path.iterdir() if p.name.startswith("ckpt.gpurun-old-")]
     assert len(asides) == 1 and tree(asides[0]) == {"notes.txt": b"mine"}
+
+
+def test_the_newest_manifest_comes_from_its_copy_beside_latest(s3_bucket: str, tmp_path: Path) -> None:
+    """One round trip to know what to fetch: LATEST and the copy are read together, and the
+    snapshot's own manifest is not read at all when the copy names the snapshot LATEST points to."""
+    store = S3Store(s3_bucket)
+    snapshot(store, "run", tmp_path, OLD, "one")
+    written = snapshot(store, "run", tmp_path, NEW, "two")
+    assert json.loads(store.get_bytes(f"run/{snapshots.LATEST_MANIFEST}")) == written["manifest"]
+    gets: list[str] = []
+    store.client.meta.events.register(
+        "before-send.s3.GetObject", lambda request, **_: gets.append(request.url.rsplit("/run/", 1)[-1])
+    )
+
+    info = snapshots.download_snapshot(store, "run", tmp_path / "out")
+
+    assert info["seq"] == 2 and tree(tmp_path / "out") == NEW
+    assert {"LATEST", snapshots.LATEST_MANIFEST} <= set(gets)
+    assert not [key for key in gets if key.endswith(".manifest.json") and key != snapshots.LATEST_MANIFEST]
+
+
+@pytest.mark.parametrize("kind", ["file", "s3"])
+@pytest.mark.parametrize("copy", ["stale", "unreadable", "missing", "another run's"])
+def test_a_manifest_copy_that_does_not_fit_is_passed_over(
+    kind: str, copy: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    store = S3Store(request.getfixturevalue("s3_bucket")) if kind == "s3" else open_store(f"file://{tmp_path / 's'}")
+    first = snapshot(store, "run", tmp_path, OLD, "one")
+    second = snapshot(store, "run", tmp_path, NEW, "two")
+    key = f"run/{snapshots.LATEST_MANIFEST}"
+    if copy == "missing":
+        store.delete([key])
+    else:
+        data = {
+            "stale": json.dumps(first["manifest"]).encode(),
+            "unreadable": b'{"seq": 2, "files": [',
+            "another run's": json.dumps({**second["manifest"], "run": "other"}).encode(),
+        }[copy]
+        store.put_bytes(key, data)
+
+    info = snapshots.download_snapshot(store, "run", tmp_path / "out")
+
+    assert info["seq"] == 2 and tree(tmp_path / "out") == NEW
 
 
 def test_an_empty_dir_is_filled_without_force(tmp_path: Path) -> None:

@@ -278,9 +278,11 @@ def test_two_agents_never_share_a_snapshot(s3_bucket: str, tmp_path: Path) -> No
         thread.join()
     assert not errors
     seqs = sorted(result["seq"] for result in results)
-    assert seqs == list(range(1, 10))
+    # Nine snapshots, nine numbers. A number may be skipped: a writer whose listing already
+    # shows a higher claim gives its own back (numbers grow with time, so LATEST can follow).
+    assert len(set(seqs)) == len(seqs) == 9, seqs
     store = S3Store(s3_bucket)
-    assert json.loads(store.get_bytes("run/LATEST"))["seq"] <= 9
+    assert json.loads(store.get_bytes("run/LATEST"))["seq"] == max(seqs)
     for seq in seqs:
         snapshots.download_snapshot(store, "run", tmp_path / f"out-{seq}", seq=seq)
 
@@ -375,7 +377,7 @@ def test_an_unchanged_snapshot_costs_a_few_requests_not_one_per_file(s3_bucket: 
     unchanged = [StagedFile(e["path"], e["size"], e["sha256"], None) for e in first["manifest"]["files"]]
     recorder = Recorder(store)
     second = snapshots.write_snapshot(store, "run", unchanged, previous=first["manifest"])
-    # list used numbers, claim, list snapshot 1's folder, manifest, read LATEST, write LATEST
+    # list used numbers, claim, list snapshot 1's folder, manifest, read LATEST, write LATEST and the manifest's copy
     assert len(recorder.calls) <= 7, recorder.ops()
     # The used numbers come from one level of snapshots/, not from every file in its folders.
     numbers = [params for name, key, params in recorder.calls if name == "ListObjectsV2" and "delimiter" in params]
@@ -393,7 +395,7 @@ def test_a_new_snapshot_costs_one_request_per_file_and_no_listing_of_what_it_sen
     recorder = Recorder(store)
     snapshots.write_snapshot(store, "run", stage(tmp_path / "a", data), previous=None)
     ops = recorder.ops()
-    assert ops.count("PutObject") == 200 + 3, ops  # the files, the claim, the manifest, LATEST
+    assert ops.count("PutObject") == 200 + 4, ops  # the files, the claim, the manifest, LATEST and its copy
     # The one listing finds the free snapshot number; every PUT's answer confirmed its file.
     assert ops.count("ListObjectsV2") == 1, ops
     snapshots.download_snapshot(store, "run", tmp_path / "out")

@@ -76,8 +76,8 @@ def test_small_files_land_with_their_names_and_bytes_and_come_back(s3_bucket: st
     assert all(params["if-none-match"] == "*" for params in puts.values())
 
     snapshots.download_snapshot(store, "run", tmp_path / "restored")
-    # The files went the lean way; the claim, manifest and LATEST the client's.
-    assert sorted(set(through_client)) == ["000001.claim", "000001.manifest.json", "LATEST"]
+    # The files went the lean way; the claim, manifest, LATEST and the manifest's copy beside it the client's.
+    assert sorted(set(through_client)) == ["000001.claim", "000001.manifest.json", "LATEST", "LATEST.manifest.json"]
     assert {
         str(path.relative_to(tmp_path / "restored")): path.read_bytes()
         for path in (tmp_path / "restored").rglob("*")
@@ -153,7 +153,7 @@ def test_slow_down_is_retried_and_the_snapshot_completes(
         if method == "GET" and f"/{bucket}/" in path
     }
     assert refused_gets == {"w-slowdown-2x.bin": 2, "o-slowdown-3x.bin": 3}
-    assert sorted(set(through_client)) == ["000001.claim", "000001.manifest.json", "LATEST"]
+    assert sorted(set(through_client)) == ["000001.claim", "000001.manifest.json", "LATEST", "LATEST.manifest.json"]
 
 
 def test_a_part_whose_body_breaks_off_is_fetched_again(
@@ -178,7 +178,8 @@ def test_a_part_whose_body_breaks_off_is_fetched_again(
     }
     assert cut == {"w-cutbody-2x.bin": 2, "s-cutbody-1x.bin": 1}
     assert sum(progress) == sum(map(len, data.values())), "the bytes of a broken answer are taken back"
-    assert set(through_client) == {"LATEST", "000001.manifest.json"}, "every file, every range, through the lean path"
+    # What to fetch: LATEST and the manifest's copy beside it, read together.
+    assert set(through_client) == {"LATEST", "LATEST.manifest.json"}, "every file, every range, through the lean path"
 
 
 def test_a_body_that_keeps_breaking_off_fails_in_one_line_and_restores_nothing(

@@ -31,6 +31,10 @@ _MANIFEST = re.compile(r"^snapshots/(\d{6,})\.manifest\.json$")
 _SEQ_ANY = re.compile(r"^snapshots/(\d{6,})(?:[./]|$)")
 # The run-name pattern of gpurun.runs (the store layer imports nothing above it).
 _RUN_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+#: A copy of the newest snapshot's manifest beside LATEST, read in parallel with it: a restore
+#: then needs one round trip to know what to fetch, not two. Only a hint: it is taken when it
+#: names the snapshot LATEST points to, and the snapshot's own manifest is read otherwise.
+LATEST_MANIFEST = "LATEST.manifest.json"
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,21 @@ def read_manifest(store: ObjectStore, run: str, seq: int) -> dict[str, Any] | No
     if data is None:
         return None
     return documents.read(data, documents.Manifest, name=f"{store.url}/{key}", limit=documents.MANIFEST_LIMIT)
+
+
+def _latest_manifest_copy(store: ObjectStore, run: str) -> dict[str, Any] | None:
+    """The copy of the newest manifest beside LATEST, validated as a manifest; None when there
+    is none or it does not read (the snapshot's own manifest is read then, and says what is wrong)."""
+    from gpurun.store import documents
+
+    key = f"{run}/{LATEST_MANIFEST}"
+    try:
+        data = store.get_bytes(key, limit=documents.MANIFEST_LIMIT)
+        if data is None:
+            return None
+        return documents.read(data, documents.Manifest, name=f"{store.url}/{key}", limit=documents.MANIFEST_LIMIT)
+    except (InvalidDocument, StoreError):
+        return None
 
 
 def list_snapshots(store: ObjectStore, run: str, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
@@ -399,12 +418,19 @@ def write_snapshot(
     }
     if links:
         manifest["links"] = [{"path": path, "target": links[path]} for path in sorted(links)]
-    # LATEST is read while the manifest goes up: one round trip for both.
+    # LATEST is read while the manifest goes up: one round trip for both. The copy of the
+    # manifest beside LATEST goes up while LATEST is written: no round trip of its own.
+    document = json.dumps(manifest, indent=1).encode()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpurun-latest") as pool:
         reading = pool.submit(_read_latest_tagged, store, run)
-        store.put_bytes(f"{run}/{seq_dir(seq)}.manifest.json", json.dumps(manifest, indent=1).encode(), if_absent=True)
+        store.put_bytes(f"{run}/{seq_dir(seq)}.manifest.json", document, if_absent=True)
         found = reading.result()
-    _advance_latest(store, run, manifest, found)
+        copying = pool.submit(store.put_bytes, f"{run}/{LATEST_MANIFEST}", document)
+        _advance_latest(store, run, manifest, found)
+        try:
+            copying.result()
+        except StoreError:
+            pass  # a hint only: a restore that finds it missing or stale reads the manifest itself
     return {**summary(manifest), "sent_bytes": sent, "manifest": manifest}
 
 
@@ -477,11 +503,18 @@ def _referenced_elsewhere(store: ObjectStore, run: str, seqs: list[int]) -> set[
 
 
 def resolve_seq(store: ObjectStore, run: str, seq: int | None) -> dict[str, Any]:
+    """The manifest of snapshot `seq`, or of the one LATEST points to (with the copy beside
+    LATEST read at the same time, so that the usual case costs one round trip)."""
     if seq is None:
-        pointer = latest(store, run)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpurun-latest") as pool:
+            copy = pool.submit(_latest_manifest_copy, store, run)
+            pointer = latest(store, run)
+            hint = copy.result()
         if pointer is None:
             raise BadInput(f"run {run}: no snapshot in {store.url} yet")
         seq = pointer["seq"]
+        if hint is not None and hint["seq"] == seq and hint.get("run", run) == run:
+            return hint
     manifest = read_manifest(store, run, seq)
     if manifest is None:
         known = ", ".join(str(s["seq"]) for s in list_snapshots(store, run)) or "none"
