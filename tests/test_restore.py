@@ -164,7 +164,7 @@ def test_the_newest_manifest_comes_from_its_copy_beside_latest(s3_bucket: str, t
 
 
 @pytest.mark.parametrize("kind", ["file", "s3"])
-@pytest.mark.parametrize("copy", ["stale", "unreadable", "missing", "another run's"])
+@pytest.mark.parametrize("copy", ["stale", "unreadable", "missing", "another run's", "same number, other content"])
 def test_a_manifest_copy_that_does_not_fit_is_passed_over(
     kind: str, copy: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -179,6 +179,7 @@ def test_a_manifest_copy_that_does_not_fit_is_passed_over(
             "stale": json.dumps(first["manifest"]).encode(),
             "unreadable": b'{"seq": 2, "files": [',
             "another run's": json.dumps({**second["manifest"], "run": "other"}).encode(),
+            "same number, other content": json.dumps({**first["manifest"], "seq": 2}).encode(),
         }[copy]
         store.put_bytes(key, data)
 

@@ -534,6 +534,22 @@ def test_latest_never_goes_back_to_an_older_snapshot(s3_bucket: str, tmp_path: P
     assert store.get_bytes("run/snapshots/000002.manifest.json") is not None  # the snapshot itself is complete
 
 
+def test_a_late_snapshot_below_latest_leaves_the_manifest_copy_alone(s3_bucket: str, tmp_path: Path) -> None:
+    """An old machine's final sync that finishes after its replacement's newer snapshot: LATEST
+    stays, and so does the copy of the newer manifest beside it."""
+    store = S3Store(s3_bucket)
+    first = snapshots.write_snapshot(store, "run", stage(tmp_path / "a", {"w.bin": b"1"}), previous=None)
+    newer = {"seq": 9, "at": snapshots.now_iso(), "files": 1, "bytes": 1}
+    store.put_bytes("run/LATEST", snapshots.latest_bytes(newer))
+    copy_of_newer = json.dumps({**first["manifest"], **newer, "files": first["manifest"]["files"]}).encode()
+    store.put_bytes(f"run/{snapshots.LATEST_MANIFEST}", copy_of_newer)
+
+    late = snapshots.write_snapshot(store, "run", stage(tmp_path / "b", {"w.bin": b"2"}), previous=first["manifest"])
+
+    assert late["seq"] == 2 and snapshots.latest(store, "run")["seq"] == 9
+    assert store.get_bytes(f"run/{snapshots.LATEST_MANIFEST}") == copy_of_newer
+
+
 # -- runs listing -------------------------------------------------------------------
 
 

@@ -59,7 +59,7 @@ def download(
     _record, store = record_and_store(run, store_url)
     manifest = snaps.resolve_seq(store, run, seq)
     with ui.progress(f"downloading snapshot {manifest['seq']}", manifest["bytes"]) as advance:
-        info = snaps.download_snapshot(store, run, dest, seq=manifest["seq"], progress=advance, force=force)
+        info = snaps.download_snapshot(store, run, dest, manifest=manifest, progress=advance, force=force)
     return {**info, "dir": str(dest), "verified": True}
 
 

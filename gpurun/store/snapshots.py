@@ -3,6 +3,8 @@
     <run>/snapshots/000007/<files>          never overwritten (create-only writes)
     <run>/snapshots/000007.manifest.json    path, size, sha256 of every file; written after them
     <run>/LATEST                            {"seq": 7, ...}; written last
+    <run>/LATEST.manifest.json              a copy of the manifest, written with LATEST: a hint for
+                                            restores, taken only when it matches LATEST
     <run>/run.json                          the run record
 
 A reader trusts only LATEST and manifests, so a snapshot cut short at any
@@ -425,13 +427,29 @@ def write_snapshot(
         reading = pool.submit(_read_latest_tagged, store, run)
         store.put_bytes(f"{run}/{seq_dir(seq)}.manifest.json", document, if_absent=True)
         found = reading.result()
-        copying = pool.submit(store.put_bytes, f"{run}/{LATEST_MANIFEST}", document)
+        # Not when LATEST stays where it is (an old machine's late final sync): that copy would
+        # replace a good one with an older manifest.
+        moves = _moves(store, run, found, seq)
+        copying = pool.submit(store.put_bytes, f"{run}/{LATEST_MANIFEST}", document) if moves else None
         _advance_latest(store, run, manifest, found)
         try:
-            copying.result()
-        except StoreError:
-            pass  # a hint only: a restore that finds it missing or stale reads the manifest itself
+            if copying is not None:
+                copying.result()
+        except (StoreError, OSError):
+            pass  # a hint only (a full disk included): a restore that finds it missing or stale reads the manifest
     return {**summary(manifest), "sent_bytes": sent, "manifest": manifest}
+
+
+def _moves(store: ObjectStore, run: str, found: tuple[bytes, str] | None, seq: int) -> bool:
+    """Whether LATEST as read (`found`) is older than snapshot `seq`, or not a LATEST this gpurun reads."""
+    if found is None:
+        return True
+    try:
+        return int(_parse_latest(store, run, found[0], seq_only=True)["seq"]) < seq
+    except NewerSchema:
+        return False  # a newer gpurun's LATEST is never overwritten, so no copy to go with it
+    except InvalidDocument:
+        return True
 
 
 def _hash_files(items: list[StagedFile]) -> dict[str, str]:
@@ -513,7 +531,13 @@ def resolve_seq(store: ObjectStore, run: str, seq: int | None) -> dict[str, Any]
         if pointer is None:
             raise BadInput(f"run {run}: no snapshot in {store.url} yet")
         seq = pointer["seq"]
-        if hint is not None and hint["seq"] == seq and hint.get("run", run) == run:
+        # The copy is the manifest LATEST points to when it says the same: the same run, number,
+        # time, count of files and bytes (a number is never reused, and manifests are create-only).
+        if (
+            hint is not None
+            and hint.get("run") == run
+            and summary(hint) == {key: pointer.get(key) for key in summary(hint)}
+        ):
             return hint
     manifest = read_manifest(store, run, seq)
     if manifest is None:
@@ -538,17 +562,19 @@ def download_snapshot(
     dest: str | Path,
     *,
     seq: int | None = None,
+    manifest: dict[str, Any] | None = None,
     progress: Progress | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
     """Restore one snapshot into `dest`, all or nothing, every size and sha256 verified.
 
+    `manifest` is the snapshot's, when the caller has read it already (`resolve_seq`).
     A non-empty `dest` needs `force`; its old content is then moved aside
     (the summary's `previous` says where). See `restore.py`.
     """
     from gpurun.store import restore
 
-    manifest = resolve_seq(store, run, seq)
+    manifest = manifest if manifest is not None else resolve_seq(store, run, seq)
     moved = restore.download(store, run, manifest, dest, force=force, progress=progress)
     return {**summary(manifest), **moved}
 
