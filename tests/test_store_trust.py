@@ -379,8 +379,10 @@ def test_a_restore_refuses_a_link_that_escapes_or_stands_in_the_way(
     info = snapshot_of(store, "linky-abc123", tmp_path)
     manifest = info["manifest"]
     manifest["links"] = [{"path": "d", "target": "."}, {"path": link, "target": target}]
-    store.delete([f"linky-abc123/{snaps.seq_dir(info['seq'])}.manifest.json"])
-    store.put_bytes(f"linky-abc123/{snaps.seq_dir(info['seq'])}.manifest.json", json.dumps(manifest).encode())
+    # Planted where a restore reads it: the snapshot's manifest and its copy beside LATEST.
+    for key in (f"linky-abc123/{snaps.seq_dir(info['seq'])}.manifest.json", f"linky-abc123/{snaps.LATEST_MANIFEST}"):
+        store.delete([key])
+        store.put_bytes(key, json.dumps(manifest).encode())
     into = tmp_path / "deep/restored"
     done = gpurun("checkpoint-sync", "linky-abc123", "--store", store_url, "--download", str(into), check=False)
     assert done.returncode == 1 and why in done.stderr, done.stderr
