@@ -167,9 +167,13 @@ def usable_latest(store: ObjectStore, run: str) -> dict[str, Any] | None:
 
 def read_manifest(store: ObjectStore, run: str, seq: int) -> dict[str, Any] | None:
     """The manifest as stored, validated (`documents.Manifest`); None when there is none. Raises InvalidDocument."""
+
+    return _read_manifest_at(store, f"{run}/{seq_dir(seq)}.manifest.json")
+
+
+def _read_manifest_at(store: ObjectStore, key: str) -> dict[str, Any] | None:
     from gpurun.store import documents
 
-    key = f"{run}/{seq_dir(seq)}.manifest.json"
     data = store.get_bytes(key, limit=documents.MANIFEST_LIMIT)
     if data is None:
         return None
@@ -179,15 +183,9 @@ def read_manifest(store: ObjectStore, run: str, seq: int) -> dict[str, Any] | No
 def _latest_manifest_copy(store: ObjectStore, run: str) -> dict[str, Any] | None:
     """The copy of the newest manifest beside LATEST, validated as a manifest; None when there
     is none or it does not read (the snapshot's own manifest is read then, and says what is wrong)."""
-    from gpurun.store import documents
-
-    key = f"{run}/{LATEST_MANIFEST}"
     try:
-        data = store.get_bytes(key, limit=documents.MANIFEST_LIMIT)
-        if data is None:
-            return None
-        return documents.read(data, documents.Manifest, name=f"{store.url}/{key}", limit=documents.MANIFEST_LIMIT)
-    except (InvalidDocument, StoreError):
+        return _read_manifest_at(store, f"{run}/{LATEST_MANIFEST}")
+    except StoreError:  # InvalidDocument included
         return None
 
 
@@ -239,7 +237,13 @@ def _read_latest_tagged(store: ObjectStore, run: str) -> tuple[bytes, str] | Non
     return store.get_tagged(f"{run}/LATEST", limit=documents.LATEST_LIMIT)
 
 
-def _advance_latest(store: ObjectStore, run: str, manifest: dict[str, Any], found: tuple[bytes, str] | None) -> None:
+def _advance_latest(
+    store: ObjectStore,
+    run: str,
+    manifest: dict[str, Any],
+    found: tuple[bytes, str] | None,
+    alongside: Callable[[], object] | None = None,
+) -> None:
     """Point LATEST at `manifest` unless it points at a newer snapshot already.
 
     `found` is LATEST as read (with its tag) while the manifest went up. The write is a
@@ -247,6 +251,7 @@ def _advance_latest(store: ObjectStore, run: str, manifest: dict[str, Any], foun
     writer moved LATEST in between (an old machine's final sync beside its replacement's
     snapshot), it is read again and compared again, so LATEST never goes back to an older
     snapshot. A store that ignores `If-Match` makes it a plain write after the read.
+    `alongside` is started once, as LATEST is first written (never when LATEST stays).
     """
     key, data = f"{run}/LATEST", latest_bytes(summary(manifest))
     for _attempt in range(10):
@@ -259,6 +264,9 @@ def _advance_latest(store: ObjectStore, run: str, manifest: dict[str, Any], foun
                 pass  # this snapshot is complete and confirmed: it is a sound LATEST
         if current is not None and current["seq"] >= manifest["seq"]:
             return
+        if alongside is not None:
+            alongside()
+            alongside = None
         try:
             if found is None:
                 store.put_bytes(key, data, if_absent=True)
@@ -427,29 +435,22 @@ def write_snapshot(
         reading = pool.submit(_read_latest_tagged, store, run)
         store.put_bytes(f"{run}/{seq_dir(seq)}.manifest.json", document, if_absent=True)
         found = reading.result()
-        # Not when LATEST stays where it is (an old machine's late final sync): that copy would
-        # replace a good one with an older manifest.
-        moves = _moves(store, run, found, seq)
-        copying = pool.submit(store.put_bytes, f"{run}/{LATEST_MANIFEST}", document) if moves else None
-        _advance_latest(store, run, manifest, found)
+        # Only when LATEST moves: an old machine's late final sync would replace a good copy
+        # with an older manifest.
+        copying = []
+        _advance_latest(
+            store,
+            run,
+            manifest,
+            found,
+            alongside=lambda: copying.append(pool.submit(store.put_bytes, f"{run}/{LATEST_MANIFEST}", document)),
+        )
         try:
-            if copying is not None:
-                copying.result()
+            for copied in copying:
+                copied.result()
         except (StoreError, OSError):
             pass  # a hint only (a full disk included): a restore that finds it missing or stale reads the manifest
     return {**summary(manifest), "sent_bytes": sent, "manifest": manifest}
-
-
-def _moves(store: ObjectStore, run: str, found: tuple[bytes, str] | None, seq: int) -> bool:
-    """Whether LATEST as read (`found`) is older than snapshot `seq`, or not a LATEST this gpurun reads."""
-    if found is None:
-        return True
-    try:
-        return int(_parse_latest(store, run, found[0], seq_only=True)["seq"]) < seq
-    except NewerSchema:
-        return False  # a newer gpurun's LATEST is never overwritten, so no copy to go with it
-    except InvalidDocument:
-        return True
 
 
 def _hash_files(items: list[StagedFile]) -> dict[str, str]:
